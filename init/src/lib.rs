@@ -1,0 +1,9 @@
+//! kiln-init's library: what the node and the builder share.
+//!
+//! - [`config`]: the node.toml schema and its validation.
+//! - [`requirements`]: the kernel/host requirement table for k0s.
+//! - [`event`]: the stable console event format.
+//! - [`net`]: netlink and DHCPv4, used by PID 1.
+
+pub mod event;
+pub mod net;

@@ -1,0 +1,1 @@
+//! Network bring-up over netlink, and a DHCPv4 client. (Being written.)
