@@ -1,0 +1,18 @@
+//! kiln: builds immutable, signed, bootable k0s node images.
+//!
+//! One module per pipeline stage, named after what it makes; [`pipeline`]
+//! strings them together in the order of ARCHITECTURE.md.
+
+pub mod cache;
+pub mod elf;
+pub mod init;
+pub mod initramfs;
+pub mod input;
+pub mod kernel;
+pub mod manifest;
+pub mod payload;
+pub mod pipeline;
+pub mod profile;
+pub mod pxe;
+pub mod qemu;
+pub mod rootfs;

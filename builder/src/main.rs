@@ -1,1 +1,214 @@
-fn main() {}
+//! The `kiln` command line: a thin layer over the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use kiln::cache::Cache;
+use kiln::qemu::{Accel, Vm, VmSpec};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Build immutable, signed, bootable k0s node images", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build every output of a profile into OUT/<profile name>/.
+    Build {
+        /// The profile, e.g. profiles/qemu-amd64.toml.
+        profile: PathBuf,
+        /// Where outputs go.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+    },
+    /// Boot a build output in QEMU, with the serial console on stdout.
+    Run {
+        /// A build output directory, e.g. out/qemu-amd64.
+        out_dir: PathBuf,
+        /// A node.toml given to the node through QEMU fw_cfg.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Exit 0 when this kiln-init event appears (e.g. payload-started).
+        #[arg(long, conflicts_with = "until_text")]
+        until: Option<String>,
+        /// Exit 0 when a console line contains this text.
+        #[arg(long)]
+        until_text: Option<String>,
+        /// Seconds to wait for --until before failing.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 2048)]
+        mem: u32,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// auto uses KVM only if a probe guest boots under it.
+        #[arg(long, value_enum, default_value_t = Accel::Auto)]
+        accel: Accel,
+        /// Host port forwarded to the node's Kubernetes API (6443); 0 for none.
+        #[arg(long, default_value_t = 6443)]
+        api_port: u16,
+    },
+    /// Profile commands.
+    Profile {
+        #[command(subcommand)]
+        cmd: ProfileCmd,
+    },
+    /// Kernel commands.
+    Kernel {
+        #[command(subcommand)]
+        cmd: KernelCmd,
+    },
+    /// Node config commands.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Validate a profile (and what it extends) without building.
+    Check { profile: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum KernelCmd {
+    /// Build (or find cached) the profile's kernel.
+    Build { profile: PathBuf },
+    /// Print the k0s requirement report for a kernel .config.
+    Check {
+        /// A kernel .config (or /proc/config.gz contents, uncompressed).
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Worker,
+    Controller,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a node.toml with the same code the node runs.
+    Check { node_toml: PathBuf },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let cache = Cache::default_location();
+    match cli.cmd {
+        Cmd::Build { profile, out } => {
+            let t = Instant::now();
+            let b = kiln::pipeline::build(&profile, &out, &cache)?;
+            println!(
+                "built {} in {:.1}s (kernel {}; initramfs {} bytes)",
+                b.out.display(),
+                t.elapsed().as_secs_f64(),
+                if b.kernel_cached { "cached" } else { "compiled" },
+                b.initramfs_bytes
+            );
+            Ok(0)
+        }
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port } => {
+            let mut spec = VmSpec::new(out_dir);
+            spec.config = config;
+            spec.memory_mib = mem;
+            spec.cpus = cpus;
+            spec.accel = accel;
+            spec.api_port = api_port;
+            let mut vm = Vm::start(&spec)?;
+            eprintln!("kiln: booting {} under QEMU ({:?}); console follows", spec.out_dir.display(), vm.accel);
+            let waiting = until.is_some() || until_text.is_some();
+            let what = match (&until, &until_text) {
+                (Some(e), _) => format!("event `{e}`"),
+                (_, Some(t)) => format!("a line containing `{t}`"),
+                _ => "QEMU to exit".into(),
+            };
+            let deadline = Duration::from_secs(if waiting { timeout } else { u64::MAX / 4 });
+            let res = vm.wait_for(&what, deadline, |l| {
+                println!("{l}");
+                match (&until, &until_text) {
+                    (Some(e), _) => kiln_init::event::parse(l).is_some_and(|ev| &ev.name == e),
+                    (_, Some(t)) => l.contains(t.as_str()),
+                    _ => false,
+                }
+            });
+            match res {
+                Ok(_) => {
+                    eprintln!("kiln: saw {what}; stopping the VM");
+                    Ok(0)
+                }
+                Err(kiln::qemu::VmError::Exited { status, .. }) if !waiting => {
+                    eprintln!("kiln: QEMU exited ({status})");
+                    Ok(0)
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
+        Cmd::Profile { cmd: ProfileCmd::Check { profile } } => {
+            let p = kiln::profile::load(&profile)?;
+            let node = std::fs::read_to_string(&p.node_config).with_context(|| format!("reading {} (key `node.config`)", p.node_config.display()))?;
+            kiln_init::config::parse(&node).map_err(|e| anyhow::anyhow!("{}: {e}", p.node_config.display()))?;
+            println!("{}: ok ({} for {}, {} kernel fragment(s))", profile.display(), p.name, p.arch, p.kernel.fragments.len());
+            Ok(0)
+        }
+        Cmd::Kernel { cmd: KernelCmd::Build { profile } } => {
+            let p = kiln::profile::load(&profile)?;
+            let src = kiln::input::resolve("kernel.source", &p.kernel.source, p.arch.debian(), &cache)?;
+            let t = Instant::now();
+            let k = kiln::kernel::build(p.arch, &src, &p.kernel, &cache)?;
+            println!("kernel {} ({}) {} in {:.1}s: {}", k.release, &k.key[..12], if k.cached { "cached" } else { "built" }, t.elapsed().as_secs_f64(), k.image.display());
+            Ok(0)
+        }
+        Cmd::Kernel { cmd: KernelCmd::Check { config, role } } => {
+            let text = read_config(&config)?;
+            let cfg = kiln_init::requirements::KernelConfig::parse(&text);
+            let needs = kiln_init::requirements::Needs { worker: matches!(role, RoleArg::Worker) };
+            let report = kiln_init::requirements::check(&cfg, needs);
+            print!("{report}");
+            Ok(if report.ok() { 0 } else { 1 })
+        }
+        Cmd::Config { cmd: ConfigCmd::Check { node_toml } } => {
+            let text = std::fs::read_to_string(&node_toml).with_context(|| format!("reading {}", node_toml.display()))?;
+            match kiln_init::config::parse(&text) {
+                Ok(c) => {
+                    println!("{}: ok (role {})", node_toml.display(), c.role);
+                    Ok(0)
+                }
+                Err(e) => bail!("{}: {e}", node_toml.display()),
+            }
+        }
+    }
+}
+
+fn read_config(path: &PathBuf) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut s).with_context(|| format!("decompressing {}", path.display()))?;
+        return Ok(s);
+    }
+    String::from_utf8(bytes).with_context(|| format!("{} is not a text .config", path.display()))
+}

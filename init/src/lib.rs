@@ -5,5 +5,10 @@
 //! - [`event`]: the stable console event format.
 //! - [`net`]: netlink and DHCPv4, used by PID 1.
 
+pub mod config;
 pub mod event;
+pub mod k0s;
 pub mod net;
+#[cfg(target_os = "linux")]
+pub mod node;
+pub mod requirements;

@@ -1,1 +1,22 @@
-fn main() {}
+//! kiln-init: PID 1 of a kiln node.
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--version") {
+        println!("kiln-init {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    if std::process::id() != 1 {
+        eprintln!("kiln-init: must run as PID 1 (the kernel's init); nothing to do here");
+        std::process::exit(2);
+    }
+    // A panic must not kill PID 1 (the kernel would panic in turn): report it
+    // and park the node, still reaping and answering power requests.
+    let r = std::panic::catch_unwind(|| kiln_init::node::run());
+    let why = match r {
+        Err(p) => p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+        Ok(never) => never,
+    };
+    kiln_init::node::console::event("maintenance", &[("reason", &format!("kiln-init panicked: {why}"))]);
+    kiln_init::node::park()
+}

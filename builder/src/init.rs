@@ -1,0 +1,84 @@
+//! kiln-init (and other node binaries from this workspace), cross-built as
+//! static executables for the target.
+
+use crate::elf;
+use crate::profile::Arch;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    #[error("{bin}: the kiln source tree was not found at {tree} (no Cargo.toml with init/). Run kiln from a kiln checkout, or set KILN_SOURCE_DIR to one")]
+    NoTree { bin: String, tree: PathBuf },
+    #[error("{bin}: `cargo build` for {target} failed (exit {code}). If the target is missing: `rustup target add {target}`{extra}")]
+    Cargo { bin: String, target: String, code: String, extra: String },
+    #[error("{bin}: {path}: {reason}")]
+    Check { bin: String, path: PathBuf, reason: String },
+    #[error("{bin}: {0}", bin = .1)]
+    Io(#[source] std::io::Error, String),
+}
+
+/// Builds one binary of a workspace package for the target with the `node`
+/// profile, and checks that it is a static executable for that arch.
+pub fn cargo_build(tree: &Path, package: &str, bin: &str, arch: Arch) -> Result<PathBuf, BinaryError> {
+    if !tree.join("Cargo.toml").is_file() || !tree.join("init").is_dir() {
+        return Err(BinaryError::NoTree { bin: bin.into(), tree: tree.to_path_buf() });
+    }
+    let target = arch.rust_target();
+    let target_dir = tree.join("target").join("kiln-node");
+    let home = std::env::var("CARGO_HOME").ok().or_else(|| std::env::var("HOME").ok().map(|h| format!("{h}/.cargo"))).unwrap_or_default();
+    // Paths are remapped so the binary does not depend on where the tree is.
+    let mut flags = vec![
+        "-C".to_string(),
+        "target-feature=+crt-static".to_string(),
+        format!("--remap-path-prefix={}=/kiln", tree.display()),
+    ];
+    if !home.is_empty() {
+        flags.push(format!("--remap-path-prefix={home}=/cargo"));
+    }
+    let linker_var = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
+    let linker = match arch {
+        Arch::Amd64 | Arch::Arm64 => "rust-lld",
+        Arch::Armv7 => "arm-linux-gnueabihf-gcc",
+    };
+    tracing::info!("building {bin} for {target}");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(tree)
+        .args(["build", "--locked", "--profile", "node", "--target", target, "-p", package, "--bin", bin])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
+        .env_remove("RUSTFLAGS")
+        .env(linker_var, linker)
+        .status()
+        .map_err(|e| BinaryError::Io(e, bin.into()))?;
+    if !status.success() {
+        let extra = if arch == Arch::Armv7 { "; armv7 links with gcc-arm-linux-gnueabihf (apt-get install it)".to_string() } else { String::new() };
+        return Err(BinaryError::Cargo { bin: bin.into(), target: target.into(), code: status.code().map_or("signal".into(), |c| c.to_string()), extra });
+    }
+    let out = target_dir.join(target).join("node").join(bin);
+    check_static(bin, &out, arch)?;
+    Ok(out)
+}
+
+/// A binary for the image must be an ELF for the target with no dynamic
+/// loader: the root has no libc to load.
+pub fn check_static(what: &str, path: &Path, arch: Arch) -> Result<(), BinaryError> {
+    let bytes = std::fs::read(path).map_err(|e| BinaryError::Io(e, format!("{what}: {}", path.display())))?;
+    let info = elf::inspect(&bytes).ok_or_else(|| BinaryError::Check { bin: what.into(), path: path.into(), reason: "not an ELF executable".into() })?;
+    if info.machine != arch.elf_machine() {
+        return Err(BinaryError::Check {
+            bin: what.into(),
+            path: path.into(),
+            reason: format!("built for {}, but the profile's arch is {arch}", elf::machine_name(info.machine)),
+        });
+    }
+    if let Some(i) = info.interp {
+        return Err(BinaryError::Check { bin: what.into(), path: path.into(), reason: format!("dynamically linked (needs {i}); the image needs a static binary") });
+    }
+    Ok(())
+}
+
+/// kiln-init for the target.
+pub fn build(tree: &Path, arch: Arch) -> Result<PathBuf, BinaryError> {
+    cargo_build(tree, "kiln-init", "kiln-init", arch)
+}

@@ -1,0 +1,72 @@
+//! `manifest.json`: every artifact and every input, with sha256.
+//!
+//! No timestamps and sorted keys, so the same inputs give the same manifest.
+
+use crate::input::{self, Resolved};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct Manifest {
+    pub kiln_version: String,
+    pub profile: String,
+    pub arch: String,
+    pub kernel: KernelInfo,
+    pub payload: PayloadInfo,
+    pub cmdline: String,
+    pub inputs: Vec<Resolved>,
+    pub artifacts: Vec<Artifact>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KernelInfo {
+    pub release: String,
+    pub config_sha256: String,
+    pub cache_key: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PayloadInfo {
+    pub description: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Artifact {
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Hashes every regular file under `dir` (paths relative to it, sorted),
+/// skipping the manifest itself.
+pub fn artifacts(dir: &Path) -> std::io::Result<Vec<Artifact>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap_or(&p).to_string_lossy().to_string();
+                if rel == "manifest.json" {
+                    continue;
+                }
+                let (sha256, size) = input::sha256_file(&p)?;
+                out.push(Artifact { path: rel, sha256, size });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+impl Manifest {
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let mut s = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        s.push('\n');
+        std::fs::write(dir.join("manifest.json"), s)
+    }
+}

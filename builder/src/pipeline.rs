@@ -1,0 +1,174 @@
+//! `kiln build PROFILE`: the pipeline from ARCHITECTURE.md, as one function.
+
+use crate::cache::Cache;
+use crate::input::{self, Resolved};
+use crate::kernel::{self, Kernel};
+use crate::manifest::{self, Manifest};
+use crate::payload::{self, Payload};
+use crate::profile::{self, Output, Profile};
+use crate::rootfs::{Kind, Tree};
+use crate::{init, initramfs, pxe};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct Built {
+    pub out: PathBuf,
+    pub kernel_cached: bool,
+    pub initramfs_bytes: u64,
+    pub payload_bytes: u64,
+}
+
+/// Builds every output of a profile into `out_root/<name>/`.
+pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Built> {
+    // 1. Profile.
+    let profile = profile::load(profile_path)?;
+    // Check the baked node config now, not on the node.
+    let node_toml = std::fs::read_to_string(&profile.node_config).with_context(|| format!("reading the default node config {} (key `node.config` in {})", profile.node_config.display(), profile.path.display()))?;
+    let node = kiln_init::config::parse(&node_toml).map_err(|e| anyhow::anyhow!("{}: {e}", profile.node_config.display()))?;
+
+    // 2. Inputs.
+    let deb_arch = profile.arch.debian();
+    let kernel_src = input::resolve("kernel.source", &profile.kernel.source, deb_arch, cache)?;
+    let busybox = input::resolve("rootfs.busybox", &profile.busybox, deb_arch, cache)?;
+    init::check_static("rootfs.busybox", &busybox.path, profile.arch)?;
+    if let profile::Payload::K0s { input: spec, .. } = &profile.payload {
+        // Fail on a missing or mis-pinned payload before any compiling.
+        input::resolve("payload.k0s", spec, deb_arch, cache)?;
+    }
+
+    // 3. Kernel, checked against the requirement table for the default role.
+    let kernel = kernel::build(profile.arch, &kernel_src, &profile.kernel, cache)?;
+    let kconfig = kiln_init::requirements::KernelConfig::parse(&std::fs::read_to_string(&kernel.config)?);
+    let report = kiln_init::requirements::check(&kconfig, kiln_init::requirements::Needs::for_role(node.role));
+    if !report.ok() {
+        bail!("the kernel does not meet the requirements for role {}:\n{report}", node.role);
+    }
+
+    // 4. Init, and the payload.
+    let init_bin = init::build(&profile.tree, profile.arch)?;
+    let payload = payload::build(&profile, cache)?;
+
+    // 5. Root filesystem tree.
+    let tree = rootfs_tree(&profile, &kernel, &init_bin, &busybox, &payload, &node_toml)?;
+
+    // 6–8. Initramfs, boot artifacts and outputs, written aside and renamed.
+    let name = &profile.name;
+    std::fs::create_dir_all(out_root).with_context(|| format!("creating {}", out_root.display()))?;
+    let staging = tempfile::Builder::new().prefix(&format!(".{name}.")).tempdir_in(out_root)?;
+    let initramfs_path = staging.path().join("initramfs.cpio.zst");
+    {
+        let f = std::fs::File::create(&initramfs_path)?;
+        initramfs::write(&tree, profile.source_date_epoch, std::io::BufWriter::new(f)).context("writing the initramfs")?;
+    }
+    let cmdline = profile.kernel.cmdline.join(" ");
+    for output in &profile.outputs {
+        match output {
+            Output::Pxe => pxe::write(staging.path(), &kernel.image, &initramfs_path, &cmdline).context("writing the PXE bundle")?,
+        }
+    }
+    let initramfs_bytes = std::fs::metadata(&initramfs_path)?.len();
+    std::fs::remove_file(&initramfs_path)?;
+
+    let mut inputs: Vec<Resolved> = vec![kernel_src, busybox];
+    if let Some(r) = &payload.input {
+        inputs.push(r.clone());
+    }
+    let manifest = Manifest {
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        profile: name.clone(),
+        arch: profile.arch.to_string(),
+        kernel: manifest::KernelInfo { release: kernel.release.clone(), config_sha256: input::sha256_file(&kernel.config)?.0, cache_key: kernel.key.clone() },
+        payload: manifest::PayloadInfo { description: payload.description.clone(), version: payload.version.clone(), sha256: input::sha256_file(&payload.path)?.0 },
+        cmdline,
+        inputs,
+        artifacts: manifest::artifacts(staging.path())?,
+    };
+    manifest.write(staging.path())?;
+
+    let out = out_root.join(name);
+    if out.exists() {
+        std::fs::remove_dir_all(&out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, &out).with_context(|| format!("moving the finished build to {}", out.display()))?;
+    let payload_bytes = std::fs::metadata(&payload.path)?.len();
+    Ok(Built { out, kernel_cached: kernel.cached, initramfs_bytes, payload_bytes })
+}
+
+const DIRS: &[(&str, u32)] = &[
+    ("/dev", 0o755),
+    ("/proc", 0o555),
+    ("/sys", 0o555),
+    ("/run", 0o755),
+    ("/tmp", 0o1777),
+    ("/root", 0o700),
+    ("/etc/k0s/containerd.d", 0o755),
+    ("/etc/cni/net.d", 0o755),
+    ("/opt/cni/bin", 0o755),
+    ("/var/lib/k0s", 0o755),
+    ("/var/log/pods", 0o755),
+    ("/usr/libexec/k0s/kubelet-plugins/volume/exec", 0o755),
+    ("/usr/local/bin", 0o755),
+];
+
+/// What the node's root holds: kiln-init, busybox, the payload, the kernel's
+/// module metadata, and /etc defaults.
+fn rootfs_tree(profile: &Profile, kernel: &Kernel, init_bin: &Path, busybox: &Resolved, payload: &Payload, node_toml: &str) -> Result<Tree> {
+    let mut t = Tree::new();
+    for (d, mode) in DIRS {
+        t.mkdir_p(d, *mode)?;
+    }
+    t.insert("/dev/console", Kind::CharDev(5, 1), 0o600)?;
+    t.insert("/dev/null", Kind::CharDev(1, 3), 0o666)?;
+    t.host_file("/sbin/kiln-init", init_bin.to_path_buf(), 0o755)?;
+    t.symlink("/init", "sbin/kiln-init")?;
+    t.symlink("/sbin/init", "kiln-init")?;
+    t.host_file("/bin/busybox", busybox.path.clone(), 0o755)?;
+    for applet in &profile.busybox_applets {
+        if applet.is_empty() || applet.contains('/') {
+            bail!("{}: busybox applet `{applet}` is not a plain name (key `rootfs.busybox_applets`)", profile.path.display());
+        }
+        t.symlink(&format!("/bin/{applet}"), "busybox")?;
+    }
+    t.host_file("/usr/bin/k0s", payload.path.clone(), 0o755)?;
+    t.file("/etc/kiln/node.toml", node_toml.as_bytes(), 0o644)?;
+    t.file("/etc/os-release", os_release(profile), 0o644)?;
+    t.symlink("/usr/lib/os-release", "../../etc/os-release")?;
+    t.file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644)?;
+    t.file("/etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    t.file("/etc/nsswitch.conf", "hosts: files dns\n", 0o644)?;
+    // Module metadata (modules.builtin) and any modules, under /lib/modules.
+    add_host_dir(&mut t, &kernel.modules_dir.join("lib/modules"), "/lib/modules")?;
+    Ok(t)
+}
+
+fn os_release(p: &Profile) -> String {
+    format!(
+        "NAME=kiln\nID=kiln\nPRETTY_NAME=\"kiln {v} ({name})\"\nVERSION_ID={v}\nIMAGE_ID={name}\n",
+        v = env!("CARGO_PKG_VERSION"),
+        name = p.name
+    )
+}
+
+fn add_host_dir(t: &mut Tree, src: &Path, dst: &str) -> Result<()> {
+    if !src.is_dir() {
+        return Ok(());
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(src)?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().to_string();
+        let path = format!("{dst}/{name}");
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            t.mkdir_p(&path, 0o755)?;
+            add_host_dir(t, &e.path(), &path)?;
+        } else if ft.is_symlink() {
+            t.symlink(&path, &std::fs::read_link(e.path())?.to_string_lossy())?;
+        } else {
+            t.host_file(&path, e.path(), 0o644)?;
+        }
+    }
+    Ok(())
+}

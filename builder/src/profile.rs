@@ -1,0 +1,422 @@
+//! Profiles: TOML files that say what image to build.
+//!
+//! A profile may `extends = "other.toml"` (relative to itself); keys in the
+//! child win, tables merge. Each file is checked on its own against the schema
+//! first, so an unknown or mistyped key is reported with that file's name,
+//! line and key.
+
+use crate::input::Input;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("{path}: cannot read profile: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: key `{key}`: {message}")]
+    Invalid { path: PathBuf, line: usize, key: String, message: String },
+    #[error("{path}: {message}")]
+    Semantic { path: PathBuf, message: String },
+    #[error("{path}: `extends` forms a cycle through {again}")]
+    Cycle { path: PathBuf, again: PathBuf },
+}
+
+/// Target architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Amd64,
+    Arm64,
+    Armv7,
+}
+
+impl Arch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+            Arch::Armv7 => "armv7",
+        }
+    }
+    /// Debian's architecture name.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+            Arch::Armv7 => "armhf",
+        }
+    }
+    pub fn rust_target(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64-unknown-linux-musl",
+            Arch::Arm64 => "aarch64-unknown-linux-musl",
+            Arch::Armv7 => "armv7-unknown-linux-gnueabihf",
+        }
+    }
+    /// Kernel `ARCH=`.
+    pub fn kernel_arch(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64",
+            Arch::Arm64 => "arm64",
+            Arch::Armv7 => "arm",
+        }
+    }
+    /// Kernel `CROSS_COMPILE=` on an x86_64 host.
+    pub fn cross_compile(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "",
+            Arch::Arm64 => "aarch64-linux-gnu-",
+            Arch::Armv7 => "arm-linux-gnueabihf-",
+        }
+    }
+    /// The kernel image make target and where it lands.
+    pub fn kernel_image(self) -> (&'static str, &'static str) {
+        match self {
+            Arch::Amd64 => ("bzImage", "arch/x86/boot/bzImage"),
+            Arch::Arm64 => ("Image", "arch/arm64/boot/Image"),
+            Arch::Armv7 => ("zImage", "arch/arm/boot/zImage"),
+        }
+    }
+    /// ELF e_machine.
+    pub fn elf_machine(self) -> u16 {
+        match self {
+            Arch::Amd64 => 62,
+            Arch::Arm64 => 183,
+            Arch::Armv7 => 40,
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    Pxe,
+}
+
+// ---- One file, as written: every key optional, unknown keys rejected. ----
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    pub extends: Option<String>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub arch: Option<Arch>,
+    pub outputs: Option<Vec<Output>>,
+    /// Timestamps inside artifacts (cpio mtimes…). `SOURCE_DATE_EPOCH` wins.
+    pub source_date_epoch: Option<u64>,
+    #[serde(default)]
+    pub kernel: KernelFile,
+    #[serde(default)]
+    pub rootfs: RootfsFile,
+    #[serde(default)]
+    pub payload: PayloadFile,
+    #[serde(default)]
+    pub node: NodeFile,
+    #[serde(default)]
+    pub qemu: QemuFile,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelFile {
+    /// The kernel source tarball (a `deb` with `member`, a `file` or a `url`).
+    pub source: Option<Input>,
+    /// The make target the fragments apply on top of (`tinyconfig`).
+    pub base: Option<String>,
+    /// Fragments, relative to the `kernel-configs/` directory, applied in order.
+    pub fragments: Option<Vec<String>>,
+    /// Kernel command line, before what kiln adds.
+    pub cmdline: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsFile {
+    /// A static busybox for the target (gives mount, umount, modprobe, sh).
+    pub busybox: Option<Input>,
+    /// Applets linked into /bin.
+    pub busybox_applets: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadFile {
+    /// Build the stand-in test fixture from qemu-tests/ instead of using k0s.
+    #[serde(rename = "stand-in")]
+    pub stand_in: Option<bool>,
+    /// Real k0s: a static binary for the target arch, pinned by sha256.
+    pub k0s: Option<Input>,
+    /// The version string recorded in the manifest.
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The node.toml baked in as the default, relative to the profile.
+    pub config: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuFile {
+    pub machine: Option<String>,
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+}
+
+macro_rules! merge_opts {
+    ($child:expr, $base:expr, $($f:ident),*) => { $( if $child.$f.is_none() { $child.$f = $base.$f.clone(); } )* };
+}
+
+impl ProfileFile {
+    /// Fills what the child leaves unset from its base.
+    fn inherit(&mut self, base: &ProfileFile) {
+        merge_opts!(self, base, name, description, arch, outputs, source_date_epoch);
+        merge_opts!(self.kernel, base.kernel, source, base, fragments, cmdline);
+        merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets);
+        merge_opts!(self.payload, base.payload, stand_in, k0s, version);
+        merge_opts!(self.node, base.node, config);
+        merge_opts!(self.qemu, base.qemu, machine, memory_mib, cpus);
+    }
+}
+
+// ---- The resolved profile the pipeline uses. ----
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub path: PathBuf,
+    pub name: String,
+    pub description: String,
+    pub arch: Arch,
+    pub outputs: Vec<Output>,
+    pub source_date_epoch: u64,
+    pub kernel: KernelSpec,
+    pub busybox: Input,
+    pub busybox_applets: Vec<String>,
+    pub payload: Payload,
+    pub node_config: PathBuf,
+    pub qemu: QemuSpec,
+    /// The directory holding kernel-configs/, overlays/ … (the profile's
+    /// parent's parent by convention, or `KILN_SOURCE_DIR`).
+    pub tree: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    pub source: Input,
+    pub base: String,
+    pub fragments: Vec<PathBuf>,
+    pub cmdline: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Payload {
+    StandIn,
+    K0s { input: Input, version: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuSpec {
+    pub machine: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+}
+
+/// Loads a profile and everything it extends.
+pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let merged = load_chain(path, &mut chain)?;
+    resolve(path, merged)
+}
+
+fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, ProfileError> {
+    let canon = path.canonicalize().map_err(|source| ProfileError::Read { path: path.to_path_buf(), source })?;
+    if chain.contains(&canon) {
+        return Err(ProfileError::Cycle { path: chain[0].clone(), again: path.to_path_buf() });
+    }
+    chain.push(canon);
+    let mut file = parse_file(path)?;
+    if let Some(ext) = file.extends.clone() {
+        let base_path = path.parent().unwrap_or(Path::new(".")).join(&ext);
+        if !base_path.exists() {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(path, "extends"),
+                key: "extends".into(),
+                message: format!("the base profile {} does not exist (paths are relative to this file)", base_path.display()),
+            });
+        }
+        let base = load_chain(&base_path, chain)?;
+        file.inherit(&base);
+    }
+    Ok(file)
+}
+
+fn line_of(path: &Path, key: &str) -> usize {
+    std::fs::read_to_string(path).ok().and_then(|s| kiln_init::config::line_of_key(&s, key)).unwrap_or(1)
+}
+
+/// Parses one file against the schema.
+pub fn parse_file(path: &Path) -> Result<ProfileFile, ProfileError> {
+    let src = std::fs::read_to_string(path).map_err(|source| ProfileError::Read { path: path.to_path_buf(), source })?;
+    parse_str(path, &src)
+}
+
+pub fn parse_str(path: &Path, src: &str) -> Result<ProfileFile, ProfileError> {
+    toml::from_str(src).map_err(|e| {
+        let line = e.span().map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1).unwrap_or(1);
+        let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
+        let key = message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+            .map(str::to_string)
+            .or_else(|| key_on_line(src, line))
+            .unwrap_or_else(|| "?".into());
+        ProfileError::Invalid { path: path.to_path_buf(), line, key, message }
+    })
+}
+
+fn key_on_line(src: &str, line: usize) -> Option<String> {
+    let mut table = String::new();
+    for (i, l) in src.lines().enumerate() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').to_string();
+        }
+        if i + 1 == line {
+            let k = t.split('=').next()?.trim();
+            if t.starts_with('[') || k.is_empty() {
+                return Some(table);
+            }
+            return Some(if table.is_empty() { k.to_string() } else { format!("{table}.{k}") });
+        }
+    }
+    None
+}
+
+fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
+    let missing = |key: &str| ProfileError::Semantic {
+        path: path.to_path_buf(),
+        message: format!("key `{key}` is not set here or in any profile this one extends"),
+    };
+    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let tree = match std::env::var_os("KILN_SOURCE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("..")),
+    };
+    let name = f.name.clone().ok_or_else(|| missing("name"))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ProfileError::Semantic { path: path.to_path_buf(), message: format!("key `name`: `{name}` must be letters, digits, - and _ (it names the output directory)") });
+    }
+    let arch = f.arch.ok_or_else(|| missing("arch"))?;
+    let fragments: Vec<PathBuf> = f.kernel.fragments.clone().ok_or_else(|| missing("kernel.fragments"))?.iter().map(|p| tree.join("kernel-configs").join(p)).collect();
+    for fr in &fragments {
+        if !fr.is_file() {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(path, "kernel.fragments"),
+                key: "kernel.fragments".into(),
+                message: format!("kernel fragment {} does not exist", fr.display()),
+            });
+        }
+    }
+    let payload = match (f.payload.stand_in, f.payload.k0s.clone()) {
+        (Some(true), None) => Payload::StandIn,
+        (Some(true), Some(_)) => {
+            return Err(ProfileError::Semantic { path: path.to_path_buf(), message: "key `payload`: set either `stand-in = true` or `k0s = { … }`, not both".into() })
+        }
+        (_, Some(input)) => Payload::K0s { input, version: f.payload.version.clone() },
+        (_, None) => {
+            return Err(ProfileError::Semantic {
+                path: path.to_path_buf(),
+                message: "key `payload.k0s`: no payload. Give real k0s as `[payload] k0s = { url = \"…\", sha256 = \"…\" }` (or `file =`), or `stand-in = true` for the test fixture".into(),
+            })
+        }
+    };
+    let node_config = dir.join(f.node.config.clone().ok_or_else(|| missing("node.config"))?);
+    let inputs: Vec<(&str, &Input)> = [("kernel.source", f.kernel.source.as_ref()), ("rootfs.busybox", f.rootfs.busybox.as_ref())]
+        .into_iter()
+        .filter_map(|(k, i)| i.map(|i| (k, i)))
+        .chain(match &payload {
+            Payload::K0s { input, .. } => Some(("payload.k0s", input)),
+            Payload::StandIn => None,
+        })
+        .collect();
+    for (key, input) in inputs {
+        input.validate().map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: m })?;
+    }
+    Ok(Profile {
+        path: path.to_path_buf(),
+        name,
+        description: f.description.unwrap_or_default(),
+        arch,
+        outputs: f.outputs.unwrap_or_else(|| vec![Output::Pxe]),
+        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).or(f.source_date_epoch).unwrap_or(0),
+        kernel: KernelSpec {
+            source: f.kernel.source.ok_or_else(|| missing("kernel.source"))?,
+            base: f.kernel.base.unwrap_or_else(|| "tinyconfig".into()),
+            fragments,
+            cmdline: f.kernel.cmdline.unwrap_or_default(),
+        },
+        busybox: f.rootfs.busybox.ok_or_else(|| missing("rootfs.busybox"))?,
+        busybox_applets: f.rootfs.busybox_applets.unwrap_or_default(),
+        payload,
+        node_config,
+        qemu: QemuSpec {
+            machine: f.qemu.machine.unwrap_or_else(|| "q35".into()),
+            memory_mib: f.qemu.memory_mib.unwrap_or(2048),
+            cpus: f.qemu.cpus.unwrap_or(2),
+        },
+        tree,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typo_names_file_line_key() {
+        let e = parse_str(Path::new("p.toml"), "name = \"x\"\n[kernel]\nfragmets = []\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("p.toml:3: key `fragmets`"), "{s}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let e = parse_str(Path::new("p.toml"), "name = \"x\"\narch = \"sparc\"\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("p.toml:2: key `arch`"), "{s}");
+    }
+
+    #[test]
+    fn extends_merges_child_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let profiles = d.path().join("profiles");
+        std::fs::create_dir_all(&profiles).unwrap();
+        std::fs::create_dir_all(d.path().join("kernel-configs")).unwrap();
+        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        std::fs::write(
+            profiles.join("base.toml"),
+            "arch = \"amd64\"\nname = \"base\"\n[kernel]\nfragments = [\"a.config\"]\nsource = { file = \"/x.tar.xz\", sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\" }\n[rootfs]\nbusybox = { file = \"/bin/busybox\", sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\" }\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n",
+        )
+        .unwrap();
+        std::fs::write(profiles.join("child.toml"), "extends = \"base.toml\"\nname = \"child\"\n[qemu]\nmemory_mib = 512\n").unwrap();
+        let p = load(&profiles.join("child.toml")).unwrap();
+        assert_eq!(p.name, "child");
+        assert_eq!(p.arch, Arch::Amd64);
+        assert_eq!(p.qemu.memory_mib, 512);
+        assert_eq!(p.kernel.fragments.len(), 1);
+        std::fs::write(profiles.join("loop.toml"), "extends = \"loop.toml\"\n").unwrap();
+        assert!(matches!(load(&profiles.join("loop.toml")), Err(ProfileError::Cycle { .. })));
+    }
+}

@@ -1,0 +1,354 @@
+//! `kiln run`: boots a build output under QEMU with the serial console on a
+//! pipe, so callers (the CLI, qemu-tests) can wait for console events, type
+//! into the console, and press the ACPI power button through QMP.
+
+use crate::profile::Arch;
+use kiln_init::event::{self, Event};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM if a probe guest boots under it, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub out_dir: PathBuf,
+    /// A node.toml handed to the node through fw_cfg `opt/kiln/node.toml`.
+    pub config: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: Accel,
+    /// Host port forwarded to the node's API port 6443 (0: none).
+    pub api_port: u16,
+    /// Where to copy the serial console, as it arrives.
+    pub log: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
+impl VmSpec {
+    pub fn new(out_dir: impl Into<PathBuf>) -> VmSpec {
+        VmSpec { out_dir: out_dir.into(), config: None, memory_mib: 2048, cpus: 2, accel: Accel::Auto, api_port: 0, log: None, extra_args: Vec::new() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("timed out after {secs}s waiting for {what}; the last console lines:\n{tail}")]
+    Timeout { what: String, secs: u64, tail: String },
+    #[error("QEMU exited ({status}) while waiting for {what}; the last console lines:\n{tail}")]
+    Exited { what: String, status: String, tail: String },
+    #[error("QMP: {0}")]
+    Qmp(String),
+}
+
+#[derive(Default)]
+struct Console {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+pub struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    console: Arc<(Mutex<Console>, Condvar)>,
+    cursor: usize,
+    qmp: PathBuf,
+    _dir: tempfile::TempDir,
+    pub accel: Accel,
+}
+
+fn manifest_field(out: &Path, key: &str) -> Result<String, VmError> {
+    let p = out.join("manifest.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| VmError::Setup(format!("{}: {e}. Is this a `kiln build` output directory?", p.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| VmError::Setup(format!("{}: {e}", p.display())))?;
+    v.get(key).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| VmError::Setup(format!("{}: no `{key}`", p.display())))
+}
+
+fn arch_of(out: &Path) -> Result<Arch, VmError> {
+    match manifest_field(out, "arch")?.as_str() {
+        "amd64" => Ok(Arch::Amd64),
+        "arm64" => Ok(Arch::Arm64),
+        "armv7" => Ok(Arch::Armv7),
+        other => Err(VmError::Setup(format!("unknown arch `{other}` in the manifest"))),
+    }
+}
+
+/// The QEMU command line for a build output.
+pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path) -> Result<Command, VmError> {
+    let out = &spec.out_dir;
+    let arch = arch_of(out)?;
+    let pxe = out.join("pxe");
+    if !pxe.join("vmlinuz").exists() {
+        return Err(VmError::Setup(format!("{} has no pxe/vmlinuz; build a profile with `outputs = [\"pxe\"]`", out.display())));
+    }
+    let cmdline = std::fs::read_to_string(pxe.join("cmdline")).map_err(|e| VmError::Setup(format!("{}: {e}", pxe.join("cmdline").display())))?;
+    let (bin, machine) = match arch {
+        Arch::Amd64 => ("qemu-system-x86_64", "q35"),
+        Arch::Arm64 => ("qemu-system-aarch64", "virt"),
+        Arch::Armv7 => ("qemu-system-arm", "virt"),
+    };
+    let mut c = Command::new(bin);
+    c.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"]);
+    c.args(["-M", machine, "-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }]);
+    if arch == Arch::Arm64 {
+        c.args(["-cpu", "cortex-a57"]);
+    }
+    c.args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
+    c.arg("-kernel").arg(pxe.join("vmlinuz"));
+    c.arg("-initrd").arg(pxe.join("initramfs.cpio.zst"));
+    c.arg("-append").arg(cmdline.trim());
+    let mut netdev = "user,id=n0".to_string();
+    if spec.api_port != 0 {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:6443", spec.api_port));
+    }
+    c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]);
+    c.args(["-device", "virtio-rng-pci"]);
+    if let Some(cfg) = &spec.config {
+        if !cfg.is_file() {
+            return Err(VmError::Setup(format!("--config {}: no such file", cfg.display())));
+        }
+        c.arg("-fw_cfg").arg(format!("name=opt/kiln/node.toml,file={}", cfg.display()));
+    }
+    c.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    c.args(&spec.extra_args);
+    Ok(c)
+}
+
+impl Vm {
+    pub fn start(spec: &VmSpec) -> Result<Vm, VmError> {
+        let accel = match spec.accel {
+            Accel::Auto => {
+                if kvm_usable(spec) {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
+            a => a,
+        };
+        let dir = tempfile::tempdir().map_err(|e| VmError::Setup(e.to_string()))?;
+        let qmp = dir.path().join("qmp.sock");
+        let mut cmd = command(spec, accel, &qmp)?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        tracing::debug!("{cmd:?}");
+        let mut child = cmd.spawn().map_err(|e| VmError::Setup(format!("cannot start QEMU: {e}. Install qemu-system-x86 / qemu-system-arm")))?;
+        let console = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let log = match &spec.log {
+            Some(p) => Some(std::fs::File::create(p).map_err(|e| VmError::Setup(format!("{}: {e}", p.display())))?),
+            None => None,
+        };
+        let log = Arc::new(Mutex::new(log));
+        for (stream, prefix) in [(stdout.map(|s| Box::new(s) as Box<dyn Read + Send>), ""), (stderr.map(|s| Box::new(s) as Box<dyn Read + Send>), "qemu: ")] {
+            let Some(stream) = stream else { continue };
+            let console = console.clone();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match r.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let line = format!("{prefix}{}", String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']));
+                            if let Ok(mut l) = log.lock() {
+                                if let Some(f) = l.as_mut() {
+                                    let _ = writeln!(f, "{line}");
+                                }
+                            }
+                            let (m, cv) = &*console;
+                            if let Ok(mut c) = m.lock() {
+                                c.lines.push(line);
+                            }
+                            cv.notify_all();
+                        }
+                    }
+                }
+                if prefix.is_empty() {
+                    let (m, cv) = &*console;
+                    if let Ok(mut c) = m.lock() {
+                        c.closed = true;
+                    }
+                    cv.notify_all();
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        Ok(Vm { child, stdin, console, cursor: 0, qmp, _dir: dir, accel })
+    }
+
+    /// The last `n` console lines.
+    pub fn tail(&self, n: usize) -> String {
+        let c = self.console.0.lock().map(|c| c.lines.clone()).unwrap_or_default();
+        c[c.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The whole console so far.
+    pub fn log(&self) -> Vec<String> {
+        self.console.0.lock().map(|c| c.lines.clone()).unwrap_or_default()
+    }
+
+    /// Waits for a console line after the cursor that matches, and moves the
+    /// cursor past it.
+    pub fn wait_for(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String, VmError> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.console;
+        let mut c = m.lock().map_err(|_| VmError::Setup("console lock poisoned".into()))?;
+        loop {
+            while self.cursor < c.lines.len() {
+                let line = &c.lines[self.cursor];
+                self.cursor += 1;
+                if pred(line) {
+                    return Ok(line.clone());
+                }
+            }
+            if c.closed {
+                drop(c);
+                let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                return Err(VmError::Exited { what: what.into(), status, tail: self.tail(40) });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(c);
+                return Err(VmError::Timeout { what: what.into(), secs: timeout.as_secs(), tail: self.tail(40) });
+            }
+            c = cv.wait_timeout(c, deadline - now).map_err(|_| VmError::Setup("console lock poisoned".into()))?.0;
+        }
+    }
+
+    /// Waits for the next `kiln-init: <name>` event.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Event, VmError> {
+        let line = self.wait_for(&format!("event `{name}`"), timeout, |l| event::parse(l).is_some_and(|e| e.name == name))?;
+        event::parse(&line).ok_or_else(|| VmError::Setup("event vanished".into()))
+    }
+
+    /// Types into the serial console.
+    pub fn send(&mut self, text: &str) -> Result<(), VmError> {
+        let s = self.stdin.as_mut().ok_or_else(|| VmError::Setup("console input is closed".into()))?;
+        s.write_all(text.as_bytes()).and_then(|_| s.flush()).map_err(|e| VmError::Setup(format!("writing to the console: {e}")))
+    }
+
+    /// Sends a QMP command and returns its reply line.
+    pub fn qmp(&self, execute: &str) -> Result<String, VmError> {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.qmp).map_err(|e| VmError::Qmp(format!("{}: {e}", self.qmp.display())))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| VmError::Qmp(e.to_string()))?;
+        let mut r = BufReader::new(s.try_clone().map_err(|e| VmError::Qmp(e.to_string()))?);
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("greeting: {e}")))?;
+        for cmd in ["qmp_capabilities", execute] {
+            writeln!(s, "{{\"execute\":\"{cmd}\"}}").map_err(|e| VmError::Qmp(e.to_string()))?;
+            loop {
+                line.clear();
+                r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("{cmd}: {e}")))?;
+                if line.is_empty() {
+                    return Err(VmError::Qmp(format!("{cmd}: connection closed")));
+                }
+                if line.contains("\"return\"") || line.contains("\"error\"") {
+                    break;
+                }
+            }
+            if line.contains("\"error\"") {
+                return Err(VmError::Qmp(format!("{cmd}: {}", line.trim())));
+            }
+        }
+        Ok(line.trim().to_string())
+    }
+
+    /// Presses the ACPI power button.
+    pub fn powerdown(&self) -> Result<(), VmError> {
+        self.qmp("system_powerdown").map(|_| ())
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                // Let the reader threads drain the last output.
+                std::thread::sleep(Duration::from_millis(200));
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::Timeout { what: "QEMU to exit".into(), secs: timeout.as_secs(), tail: self.tail(40) });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// KVM is used only when a guest really boots under it: on nested machines
+/// /dev/kvm can exist while guests hang. The verdict is kept per QEMU binary
+/// for the session in the cache directory.
+fn kvm_usable(spec: &VmSpec) -> bool {
+    if std::env::consts::ARCH != "x86_64" || arch_of(&spec.out_dir).ok() != Some(Arch::Amd64) {
+        return false;
+    }
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return false;
+    }
+    let verdict = crate::cache::Cache::default_location().root().join("kvm-verdict");
+    if let Ok(v) = std::fs::read_to_string(&verdict) {
+        return v.trim() == "works";
+    }
+    let kernel = spec.out_dir.join("pxe/vmlinuz");
+    // A kernel with no root panics at once; panic=-1 and -no-reboot make QEMU
+    // exit. Under a working KVM that takes well under the limit.
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-M", "q35", "-accel", "kvm", "-m", "256", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .args(["-append", "console=ttyS0 panic=-1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let works = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => {
+                let mut out = String::new();
+                if let Some(mut s) = child.stdout.take() {
+                    let _ = s.read_to_string(&mut out);
+                }
+                break out.contains("Kernel panic");
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break false;
+            }
+        }
+    };
+    if let Some(parent) = verdict.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::write(&verdict, if works { "works\n" } else { "broken\n" });
+    if !works {
+        tracing::warn!("KVM is present but a test guest did not boot under it; using TCG (delete {} to probe again)", verdict.display());
+    }
+    works
+}

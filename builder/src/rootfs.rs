@@ -1,0 +1,177 @@
+//! The root filesystem as an in-memory tree: path → mode, owner, content.
+//!
+//! No root privileges, no real chown: owners and modes are data here, and the
+//! writers (cpio now, squashfs later) put them in the archive.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Bytes(Vec<u8>),
+    /// A file on the host, read when the archive is written.
+    Host(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File(Content),
+    Symlink(String),
+    /// A character device (major, minor).
+    CharDev(u32, u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    /// Permission bits only (0o755); the type comes from `kind`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("rootfs: `{0}` is not an absolute normalised path")]
+    BadPath(String),
+    #[error("rootfs: `{path}` is added twice ({what})")]
+    Conflict { path: String, what: String },
+    #[error("rootfs: `{parent}` must be a directory to hold `{path}`")]
+    NotDir { parent: String, path: String },
+}
+
+/// Paths are absolute, `/`-separated, with no `.`/`..`/empty components.
+#[derive(Debug, Clone, Default)]
+pub struct Tree {
+    entries: BTreeMap<String, Entry>,
+}
+
+fn check_path(p: &str) -> Result<(), TreeError> {
+    if p == "/" {
+        return Ok(());
+    }
+    if !p.starts_with('/') || p.ends_with('/') || p[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(TreeError::BadPath(p.into()));
+    }
+    Ok(())
+}
+
+fn parent(p: &str) -> &str {
+    match p.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &p[..i],
+        None => "/",
+    }
+}
+
+impl Tree {
+    pub fn new() -> Tree {
+        let mut t = Tree::default();
+        t.entries.insert("/".into(), Entry { kind: Kind::Dir, mode: 0o755, uid: 0, gid: 0 });
+        t
+    }
+
+    /// Creates a directory and its parents (0755, root). Existing dirs are kept.
+    pub fn mkdir_p(&mut self, path: &str, mode: u32) -> Result<(), TreeError> {
+        check_path(path)?;
+        if path != "/" {
+            let par = parent(path).to_string();
+            if !self.entries.contains_key(&par) {
+                self.mkdir_p(&par, 0o755)?;
+            }
+        }
+        match self.entries.get(path) {
+            Some(Entry { kind: Kind::Dir, .. }) => Ok(()),
+            Some(_) => Err(TreeError::Conflict { path: path.into(), what: "a directory over a file".into() }),
+            None => {
+                self.entries.insert(path.into(), Entry { kind: Kind::Dir, mode, uid: 0, gid: 0 });
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a non-directory entry; parents are created. Replacing an existing
+    /// non-directory is allowed (overlays win), replacing a directory is not.
+    pub fn insert(&mut self, path: &str, kind: Kind, mode: u32) -> Result<(), TreeError> {
+        check_path(path)?;
+        let par = parent(path).to_string();
+        self.mkdir_p(&par, 0o755)?;
+        if !matches!(self.entries.get(&par).map(|e| &e.kind), Some(Kind::Dir)) {
+            return Err(TreeError::NotDir { parent: par, path: path.into() });
+        }
+        if matches!(self.entries.get(path).map(|e| &e.kind), Some(Kind::Dir)) {
+            return Err(TreeError::Conflict { path: path.into(), what: "a file over a directory".into() });
+        }
+        self.entries.insert(path.into(), Entry { kind, mode, uid: 0, gid: 0 });
+        Ok(())
+    }
+
+    pub fn file(&mut self, path: &str, bytes: impl Into<Vec<u8>>, mode: u32) -> Result<(), TreeError> {
+        self.insert(path, Kind::File(Content::Bytes(bytes.into())), mode)
+    }
+
+    pub fn host_file(&mut self, path: &str, src: PathBuf, mode: u32) -> Result<(), TreeError> {
+        self.insert(path, Kind::File(Content::Host(src)), mode)
+    }
+
+    pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), TreeError> {
+        self.insert(path, Kind::Symlink(target.into()), 0o777)
+    }
+
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.entries.get(path)
+    }
+
+    /// Entries in path order (parents before children), which is also the
+    /// order archive writers need.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.len() <= 1
+    }
+
+    /// Total size of file contents, in bytes.
+    pub fn content_size(&self) -> std::io::Result<u64> {
+        let mut n = 0;
+        for (_, e) in self.iter() {
+            match &e.kind {
+                Kind::File(Content::Bytes(b)) => n += b.len() as u64,
+                Kind::File(Content::Host(p)) => n += std::fs::metadata(p)?.len(),
+                _ => {}
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_created_and_sorted() {
+        let mut t = Tree::new();
+        t.file("/etc/kiln/node.toml", "x", 0o644).unwrap();
+        t.symlink("/init", "sbin/kiln-init").unwrap();
+        let paths: Vec<_> = t.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(paths, ["/", "/etc", "/etc/kiln", "/etc/kiln/node.toml", "/init"]);
+    }
+
+    #[test]
+    fn rejects_bad_paths_and_conflicts() {
+        let mut t = Tree::new();
+        assert!(t.file("etc/x", "", 0o644).is_err());
+        assert!(t.file("/etc/../x", "", 0o644).is_err());
+        t.file("/a", "", 0o644).unwrap();
+        assert!(t.file("/a/b", "", 0o644).is_err());
+        t.mkdir_p("/d", 0o755).unwrap();
+        assert!(t.file("/d", "", 0o644).is_err());
+    }
+}

@@ -1,0 +1,526 @@
+//! The node config (`node.toml`): schema, parsing and validation.
+//!
+//! The node and `kiln config check` on the host run this same code, so a file
+//! that passes on the host is accepted on the node. Unknown keys are errors,
+//! and every error names a key and, when it can, a line.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// The role the node plays in its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Role {
+    #[serde(rename = "controller")]
+    Controller,
+    #[serde(rename = "worker")]
+    Worker,
+    #[serde(rename = "controller+worker")]
+    ControllerWorker,
+    #[serde(rename = "single")]
+    Single,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Controller => "controller",
+            Role::Worker => "worker",
+            Role::ControllerWorker => "controller+worker",
+            Role::Single => "single",
+        }
+    }
+    /// Whether the node runs the kubelet (and so needs the worker half of the
+    /// host contract).
+    pub fn runs_workloads(self) -> bool {
+        !matches!(self, Role::Controller)
+    }
+    /// Whether the node runs the control plane.
+    pub fn runs_control_plane(self) -> bool {
+        !matches!(self, Role::Worker)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A whole node.toml.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub role: Role,
+    #[serde(default)]
+    pub hostname: Option<Hostname>,
+    #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
+    pub k0s: K0s,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub debug: Debug,
+}
+
+/// A fixed name, or one derived from a hardware identity so that one config
+/// can serve many nodes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Hostname {
+    Fixed(String),
+    Derived(DerivedHostname),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DerivedHostname {
+    /// `mac` (the first NIC's MAC, without colons) or `serial` (DMI/devicetree
+    /// serial number).
+    pub from: HostnameSource,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HostnameSource {
+    Mac,
+    Serial,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Per-interface settings. With none, every link with carrier gets DHCPv4.
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    /// Name servers for /etc/resolv.conf, added to any from DHCP.
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+    /// Search domains for /etc/resolv.conf.
+    #[serde(default)]
+    pub search: Vec<String>,
+    /// Seconds to wait for an address before carrying on without one.
+    #[serde(default = "default_network_wait")]
+    pub wait_seconds: u32,
+}
+
+fn default_network_wait() -> u32 {
+    30
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// Match by kernel name (`eth0`)...
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ...or by MAC address (`52:54:00:12:34:56`).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// A VLAN on top of the matched link; the settings below apply to it.
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// DHCPv4. Defaults to true when no static address is given.
+    #[serde(default)]
+    pub dhcp: Option<bool>,
+    /// Static addresses in CIDR form (`10.0.0.5/24`, `fd00::5/64`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub gateway: Option<IpAddr>,
+}
+
+impl Interface {
+    pub fn wants_dhcp(&self) -> bool {
+        self.dhcp.unwrap_or(self.addresses.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct K0s {
+    /// Inline cluster config (k0s.yaml), for controllers.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Join token, inline.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Join token, from a file on the node.
+    #[serde(default)]
+    pub token_file: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub taints: Vec<String>,
+    #[serde(default)]
+    pub kubelet_extra_args: Option<String>,
+    /// Components to disable. Defaults to autopilot and update-prober, which
+    /// cannot work on a read-only root; set to [] to keep them.
+    #[serde(default)]
+    pub disable_components: Option<Vec<String>>,
+    /// Environment for k0s. `<COMPONENT>_X` reaches that component as `X`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Extra arguments appended to the k0s command line, as given.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// Remove the controller taint on controller+worker nodes.
+    #[serde(default)]
+    pub no_taints: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// Size at which /var/log/k0s.log is rotated (to k0s.log.1), in bytes.
+    #[serde(default = "default_log_max")]
+    pub max_bytes: u64,
+    /// Payload lines per second copied to the console; the file gets all.
+    #[serde(default = "default_console_rate")]
+    pub console_lines_per_second: u32,
+}
+
+fn default_log_max() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_console_rate() -> u32 {
+    50
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { max_bytes: default_log_max(), console_lines_per_second: default_console_rate() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Debug {
+    /// A root shell on the console. Off by default: anyone at the console
+    /// would own the node.
+    #[serde(default)]
+    pub shell: bool,
+}
+
+/// A config error: what is wrong, at which key, and where in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: Option<String>,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.line, &self.key) {
+            (Some(l), Some(k)) => write!(f, "line {l}, key `{k}`: {}", self.message),
+            (Some(l), None) => write!(f, "line {l}: {}", self.message),
+            (None, Some(k)) => write!(f, "key `{k}`: {}", self.message),
+            (None, None) => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses and validates a node.toml. Arbitrary bytes give an error, never a
+/// panic.
+pub fn parse(src: &str) -> Result<NodeConfig, ConfigError> {
+    let cfg: NodeConfig = toml::from_str(src).map_err(|e| from_toml_error(src, &e))?;
+    validate(&cfg).map_err(|mut e| {
+        if e.line.is_none() {
+            if let Some(k) = &e.key {
+                e.line = line_of_key(src, k);
+            }
+        }
+        e
+    })?;
+    Ok(cfg)
+}
+
+fn from_toml_error(src: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_at(src, s.start));
+    // The toml message names the field for unknown/missing keys; keep only its
+    // first line, the rest is a source excerpt we point at with `line` anyway.
+    let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
+    let key = unknown_field_name(&message).or_else(|| key_at_line(src, line));
+    ConfigError { key, line, message }
+}
+
+fn unknown_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `").or_else(|| msg.strip_prefix("missing field `"))?;
+    rest.split('`').next().map(str::to_string)
+}
+
+/// Best effort: the dotted key defined on the given line.
+fn key_at_line(src: &str, line: Option<usize>) -> Option<String> {
+    let line = line?;
+    let mut table = String::new();
+    for (i, l) in src.lines().enumerate() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+        if i + 1 == line {
+            if t.starts_with('[') {
+                return Some(table);
+            }
+            let k = t.split('=').next()?.trim();
+            if k.is_empty() || k.starts_with('#') {
+                return None;
+            }
+            return Some(if table.is_empty() { k.to_string() } else { format!("{table}.{k}") });
+        }
+    }
+    None
+}
+
+fn line_at(src: &str, byte: usize) -> usize {
+    src.get(..byte.min(src.len())).map_or(1, |s| s.matches('\n').count() + 1)
+}
+
+/// Finds the line defining a dotted key such as `k0s.token` (best effort:
+/// plain `[table]` headers and `key = ...` lines).
+pub fn line_of_key(src: &str, dotted: &str) -> Option<usize> {
+    let (table, leaf) = match dotted.rsplit_once('.') {
+        Some((t, l)) => (t, l),
+        None => ("", dotted),
+    };
+    let leaf = leaf.split('[').next().unwrap_or(leaf);
+    let table = table.split('[').next().unwrap_or(table);
+    let mut current = String::new();
+    for (i, l) in src.lines().enumerate() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            continue;
+        }
+        if current == table {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim().trim_matches('"') == leaf {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: Some(key.to_string()), line: None, message: message.into() }
+}
+
+/// Checks what serde cannot: values, and combinations of keys.
+pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
+    match &cfg.hostname {
+        Some(Hostname::Fixed(h)) => {
+            check_hostname(h).map_err(|m| err("hostname", m))?;
+        }
+        Some(Hostname::Derived(d)) => {
+            if !d.prefix.is_empty() {
+                let p = d.prefix.trim_end_matches('-');
+                check_hostname(p).map_err(|m| err("hostname.prefix", m))?;
+            }
+        }
+        None => {}
+    }
+    for (i, iface) in cfg.network.interfaces.iter().enumerate() {
+        let key = |k: &str| format!("network.interfaces[{i}].{k}");
+        if iface.name.is_some() == iface.mac.is_some() {
+            return Err(err(&key("name"), "give exactly one of `name` or `mac` to say which link this is"));
+        }
+        if let Some(mac) = &iface.mac {
+            parse_mac(mac).ok_or_else(|| err(&key("mac"), format!("`{mac}` is not a MAC address like 52:54:00:12:34:56")))?;
+        }
+        if let Some(v) = iface.vlan {
+            if v == 0 || v > 4094 {
+                return Err(err(&key("vlan"), format!("VLAN id {v} is out of range 1..=4094")));
+            }
+        }
+        for a in &iface.addresses {
+            parse_cidr(a).map_err(|m| err(&key("addresses"), m))?;
+        }
+        if iface.gateway.is_some() && iface.addresses.is_empty() {
+            return Err(err(&key("gateway"), "a gateway needs a static address on the same interface"));
+        }
+        if !iface.wants_dhcp() && iface.addresses.is_empty() {
+            return Err(err(&key("dhcp"), "DHCP is off and no static address is given: the interface would get no address"));
+        }
+    }
+    let k = &cfg.k0s;
+    if k.token.is_some() && k.token_file.is_some() {
+        return Err(err("k0s.token", "give either `token` or `token_file`, not both (k0s takes exactly one token source)"));
+    }
+    if cfg.role == Role::Worker && k.token.is_none() && k.token_file.is_none() {
+        return Err(err("k0s.token", "a worker needs a join token: set `token` or `token_file` (from `k0s token create --role worker` or `kiln cluster init`)"));
+    }
+    if cfg.role == Role::Worker && k.config.is_some() {
+        return Err(err("k0s.config", "a worker takes its configuration from the controller; `config` is for controller roles"));
+    }
+    if cfg.role == Role::Single && (k.token.is_some() || k.token_file.is_some()) {
+        return Err(err("k0s.token", "a single node does not join a cluster; remove the token or pick another role"));
+    }
+    if let Some(c) = &k.config {
+        check_k0s_yaml(c).map_err(|m| err("k0s.config", m))?;
+    }
+    if let Some(t) = &k.token {
+        if t.trim().is_empty() || t.trim().chars().any(|c| !(c.is_ascii_alphanumeric() || "+/=".contains(c))) {
+            return Err(err("k0s.token", "a join token is base64 text (the output of `k0s token create`)"));
+        }
+    }
+    for (name, _) in k.labels.iter() {
+        if name.is_empty() || name.contains(['=', ',', ' ']) {
+            return Err(err("k0s.labels", format!("label key `{name}` is not a valid Kubernetes label key")));
+        }
+    }
+    for t in &k.taints {
+        let effect = t.rsplit_once(':').map(|(_, e)| e);
+        if !matches!(effect, Some("NoSchedule" | "PreferNoSchedule" | "NoExecute")) {
+            return Err(err("k0s.taints", format!("taint `{t}` must look like key=value:NoSchedule (effects: NoSchedule, PreferNoSchedule, NoExecute)")));
+        }
+    }
+    for name in k.env.keys() {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(err("k0s.env", format!("`{name}` is not a valid environment variable name")));
+        }
+    }
+    if cfg.log.max_bytes < 64 * 1024 {
+        return Err(err("log.max_bytes", "must be at least 65536 bytes"));
+    }
+    Ok(())
+}
+
+/// RFC 1123 host name: dot-separated labels of a-z0-9 and inner hyphens.
+pub fn check_hostname(h: &str) -> Result<(), String> {
+    if h.is_empty() || h.len() > 253 {
+        return Err(format!("hostname `{h}` must be 1 to 253 characters"));
+    }
+    for label in h.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "hostname `{h}` is not a valid node name: use lowercase letters, digits and inner hyphens (Kubernetes uses it as the node name)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` needs a prefix length, like 10.0.0.5/24"))?;
+    let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = p.parse().ok().filter(|p| *p <= max).ok_or_else(|| format!("`{p}` is not a prefix length (0..={max})"))?;
+    Ok((addr, prefix))
+}
+
+/// A light check that the cluster config is YAML-shaped and a k0s
+/// ClusterConfig, so a paste error shows up here rather than in k0s's log.
+fn check_k0s_yaml(c: &str) -> Result<(), String> {
+    if c.contains('\t') {
+        return Err("YAML does not allow tabs for indentation".into());
+    }
+    let has = |k: &str, v: &str| c.lines().any(|l| l.trim_start() == l && l.split_once(':').is_some_and(|(a, b)| a.trim() == k && b.trim().trim_matches('"') == v));
+    if !has("apiVersion", "k0s.k0sproject.io/v1beta1") {
+        return Err("expected a k0s ClusterConfig with `apiVersion: k0s.k0sproject.io/v1beta1`".into());
+    }
+    if !has("kind", "ClusterConfig") {
+        return Err("expected `kind: ClusterConfig`".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn minimal() {
+        let c = parse("role = \"single\"\n").unwrap();
+        assert_eq!(c.role, Role::Single);
+        assert!(c.network.interfaces.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse("role = \"single\"\n\n[k0s]\nlabel = {}\n").unwrap_err();
+        assert_eq!(e.line, Some(4));
+        assert_eq!(e.key.as_deref(), Some("label"));
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_role() {
+        let e = parse("role = \"master\"\n").unwrap_err();
+        assert_eq!(e.line, Some(1));
+        assert!(e.message.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn semantic_error_has_line() {
+        let e = parse("role = \"worker\"\nhostname = \"Node_1\"\n[k0s]\ntoken = \"abc\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("hostname"));
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn worker_needs_token() {
+        let e = parse("role = \"worker\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("k0s.token"));
+    }
+
+    #[test]
+    fn derived_hostname_and_static_net() {
+        let c = parse(
+            r#"role = "controller+worker"
+hostname = { from = "mac", prefix = "edge-" }
+[[network.interfaces]]
+mac = "52:54:00:12:34:56"
+addresses = ["10.0.0.5/24"]
+gateway = "10.0.0.1"
+"#,
+        )
+        .unwrap();
+        assert!(matches!(c.hostname, Some(Hostname::Derived(_))));
+        assert!(!c.network.interfaces[0].wants_dhcp());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_input_never_panics(s in "\\PC*") {
+            let _ = parse(&s);
+        }
+
+        #[test]
+        fn arbitrary_toml_like_errors_name_something(
+            key in "[a-z_]{1,12}", val in "[a-z0-9\" ]{0,10}"
+        ) {
+            let src = format!("role = \"single\"\n{key} = {val}\n");
+            if let Err(e) = parse(&src) {
+                prop_assert!(e.line.is_some() || e.key.is_some(), "{}", e);
+            }
+        }
+    }
+}

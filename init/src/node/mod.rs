@@ -1,0 +1,478 @@
+//! kiln-init as PID 1: bring the node up from its config, supervise k0s,
+//! and shut down cleanly. Failures become logged states (maintenance, a
+//! retry), never a panic or a crash loop.
+
+pub mod console;
+pub mod host;
+pub mod netup;
+pub mod preflight;
+pub mod sources;
+pub mod supervisor;
+pub mod sys;
+
+use crate::config::NodeConfig;
+use crate::k0s;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+use supervisor::Supervisor;
+
+/// How to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Poweroff,
+    Reboot,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Poweroff => "poweroff",
+            Action::Reboot => "reboot",
+        }
+    }
+}
+
+/// How long k0s gets to stop after SIGTERM (the OpenRC unit's 90 s).
+const STOP_GRACE: Duration = Duration::from_secs(90);
+
+/// Signals PID 1 handles, read through a signalfd.
+const SIGNALS: &[libc::c_int] = &[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGPWR, libc::SIGHUP];
+
+struct Events {
+    sigfd: OwnedFd,
+    buttons: Vec<OwnedFd>,
+}
+
+fn block_signals() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local set; signalfd returns a new fd.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, *s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Input devices that can report KEY_POWER (the ACPI power button, or
+/// gpio-keys on ARM boards).
+fn open_buttons() -> Vec<OwnedFd> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/dev/input") else { return out };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with("event") {
+            continue;
+        }
+        let Ok(c) = std::ffi::CString::new(format!("/dev/input/{name}")) else { continue };
+        // SAFETY: valid C string.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: fd was just opened and is owned here.
+            out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    out
+}
+
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+
+/// Reads pending input events; true if the power key was pressed.
+fn power_pressed(fd: &OwnedFd) -> bool {
+    // struct input_event: a timeval (two longs), u16 type, u16 code, s32 value.
+    let tv = 2 * std::mem::size_of::<libc::c_long>();
+    let size = tv + 8;
+    let mut buf = [0u8; 24 * 16];
+    let mut pressed = false;
+    loop {
+        // SAFETY: valid fd and buffer.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+        if n <= 0 {
+            return pressed;
+        }
+        for ev in buf[..n as usize].chunks_exact(size) {
+            let ty = u16::from_ne_bytes([ev[tv], ev[tv + 1]]);
+            let code = u16::from_ne_bytes([ev[tv + 2], ev[tv + 3]]);
+            let value = i32::from_ne_bytes([ev[tv + 4], ev[tv + 5], ev[tv + 6], ev[tv + 7]]);
+            if ty == EV_KEY && code == KEY_POWER && value == 1 {
+                pressed = true;
+            }
+        }
+    }
+}
+
+enum Wake {
+    Signal(libc::c_int),
+    Power,
+    PayloadOutput,
+    Timeout,
+}
+
+impl Events {
+    /// Waits for a signal, a power key press, payload output, or the timeout.
+    fn wait(&self, payload: Option<&OwnedFd>, timeout: Duration) -> Vec<Wake> {
+        let mut fds = vec![libc::pollfd { fd: self.sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        for b in &self.buttons {
+            fds.push(libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        let pidx = fds.len();
+        if let Some(p) = payload {
+            fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        let ms = timeout.as_millis().min(60_000) as libc::c_int;
+        // SAFETY: valid array of pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        let mut out = Vec::new();
+        if n <= 0 {
+            out.push(Wake::Timeout);
+            return out;
+        }
+        if fds[0].revents != 0 {
+            loop {
+                // SAFETY: signalfd_siginfo is plain data; read fills it.
+                let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+                let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+                let r = unsafe { libc::read(self.sigfd.as_raw_fd(), &mut si as *mut _ as *mut libc::c_void, sz) };
+                if r as usize != sz {
+                    break;
+                }
+                out.push(Wake::Signal(si.ssi_signo as libc::c_int));
+            }
+        }
+        for (i, b) in self.buttons.iter().enumerate() {
+            if fds[i + 1].revents != 0 && power_pressed(b) {
+                out.push(Wake::Power);
+            }
+        }
+        if payload.is_some() && fds[pidx].revents != 0 {
+            out.push(Wake::PayloadOutput);
+        }
+        out
+    }
+}
+
+/// Reaps every exited child; returns (pid, status) pairs.
+fn reap() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    loop {
+        let mut status = 0;
+        // SAFETY: valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return out;
+        }
+        out.push((pid, status));
+    }
+}
+
+/// The whole life of the node. Never returns.
+pub fn run() -> ! {
+    sys::attach_console();
+    if let Err(e) = host::mount_pseudo() {
+        // Without /proc and /dev little works, but say so and keep going.
+        console::error(&format!("mounting pseudo filesystems: {e}"));
+    }
+    // Kernel messages at info and below stay off the console, so event lines
+    // copied to /dev/kmsg are not printed twice.
+    let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
+    console::open_kmsg();
+    console::event("started", &[("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime()))]);
+    // SAFETY: plain syscall; Ctrl-Alt-Del then arrives as SIGINT.
+    unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) };
+    let events = match block_signals() {
+        Ok(fd) => Events { sigfd: fd, buttons: open_buttons() },
+        Err(e) => {
+            console::error(&format!("signalfd: {e}; cannot supervise"));
+            idle_forever();
+        }
+    };
+    let controllers = match host::setup_cgroups() {
+        Ok(c) => c,
+        Err(e) => {
+            console::error(&format!("cgroups: {e}"));
+            Vec::new()
+        }
+    };
+    host::set_sysctls();
+    let missing = host::load_modules();
+    if !missing.is_empty() {
+        console::warn(&format!("kernel modules not found (neither built in nor in /lib/modules): {}", missing.join(" ")));
+    }
+
+    let (cfg, source) = wait_for_config(&events);
+    let mac = netup::first_mac();
+    let hostname = host::hostname(&cfg, mac);
+    if let Err(e) = host::apply_hostname(&hostname) {
+        console::error(&format!("hostname: {e}"));
+    }
+    let _ = host::write_machine_id(&format!("{hostname}{mac:?}"));
+    console::event("config-loaded", &[("source", &source), ("role", &cfg.role), ("hostname", &hostname)]);
+    let mut net = netup::bring_up(&cfg, &hostname);
+    if let Err(e) = host::write_resolv_conf(&net.dns, &net.search) {
+        console::error(&format!("resolv.conf: {e}"));
+    }
+
+    let pre = preflight::run(cfg.role, &controllers);
+    if pre.failures.is_empty() {
+        console::event("preflight-ok", &[("role", &cfg.role), ("warnings", &pre.warnings.len())]);
+    } else {
+        console::event("preflight-failed", &[("role", &cfg.role), ("missing", &pre.failures.join(","))]);
+        maintenance(&events, &format!("preflight failed for role {}: missing {}", cfg.role, pre.failures.join(", ")));
+    }
+
+    let inv = k0s::invocation(&cfg, cfg!(target_arch = "arm"));
+    let mut sup = Supervisor::new(inv, cfg.role.as_str(), cfg.log.max_bytes, cfg.log.console_lines_per_second);
+    if let Err(e) = sup.prepare() {
+        console::error(&format!("preparing k0s files: {e}"));
+        maintenance(&events, &format!("cannot write the k0s config or token: {e}"));
+    }
+    let mut shell = Shell::new(cfg.debug.shell);
+    shell.spawn();
+
+    loop {
+        let now = Instant::now();
+        if sup.next_start.is_some_and(|t| t <= now) && sup.running.is_none() {
+            sup.start();
+        }
+        if net.next_deadline().is_some_and(|t| t <= now) {
+            net.renew_due(&hostname);
+        }
+        let deadlines = [sup.next_start, net.next_deadline()];
+        let timeout = deadlines.iter().flatten().map(|t| t.saturating_duration_since(Instant::now())).min().unwrap_or(Duration::from_secs(60));
+        let out = sup.running.as_ref().map(|r| &r.out);
+        for wake in events.wait(out, timeout) {
+            match wake {
+                Wake::PayloadOutput => sup.pump(),
+                Wake::Signal(libc::SIGCHLD) => {
+                    for (pid, status) in reap() {
+                        if sup.running.as_ref().is_some_and(|r| r.pid == pid) {
+                            sup.exited(status, true);
+                        } else if shell.pid == Some(pid) {
+                            shell.pid = None;
+                            shell.spawn();
+                        }
+                    }
+                }
+                Wake::Signal(s) => {
+                    if let Some(action) = action_for(s) {
+                        shutdown(&events, &mut sup, action, signal_name(s));
+                    }
+                }
+                Wake::Power => shutdown(&events, &mut sup, Action::Poweroff, "power-button"),
+                Wake::Timeout => {}
+            }
+        }
+    }
+}
+
+fn action_for(sig: libc::c_int) -> Option<Action> {
+    match sig {
+        libc::SIGTERM | libc::SIGINT => Some(Action::Reboot),
+        libc::SIGUSR1 | libc::SIGUSR2 | libc::SIGPWR => Some(Action::Poweroff),
+        _ => None,
+    }
+}
+
+fn signal_name(sig: libc::c_int) -> &'static str {
+    match sig {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "ctrl-alt-del",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPWR => "SIGPWR",
+        _ => "signal",
+    }
+}
+
+/// Loads the config, or waits in maintenance until a valid one appears.
+fn wait_for_config(events: &Events) -> (NodeConfig, String) {
+    let mut announced: Option<String> = None;
+    loop {
+        match sources::load() {
+            sources::Found::Valid { source, config, .. } => return (*config, source),
+            sources::Found::Invalid { source, reason, text } => {
+                let key = format!("{source}:{text}");
+                if announced.as_deref() != Some(&key) {
+                    console::error(&format!("node config from {source} is invalid: {reason}"));
+                    console::event("maintenance", &[("reason", &format!("invalid node config from {source}: {reason}"))]);
+                    console::info("fix the node config (kiln config check node.toml); waiting for a valid one");
+                    announced = Some(key);
+                }
+            }
+            sources::Found::Missing => {
+                if announced.as_deref() != Some("missing") {
+                    console::event("maintenance", &[("reason", &"no node config found")]);
+                    announced = Some("missing".into());
+                }
+            }
+        }
+        idle(events, Duration::from_secs(5));
+    }
+}
+
+/// Maintenance: say why, then keep reaping and answering power requests.
+/// The operator fixes the cause and reboots.
+fn maintenance(events: &Events, reason: &str) -> ! {
+    console::event("maintenance", &[("reason", &reason)]);
+    loop {
+        idle(events, Duration::from_secs(60));
+    }
+}
+
+/// Waits, reaping orphans and acting on shutdown requests.
+fn idle(events: &Events, d: Duration) {
+    for wake in events.wait(None, d) {
+        match wake {
+            Wake::Signal(libc::SIGCHLD) => {
+                reap();
+            }
+            Wake::Signal(s) => {
+                if let Some(a) = action_for(s) {
+                    final_shutdown(a, signal_name(s));
+                }
+            }
+            Wake::Power => final_shutdown(Action::Poweroff, "power-button"),
+            _ => {}
+        }
+    }
+}
+
+/// After a panic: reap forever.
+pub fn park() -> ! {
+    idle_forever()
+}
+
+fn idle_forever() -> ! {
+    loop {
+        reap();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Stops k0s (SIGTERM, up to 90 s), then everything else, then ends.
+fn shutdown(events: &Events, sup: &mut Supervisor, action: Action, reason: &str) -> ! {
+    console::event("shutdown", &[("action", &action.as_str()), ("reason", &reason)]);
+    if let Some(pid) = sup.running.as_ref().map(|r| r.pid) {
+        sys::kill(pid, libc::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while sup.running.is_some() && Instant::now() < deadline {
+            let out = sup.running.as_ref().map(|r| &r.out);
+            for wake in events.wait(out, deadline.saturating_duration_since(Instant::now())) {
+                match wake {
+                    Wake::PayloadOutput => sup.pump(),
+                    Wake::Signal(libc::SIGCHLD) => {
+                        for (p, status) in reap() {
+                            if p == pid {
+                                sup.exited(status, false);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if sup.running.is_some() {
+            console::warn(&format!("k0s did not stop within {} s; killing its cgroup", STOP_GRACE.as_secs()));
+        }
+    }
+    final_shutdown(action, reason)
+}
+
+fn final_shutdown(action: Action, reason: &str) -> ! {
+    // Whatever is left of k0s's tree (containerd, shims, kubelet) first.
+    let _ = sys::write(format!("{}/cgroup.kill", host::PAYLOAD_CGROUP), "1");
+    sys::kill(-1, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        reap();
+        if !has_other_processes() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sys::kill(-1, libc::SIGKILL);
+    reap();
+    sys::sync();
+    unmount_all();
+    sys::sync();
+    console::event("shutdown-complete", &[("action", &action.as_str()), ("reason", &reason)]);
+    let cmd = match action {
+        Action::Poweroff => libc::LINUX_REBOOT_CMD_POWER_OFF,
+        Action::Reboot => libc::LINUX_REBOOT_CMD_RESTART,
+    };
+    let e = sys::reboot(cmd);
+    console::error(&format!("reboot({}) failed: {e}", action.as_str()));
+    idle_forever()
+}
+
+fn has_other_processes() -> bool {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.parse::<i32>().is_ok_and(|p| p > 1) && std::fs::read_to_string(format!("/proc/{n}/cmdline")).is_ok_and(|c| !c.is_empty())
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Unmounts everything it can, deepest first; what stays busy is remounted
+/// read-only.
+fn unmount_all() {
+    let mounts = sys::read("/proc/self/mounts").unwrap_or_default();
+    let mut targets: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(1)).collect();
+    targets.reverse();
+    for t in targets {
+        if matches!(t, "/" | "/proc" | "/sys" | "/dev") {
+            continue;
+        }
+        if sys::umount(t, 0).is_err() {
+            let _ = sys::remount(t, libc::MS_REMOUNT | libc::MS_RDONLY);
+        }
+    }
+}
+
+/// The optional root shell on the console (debug.shell).
+struct Shell {
+    enabled: bool,
+    pid: Option<i32>,
+}
+
+impl Shell {
+    fn new(enabled: bool) -> Shell {
+        Shell { enabled, pid: None }
+    }
+
+    fn spawn(&mut self) {
+        if !self.enabled || !std::path::Path::new("/bin/sh").exists() {
+            return;
+        }
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.env_clear().env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").env("HOME", "/root").env("TERM", "vt100").current_dir("/root");
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY as _, 1);
+                Ok(())
+            });
+        }
+        match cmd.spawn() {
+            Ok(c) => {
+                self.pid = Some(c.id() as i32);
+                std::mem::forget(c);
+                console::warn("debug shell is enabled on the console (debug.shell = true)");
+            }
+            Err(e) => console::error(&format!("debug shell: {e}")),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+#![allow(dead_code)]
+//! The harness for tests that build a profile and boot it under QEMU.
+//!
+//! Builds happen once per test binary. VMs run one at a time (these machines
+//! have two cores and TCG is slow), each with a serial log under
+//! `target/qemu-tests/logs/`, kept when the test fails.
+
+use kiln::qemu::{Accel, Vm, VmSpec};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+/// Generous: TCG on a loaded two-core machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub fn scratch() -> PathBuf {
+    let d = workspace().join("target").join("qemu-tests");
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+/// Builds a profile once per test binary; returns the output directory.
+pub fn built(profile: &str) -> PathBuf {
+    static BUILDS: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut b = BUILDS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = b.iter().find(|(n, _)| n == profile) {
+        return p.clone();
+    }
+    let cache = kiln::cache::Cache::default_location();
+    let path = workspace().join("profiles").join(format!("{profile}.toml"));
+    let out = kiln::pipeline::build(&path, &scratch().join("out"), &cache).unwrap_or_else(|e| panic!("building {profile}: {e:#}"));
+    b.push((profile.to_string(), out.out.clone()));
+    out.out
+}
+
+fn vm_lock() -> MutexGuard<'static, ()> {
+    static L: OnceLock<Mutex<()>> = OnceLock::new();
+    L.get_or_init(|| Mutex::new(())).lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A booted VM, its log, and the lock that keeps other VMs waiting.
+pub struct Node {
+    pub vm: Vm,
+    pub log: PathBuf,
+    _lock: MutexGuard<'static, ()>,
+}
+
+/// Boots a build output. `config` is a node.toml text given through fw_cfg.
+pub fn boot(test: &str, out: &Path, config: Option<&str>) -> Node {
+    let lock = vm_lock();
+    let logs = scratch().join("logs");
+    let _ = std::fs::create_dir_all(&logs);
+    let mut spec = VmSpec::new(out);
+    spec.accel = Accel::Tcg;
+    spec.memory_mib = 2048;
+    spec.log = Some(logs.join(format!("{test}.log")));
+    if let Some(c) = config {
+        let p = logs.join(format!("{test}.node.toml"));
+        std::fs::write(&p, c).expect("writing the test node.toml");
+        spec.config = Some(p);
+    }
+    let vm = Vm::start(&spec).unwrap_or_else(|e| panic!("{test}: starting QEMU: {e}"));
+    Node { vm, log: spec.log.clone().unwrap_or_default(), _lock: lock }
+}
+
+impl Node {
+    /// Fails the test with the log's location.
+    pub fn fail(&self, what: impl std::fmt::Display) -> ! {
+        panic!("{what}\n(serial log: {})", self.log.display())
+    }
+
+    pub fn event(&mut self, name: &str, timeout: Duration) -> kiln_init::event::Event {
+        match self.vm.wait_event(name, timeout) {
+            Ok(e) => e,
+            Err(e) => self.fail(e),
+        }
+    }
+
+    pub fn line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        match self.vm.wait_for(what, timeout, pred) {
+            Ok(l) => l,
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Waits for the stand-in's summary and returns every check line.
+    pub fn standin_checks(&mut self) -> Vec<String> {
+        let done = self.line("stand-in checks done", BOOT_TIMEOUT, |l| l.contains("stand-in: checks done"));
+        let log = self.vm.log();
+        let end = log.iter().rposition(|l| *l == done).unwrap_or(log.len());
+        let start = log[..end].iter().rposition(|l| l.contains("stand-in: argv")).unwrap_or(0);
+        log[start..end].iter().filter(|l| l.contains("stand-in: check ")).cloned().collect()
+    }
+}
