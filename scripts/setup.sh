@@ -16,6 +16,10 @@ packages=(
   qemu-system-x86
   # the DHCP client's tests run dnsmasq in network namespaces
   dnsmasq-base iproute2
+  # external checkers for the formats kiln writes
+  squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs
+  # UEFI boot: firmware and systemd-boot/stub
+  ovmf systemd-boot-efi sbsigntool binutils
 )
 
 missing=()

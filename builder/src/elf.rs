@@ -61,7 +61,8 @@ mod tests {
         let i = inspect(&sh).unwrap();
         assert!(i.interp.is_some(), "/bin/sh on Debian is dynamic");
         assert!(inspect(b"#!/bin/sh\n").is_none());
-        assert!(inspect(&sh[..60]).is_some_and(|i| i.interp.is_none()));
+        // Truncated before the program headers: not usable, and no panic.
+        assert!(inspect(&sh[..60]).is_none());
     }
 
     #[test]

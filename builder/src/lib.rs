@@ -5,6 +5,8 @@
 
 pub mod cache;
 pub mod elf;
+pub mod fat;
+pub mod gpt;
 pub mod init;
 pub mod initramfs;
 pub mod input;
@@ -16,3 +18,6 @@ pub mod profile;
 pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
+pub mod squashfs;
+pub mod uki;
+pub mod verity;

@@ -308,7 +308,8 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         path: path.to_path_buf(),
         message: format!("key `{key}` is not set here or in any profile this one extends"),
     };
-    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
     let tree = match std::env::var_os("KILN_SOURCE_DIR") {
         Some(d) => PathBuf::from(d),
         None => dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("..")),

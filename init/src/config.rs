@@ -320,12 +320,10 @@ pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
         Some(Hostname::Fixed(h)) => {
             check_hostname(h).map_err(|m| err("hostname", m))?;
         }
-        Some(Hostname::Derived(d)) => {
-            if !d.prefix.is_empty() {
-                let p = d.prefix.trim_end_matches('-');
-                check_hostname(p).map_err(|m| err("hostname.prefix", m))?;
-            }
+        Some(Hostname::Derived(d)) if !d.prefix.is_empty() => {
+            check_hostname(d.prefix.trim_end_matches('-')).map_err(|m| err("hostname.prefix", m))?;
         }
+        Some(Hostname::Derived(_)) => {}
         None => {}
     }
     for (i, iface) in cfg.network.interfaces.iter().enumerate() {

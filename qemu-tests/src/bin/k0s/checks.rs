@@ -68,6 +68,7 @@ pub fn run_all(opts: &RunOpts, r: &mut Report) -> Option<Held> {
     }
     r.check("rlimit-nofile", rlimit_nofile());
     r.check("tmp-writable", tmp_writable());
+    r.check("writable-paths", writable_paths());
     held
 }
 
@@ -109,13 +110,18 @@ fn cgroup2() -> Result<(), String> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
     Err(match mount_fstype(&mounts, CGROUP_ROOT) {
         Some(ty) => format!("{CGROUP_ROOT} is {ty}, want cgroup2"),
-        None => format!("nothing is mounted on {CGROUP_ROOT} (filesystem magic {magic:#x}), want cgroup2"),
+        None => format!(
+            "nothing is mounted on {CGROUP_ROOT} (filesystem magic {magic:#x}), want cgroup2"
+        ),
     })
 }
 
 /// The cgroup2 path in /proc/self/cgroup (the `0::/path` line).
 pub fn cgroup2_path(self_cgroup: &str) -> Option<&str> {
-    self_cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(str::trim_end)
+    self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim_end)
 }
 
 fn own_cgroup() -> Result<String, String> {
@@ -165,7 +171,9 @@ fn cgroup_controllers(cg: &Result<String, String>) -> Result<(), String> {
 
 fn cgroup_not_root(cg: &Result<String, String>) -> Result<(), String> {
     match cg.clone()?.as_str() {
-        "/" => Err("runs in the root cgroup; the init must move the payload into a child cgroup".into()),
+        "/" => Err(
+            "runs in the root cgroup; the init must move the payload into a child cgroup".into(),
+        ),
         _ => Ok(()),
     }
 }
@@ -195,16 +203,20 @@ pub fn hostname_problem(h: &str) -> Option<String> {
     if h.eq_ignore_ascii_case("localhost") {
         return Some("hostname is localhost, which cannot be a node name".into());
     }
-    if h.len() > 63 {
-        return Some(format!("hostname is {} bytes, want at most 63 (RFC 1123 label)", h.len()));
+    // Kubernetes node names are RFC 1123 subdomains: dot-separated labels.
+    if h.len() > 253 {
+        return Some(format!("hostname is {} bytes, want at most 253 (RFC 1123)", h.len()));
     }
-    if let Some(c) = h.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
-        return Some(format!(
-            "hostname {h:?} has {c:?}; want letters, digits and '-' (RFC 1123 label)"
-        ));
-    }
-    if h.starts_with('-') || h.ends_with('-') {
-        return Some(format!("hostname {h:?} starts or ends with '-' (RFC 1123 label)"));
+    for label in h.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Some(format!("hostname {h:?} has an empty label or one over 63 bytes (RFC 1123)"));
+        }
+        if let Some(c) = label.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
+            return Some(format!("hostname {h:?} has {c:?}; want letters, digits, '-' and '.' (RFC 1123)"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some(format!("hostname {h:?} has a label that starts or ends with '-' (RFC 1123)"));
+        }
     }
     None
 }
@@ -220,7 +232,10 @@ pub fn etc_hostname(content: &str) -> &str {
 
 fn hostname() -> Result<(), String> {
     let h = gethostname()?;
-    say(&format!("hostname {h} node-name={}", h.to_ascii_lowercase()));
+    say(&format!(
+        "hostname {h} node-name={}",
+        h.to_ascii_lowercase()
+    ));
     if let Some(why) = hostname_problem(&h) {
         return Err(why);
     }
@@ -257,7 +272,8 @@ pub fn hosts_localhost(hosts: &str) -> (bool, bool) {
 }
 
 fn etc_hosts() -> Result<(), String> {
-    let hosts = fs::read_to_string("/etc/hosts").map_err(|e| why_io("cannot read", "/etc/hosts", &e))?;
+    let hosts =
+        fs::read_to_string("/etc/hosts").map_err(|e| why_io("cannot read", "/etc/hosts", &e))?;
     match hosts_localhost(&hosts) {
         (true, true) => Ok(()),
         (false, false) => Err("/etc/hosts maps localhost to neither 127.0.0.1 nor ::1".into()),
@@ -307,11 +323,18 @@ fn mount_umount() -> Result<(), String> {
         })
         .collect();
     say(&format!("path {}", shown.join(" ")));
-    let missing: Vec<&str> = found.iter().filter(|(_, p)| p.is_none()).map(|(n, _)| *n).collect();
+    let missing: Vec<&str> = found
+        .iter()
+        .filter(|(_, p)| p.is_none())
+        .map(|(n, _)| *n)
+        .collect();
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} not found on PATH={path}", missing.join(" and ")))
+        Err(format!(
+            "{} not found on PATH={path}",
+            missing.join(" and ")
+        ))
     }
 }
 
@@ -382,7 +405,10 @@ fn exec_version(exe: &Path) -> Result<(), String> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{} version did not exit within 10 s", exe.display()));
+                return Err(format!(
+                    "{} version did not exit within 10 s",
+                    exe.display()
+                ));
             }
             Err(e) => return Err(why_io("cannot wait for", exe, &e)),
         }
@@ -395,7 +421,11 @@ fn exec_version(exe: &Path) -> Result<(), String> {
         return Err(format!("{} version exited with {status}", exe.display()));
     }
     if !printed.contains("stand-in") {
-        return Err(format!("{} version printed {:?}", exe.display(), printed.trim()));
+        return Err(format!(
+            "{} version printed {:?}",
+            exe.display(),
+            printed.trim()
+        ));
     }
     Ok(())
 }
@@ -416,7 +446,10 @@ fn run_k0s() -> Result<Held, String> {
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            format!("{} is locked by another process (is k0s already running?)", lock_path.display())
+            format!(
+                "{} is locked by another process (is k0s already running?)",
+                lock_path.display()
+            )
         } else {
             why_io("cannot flock", &lock_path, &e)
         });
@@ -424,7 +457,10 @@ fn run_k0s() -> Result<Held, String> {
     let pid_file = dir.join("k0s.pid");
     fs::write(&pid_file, format!("{}\n", std::process::id()))
         .map_err(|e| why_io("cannot write", &pid_file, &e))?;
-    Ok(Held { _lock: lock, pid_file })
+    Ok(Held {
+        _lock: lock,
+        pid_file,
+    })
 }
 
 fn dev_kmsg() -> Result<(), String> {
@@ -475,9 +511,18 @@ fn modules() -> Result<(), String> {
     }
     // What each module leaves behind once loaded or built in.
     let evidence = [
-        ("/proc/sys/net/netfilter/nf_conntrack_max", "nf_conntrack (no /proc/sys/net/netfilter/nf_conntrack_max)"),
-        ("/proc/sys/net/bridge", "br_netfilter (no /proc/sys/net/bridge)"),
-        ("/proc/net/ip_tables_names", "ip_tables (no /proc/net/ip_tables_names)"),
+        (
+            "/proc/sys/net/netfilter/nf_conntrack_max",
+            "nf_conntrack (no /proc/sys/net/netfilter/nf_conntrack_max)",
+        ),
+        (
+            "/proc/sys/net/bridge",
+            "br_netfilter (no /proc/sys/net/bridge)",
+        ),
+        (
+            "/proc/net/ip_tables_names",
+            "ip_tables (no /proc/net/ip_tables_names)",
+        ),
     ];
     for (path, why) in evidence {
         if !Path::new(path).exists() {
@@ -511,11 +556,23 @@ const KCONFIG_REQUIRED: &[(&str, &[&str])] = &[
 /// What `k0s sysinfo` calls required for any role or for a worker. Shown,
 /// not judged; each entry is a list of alternatives.
 const SYSINFO_REQUIRED: &[&[&str]] = &[
-    &["NET"], &["INET"], &["CGROUPS"], &["CGROUP_SCHED"], &["FAIR_GROUP_SCHED"],
-    &["NAMESPACES"], &["UTS_NS"], &["IPC_NS"], &["PID_NS"], &["NET_NS"], &["NETFILTER"],
-    &["NF_CONNTRACK"], &["NETFILTER_XTABLES"],
+    &["NET"],
+    &["INET"],
+    &["CGROUPS"],
+    &["CGROUP_SCHED"],
+    &["FAIR_GROUP_SCHED"],
+    &["NAMESPACES"],
+    &["UTS_NS"],
+    &["IPC_NS"],
+    &["PID_NS"],
+    &["NET_NS"],
+    &["NETFILTER"],
+    &["NF_CONNTRACK"],
+    &["NETFILTER_XTABLES"],
     &["NETFILTER_XT_TARGET_REDIRECT", "IP_NF_TARGET_REDIRECT"],
-    &["NETFILTER_XT_MATCH_COMMENT"], &["EXT4_FS"], &["PROC_FS"],
+    &["NETFILTER_XT_MATCH_COMMENT"],
+    &["EXT4_FS"],
+    &["PROC_FS"],
 ];
 
 pub fn kconfig_problems(config: &str) -> Vec<String> {
@@ -537,7 +594,10 @@ pub fn sysinfo_missing(config: &str) -> Vec<String> {
         .iter()
         .filter(|alts| {
             !alts.iter().any(|a| {
-                matches!(kconfig_value(config, &format!("CONFIG_{a}")), Some("y" | "m"))
+                matches!(
+                    kconfig_value(config, &format!("CONFIG_{a}")),
+                    Some("y" | "m")
+                )
             })
         })
         .map(|alts| alts.join("|"))
@@ -562,7 +622,11 @@ fn kernel_config() -> Result<(), String> {
     let missing = sysinfo_missing(&config);
     say(&format!(
         "kernel-config sysinfo-required-missing={}",
-        if missing.is_empty() { "none".to_string() } else { missing.join(",") }
+        if missing.is_empty() {
+            "none".to_string()
+        } else {
+            missing.join(",")
+        }
     ));
     let problems = kconfig_problems(&config);
     if problems.is_empty() {
@@ -609,7 +673,10 @@ fn config_file(path: &str) -> Result<(), String> {
     if why.is_empty() {
         Ok(())
     } else {
-        Err(format!("{path} does not look like a k0s ClusterConfig: {}", why.join(", ")))
+        Err(format!(
+            "{path} does not look like a k0s ClusterConfig: {}",
+            why.join(", ")
+        ))
     }
 }
 
@@ -668,14 +735,58 @@ fn rlimit_nofile() -> Result<(), String> {
             v.to_string()
         }
     };
-    say(&format!("rlimit-nofile soft={} hard={}", show(rl.rlim_cur), show(rl.rlim_max)));
+    say(&format!(
+        "rlimit-nofile soft={} hard={}",
+        show(rl.rlim_cur),
+        show(rl.rlim_max)
+    ));
     // rlim_t is 32 bits on armv7 glibc.
     #[allow(clippy::unnecessary_cast)]
     let soft = rl.rlim_cur as u64;
     if rl.rlim_cur != libc::RLIM_INFINITY && soft < MIN_NOFILE {
-        return Err(format!("RLIMIT_NOFILE soft limit is {soft}, want at least {MIN_NOFILE}"));
+        return Err(format!(
+            "RLIMIT_NOFILE soft limit is {soft}, want at least {MIN_NOFILE}"
+        ));
     }
     Ok(())
+}
+
+/// Directories k0s, the kubelet and CNI plugins write into (K0S-CONTRACT.md).
+const WRITABLE: &[&str] = &[
+    "/etc/cni/net.d",
+    "/opt/cni/bin",
+    "/var/log/pods",
+    "/etc/k0s",
+    "/usr/libexec/k0s/kubelet-plugins/volume/exec",
+];
+
+fn writable_paths() -> Result<(), String> {
+    let mut bad = Vec::new();
+    for d in WRITABLE {
+        if let Err(e) = dir_writable(Path::new(d)) {
+            bad.push(e);
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+fn dir_writable(dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| why_io("cannot create", dir, &e))?;
+    let p = dir.join(format!(".stand-in-write-check-{}", std::process::id()));
+    remove_if_there(&p)?;
+    let r = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)
+        .and_then(|mut f| f.write_all(b"stand-in\n"))
+        .map_err(|e| why_io("cannot write", &p, &e));
+    let _ = fs::remove_file(&p);
+    r
 }
 
 fn tmp_writable() -> Result<(), String> {
@@ -687,7 +798,9 @@ fn tmp_writable() -> Result<(), String> {
         .mode(0o600)
         .open(&p)
         .map_err(|e| why_io("cannot create", &p, &e))?;
-    let wrote = f.write_all(b"stand-in\n").map_err(|e| why_io("cannot write", &p, &e));
+    let wrote = f
+        .write_all(b"stand-in\n")
+        .map_err(|e| why_io("cannot write", &p, &e));
     drop(f);
     let _ = fs::remove_file(&p);
     wrote
@@ -704,9 +817,15 @@ mod tests {
         assert_eq!(mount_fstype(mounts, "/sys/fs/cgroup"), Some("cgroup2"));
         assert_eq!(mount_fstype(mounts, "/run"), None);
         assert_eq!(cgroup2_path("0::/kiln/payload\n"), Some("/kiln/payload"));
-        assert_eq!(cgroup2_path("12:pids:/x\n1:name=systemd:/y\n0::/\n"), Some("/"));
+        assert_eq!(
+            cgroup2_path("12:pids:/x\n1:name=systemd:/y\n0::/\n"),
+            Some("/")
+        );
         assert_eq!(cgroup2_path("12:pids:/x\n"), None);
-        assert_eq!(missing_controllers("cpuset cpu io memory hugetlb pids rdma misc\n"), Vec::<&str>::new());
+        assert_eq!(
+            missing_controllers("cpuset cpu io memory hugetlb pids rdma misc\n"),
+            Vec::<&str>::new()
+        );
         assert_eq!(missing_controllers("cpu io memory"), vec!["cpuset", "pids"]);
         assert!(cgroup_not_root(&Ok("/".into())).is_err());
         assert!(cgroup_not_root(&Ok("/kiln".into())).is_ok());
@@ -718,7 +837,20 @@ mod tests {
         assert_eq!(hostname_problem("node-1"), None);
         assert_eq!(hostname_problem("Node1"), None);
         assert_eq!(hostname_problem(&"a".repeat(63)), None);
-        for bad in ["", "(none)", "localhost", "LocalHost", "-a", "a-", "a_b", "a.b", "é", &"a".repeat(64)] {
+        assert_eq!(hostname_problem("node-1.lab.example"), None);
+        for bad in [
+            "",
+            "(none)",
+            "localhost",
+            "LocalHost",
+            "-a",
+            "a-",
+            "a_b",
+            "a..b",
+            "a.-b",
+            "é",
+            &"a".repeat(64),
+        ] {
             assert!(hostname_problem(bad).is_some(), "{bad:?}");
         }
         assert_eq!(etc_hostname("# kiln\n\n node-1 \n"), "node-1");
@@ -727,10 +859,22 @@ mod tests {
 
     #[test]
     fn hosts_files() {
-        assert_eq!(hosts_localhost("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"), (true, true));
-        assert_eq!(hosts_localhost("127.0.0.1\tnode localhost.localdomain LOCALHOST # x\n"), (true, false));
-        assert_eq!(hosts_localhost("0:0:0:0:0:0:0:1 localhost\n"), (false, true));
-        assert_eq!(hosts_localhost("# 127.0.0.1 localhost\n127.0.1.1 localhost\n::1 ip6-localhost\n"), (false, false));
+        assert_eq!(
+            hosts_localhost("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"),
+            (true, true)
+        );
+        assert_eq!(
+            hosts_localhost("127.0.0.1\tnode localhost.localdomain LOCALHOST # x\n"),
+            (true, false)
+        );
+        assert_eq!(
+            hosts_localhost("0:0:0:0:0:0:0:1 localhost\n"),
+            (false, true)
+        );
+        assert_eq!(
+            hosts_localhost("# 127.0.0.1 localhost\n127.0.1.1 localhost\n::1 ip6-localhost\n"),
+            (false, false)
+        );
         assert_eq!(hosts_localhost("garbage localhost\n\n"), (false, false));
     }
 
@@ -744,7 +888,10 @@ mod tests {
 
     #[test]
     fn filesystems() {
-        assert!(filesystems_has("nodev\tsysfs\n\text4\nnodev\toverlay\n", "overlay"));
+        assert!(filesystems_has(
+            "nodev\tsysfs\n\text4\nnodev\toverlay\n",
+            "overlay"
+        ));
         assert!(!filesystems_has("nodev\toverlayfs\n", "overlay"));
     }
 
@@ -771,17 +918,44 @@ mod tests {
 
     #[test]
     fn cluster_configs() {
-        let ok = "apiVersion: k0s.k0sproject.io/v1beta1\nkind: ClusterConfig\nmetadata:\n  name: k0s\n";
+        let ok =
+            "apiVersion: k0s.k0sproject.io/v1beta1\nkind: ClusterConfig\nmetadata:\n  name: k0s\n";
         assert!(cluster_config_problems(ok).is_empty());
-        assert!(cluster_config_problems("apiVersion: \"k0s.k0sproject.io/v1beta1\"\nkind: 'ClusterConfig'\n").is_empty());
+        assert!(cluster_config_problems(
+            "apiVersion: \"k0s.k0sproject.io/v1beta1\"\nkind: 'ClusterConfig'\n"
+        )
+        .is_empty());
         assert_eq!(cluster_config_problems("kind: ClusterConfig\n").len(), 1);
         // Nested keys are not the document's.
-        assert_eq!(cluster_config_problems("spec:\n  apiVersion: k0s.k0sproject.io/v1beta1\n  kind: ClusterConfig\n").len(), 2);
+        assert_eq!(
+            cluster_config_problems(
+                "spec:\n  apiVersion: k0s.k0sproject.io/v1beta1\n  kind: ClusterConfig\n"
+            )
+            .len(),
+            2
+        );
     }
 
     #[test]
     fn arbitrary_text_never_panics() {
-        let pieces = ["127.0.0.1", "::1", " ", "\t", "\n", "#", "localhost", "0::", "/", "CONFIG_", "=", "y", "apiVersion:", "kind:", "-", "é"];
+        let pieces = [
+            "127.0.0.1",
+            "::1",
+            " ",
+            "\t",
+            "\n",
+            "#",
+            "localhost",
+            "0::",
+            "/",
+            "CONFIG_",
+            "=",
+            "y",
+            "apiVersion:",
+            "kind:",
+            "-",
+            "é",
+        ];
         let mut rng = Rng::new(7);
         for _ in 0..20_000 {
             let s = rng.string(&pieces);

@@ -147,27 +147,111 @@ struct Spec {
     help: &'static str,
 }
 
-const fn spec(long: &'static str, short: Option<char>, kind: Kind, subs: u8, help: &'static str) -> Spec {
-    Spec { long, short, kind, subs, help }
+const fn spec(
+    long: &'static str,
+    short: Option<char>,
+    kind: Kind,
+    subs: u8,
+    help: &'static str,
+) -> Spec {
+    Spec {
+        long,
+        short,
+        kind,
+        subs,
+        help,
+    }
 }
 
 static FLAGS: &[Spec] = &[
-    spec("config", None, Kind::Str, C, "controller config file (ClusterConfig)"),
-    spec("data-dir", None, Kind::Str, C | W, "data directory (default /var/lib/k0s)"),
-    spec("single", None, Kind::Bool, C, "single-node cluster (kine, no konnectivity)"),
+    spec(
+        "config",
+        None,
+        Kind::Str,
+        C,
+        "controller config file (ClusterConfig)",
+    ),
+    spec(
+        "data-dir",
+        None,
+        Kind::Str,
+        C | W,
+        "data directory (default /var/lib/k0s)",
+    ),
+    spec(
+        "single",
+        None,
+        Kind::Bool,
+        C,
+        "single-node cluster (kine, no konnectivity)",
+    ),
     spec("enable-worker", None, Kind::Bool, C, "also run the kubelet"),
-    spec("no-taints", None, Kind::Bool, C, "do not taint a controller that runs a worker"),
-    spec("token-file", None, Kind::Str, C | W, "file holding the join token"),
+    spec(
+        "no-taints",
+        None,
+        Kind::Bool,
+        C,
+        "do not taint a controller that runs a worker",
+    ),
+    spec(
+        "token-file",
+        None,
+        Kind::Str,
+        C | W,
+        "file holding the join token",
+    ),
     spec("labels", None, Kind::List, C | W, "node labels, k=v,..."),
-    spec("taints", None, Kind::List, C | W, "node taints, k=v:Effect,..."),
-    spec("kubelet-extra-args", None, Kind::Str, C | W, "extra kubelet arguments"),
-    spec("disable-components", None, Kind::List, C, "components not to run, a,b,..."),
-    spec("ignore-pre-flight-checks", None, Kind::Bool, C, "do not stop on failed pre-flight checks"),
+    spec(
+        "taints",
+        None,
+        Kind::List,
+        C | W,
+        "node taints, k=v:Effect,...",
+    ),
+    spec(
+        "kubelet-extra-args",
+        None,
+        Kind::Str,
+        C | W,
+        "extra kubelet arguments",
+    ),
+    spec(
+        "disable-components",
+        None,
+        Kind::List,
+        C,
+        "components not to run, a,b,...",
+    ),
+    spec(
+        "ignore-pre-flight-checks",
+        None,
+        Kind::Bool,
+        C,
+        "do not stop on failed pre-flight checks",
+    ),
     spec("verbose", Some('v'), Kind::Bool, C | W, "verbose logging"),
     spec("debug", Some('d'), Kind::Bool, C | W, "debug logging"),
-    spec("kubelet-root-dir", None, Kind::Str, C | W, "kubelet root directory (k0s 1.31+)"),
-    spec("init-only", None, Kind::Bool, C, "initialise and exit (k0s 1.33+)"),
-    spec("feature-gates", None, Kind::List, C, "feature gates (k0s 1.34+)"),
+    spec(
+        "kubelet-root-dir",
+        None,
+        Kind::Str,
+        C | W,
+        "kubelet root directory (k0s 1.31+)",
+    ),
+    spec(
+        "init-only",
+        None,
+        Kind::Bool,
+        C,
+        "initialise and exit (k0s 1.33+)",
+    ),
+    spec(
+        "feature-gates",
+        None,
+        Kind::List,
+        C,
+        "feature gates (k0s 1.34+)",
+    ),
     spec("help", Some('h'), Kind::Bool, C | W, "print this help"),
 ];
 
@@ -179,11 +263,15 @@ fn bit(sub: Sub) -> u8 {
 }
 
 fn find_long(sub: Sub, name: &str) -> Option<&'static Spec> {
-    FLAGS.iter().find(|s| s.long == name && s.subs & bit(sub) != 0)
+    FLAGS
+        .iter()
+        .find(|s| s.long == name && s.subs & bit(sub) != 0)
 }
 
 fn find_short(sub: Sub, c: char) -> Option<&'static Spec> {
-    FLAGS.iter().find(|s| s.short == Some(c) && s.subs & bit(sub) != 0)
+    FLAGS
+        .iter()
+        .find(|s| s.short == Some(c) && s.subs & bit(sub) != 0)
 }
 
 /// Go's strconv.ParseBool, which pflag uses.
@@ -387,7 +475,10 @@ fn parse_sub(sub: Sub, args: &[String], k0s_token: Option<&str>) -> Result<Comma
         return Ok(Command::Help(Some(sub)));
     }
     if positionals.len() > 1 {
-        return usage(format!("accepts at most 1 arg(s), received {}", positionals.len()));
+        return usage(format!(
+            "accepts at most 1 arg(s), received {}",
+            positionals.len()
+        ));
     }
     let mut sources: Vec<TokenSource> = Vec::new();
     if let Some(f) = p.token_file.take() {
@@ -452,7 +543,10 @@ pub fn quote_arg(arg: &str) -> String {
 }
 
 pub fn quote_argv(argv: &[String]) -> String {
-    argv.iter().map(|a| quote_arg(a)).collect::<Vec<_>>().join(" ")
+    argv.iter()
+        .map(|a| quote_arg(a))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn help(sub: Option<Sub>) -> String {
@@ -493,7 +587,10 @@ pub(crate) mod tests {
     use super::*;
 
     fn argv(s: &[&str]) -> Vec<String> {
-        std::iter::once("k0s").chain(s.iter().copied()).map(String::from).collect()
+        std::iter::once("k0s")
+            .chain(s.iter().copied())
+            .map(String::from)
+            .collect()
     }
 
     fn run(s: &[&str]) -> RunOpts {
@@ -535,8 +632,14 @@ pub(crate) mod tests {
         assert_eq!(err(&["--x"]), "unknown flag: --x");
         assert_eq!(err(&["controller", "--x"]), "unknown flag: --x");
         assert_eq!(err(&["controller", "--x=1"]), "unknown flag: --x");
-        assert_eq!(err(&["controller", "-x"]), "unknown shorthand flag: 'x' in -x");
-        assert_eq!(err(&["controller", "-vx"]), "unknown shorthand flag: 'x' in -vx");
+        assert_eq!(
+            err(&["controller", "-x"]),
+            "unknown shorthand flag: 'x' in -x"
+        );
+        assert_eq!(
+            err(&["controller", "-vx"]),
+            "unknown shorthand flag: 'x' in -vx"
+        );
         assert_eq!(err(&["worker", "--config", "f"]), "unknown flag: --config");
         assert_eq!(err(&["worker", "--single"]), "unknown flag: --single");
         assert_eq!(err(&["version", "--json"]), "unknown flag: --json");
@@ -545,25 +648,47 @@ pub(crate) mod tests {
 
     #[test]
     fn string_flags_both_forms() {
-        let o = run(&["controller", "--config", "/etc/k0s/k0s.yaml", "--data-dir=/d"]);
+        let o = run(&[
+            "controller",
+            "--config",
+            "/etc/k0s/k0s.yaml",
+            "--data-dir=/d",
+        ]);
         assert_eq!(o.config.as_deref(), Some("/etc/k0s/k0s.yaml"));
         assert_eq!(o.data_dir(), "/d");
         assert_eq!(run(&["controller"]).data_dir(), "/var/lib/k0s");
         // pflag takes the next argument as the value, even if it looks like a flag.
-        let o = run(&["controller", "--kubelet-extra-args", "--max-pods=50 --node-ip=1.2.3.4"]);
-        assert_eq!(o.kubelet_extra_args.as_deref(), Some("--max-pods=50 --node-ip=1.2.3.4"));
+        let o = run(&[
+            "controller",
+            "--kubelet-extra-args",
+            "--max-pods=50 --node-ip=1.2.3.4",
+        ]);
+        assert_eq!(
+            o.kubelet_extra_args.as_deref(),
+            Some("--max-pods=50 --node-ip=1.2.3.4")
+        );
         let o = run(&["controller", "--config="]);
         assert_eq!(o.config.as_deref(), Some(""));
-        assert_eq!(err(&["controller", "--config"]), "flag needs an argument: --config");
+        assert_eq!(
+            err(&["controller", "--config"]),
+            "flag needs an argument: --config"
+        );
     }
 
     #[test]
     fn bool_flags() {
-        let o = run(&["controller", "--single", "--enable-worker=true", "--no-taints=false", "-vd"]);
+        let o = run(&[
+            "controller",
+            "--single",
+            "--enable-worker=true",
+            "--no-taints=false",
+            "-vd",
+        ]);
         assert!(o.single && o.enable_worker && !o.no_taints && o.verbose && o.debug);
         let o = run(&["controller", "-v=false", "--debug=1", "--init-only=T"]);
         assert!(!o.verbose && o.debug && o.init_only);
-        assert!(err(&["controller", "--single=yes"]).starts_with("invalid argument \"yes\" for \"--single\" flag"));
+        assert!(err(&["controller", "--single=yes"])
+            .starts_with("invalid argument \"yes\" for \"--single\" flag"));
         // A bool flag never takes the next argument as its value.
         let o = run(&["controller", "--single", "false"]);
         assert!(o.single);
@@ -588,7 +713,12 @@ pub(crate) mod tests {
             err(&["worker", "--labels", "a=b,c"]),
             "invalid argument \"a=b,c\" for \"--labels\" flag: c must be formatted as key=value"
         );
-        let o = run(&["controller", "--disable-components", "autopilot,update-prober", "--feature-gates=X=true"]);
+        let o = run(&[
+            "controller",
+            "--disable-components",
+            "autopilot,update-prober",
+            "--feature-gates=X=true",
+        ]);
         assert_eq!(o.disable_components, vec!["autopilot,update-prober"]);
         assert_eq!(o.feature_gates, vec!["X=true"]);
     }
@@ -596,17 +726,29 @@ pub(crate) mod tests {
     #[test]
     fn roles() {
         assert_eq!(run(&["controller"]).role(), Role::Controller);
-        assert_eq!(run(&["controller", "--enable-worker"]).role(), Role::ControllerWorker);
+        assert_eq!(
+            run(&["controller", "--enable-worker"]).role(),
+            Role::ControllerWorker
+        );
         assert_eq!(run(&["controller", "--single"]).role(), Role::Single);
-        assert_eq!(run(&["controller", "--single", "--enable-worker"]).role(), Role::Single);
+        assert_eq!(
+            run(&["controller", "--single", "--enable-worker"]).role(),
+            Role::Single
+        );
         assert_eq!(run(&["worker", "tok"]).role(), Role::Worker);
         assert_eq!(Role::ControllerWorker.as_str(), "controller+worker");
     }
 
     #[test]
     fn exactly_one_token_source() {
-        assert_eq!(run(&["worker", "--token-file", "/t"]).token, Some(TokenSource::File("/t".into())));
-        assert_eq!(run(&["worker", "abc"]).token, Some(TokenSource::Argument("abc".into())));
+        assert_eq!(
+            run(&["worker", "--token-file", "/t"]).token,
+            Some(TokenSource::File("/t".into()))
+        );
+        assert_eq!(
+            run(&["worker", "abc"]).token,
+            Some(TokenSource::Argument("abc".into()))
+        );
         assert_eq!(run(&["worker"]).token, None);
         let env = parse(&argv(&["worker"]), Some("xyz"));
         match env {
@@ -614,16 +756,30 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         // An empty K0S_TOKEN is no token.
-        assert!(matches!(parse(&argv(&["worker", "--token-file=/t"]), Some("")), Ok(Command::Run(_))));
-        assert!(err(&["worker", "--token-file", "/t", "abc"]).starts_with("you can only pass one token"));
+        assert!(matches!(
+            parse(&argv(&["worker", "--token-file=/t"]), Some("")),
+            Ok(Command::Run(_))
+        ));
+        assert!(err(&["worker", "--token-file", "/t", "abc"])
+            .starts_with("you can only pass one token"));
         assert!(parse(&argv(&["worker", "abc"]), Some("xyz")).is_err());
         assert!(parse(&argv(&["worker", "--token-file=/t"]), Some("xyz")).is_err());
         // K0S_TOKEN is a worker thing only.
-        assert!(matches!(parse(&argv(&["controller", "abc"]), Some("xyz")), Ok(Command::Run(_))));
-        assert!(err(&["controller", "--token-file", "/t", "abc"]).starts_with("you can only pass one token"));
-        assert_eq!(err(&["worker", "a", "b"]), "accepts at most 1 arg(s), received 2");
+        assert!(matches!(
+            parse(&argv(&["controller", "abc"]), Some("xyz")),
+            Ok(Command::Run(_))
+        ));
+        assert!(err(&["controller", "--token-file", "/t", "abc"])
+            .starts_with("you can only pass one token"));
+        assert_eq!(
+            err(&["worker", "a", "b"]),
+            "accepts at most 1 arg(s), received 2"
+        );
         // After --, everything is positional.
-        assert_eq!(run(&["worker", "--", "--x"]).token, Some(TokenSource::Argument("--x".into())));
+        assert_eq!(
+            run(&["worker", "--", "--x"]).token,
+            Some(TokenSource::Argument("--x".into()))
+        );
     }
 
     #[test]
@@ -635,7 +791,11 @@ pub(crate) mod tests {
         assert_eq!(quote_arg("a\nb"), "$'a\\nb'");
         assert_eq!(quote_arg("x\u{1}"), "$'x\\x01'");
         assert_eq!(
-            quote_argv(&argv(&["controller", "--kubelet-extra-args", "--a=1 --b=2"])),
+            quote_argv(&argv(&[
+                "controller",
+                "--kubelet-extra-args",
+                "--a=1 --b=2"
+            ])),
             "k0s controller --kubelet-extra-args '--a=1 --b=2'"
         );
     }
@@ -673,9 +833,33 @@ pub(crate) mod tests {
     #[test]
     fn arbitrary_args_never_panic() {
         let pieces = [
-            "controller", "worker", "version", "help", "-", "--", "-v", "-d", "-h", "-vd", "=", ",",
-            "--single", "--config", "--token-file", "--labels", "true", "x", " ", "-vx", "--data-dir=",
-            "-v=", "é", "\n", "k=v", "--enable-worker=", "--help",
+            "controller",
+            "worker",
+            "version",
+            "help",
+            "-",
+            "--",
+            "-v",
+            "-d",
+            "-h",
+            "-vd",
+            "=",
+            ",",
+            "--single",
+            "--config",
+            "--token-file",
+            "--labels",
+            "true",
+            "x",
+            " ",
+            "-vx",
+            "--data-dir=",
+            "-v=",
+            "é",
+            "\n",
+            "k=v",
+            "--enable-worker=",
+            "--help",
         ];
         let mut rng = Rng::new(0x5eed);
         for _ in 0..20_000 {

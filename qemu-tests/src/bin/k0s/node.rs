@@ -66,7 +66,16 @@ pub fn shown_env(vars: impl Iterator<Item = (String, String)>) -> Vec<String> {
         })
         .collect();
     v.sort();
-    v.into_iter().map(|(k, val)| format!("{k}={val}")).collect()
+    // A join token is a credential: show that it is there, not what it is.
+    v.into_iter()
+        .map(|(k, val)| {
+            if k == "K0S_TOKEN" {
+                format!("{k}=<redacted, {} bytes>", val.len())
+            } else {
+                format!("{k}={val}")
+            }
+        })
+        .collect()
 }
 
 /// Parses KILN_STANDIN_EXIT_AFTER (whole seconds).
@@ -85,9 +94,16 @@ pub fn run(argv: &[String], opts: &RunOpts) -> ! {
     let start = Instant::now();
     block_stop_signals();
     say(&format!("argv {}", quote_argv(argv)));
-    say(&format!("role={} pid={}", opts.role().as_str(), std::process::id()));
+    say(&format!(
+        "role={} pid={}",
+        opts.role().as_str(),
+        std::process::id()
+    ));
     let vars = std::env::vars_os().map(|(k, v)| {
-        (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned())
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
     });
     for line in shown_env(vars) {
         say(&format!("env {line}"));
@@ -98,8 +114,12 @@ pub fn run(argv: &[String], opts: &RunOpts) -> ! {
             let v = v.to_string_lossy();
             let secs = parse_exit_after(&v);
             match secs {
-                Some(s) => say(&format!("will exit with code 1 after {s} s ({EXIT_AFTER_VAR})")),
-                None => say(&format!("ignoring {EXIT_AFTER_VAR}={v}: want whole seconds")),
+                Some(s) => say(&format!(
+                    "will exit with code 1 after {s} s ({EXIT_AFTER_VAR})"
+                )),
+                None => say(&format!(
+                    "ignoring {EXIT_AFTER_VAR}={v}: want whole seconds"
+                )),
             }
             // A time past what Instant can hold means never.
             secs.and_then(|s| start.checked_add(Duration::from_secs(s)))
@@ -108,7 +128,10 @@ pub fn run(argv: &[String], opts: &RunOpts) -> ! {
 
     let mut report = Report::default();
     let held = checks::run_all(opts, &mut report);
-    say(&format!("checks done ok={} failed={}", report.ok, report.failed));
+    say(&format!(
+        "checks done ok={} failed={}",
+        report.ok, report.failed
+    ));
     say("running");
 
     let mut next_alive = start + ALIVE_EVERY;
@@ -159,7 +182,7 @@ mod tests {
                 "CONTAINERD_HTTPS_PROXY=http://c",
                 "ETCD_UNSUPPORTED_ARCH=arm",
                 "HTTP_PROXY=http://q",
-                "K0S_TOKEN=t",
+                "K0S_TOKEN=<redacted, 1 bytes>",
                 "KUBELET_X=1",
                 "KUBE_PROXY_X=2",
                 "NO_PROXY=10.0.0.0/8",

@@ -47,7 +47,8 @@ pub fn base64_decode(input: &str) -> Result<Vec<u8>, String> {
     if digits % 4 == 1 {
         return Err("base64 is truncated".to_string());
     }
-    if pad > 0 && (digits + pad) % 4 != 0 {
+    // Padding completes the last group: two digits take "==", three take "=".
+    if pad > 0 && digits % 4 + pad != 4 {
         return Err("base64 padding does not match the length".to_string());
     }
     Ok(out)
@@ -156,7 +157,11 @@ users:
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut s = String::new();
         for chunk in data.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for k in 0..4 {
                 if k <= chunk.len() {
@@ -187,7 +192,10 @@ users:
             assert_eq!(base64_decode(&wrapped).unwrap(), data);
         }
         assert_eq!(base64_decode("aGVsbG8=\n").unwrap(), b"hello");
-        assert_eq!(base64_decode("_-8=").unwrap(), base64_decode("/+8=").unwrap());
+        assert_eq!(
+            base64_decode("_-8=").unwrap(),
+            base64_decode("/+8=").unwrap()
+        );
     }
 
     #[test]
@@ -230,7 +238,9 @@ users:
         assert!(kubeconfig_info("server: https://a\n").is_err());
         assert!(kubeconfig_info("clusters:\n").is_err());
         assert_eq!(
-            kubeconfig_info("clusters:\n- cluster:\n    server: https://a\n").unwrap().user,
+            kubeconfig_info("clusters:\n- cluster:\n    server: https://a\n")
+                .unwrap()
+                .user,
             None
         );
     }
@@ -247,7 +257,19 @@ users:
     #[test]
     fn arbitrary_tokens_never_panic() {
         let mut rng = crate::cli::tests::Rng::new(42);
-        let pieces = ["H4sI", "=", "==", "\n", "A", "/+", "-_", "clusters:\n", "server: https://x\n", "user:", "- name:"];
+        let pieces = [
+            "H4sI",
+            "=",
+            "==",
+            "\n",
+            "A",
+            "/+",
+            "-_",
+            "clusters:\n",
+            "server: https://x\n",
+            "user:",
+            "- name:",
+        ];
         for _ in 0..20_000 {
             let s = rng.string(&pieces);
             let _ = decode(&s);
