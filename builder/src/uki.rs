@@ -61,6 +61,18 @@ pub struct SectionInfo {
     pub raw_size: u32,
 }
 
+impl SectionInfo {
+    /// Bytes the section takes in memory; a zero VirtualSize means the raw
+    /// size.
+    fn mapped_size(&self) -> u32 {
+        if self.virtual_size == 0 {
+            self.raw_size
+        } else {
+            self.virtual_size
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UkiError {
     #[error("not a usable PE image: {0}")]
@@ -217,11 +229,7 @@ pub fn inspect(pe: &[u8]) -> Result<Vec<SectionInfo>, UkiError> {
 pub fn section<'a>(pe: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let h = parse(pe).ok()?;
     let s = h.sections.iter().find(|s| s.name == name)?;
-    let len = if s.virtual_size == 0 {
-        s.raw_size
-    } else {
-        s.virtual_size.min(s.raw_size)
-    };
+    let len = s.mapped_size().min(s.raw_size);
     bytes(pe, s.raw_offset as usize, len as usize)
 }
 
@@ -408,14 +416,7 @@ pub fn assemble(parts: &UkiParts, out: &mut impl Write) -> Result<(), UkiError> 
     let mapped_end = h
         .sections
         .iter()
-        .map(|s| {
-            s.virtual_address as u64
-                + if s.virtual_size == 0 {
-                    s.raw_size
-                } else {
-                    s.virtual_size
-                } as u64
-        })
+        .map(|s| s.virtual_address as u64 + s.mapped_size() as u64)
         .max()
         .unwrap_or(0);
     let mut va = round_up(mapped_end.max(new_soh), virt_align);
@@ -1108,18 +1109,5 @@ mod tests {
                 prop_assert!(inspect(&out).is_ok());
             }
         }
-    }
-}
-#[cfg(test)]
-mod manual_tmp {
-    #[test]
-    #[ignore]
-    fn manual_uki() {
-        let stub = std::fs::read("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").unwrap();
-        let linux = std::fs::read("/tmp/uki-test/bzImage").unwrap();
-        let initrd = std::fs::read("/tmp/uki-test/initrd.zst").unwrap();
-        let p = super::UkiParts { stub: &stub, linux: &linux, initrd: &initrd, cmdline: "console=ttyS0 kiln.test=1", osrel: "ID=kiln\nNAME=kiln\n", uname: Some("6.1-kiln"), dtb: None };
-        let mut f = std::io::BufWriter::new(std::fs::File::create("/tmp/uki-test/uki.efi").unwrap());
-        super::assemble(&p, &mut f).unwrap();
     }
 }
