@@ -75,20 +75,34 @@ impl Tree {
     /// Creates a directory and its parents (0755, root). Existing dirs are kept.
     pub fn mkdir_p(&mut self, path: &str, mode: u32) -> Result<(), TreeError> {
         check_path(path)?;
-        if path != "/" {
-            let par = parent(path).to_string();
-            if !self.entries.contains_key(&par) {
-                self.mkdir_p(&par, 0o755)?;
+        // Walk down from the root, without recursion (trees can be deep).
+        let mut at = String::new();
+        let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        for (i, c) in comps.iter().enumerate() {
+            let parent = if at.is_empty() { "/".to_string() } else { at.clone() };
+            at.push('/');
+            at.push_str(c);
+            let m = if i + 1 == comps.len() { mode } else { 0o755 };
+            match self.entries.get(at.as_str()) {
+                Some(Entry { kind: Kind::Dir, .. }) => {}
+                Some(_) => return Err(TreeError::NotDir { parent: at.clone(), path: path.into() }),
+                None => {
+                    if !matches!(self.entries.get(parent.as_str()).map(|e| &e.kind), Some(Kind::Dir)) {
+                        return Err(TreeError::NotDir { parent, path: path.into() });
+                    }
+                    self.entries.insert(at.clone(), Entry { kind: Kind::Dir, mode: m, uid: 0, gid: 0 });
+                }
             }
         }
-        match self.entries.get(path) {
-            Some(Entry { kind: Kind::Dir, .. }) => Ok(()),
-            Some(_) => Err(TreeError::Conflict { path: path.into(), what: "a directory over a file".into() }),
-            None => {
-                self.entries.insert(path.into(), Entry { kind: Kind::Dir, mode, uid: 0, gid: 0 });
-                Ok(())
-            }
-        }
+        Ok(())
+    }
+
+    /// Sets the owner of an existing entry.
+    pub fn chown(&mut self, path: &str, uid: u32, gid: u32) -> Result<(), TreeError> {
+        let e = self.entries.get_mut(path).ok_or_else(|| TreeError::BadPath(format!("{path} (not in the tree)")))?;
+        e.uid = uid;
+        e.gid = gid;
+        Ok(())
     }
 
     /// Adds a non-directory entry; parents are created. Replacing an existing
@@ -173,5 +187,11 @@ mod tests {
         assert!(t.file("/a/b", "", 0o644).is_err());
         t.mkdir_p("/d", 0o755).unwrap();
         assert!(t.file("/d", "", 0o644).is_err());
+        assert!(t.mkdir_p("/a/b", 0o755).is_err(), "a directory under a file");
+        let deep = "/x".repeat(30_000);
+        t.mkdir_p(&deep, 0o700).unwrap();
+        assert_eq!(t.get(&deep).unwrap().mode, 0o700);
+        t.chown("/d", 1000, 1000).unwrap();
+        assert_eq!(t.get("/d").unwrap().uid, 1000);
     }
 }
