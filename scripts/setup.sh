@@ -13,7 +13,7 @@ packages=(
   # inputs and artifacts
   ca-certificates xz-utils zstd cpio file
   # booting images
-  qemu-system-x86
+  qemu-system-x86 qemu-utils
   # the DHCP client's tests run dnsmasq in network namespaces
   dnsmasq-base iproute2
   # external checkers for the formats kiln writes

@@ -51,6 +51,12 @@ enum Cmd {
         /// Host port forwarded to the node's Kubernetes API (6443); 0 for none.
         #[arg(long, default_value_t = 6443)]
         api_port: u16,
+        /// Boot the disk image (with OVMF) or the PXE kernel and initramfs.
+        #[arg(long, value_enum, default_value_t = kiln::qemu::BootFrom::Auto)]
+        boot: kiln::qemu::BootFrom,
+        /// Size of the virtual disk in GiB; the image itself is not changed.
+        #[arg(long, default_value_t = 8)]
+        disk_size: u64,
     },
     /// Profile commands.
     Profile {
@@ -131,13 +137,15 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port } => {
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size } => {
             let mut spec = VmSpec::new(out_dir);
             spec.config = config;
             spec.memory_mib = mem;
             spec.cpus = cpus;
             spec.accel = accel;
             spec.api_port = api_port;
+            spec.boot = boot;
+            spec.disk_size = disk_size << 30;
             let mut vm = Vm::start(&spec)?;
             eprintln!("kiln: booting {} under QEMU ({:?}); console follows", spec.out_dir.display(), vm.accel);
             let waiting = until.is_some() || until_text.is_some();

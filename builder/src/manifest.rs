@@ -14,6 +14,8 @@ pub struct Manifest {
     pub kernel: KernelInfo,
     pub payload: PayloadInfo,
     pub cmdline: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskInfo>,
     pub inputs: Vec<Resolved>,
     pub artifacts: Vec<Artifact>,
 }
@@ -23,6 +25,15 @@ pub struct KernelInfo {
     pub release: String,
     pub config_sha256: String,
     pub cache_key: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiskInfo {
+    pub roothash: String,
+    /// The kernel command line inside the UKI.
+    pub cmdline: String,
+    pub uki: String,
+    pub squashfs_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]

@@ -7,7 +7,7 @@ use crate::manifest::{self, Manifest};
 use crate::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
 use crate::rootfs::{Kind, Tree};
-use crate::{init, initramfs, pxe};
+use crate::{disk, init, initramfs, pxe};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +32,13 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let kernel_src = input::resolve("kernel.source", &profile.kernel.source, deb_arch, cache)?;
     let busybox = input::resolve("rootfs.busybox", &profile.busybox, deb_arch, cache)?;
     init::check_static("rootfs.busybox", &busybox.path, profile.arch)?;
+    let boot = match &profile.boot {
+        Some((sd, stub)) if profile.outputs.iter().any(|o| o.needs_disk()) => Some((
+            input::resolve("boot.systemd_boot", sd, deb_arch, cache)?,
+            input::resolve("boot.stub", stub, deb_arch, cache)?,
+        )),
+        _ => None,
+    };
     if let profile::Payload::K0s { input: spec, .. } = &profile.payload {
         // Fail on a missing or mis-pinned payload before any compiling.
         input::resolve("payload.k0s", spec, deb_arch, cache)?;
@@ -50,7 +57,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let payload = payload::build(&profile, cache)?;
 
     // 5. Root filesystem tree.
-    let tree = rootfs_tree(&profile, &kernel, &init_bin, &busybox, &payload, &node_toml)?;
+    let mut tree = rootfs_tree(&profile, &kernel, &init_bin, &busybox, &payload, &node_toml)?;
 
     // 6–8. Initramfs, boot artifacts and outputs, written aside and renamed.
     let name = &profile.name;
@@ -62,15 +69,54 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         initramfs::write(&tree, profile.source_date_epoch, std::io::BufWriter::new(f)).context("writing the initramfs")?;
     }
     let cmdline = profile.kernel.cmdline.join(" ");
-    for output in &profile.outputs {
-        match output {
-            Output::Pxe => pxe::write(staging.path(), &kernel.image, &initramfs_path, &cmdline).context("writing the PXE bundle")?,
+    if profile.outputs.contains(&Output::Pxe) {
+        pxe::write(staging.path(), &kernel.image, &initramfs_path, &cmdline).context("writing the PXE bundle")?;
+    }
+    let mut disk_info = None;
+    if let Some((sd, stub)) = &boot {
+        // The disk's root is the same tree, read-only, with mount points for
+        // what stage 1 puts there.
+        tree.mkdir_p("/boot", 0o755)?;
+        let work = staging.path().join(".work");
+        std::fs::create_dir_all(&work)?;
+        let stage1 = disk::stage1_tree(&init_bin, Some(&kernel.modules_dir.join("lib/modules")))?;
+        let built = disk::write(
+            staging.path(),
+            &work,
+            &profile.disk,
+            &disk::DiskInputs {
+                arch: profile.arch,
+                profile: name,
+                root: &tree,
+                stage1: &stage1,
+                kernel: &kernel.image,
+                kernel_release: &kernel.release,
+                cmdline: &cmdline,
+                systemd_boot: &sd.path,
+                stub: &stub.path,
+                os_release: &os_release(&profile),
+                epoch: profile.source_date_epoch,
+            },
+        )?;
+        std::fs::remove_dir_all(&work)?;
+        for o in &profile.outputs {
+            match o {
+                Output::Qcow2 => disk::write_qcow2(staging.path())?,
+                Output::Zst => disk::write_zst(staging.path())?,
+                Output::Bmap => disk::write_bmap(staging.path())?,
+                Output::Pxe | Output::Disk => {}
+            }
         }
+        disk_info = Some(manifest::DiskInfo { roothash: built.verity.root_hex(), cmdline: built.cmdline, uki: built.uki_name, squashfs_bytes: built.squashfs_bytes });
     }
     let initramfs_bytes = std::fs::metadata(&initramfs_path)?.len();
     std::fs::remove_file(&initramfs_path)?;
 
     let mut inputs: Vec<Resolved> = vec![kernel_src, busybox];
+    if let Some((a, b)) = boot {
+        inputs.push(a);
+        inputs.push(b);
+    }
     if let Some(r) = &payload.input {
         inputs.push(r.clone());
     }
@@ -81,6 +127,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         kernel: manifest::KernelInfo { release: kernel.release.clone(), config_sha256: input::sha256_file(&kernel.config)?.0, cache_key: kernel.key.clone() },
         payload: manifest::PayloadInfo { description: payload.description.clone(), version: payload.version.clone(), sha256: input::sha256_file(&payload.path)?.0 },
         cmdline,
+        disk: disk_info,
         inputs,
         artifacts: manifest::artifacts(staging.path())?,
     };
@@ -151,7 +198,7 @@ fn os_release(p: &Profile) -> String {
     )
 }
 
-fn add_host_dir(t: &mut Tree, src: &Path, dst: &str) -> Result<()> {
+pub(crate) fn add_host_dir(t: &mut Tree, src: &Path, dst: &str) -> Result<()> {
     if !src.is_dir() {
         return Ok(());
     }

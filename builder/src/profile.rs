@@ -97,7 +97,22 @@ impl std::fmt::Display for Arch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Output {
+    /// pxe/: vmlinuz, initramfs.cpio.zst (the whole root), boot.ipxe.
     Pxe,
+    /// disk.raw: GPT, ESP with systemd-boot and a UKI, verified root, data.
+    Disk,
+    /// disk.qcow2 (implies disk).
+    Qcow2,
+    /// disk.raw.zst (implies disk).
+    Zst,
+    /// disk.bmap, for bmaptool (implies disk).
+    Bmap,
+}
+
+impl Output {
+    pub fn needs_disk(self) -> bool {
+        !matches!(self, Output::Pxe)
+    }
 }
 
 // ---- One file, as written: every key optional, unknown keys rejected. ----
@@ -122,6 +137,31 @@ pub struct ProfileFile {
     pub node: NodeFile,
     #[serde(default)]
     pub qemu: QemuFile,
+    #[serde(default)]
+    pub boot: BootFile,
+    #[serde(default)]
+    pub disk: DiskFile,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootFile {
+    /// systemd-boot's EFI binary (Debian systemd-boot-efi for the target).
+    pub systemd_boot: Option<Input>,
+    /// The systemd-stub the UKI is built on.
+    pub stub: Option<Input>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskFile {
+    pub esp_mib: Option<u64>,
+    /// Each root slot (A and B); the squashfs must fit.
+    pub root_slot_mib: Option<u64>,
+    /// The data partition as built; the node grows it to fill the disk.
+    pub data_mib: Option<u64>,
+    /// `panic_on_corruption`, `restart_on_corruption`, or unset (I/O errors).
+    pub verity_on_corruption: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -186,6 +226,8 @@ impl ProfileFile {
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
         merge_opts!(self.node, base.node, config);
         merge_opts!(self.qemu, base.qemu, machine, memory_mib, cpus);
+        merge_opts!(self.boot, base.boot, systemd_boot, stub);
+        merge_opts!(self.disk, base.disk, esp_mib, root_slot_mib, data_mib, verity_on_corruption);
     }
 }
 
@@ -205,6 +247,9 @@ pub struct Profile {
     pub payload: Payload,
     pub node_config: PathBuf,
     pub qemu: QemuSpec,
+    /// systemd-boot and the stub; needed when an output needs the disk.
+    pub boot: Option<(Input, Input)>,
+    pub disk: crate::disk::DiskSpec,
     /// The directory holding kernel-configs/, overlays/ … (the profile's
     /// parent's parent by convention, or `KILN_SOURCE_DIR`).
     pub tree: PathBuf,
@@ -352,6 +397,36 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
             Payload::StandIn => None,
         })
         .collect();
+    let outputs = f.outputs.clone().unwrap_or_else(|| vec![Output::Pxe]);
+    let wants_disk = outputs.iter().any(|o| o.needs_disk());
+    let boot = match (f.boot.systemd_boot.clone(), f.boot.stub.clone()) {
+        (Some(a), Some(b)) => Some((a, b)),
+        _ if wants_disk => return Err(missing("boot.systemd_boot` and `boot.stub")),
+        _ => None,
+    };
+    let mut inputs = inputs;
+    if let Some((a, b)) = &boot {
+        inputs.push(("boot.systemd_boot", a));
+        inputs.push(("boot.stub", b));
+    }
+    let on_corruption = match &f.disk.verity_on_corruption {
+        None => None,
+        Some(s) => Some(s.parse().map_err(|_| ProfileError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(path, "disk.verity_on_corruption"),
+            key: "disk.verity_on_corruption".into(),
+            message: format!("`{s}` is not panic_on_corruption or restart_on_corruption"),
+        })?),
+    };
+    let disk = crate::disk::DiskSpec {
+        esp_mib: f.disk.esp_mib.unwrap_or(64),
+        root_slot_mib: f.disk.root_slot_mib.unwrap_or(256),
+        data_mib: f.disk.data_mib.unwrap_or(64),
+        on_corruption,
+    };
+    if disk.esp_mib < 34 {
+        return Err(ProfileError::Semantic { path: path.to_path_buf(), message: "key `disk.esp_mib`: an ESP is FAT32 and needs at least 34 MiB".into() });
+    }
     for (key, input) in inputs {
         input.validate().map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: m })?;
     }
@@ -360,7 +435,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         name,
         description: f.description.unwrap_or_default(),
         arch,
-        outputs: f.outputs.unwrap_or_else(|| vec![Output::Pxe]),
+        outputs,
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).or(f.source_date_epoch).unwrap_or(0),
         kernel: KernelSpec {
             source: f.kernel.source.ok_or_else(|| missing("kernel.source"))?,
@@ -377,6 +452,8 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
             memory_mib: f.qemu.memory_mib.unwrap_or(2048),
             cpus: f.qemu.cpus.unwrap_or(2),
         },
+        boot,
+        disk,
         tree,
     })
 }

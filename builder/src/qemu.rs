@@ -31,11 +31,40 @@ pub struct VmSpec {
     /// Where to copy the serial console, as it arrives.
     pub log: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// What to boot: the disk image when the output has one, else PXE files.
+    pub boot: BootFrom,
+    /// Boot this disk image instead of OUT/disk.raw (e.g. a modified copy).
+    pub disk: Option<PathBuf>,
+    /// Size of the virtual disk the guest sees (0: the image's size). The
+    /// image is never modified: writes go to a qcow2 overlay.
+    pub disk_size: u64,
+    /// Keep guest writes across `Vm::start` calls by using this overlay.
+    pub overlay: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BootFrom {
+    Auto,
+    Disk,
+    Pxe,
 }
 
 impl VmSpec {
     pub fn new(out_dir: impl Into<PathBuf>) -> VmSpec {
-        VmSpec { out_dir: out_dir.into(), config: None, memory_mib: 2048, cpus: 2, accel: Accel::Auto, api_port: 0, log: None, extra_args: Vec::new() }
+        VmSpec {
+            out_dir: out_dir.into(),
+            config: None,
+            memory_mib: 2048,
+            cpus: 2,
+            accel: Accel::Auto,
+            api_port: 0,
+            log: None,
+            extra_args: Vec::new(),
+            boot: BootFrom::Auto,
+            disk: None,
+            disk_size: 0,
+            overlay: None,
+        }
     }
 }
 
@@ -83,15 +112,21 @@ fn arch_of(out: &Path) -> Result<Arch, VmError> {
     }
 }
 
-/// The QEMU command line for a build output.
-pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path) -> Result<Command, VmError> {
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The QEMU command line for a build output. `scratch` holds the firmware
+/// variables and the disk overlay.
+pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Result<Command, VmError> {
     let out = &spec.out_dir;
     let arch = arch_of(out)?;
     let pxe = out.join("pxe");
-    if !pxe.join("vmlinuz").exists() {
-        return Err(VmError::Setup(format!("{} has no pxe/vmlinuz; build a profile with `outputs = [\"pxe\"]`", out.display())));
-    }
-    let cmdline = std::fs::read_to_string(pxe.join("cmdline")).map_err(|e| VmError::Setup(format!("{}: {e}", pxe.join("cmdline").display())))?;
+    let disk = spec.disk.clone().unwrap_or_else(|| out.join("disk.raw"));
+    let use_disk = match spec.boot {
+        BootFrom::Disk => true,
+        BootFrom::Pxe => false,
+        BootFrom::Auto => disk.exists(),
+    };
     let (bin, machine) = match arch {
         Arch::Amd64 => ("qemu-system-x86_64", "q35"),
         Arch::Arm64 => ("qemu-system-aarch64", "virt"),
@@ -104,14 +139,53 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path) -> Result<Command, VmErr
         c.args(["-cpu", "cortex-a57"]);
     }
     c.args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
-    c.arg("-kernel").arg(pxe.join("vmlinuz"));
-    c.arg("-initrd").arg(pxe.join("initramfs.cpio.zst"));
-    c.arg("-append").arg(cmdline.trim());
+    if use_disk {
+        if arch != Arch::Amd64 {
+            return Err(VmError::Setup(format!("booting a {arch} disk image is not supported yet; use --boot pxe")));
+        }
+        if !disk.is_file() {
+            return Err(VmError::Setup(format!("{}: no disk image; build a profile with `outputs = [\"disk\"]`", disk.display())));
+        }
+        if !Path::new(OVMF_CODE).exists() {
+            return Err(VmError::Setup(format!("{OVMF_CODE} is missing: apt-get install ovmf")));
+        }
+        let vars = scratch.join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).map_err(|e| VmError::Setup(format!("copying {OVMF_VARS}: {e}")))?;
+        let overlay = match &spec.overlay {
+            Some(o) if o.exists() => o.clone(),
+            o => {
+                let path = o.clone().unwrap_or_else(|| scratch.join("disk.qcow2"));
+                let abs = disk.canonicalize().map_err(|e| VmError::Setup(format!("{}: {e}", disk.display())))?;
+                let mut q = Command::new("qemu-img");
+                q.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&abs).arg(&path);
+                if spec.disk_size > 0 {
+                    q.arg(spec.disk_size.to_string());
+                }
+                let r = q.output().map_err(|e| VmError::Setup(format!("qemu-img: {e} (apt-get install qemu-utils)")))?;
+                if !r.status.success() {
+                    return Err(VmError::Setup(format!("qemu-img create: {}", String::from_utf8_lossy(&r.stderr).trim())));
+                }
+                path
+            }
+        };
+        c.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"));
+        c.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+        c.arg("-drive").arg(format!("if=none,id=d0,format=qcow2,file={}", overlay.display()));
+        c.args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"]);
+    } else {
+        if !pxe.join("vmlinuz").exists() {
+            return Err(VmError::Setup(format!("{} has neither disk.raw nor pxe/vmlinuz; is this a `kiln build` output?", out.display())));
+        }
+        let cmdline = std::fs::read_to_string(pxe.join("cmdline")).map_err(|e| VmError::Setup(format!("{}: {e}", pxe.join("cmdline").display())))?;
+        c.arg("-kernel").arg(pxe.join("vmlinuz"));
+        c.arg("-initrd").arg(pxe.join("initramfs.cpio.zst"));
+        c.arg("-append").arg(cmdline.trim());
+    }
     let mut netdev = "user,id=n0".to_string();
     if spec.api_port != 0 {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:6443", spec.api_port));
     }
-    c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]);
+    c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="]);
     c.args(["-device", "virtio-rng-pci"]);
     if let Some(cfg) = &spec.config {
         if !cfg.is_file() {
@@ -138,7 +212,7 @@ impl Vm {
         };
         let dir = tempfile::tempdir().map_err(|e| VmError::Setup(e.to_string()))?;
         let qmp = dir.path().join("qmp.sock");
-        let mut cmd = command(spec, accel, &qmp)?;
+        let mut cmd = command(spec, accel, &qmp, dir.path())?;
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!("{cmd:?}");
         let mut child = cmd.spawn().map_err(|e| VmError::Setup(format!("cannot start QEMU: {e}. Install qemu-system-x86 / qemu-system-arm")))?;
@@ -314,6 +388,9 @@ fn kvm_usable(spec: &VmSpec) -> bool {
         return v.trim() == "works";
     }
     let kernel = spec.out_dir.join("pxe/vmlinuz");
+    if !kernel.exists() {
+        return false;
+    }
     // A kernel with no root panics at once; panic=-1 and -no-reboot make QEMU
     // exit. Under a working KVM that takes well under the limit.
     let child = Command::new("qemu-system-x86_64")

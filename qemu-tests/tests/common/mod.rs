@@ -49,8 +49,14 @@ pub struct Node {
     _lock: MutexGuard<'static, ()>,
 }
 
-/// Boots a build output. `config` is a node.toml text given through fw_cfg.
+/// Boots a build output's PXE kernel and initramfs directly. `config` is a
+/// node.toml text given through fw_cfg.
 pub fn boot(test: &str, out: &Path, config: Option<&str>) -> Node {
+    boot_with(test, out, config, |s| s.boot = kiln::qemu::BootFrom::Pxe)
+}
+
+/// Boots with the spec adjusted by `tweak` (disk image, size, overlay…).
+pub fn boot_with(test: &str, out: &Path, config: Option<&str>, tweak: impl FnOnce(&mut VmSpec)) -> Node {
     let lock = vm_lock();
     let logs = scratch().join("logs");
     let _ = std::fs::create_dir_all(&logs);
@@ -63,6 +69,7 @@ pub fn boot(test: &str, out: &Path, config: Option<&str>) -> Node {
         std::fs::write(&p, c).expect("writing the test node.toml");
         spec.config = Some(p);
     }
+    tweak(&mut spec);
     let vm = Vm::start(&spec).unwrap_or_else(|e| panic!("{test}: starting QEMU: {e}"));
     Node { vm, log: spec.log.clone().unwrap_or_default(), _lock: lock }
 }

@@ -1,0 +1,332 @@
+//! The disk image (`disk.raw`): GPT with an ESP (systemd-boot and a UKI
+//! carrying the root hash), root-a and its verity tree, empty B slots, and a
+//! small ext4 data partition that the node grows at first boot.
+//!
+//! Everything is written into a sparse file at its partition offset: no
+//! root, no loop devices, no mount.
+
+use crate::fat::{FatBuilder, FileContent};
+use crate::gpt::{self, deterministic_guid, Guid, Layout, PartSize};
+use crate::profile::Arch;
+use crate::rootfs::Tree;
+use crate::verity::{self, OnCorruption, Verity};
+use crate::{initramfs, squashfs, uki};
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub esp_mib: u64,
+    pub root_slot_mib: u64,
+    pub data_mib: u64,
+    pub on_corruption: Option<OnCorruption>,
+}
+
+pub struct DiskInputs<'a> {
+    pub arch: Arch,
+    pub profile: &'a str,
+    pub root: &'a Tree,
+    pub stage1: &'a Tree,
+    pub kernel: &'a Path,
+    pub kernel_release: &'a str,
+    pub cmdline: &'a str,
+    pub systemd_boot: &'a Path,
+    pub stub: &'a Path,
+    pub os_release: &'a str,
+    pub epoch: u64,
+}
+
+pub struct DiskBuilt {
+    pub verity: Verity,
+    pub cmdline: String,
+    pub uki_name: String,
+    pub squashfs_bytes: u64,
+}
+
+/// The comment a technician sees when opening node.toml on the ESP.
+pub const NODE_TOML_TEMPLATE: &str = "\
+# kiln node config.
+#
+# Put this node's settings here, from any computer that can read this FAT
+# partition. Lines starting with # are ignored; a file with only comments
+# means: use the default config built into the image.
+#
+# Example, a worker joining a cluster:
+#
+#   role = \"worker\"
+#   hostname = { from = \"mac\", prefix = \"worker-\" }
+#
+#   [k0s]
+#   token = \"<output of: k0s token create --role worker>\"
+#
+# Every key is described in docs/node-config.md. Check a file before you copy
+# it here with: kiln config check node.toml
+";
+
+fn boot_file(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => "BOOTX64.EFI",
+        Arch::Arm64 => "BOOTAA64.EFI",
+        Arch::Armv7 => "BOOTARM.EFI",
+    }
+}
+
+fn root_types(arch: Arch) -> (Guid, Guid) {
+    match arch {
+        Arch::Amd64 => (gpt::types::ROOT_X86_64, gpt::types::ROOT_VERITY_X86_64),
+        Arch::Arm64 => (gpt::types::ROOT_ARM64, gpt::types::ROOT_VERITY_ARM64),
+        Arch::Armv7 => (gpt::types::ROOT_ARM, gpt::types::ROOT_VERITY_ARM),
+    }
+}
+
+/// Builds `disk.raw` in `out_dir`, with scratch files in `work`.
+pub fn write(out_dir: &Path, work: &Path, spec: &DiskSpec, i: &DiskInputs) -> Result<DiskBuilt> {
+    // Root filesystem and its hash tree.
+    let sqfs = work.join("root.squashfs");
+    {
+        let mut f = std::io::BufWriter::new(File::create(&sqfs)?);
+        let opts = squashfs::Options { mtime: u32::try_from(i.epoch).unwrap_or(u32::MAX), ..Default::default() };
+        squashfs::write(i.root, &opts, &mut f).context("writing the root squashfs")?;
+        f.flush()?;
+    }
+    let verity_path = work.join("root.verity");
+    let v = verity::format_file(&sqfs, &verity_path).context("computing the dm-verity tree")?;
+    let squashfs_bytes = v.data_len();
+    let slot = spec.root_slot_mib * MIB;
+    if squashfs_bytes > slot {
+        bail!(
+            "the root filesystem is {} MiB but a root slot is {} MiB; raise `disk.root_slot_mib` in the profile",
+            squashfs_bytes.div_ceil(MIB),
+            spec.root_slot_mib
+        );
+    }
+    let verity_slot = verity::hash_blocks(slot / verity::BLOCK) * verity::BLOCK;
+
+    // Stage-1 initramfs, then the UKI with the root hash on its cmdline.
+    let mut initrd = Vec::new();
+    initramfs::write(i.stage1, i.epoch, &mut initrd).context("writing the stage-1 initramfs")?;
+    let mut cmdline = format!("{} roothash={} kiln.slot=a", i.cmdline, v.root_hex());
+    if let Some(c) = spec.on_corruption {
+        cmdline.push_str(match c {
+            OnCorruption::Panic => " kiln.verity=panic",
+            OnCorruption::Restart => " kiln.verity=restart",
+        });
+    }
+    let cmdline = cmdline.trim().to_string();
+    let stub = std::fs::read(i.stub).with_context(|| format!("reading the systemd stub {}", i.stub.display()))?;
+    let linux = std::fs::read(i.kernel)?;
+    let uki_path = work.join("kiln.efi");
+    {
+        let parts = uki::UkiParts { stub: &stub, linux: &linux, initrd: &initrd, cmdline: &cmdline, osrel: i.os_release, uname: Some(i.kernel_release), dtb: None };
+        let mut f = std::io::BufWriter::new(File::create(&uki_path)?);
+        uki::assemble(&parts, &mut f).context("assembling the UKI")?;
+        f.flush()?;
+    }
+    // Boot counting (BLS type #2): three tries before systemd-boot prefers
+    // another entry.
+    let uki_name = format!("kiln-{}-a+3.efi", i.profile);
+
+    // Data: a small ext4 the node grows at first boot.
+    let data_path = work.join("data.ext4");
+    make_ext4(&data_path, spec.data_mib * MIB, i.profile, i.epoch)?;
+
+    // Partition table.
+    let (root_t, verity_t) = root_types(i.arch);
+    let g = |what: &str| deterministic_guid(&format!("kiln/{}", i.profile), what);
+    let mut layout = Layout::new(g("disk"));
+    layout
+        .add("esp", gpt::types::ESP, g("esp"), PartSize::Bytes(spec.esp_mib * MIB), 0)
+        .add("root-a", root_t, Guid::from_bytes_rfc4122(v.data_partition_uuid().0), PartSize::Bytes(slot), 0)
+        .add("root-a-verity", verity_t, Guid::from_bytes_rfc4122(v.hash_partition_uuid().0), PartSize::Bytes(verity_slot), 0)
+        .add("root-b", root_t, g("root-b"), PartSize::Bytes(slot), 0)
+        .add("root-b-verity", verity_t, g("root-b-verity"), PartSize::Bytes(verity_slot), 0)
+        .add("data", gpt::types::LINUX_DATA, g("data"), PartSize::Bytes(spec.data_mib * MIB), gpt::attributes::GROWFS);
+    let size = layout.min_disk_size();
+    let table = layout.build(size).context("laying out the partitions")?;
+
+    let disk_path = out_dir.join("disk.raw");
+    let mut disk = File::create(&disk_path)?;
+    disk.set_len(size)?;
+    table.write(&mut disk).context("writing the GPT")?;
+    let part = |name: &str| table.partitions.iter().find(|p| p.name == name).cloned().ok_or_else(|| anyhow::anyhow!("partition {name} missing"));
+
+    let esp = part("esp")?;
+    let mut fat = FatBuilder::new("KILN-ESP", u32::from_le_bytes(g("esp-volume").0[..4].try_into().unwrap_or([0; 4])));
+    fat.set_timestamp(i.epoch);
+    fat.set_hidden_sectors(u32::try_from(esp.first_lba).unwrap_or(0));
+    fat.add_file(&format!("/EFI/BOOT/{}", boot_file(i.arch)), FileContent::Host(i.systemd_boot.to_path_buf()))?;
+    fat.add_file("/EFI/systemd/systemd-bootx64.efi", FileContent::Host(i.systemd_boot.to_path_buf()))?;
+    fat.add_file(&format!("/EFI/Linux/{uki_name}"), FileContent::Host(uki_path.clone()))?;
+    fat.add_file("/loader/loader.conf", FileContent::Bytes(b"timeout 0\neditor no\n".to_vec()))?;
+    fat.add_file("/node.toml", FileContent::Bytes(NODE_TOML_TEMPLATE.as_bytes().to_vec()))?;
+    disk.seek(SeekFrom::Start(esp.offset_bytes()))?;
+    fat.write(esp.size_bytes(), &mut disk).context("writing the ESP")?;
+
+    copy_sparse(&sqfs, &mut disk, part("root-a")?.offset_bytes())?;
+    copy_sparse(&verity_path, &mut disk, part("root-a-verity")?.offset_bytes())?;
+    copy_sparse(&data_path, &mut disk, part("data")?.offset_bytes())?;
+    disk.sync_all()?;
+    Ok(DiskBuilt { verity: v, cmdline, uki_name, squashfs_bytes })
+}
+
+/// Copies `src` into `dst` at `offset`, skipping all-zero blocks so the
+/// image stays sparse.
+fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> Result<()> {
+    let mut f = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = offset;
+    loop {
+        let n = read_full(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for chunk in buf[..n].chunks(4096) {
+            if chunk.iter().any(|b| *b != 0) {
+                dst.seek(SeekFrom::Start(at))?;
+                dst.write_all(chunk)?;
+            }
+            at += chunk.len() as u64;
+        }
+    }
+    Ok(())
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let r = f.read(&mut buf[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    Ok(n)
+}
+
+/// An empty ext4 made reproducible: fixed UUID, hash seed and time.
+fn make_ext4(path: &Path, size: u64, profile: &str, epoch: u64) -> Result<()> {
+    let f = File::create(path)?;
+    f.set_len(size)?;
+    drop(f);
+    let uuid = deterministic_guid(&format!("kiln/{profile}"), "data-fs");
+    let seed = deterministic_guid(&format!("kiln/{profile}"), "data-hash-seed");
+    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("mkfs.ext4");
+    let out = Command::new(mkfs)
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-T", "default", "-m", "1", "-L", "kiln-data"])
+        .arg("-U")
+        .arg(uuid.to_string())
+        .arg("-E")
+        .arg(format!("hash_seed={seed},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard"))
+        .arg(path)
+        .env("E2FSPROGS_FAKE_TIME", epoch.max(1).to_string())
+        .env("MKE2FS_DEVICE_SECTSIZE", "512")
+        .output()
+        .context("running mkfs.ext4 (apt-get install e2fsprogs)")?;
+    if !out.status.success() {
+        bail!("mkfs.ext4 for the data partition failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `disk.qcow2`, converted with qemu-img.
+pub fn write_qcow2(out_dir: &Path) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(out_dir.join("disk.raw"))
+        .arg(out_dir.join("disk.qcow2"))
+        .output()
+        .context("running qemu-img (apt-get install qemu-utils)")?;
+    if !out.status.success() {
+        bail!("qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `disk.raw.zst`, for flashing with `zstdcat disk.raw.zst | dd …`.
+pub fn write_zst(out_dir: &Path) -> Result<()> {
+    let mut src = File::open(out_dir.join("disk.raw"))?;
+    let dst = File::create(out_dir.join("disk.raw.zst"))?;
+    let mut enc = zstd::stream::write::Encoder::new(std::io::BufWriter::new(dst), 10)?;
+    enc.include_checksum(true)?;
+    std::io::copy(&mut src, &mut enc)?;
+    enc.finish()?.flush()?;
+    Ok(())
+}
+
+/// `disk.bmap` in bmaptool's format 2.0: the 4 KiB blocks that hold data,
+/// with a sha256 per range, so `bmaptool copy` writes only those.
+pub fn write_bmap(out_dir: &Path) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    const BS: u64 = 4096;
+    let path = out_dir.join("disk.raw");
+    let mut f = File::open(&path)?;
+    let size = f.metadata()?.len();
+    let blocks = size.div_ceil(BS);
+    let mut ranges: Vec<(u64, u64, String)> = Vec::new();
+    let mut buf = vec![0u8; BS as usize];
+    let mut cur: Option<(u64, Sha256)> = None;
+    for b in 0..blocks {
+        let n = read_full(&mut f, &mut buf)?;
+        let mapped = buf[..n].iter().any(|x| *x != 0);
+        match (mapped, cur.as_mut()) {
+            (true, Some((_, h))) => h.update(&buf[..n]),
+            (true, None) => {
+                let mut h = Sha256::new();
+                h.update(&buf[..n]);
+                cur = Some((b, h));
+            }
+            (false, _) => {
+                if let Some((start, h)) = cur.take() {
+                    ranges.push((start, b - 1, hex::encode(h.finalize())));
+                }
+            }
+        }
+    }
+    if let Some((start, h)) = cur.take() {
+        ranges.push((start, blocks - 1, hex::encode(h.finalize())));
+    }
+    let mapped: u64 = ranges.iter().map(|(a, b, _)| b - a + 1).sum();
+    let render = |file_sum: &str| {
+        let mut s = format!(
+            "<?xml version=\"1.0\" ?>\n<bmap version=\"2.0\">\n    <ImageSize> {size} </ImageSize>\n    <BlockSize> {BS} </BlockSize>\n    <BlocksCount> {blocks} </BlocksCount>\n    <MappedBlocksCount> {mapped} </MappedBlocksCount>\n    <ChecksumType> sha256 </ChecksumType>\n    <BmapFileChecksum> {file_sum} </BmapFileChecksum>\n    <BlockMap>\n"
+        );
+        for (a, b, sum) in &ranges {
+            if a == b {
+                s.push_str(&format!("        <Range chksum=\"{sum}\"> {a} </Range>\n"));
+            } else {
+                s.push_str(&format!("        <Range chksum=\"{sum}\"> {a}-{b} </Range>\n"));
+            }
+        }
+        s.push_str("    </BlockMap>\n</bmap>\n");
+        s
+    };
+    // The file's own checksum is taken with that field set to zeros.
+    let zeros = "0".repeat(64);
+    let sum = hex::encode(Sha256::digest(render(&zeros).as_bytes()));
+    std::fs::write(out_dir.join("disk.bmap"), render(&sum))?;
+    Ok(())
+}
+
+/// The tree for the stage-1 initramfs of a disk image: kiln-init alone.
+pub fn stage1_tree(init_bin: &Path, modules: Option<&Path>) -> Result<Tree> {
+    let mut t = Tree::new();
+    for d in ["/proc", "/sys", "/dev", "/run", "/sysroot", "/tmp"] {
+        t.mkdir_p(d, 0o755)?;
+    }
+    t.insert("/dev/console", crate::rootfs::Kind::CharDev(5, 1), 0o600)?;
+    t.host_file("/sbin/kiln-init", init_bin.to_path_buf(), 0o755)?;
+    t.symlink("/init", "sbin/kiln-init")?;
+    if let Some(m) = modules {
+        crate::pipeline::add_host_dir(&mut t, m, "/lib/modules")?;
+    }
+    Ok(t)
+}
+
+pub fn scratch_dir(out: &Path) -> PathBuf {
+    out.join(".work")
+}
