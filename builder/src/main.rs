@@ -58,6 +58,13 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         disk_size: u64,
     },
+    /// Time a (warm) build of a profile against mksquashfs of the same root
+    /// tree, measured in the same run, and print the ratio.
+    Bench {
+        profile: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
     /// Profile commands.
     Profile {
         #[command(subcommand)]
@@ -175,6 +182,7 @@ fn run(cli: Cli) -> Result<i32> {
                 Err(e) => bail!("{e}"),
             }
         }
+        Cmd::Bench { profile, runs } => bench(&profile, runs.max(1), &cache),
         Cmd::Profile { cmd: ProfileCmd::Check { profile } } => {
             let p = kiln::profile::load(&profile)?;
             let node = std::fs::read_to_string(&p.node_config).with_context(|| format!("reading {} (key `node.config`)", p.node_config.display()))?;
@@ -209,6 +217,60 @@ fn run(cli: Cli) -> Result<i32> {
             }
         }
     }
+}
+
+fn bench(profile: &std::path::Path, runs: u32, cache: &Cache) -> Result<i32> {
+    let dir = tempfile::tempdir()?;
+    // Warm the cache (kernel, inputs, node binaries) first; not timed.
+    let first = kiln::pipeline::build(profile, &dir.path().join("warm"), cache)?;
+    let disk = first.out.join("disk.raw");
+    if !disk.exists() {
+        bail!("the profile has no disk output; the benchmark compares the disk build with mksquashfs");
+    }
+    // The same root tree, on the host, for mksquashfs.
+    let root = dir.path().join("root");
+    let sqfs = dir.path().join("root.sqfs");
+    let parts = kiln::gpt::Gpt::read(&mut std::fs::File::open(&disk)?)?;
+    let ra = parts.partitions.iter().find(|p| p.name == "root-a").context("no root-a")?;
+    std::process::Command::new("dd")
+        .arg(format!("if={}", disk.display()))
+        .arg(format!("of={}", sqfs.display()))
+        .args(["bs=1M", "status=none", "iflag=skip_bytes,count_bytes"])
+        .arg(format!("skip={}", ra.offset_bytes()))
+        .arg(format!("count={}", ra.size_bytes()))
+        .status()?;
+    let st = std::process::Command::new("unsquashfs").args(["-q", "-n", "-d"]).arg(&root).arg(&sqfs).output().context("unsquashfs (apt-get install squashfs-tools)")?;
+    if !st.status.success() {
+        bail!("unsquashfs: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    let mut build = Vec::new();
+    let mut mksq = Vec::new();
+    for i in 0..runs {
+        let t = Instant::now();
+        kiln::pipeline::build(profile, &dir.path().join(format!("run{i}")), cache)?;
+        build.push(t.elapsed().as_secs_f64());
+        let out = dir.path().join(format!("mk{i}.sqfs"));
+        let t = Instant::now();
+        let st = std::process::Command::new("mksquashfs")
+            .arg(&root)
+            .arg(&out)
+            .args(["-comp", "zstd", "-Xcompression-level", "19", "-no-fragments", "-no-xattrs", "-noappend", "-quiet", "-all-root"])
+            .status()
+            .context("mksquashfs (apt-get install squashfs-tools)")?;
+        mksq.push(t.elapsed().as_secs_f64());
+        if !st.success() {
+            bail!("mksquashfs failed");
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (b, m) = (med(&mut build), med(&mut mksq));
+    println!("kiln build (whole image: squashfs, verity, UKI, ESP, ext4, GPT, qcow2, bmap): {b:.2}s median of {runs}");
+    println!("mksquashfs of the same root tree (squashfs only): {m:.2}s median of {runs}");
+    println!("ratio kiln-build / mksquashfs: {:.2}", b / m);
+    Ok(0)
 }
 
 fn read_config(path: &PathBuf) -> Result<String> {
