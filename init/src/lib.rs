@@ -4,8 +4,10 @@
 //! - [`requirements`]: the kernel/host requirement table for k0s.
 //! - [`event`]: the stable console event format.
 //! - [`net`]: netlink and DHCPv4, used by PID 1.
+//! - [`dm`]: device-mapper ioctls, for stage 1's dm-verity root.
 
 pub mod config;
+pub mod dm;
 pub mod event;
 pub mod k0s;
 pub mod net;

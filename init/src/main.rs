@@ -1,4 +1,8 @@
 //! kiln-init: PID 1 of a kiln node.
+//!
+//! Stage 1 runs from the initramfs when the cmdline carries `roothash=`: it
+//! mounts the verified root and execs its `/sbin/init --stage2`. Stage 2 (or
+//! an initramfs-only boot) is `node::run`.
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -10,9 +14,15 @@ fn main() {
         eprintln!("kiln-init: must run as PID 1 (the kernel's init); nothing to do here");
         std::process::exit(2);
     }
+    let stage2 = args.iter().any(|a| a == kiln_init::node::stage1::STAGE2_ARG);
     // A panic must not kill PID 1 (the kernel would panic in turn): report it
     // and park the node, still reaping and answering power requests.
-    let r = std::panic::catch_unwind(|| kiln_init::node::run());
+    let r = std::panic::catch_unwind(|| {
+        if !stage2 && kiln_init::node::stage1::wanted() {
+            kiln_init::node::stage1::run()
+        }
+        kiln_init::node::run()
+    });
     let why = match r {
         Err(p) => p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
         Ok(never) => never,

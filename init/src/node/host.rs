@@ -23,7 +23,11 @@ pub fn mount_pseudo() -> Result<()> {
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, Some("nsdelegate")),
     ];
     for (src, target, fs, flags, data) in table {
-        // /proc is needed to know what is mounted; mount it blind first.
+        // /proc is needed to know what is mounted; stage 1 may have moved
+        // one here already.
+        if *target == "/proc" && std::path::Path::new("/proc/self").exists() {
+            continue;
+        }
         if *target != "/proc" && sys::is_mountpoint(target) {
             continue;
         }

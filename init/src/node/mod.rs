@@ -10,6 +10,11 @@ pub mod sources;
 pub mod supervisor;
 pub mod sys;
 
+// Stage 1 (initramfs → verified root); see stage1.rs.
+pub mod gpt;
+pub mod grow;
+pub mod stage1;
+
 use crate::config::NodeConfig;
 use crate::k0s;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -1,0 +1,325 @@
+//! First-boot growth of the data partition: the image ships a small `data`
+//! partition at the end of the disk; on a larger disk the GPT is rewritten so
+//! that it ends at the last usable block, the kernel is told (BLKPG), and the
+//! mounted ext4 is grown online (EXT4_IOC_RESIZE_FS).
+//!
+//! [`Plan`] and [`Plan::writes`] are pure; only [`apply`] and the ioctls
+//! touch a device. Writes cover the protective MBR entry and the GPT header
+//! and entry areas, nothing else. The backup copy is written first, so an
+//! interrupted rewrite leaves a table the kernel can still read.
+
+use super::gpt::{self, Gpt};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrowError {
+    #[error("no partition named {0:?} in the GPT")]
+    NoPartition(String),
+    #[error("partition {name:?} ends at block {last}, but partition {other} ({other_name:?}) follows it; only the last partition can grow")]
+    NotLast { name: String, last: u64, other: u32, other_name: String },
+    #[error("the disk ({blocks} blocks) is too small for its own GPT")]
+    TooSmall { blocks: u64 },
+    #[error("{op}: {source}")]
+    Io { op: String, source: std::io::Error },
+}
+
+/// What growing changes: the disk's new geometry and the partition's new end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub number: u32,
+    pub first_lba: u64,
+    pub old_last: u64,
+    pub new_last: u64,
+    pub disk_lbas: u64,
+    pub lba_size: u64,
+}
+
+impl Plan {
+    /// Growth for partition `name` on a disk of `disk_lbas` blocks, or None
+    /// when it already ends at the last usable block.
+    pub fn new(gpt: &Gpt, name: &str, disk_lbas: u64) -> Result<Option<Plan>, GrowError> {
+        let parts = gpt.partitions();
+        let p = parts.iter().find(|p| p.name.eq_ignore_ascii_case(name)).ok_or_else(|| GrowError::NoPartition(name.into()))?;
+        let entry_lbas = gpt.entry_lbas();
+        let last_usable = disk_lbas.checked_sub(2 + entry_lbas).ok_or(GrowError::TooSmall { blocks: disk_lbas })?;
+        if last_usable <= gpt.header.first_usable {
+            return Err(GrowError::TooSmall { blocks: disk_lbas });
+        }
+        if let Some(o) = parts.iter().find(|o| o.number != p.number && o.last_lba > p.last_lba) {
+            return Err(GrowError::NotLast { name: p.name.clone(), last: p.last_lba, other: o.number, other_name: o.name.clone() });
+        }
+        if p.last_lba >= last_usable {
+            return Ok(None);
+        }
+        Ok(Some(Plan { number: p.number, first_lba: p.first_lba, old_last: p.last_lba, new_last: last_usable, disk_lbas, lba_size: gpt.lba_size }))
+    }
+
+    pub fn old_bytes(&self) -> u64 {
+        (self.old_last + 1 - self.first_lba) * self.lba_size
+    }
+
+    pub fn new_bytes(&self) -> u64 {
+        (self.new_last + 1 - self.first_lba) * self.lba_size
+    }
+
+    /// The (byte offset, bytes) writes that apply the plan, in the order
+    /// they must happen: backup entries and header, then primary entries and
+    /// header, then the protective MBR's size.
+    pub fn writes(&self, gpt: &Gpt, mbr: Option<&[u8]>) -> Vec<(u64, Vec<u8>)> {
+        let lba = self.lba_size;
+        let size = gpt.header.entry_size as usize;
+        let mut entries = gpt.entries.clone();
+        let off = (self.number as usize - 1) * size;
+        entries[off + 40..off + 48].copy_from_slice(&self.new_last.to_le_bytes());
+        let crc = gpt::crc32(&entries);
+        let last = self.disk_lbas - 1;
+        let backup_entries = last - gpt.entry_lbas();
+        let h = &gpt.header;
+        // A header read from the backup has the backup's own LBAs; the
+        // primary always lives at LBA 1 with its entries at LBA 2.
+        let primary_entries = if gpt.from_backup { 2 } else { h.entries_lba };
+        let mut out = vec![
+            (backup_entries * lba, entries.clone()),
+            (last * lba, h.encode(last, 1, self.new_last, backup_entries, crc)),
+            (primary_entries * lba, entries),
+            (lba, h.encode(1, last, self.new_last, primary_entries, crc)),
+        ];
+        if let Some(m) = mbr.and_then(|m| protective_mbr_entry(m, self.disk_lbas)) {
+            out.push(m);
+        }
+        out
+    }
+}
+
+/// The rewritten 0xEE entry of a protective MBR covering the grown disk, if
+/// sector 0 is one.
+fn protective_mbr_entry(sector0: &[u8], disk_lbas: u64) -> Option<(u64, Vec<u8>)> {
+    if sector0.len() < 512 || sector0[510..512] != [0x55, 0xAA] {
+        return None;
+    }
+    let i = (0..4).find(|i| sector0[446 + 16 * i + 4] == 0xEE)?;
+    let at = 446 + 16 * i;
+    let mut e = sector0[at..at + 16].to_vec();
+    let start = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+    if start != 1 {
+        return None;
+    }
+    let sectors = u32::try_from(disk_lbas - 1).unwrap_or(u32::MAX);
+    if u32::from_le_bytes([e[12], e[13], e[14], e[15]]) == sectors {
+        return None;
+    }
+    e[12..16].copy_from_slice(&sectors.to_le_bytes());
+    Some((at as u64, e))
+}
+
+/// Reads the GPT of `disk`, and grows partition `name` to the end if it is
+/// not there yet. Returns what was done (None: nothing to do).
+pub fn grow_gpt(disk: &File, lba_size: u64, disk_bytes: u64, name: &str) -> Result<Option<Plan>, GrowError> {
+    let io = |op: String| move |source| GrowError::Io { op, source };
+    let gpt = Gpt::read(disk, lba_size, disk_bytes).map_err(|e| GrowError::Io { op: "reading the GPT".into(), source: std::io::Error::other(e.to_string()) })?;
+    let Some(plan) = Plan::new(&gpt, name, disk_bytes / lba_size)? else { return Ok(None) };
+    let mut mbr = vec![0u8; 512];
+    disk.read_exact_at(&mut mbr, 0).map_err(io("reading the protective MBR".into()))?;
+    apply(disk, &plan.writes(&gpt, Some(&mbr)))?;
+    Ok(Some(plan))
+}
+
+/// Writes and syncs, in order.
+pub fn apply(disk: &File, writes: &[(u64, Vec<u8>)]) -> Result<(), GrowError> {
+    for (i, (off, bytes)) in writes.iter().enumerate() {
+        disk.write_all_at(bytes, *off).map_err(|source| GrowError::Io { op: format!("writing {} bytes at offset {off}", bytes.len()), source })?;
+        // Backup complete before the primary changes.
+        if i == 1 {
+            disk.sync_data().map_err(|source| GrowError::Io { op: "syncing the backup GPT".into(), source })?;
+        }
+    }
+    disk.sync_all().map_err(|source| GrowError::Io { op: "syncing the GPT".into(), source })
+}
+
+const BLKPG: libc::c_ulong = 0x1269;
+const BLKPG_RESIZE_PARTITION: libc::c_int = 3;
+
+#[repr(C)]
+struct BlkpgPartition {
+    start: libc::c_longlong,
+    length: libc::c_longlong,
+    pno: libc::c_int,
+    devname: [libc::c_char; 64],
+    volname: [libc::c_char; 64],
+}
+
+#[repr(C)]
+struct BlkpgIoctlArg {
+    op: libc::c_int,
+    flags: libc::c_int,
+    datalen: libc::c_int,
+    data: *mut libc::c_void,
+}
+
+/// Tells the kernel the new size of partition `number` of `disk` (bytes).
+pub fn blkpg_resize(disk: &File, number: u32, start: u64, length: u64) -> std::io::Result<()> {
+    let mut p = BlkpgPartition { start: start as _, length: length as _, pno: number as _, devname: [0; 64], volname: [0; 64] };
+    let mut a = BlkpgIoctlArg { op: BLKPG_RESIZE_PARTITION, flags: 0, datalen: std::mem::size_of::<BlkpgPartition>() as _, data: &mut p as *mut _ as *mut libc::c_void };
+    // SAFETY: valid fd; the argument points to live, correctly laid-out structs.
+    let rc = unsafe { libc::ioctl(disk.as_raw_fd(), BLKPG as _, &mut a) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// _IOW('f', 16, __u64)
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+
+/// Grows the ext4 mounted at `mountpoint` to `blocks` filesystem blocks.
+pub fn ext4_resize(mountpoint: &str, blocks: u64) -> std::io::Result<()> {
+    let f = File::open(mountpoint)?;
+    let n: u64 = blocks;
+    // SAFETY: valid fd and a pointer to a u64, as the ioctl expects.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), EXT4_IOC_RESIZE_FS as _, &n) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What stage 1 needs from an ext4 superblock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ext4Super {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub label: String,
+}
+
+impl Ext4Super {
+    /// Parses the 1024-byte superblock found at byte 1024 of the device.
+    pub fn parse(sb: &[u8]) -> Option<Ext4Super> {
+        if sb.len() < 1024 || sb[0x38..0x3a] != [0x53, 0xEF] {
+            return None;
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+        let log = u32_at(0x18);
+        if log > 6 {
+            return None;
+        }
+        let incompat = u32_at(0x60);
+        let hi = if incompat & 0x80 != 0 { u32_at(0x150) as u64 } else { 0 };
+        let label: Vec<u8> = sb[0x78..0x88].iter().copied().take_while(|b| *b != 0).collect();
+        Some(Ext4Super { block_size: 1024 << log, blocks: (hi << 32) | u32_at(0x04) as u64, label: String::from_utf8_lossy(&label).into_owned() })
+    }
+
+    pub fn read(dev: &File) -> Option<Ext4Super> {
+        let mut sb = vec![0u8; 1024];
+        dev.read_exact_at(&mut sb, 1024).ok()?;
+        Self::parse(&sb)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.blocks * self.block_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::gpt::tests::{have, kiln_disk, sgdisk, tempdir};
+    use std::process::Command;
+
+    fn last_sector(info: &str) -> u64 {
+        let l = info.lines().find(|l| l.starts_with("Last sector:")).unwrap();
+        l.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn grows_data_to_the_end_of_an_enlarged_disk() {
+        if !have("sgdisk") {
+            eprintln!("sgdisk missing; skipped");
+            return;
+        }
+        let d = tempdir("grow");
+        let disk = d.join("disk.img");
+        kiln_disk(&disk, 64);
+        let before = sgdisk(&["-i", "6"], &disk);
+        let root_before = sgdisk(&["-i", "2"], &disk);
+        // The disk gets larger, as after `dd` to a bigger card or a resized
+        // virtual disk; the backup GPT is now in the middle.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        f.set_len(300 << 20).unwrap();
+        let plan = grow_gpt(&f, 512, 300 << 20, "data").unwrap().unwrap();
+        drop(f);
+        let total = (300u64 << 20) / 512;
+        assert_eq!(plan.new_last, total - 34);
+        assert_eq!(plan.old_last, last_sector(&before));
+
+        let out = Command::new("sgdisk").arg("-v").arg(&disk).output().unwrap();
+        let v = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && v.contains("No problems found"), "sgdisk -v: {v}");
+        let info = sgdisk(&["-i", "6"], &disk);
+        assert_eq!(last_sector(&info), total - 34, "{info}");
+        assert!(info.contains("'data'"), "{info}");
+        // Unchanged partitions stay put.
+        assert_eq!(sgdisk(&["-i", "2"], &disk), root_before);
+
+        // A second run has nothing to do.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        assert_eq!(grow_gpt(&f, 512, 300 << 20, "data").unwrap(), None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn grows_from_the_backup_when_the_primary_is_damaged() {
+        if !have("sgdisk") {
+            eprintln!("sgdisk missing; skipped");
+            return;
+        }
+        let d = tempdir("grow-backup");
+        let disk = d.join("disk.img");
+        kiln_disk(&disk, 64);
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        f.write_all_at(b"XXXX", 512).unwrap();
+        // Same size: the backup is at the end, and it is what gets read.
+        let plan = grow_gpt(&f, 512, 64 << 20, "data").unwrap().unwrap();
+        assert_eq!(plan.new_last, (64 << 11) - 34);
+        drop(f);
+        let out = Command::new("sgdisk").arg("-v").arg(&disk).output().unwrap();
+        let v = String::from_utf8_lossy(&out.stdout);
+        assert!(v.contains("No problems found"), "sgdisk -v: {v}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn only_the_last_partition_grows() {
+        if !have("sgdisk") {
+            eprintln!("sgdisk missing; skipped");
+            return;
+        }
+        let d = tempdir("grow-notlast");
+        let disk = d.join("disk.img");
+        kiln_disk(&disk, 64);
+        let f = File::open(&disk).unwrap();
+        let g = Gpt::read(&f, 512, 64 << 20).unwrap();
+        assert!(matches!(Plan::new(&g, "root-b", 1 << 20), Err(GrowError::NotLast { other: 5, .. })));
+        assert!(matches!(Plan::new(&g, "nope", 1 << 20), Err(GrowError::NoPartition(_))));
+        assert!(matches!(Plan::new(&g, "data", 10), Err(GrowError::TooSmall { .. })));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn ext4_superblock() {
+        if !have("mkfs.ext4") && Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            eprintln!("mkfs.ext4 missing; skipped");
+            return;
+        }
+        let d = tempdir("ext4");
+        let img = d.join("fs.img");
+        File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        let out = Command::new("mkfs.ext4").args(["-q", "-F", "-L", "kiln-data", "-b", "4096"]).arg(&img).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let sb = Ext4Super::read(&File::open(&img).unwrap()).unwrap();
+        assert_eq!(sb, Ext4Super { block_size: 4096, blocks: 4096, label: "kiln-data".into() });
+        assert!(Ext4Super::parse(&[0u8; 1024]).is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

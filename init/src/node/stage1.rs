@@ -1,0 +1,984 @@
+//! Stage 1, from the initramfs: find the root partitions by the root hash on
+//! the kernel cmdline, set up dm-verity, read every block once, mount the
+//! squashfs with /etc on a tmpfs and /var on the data partition (grown on
+//! first boot), mount the ESP at /boot, then switch_root and exec stage 2.
+//!
+//! Every failure is a console error plus an event, then maintenance: never a
+//! hang without a word, never a boot on an unverified root.
+
+use super::gpt::{self, Gpt, Guid};
+use super::grow::{self, Ext4Super};
+use super::{console, sys};
+use crate::dm;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const SYSROOT: &str = "/sysroot";
+/// The dm device's name.
+pub const DM_NAME: &str = "root";
+/// How long to wait for the root partitions to appear.
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(150);
+/// The argument stage 1 passes to the root's init.
+pub const STAGE2_ARG: &str = "--stage2";
+/// Read size of the eager verification.
+const VERIFY_CHUNK: usize = 1 << 20;
+/// Where /etc is seeded before it is moved onto the new root.
+const ETC_STAGING: &str = "/run/kiln/etc";
+
+/// Directories under the read-only root that k0s and CNI plugins write,
+/// bound from /var.
+pub const WRITABLE_BINDS: &[(&str, &str)] = &[("/var/lib/kiln/cni-bin", "/opt/cni/bin"), ("/var/lib/kiln/kubelet-plugins", "/usr/libexec/k0s/kubelet-plugins")];
+
+const RAMFS_MAGIC: u32 = 0x8584_58f6;
+const TMPFS_MAGIC: u32 = 0x0102_1994;
+
+// ---- the kernel cmdline -----------------------------------------------------
+
+/// What the kernel reacts with when a root block does not match its hash.
+/// Without one, the read fails with EIO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnCorruption {
+    Panic,
+    Restart,
+}
+
+impl OnCorruption {
+    pub fn table_arg(self) -> &'static str {
+        match self {
+            OnCorruption::Panic => "panic_on_corruption",
+            OnCorruption::Restart => "restart_on_corruption",
+        }
+    }
+}
+
+/// Stage 1's part of the cmdline:
+/// `roothash=<64 hex> [kiln.slot=a|b] [kiln.verity=panic|restart]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cmdline {
+    pub roothash: [u8; 32],
+    pub slot: String,
+    pub on_corruption: Option<OnCorruption>,
+}
+
+impl Cmdline {
+    pub fn root_hex(&self) -> String {
+        hex(&self.roothash)
+    }
+
+    /// PARTUUID of the root (data) partition: the hash's first 128 bits.
+    pub fn data_uuid(&self) -> Guid {
+        let mut g = [0u8; 16];
+        g.copy_from_slice(&self.roothash[..16]);
+        Guid(g)
+    }
+
+    /// PARTUUID of the verity partition: the hash's last 128 bits.
+    pub fn hash_uuid(&self) -> Guid {
+        let mut g = [0u8; 16];
+        g.copy_from_slice(&self.roothash[16..]);
+        Guid(g)
+    }
+}
+
+/// Splits a cmdline into words, honouring double quotes as the kernel does.
+pub fn words(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+/// True when the cmdline asks for a verified root (stage 1 has work).
+pub fn has_roothash(cmdline: &str) -> bool {
+    words(cmdline).iter().any(|w| w.starts_with("roothash="))
+}
+
+/// Parses stage 1's settings; the last of a repeated key wins, as in the
+/// kernel. Every error says what is wrong and what to do.
+pub fn parse_cmdline(cmdline: &str) -> Result<Cmdline, String> {
+    let (mut hash, mut slot, mut verity) = (None, None, None);
+    for w in words(cmdline) {
+        if let Some(v) = w.strip_prefix("roothash=") {
+            hash = Some(v.to_string());
+        } else if let Some(v) = w.strip_prefix("kiln.slot=") {
+            slot = Some(v.to_string());
+        } else if let Some(v) = w.strip_prefix("kiln.verity=") {
+            verity = Some(v.to_string());
+        }
+    }
+    let hash = hash.ok_or("no roothash= on the kernel cmdline; a disk image's boot entry must carry the root hash")?;
+    let roothash = unhex32(&hash).ok_or_else(|| {
+        format!("roothash={hash:?} on the kernel cmdline is not a sha256 root hash (64 hex digits); the boot entry's cmdline is damaged or was edited: rebuild or reflash the image")
+    })?;
+    let slot = slot.unwrap_or_else(|| "a".into());
+    if slot != "a" && slot != "b" {
+        return Err(format!("kiln.slot={slot:?} on the kernel cmdline: use a or b"));
+    }
+    let on_corruption = match verity.as_deref() {
+        None => None,
+        Some("panic") => Some(OnCorruption::Panic),
+        Some("restart") => Some(OnCorruption::Restart),
+        Some(v) => return Err(format!("kiln.verity={v:?} on the kernel cmdline: use panic or restart, or leave it out (a bad block is then a read error)")),
+    };
+    Ok(Cmdline { roothash, slot, on_corruption })
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        let d = |c: u8| (c as char).to_digit(16);
+        out[i] = (d(pair[0])? * 16 + d(pair[1])?) as u8;
+    }
+    Some(out)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+// ---- the veritysetup superblock --------------------------------------------
+
+/// The superblock `veritysetup format` writes at the start of the hash
+/// device (`struct verity_sb`, little-endian).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VeritySuperblock {
+    pub uuid: [u8; 16],
+    pub data_block_size: u32,
+    pub hash_block_size: u32,
+    pub data_blocks: u64,
+    pub salt: Vec<u8>,
+}
+
+impl VeritySuperblock {
+    pub fn parse(b: &[u8]) -> Result<VeritySuperblock, String> {
+        if b.len() < 512 {
+            return Err("shorter than the 512-byte superblock".into());
+        }
+        if &b[0..8] != b"verity\0\0" {
+            return Err("no dm-verity superblock (magic \"verity\") at its start".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let version = u32_at(8);
+        if version != 1 {
+            return Err(format!("superblock version {version}; only version 1 is known"));
+        }
+        let hash_type = u32_at(12);
+        if hash_type != 1 {
+            return Err(format!("hash type {hash_type}; kiln uses type 1 (veritysetup's default)"));
+        }
+        let alg: Vec<u8> = b[32..64].iter().copied().take_while(|c| *c != 0).collect();
+        if alg != b"sha256" {
+            return Err(format!("hash algorithm {:?}; the root hash on the cmdline is sha256", String::from_utf8_lossy(&alg)));
+        }
+        let (dbs, hbs) = (u32_at(64), u32_at(68));
+        for (what, s) in [("data", dbs), ("hash", hbs)] {
+            if !s.is_power_of_two() || !(512..=4096).contains(&s) {
+                return Err(format!("{what} block size {s}; dm-verity needs a power of two from 512 to 4096"));
+            }
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&b[72..80]);
+        let data_blocks = u64::from_le_bytes(n);
+        if data_blocks == 0 {
+            return Err("0 data blocks".into());
+        }
+        let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
+        if salt_len > 256 {
+            return Err(format!("salt of {salt_len} bytes; at most 256 fit"));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[16..32]);
+        Ok(VeritySuperblock { uuid, data_block_size: dbs, hash_block_size: hbs, data_blocks, salt: b[88..88 + salt_len].to_vec() })
+    }
+
+    pub fn data_bytes(&self) -> u64 {
+        self.data_blocks * self.data_block_size as u64
+    }
+
+    /// Bytes of the hash device used: the superblock block and the tree.
+    pub fn hash_bytes(&self) -> u64 {
+        let per = (self.hash_block_size / 32) as u64;
+        let (mut total, mut n) = (1u64, self.data_blocks);
+        while n > 1 {
+            n = n.div_ceil(per);
+            total += n;
+        }
+        total * self.hash_block_size as u64
+    }
+
+    pub fn salt_hex(&self) -> String {
+        if self.salt.is_empty() {
+            "-".into()
+        } else {
+            hex(&self.salt)
+        }
+    }
+}
+
+// ---- block devices ----------------------------------------------------------
+
+/// A partition as the kernel registered it.
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub sysname: String,
+    pub number: u32,
+    pub dev: (u32, u32),
+    pub bytes: u64,
+}
+
+impl Part {
+    pub fn node(&self) -> String {
+        format!("/dev/{}", self.sysname)
+    }
+}
+
+/// A whole disk, its partitions and its GPT as read now.
+#[derive(Debug)]
+pub struct Disk {
+    pub sysname: String,
+    pub lba_size: u64,
+    pub bytes: u64,
+    pub parts: Vec<Part>,
+    pub gpt: Result<Gpt, String>,
+}
+
+impl Disk {
+    pub fn node(&self) -> String {
+        format!("/dev/{}", self.sysname)
+    }
+
+    /// The kernel partition for GPT entry `number`.
+    pub fn part(&self, number: u32) -> Option<&Part> {
+        self.parts.iter().find(|p| p.number == number)
+    }
+
+    fn describe(&self) -> String {
+        let table = match &self.gpt {
+            Err(e) => e.clone(),
+            Ok(g) => {
+                let parts: Vec<String> = g.partitions().iter().map(|p| format!("{} {:?} partuuid={}", p.number, p.name, p.uuid)).collect();
+                format!("GPT: {}", if parts.is_empty() { "empty".into() } else { parts.join(", ") })
+            }
+        };
+        format!("{} ({} bytes; {table})", self.sysname, self.bytes)
+    }
+}
+
+fn read_trim(p: impl AsRef<Path>) -> Option<String> {
+    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+fn parse_devno(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+fn devname(sysdir: &Path, fallback: &str) -> String {
+    read_trim(sysdir.join("uevent")).and_then(|u| u.lines().find_map(|l| l.strip_prefix("DEVNAME=").map(str::to_string))).unwrap_or_else(|| fallback.to_string())
+}
+
+/// The disks the kernel knows now, with their GPTs.
+pub fn scan_disks() -> Vec<Disk> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/sys/block") else { return out };
+    let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    for name in names {
+        if ["loop", "ram", "zram", "dm-", "sr", "fd", "nbd"].iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let dir = Path::new("/sys/block").join(&name);
+        let sectors: u64 = read_trim(dir.join("size")).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if sectors == 0 {
+            continue;
+        }
+        let lba_size: u64 = read_trim(dir.join("queue/logical_block_size")).and_then(|s| s.parse().ok()).filter(|s: &u64| s.is_power_of_two() && *s >= 512).unwrap_or(512);
+        let sysname = devname(&dir, &name);
+        let mut parts = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let pdir = e.path();
+                let Some(number) = read_trim(pdir.join("partition")).and_then(|s| s.parse().ok()) else { continue };
+                let Some(dev) = read_trim(pdir.join("dev")).and_then(|s| parse_devno(&s)) else { continue };
+                let psize: u64 = read_trim(pdir.join("size")).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let pname = e.file_name().to_string_lossy().into_owned();
+                parts.push(Part { sysname: devname(&pdir, &pname), number, dev, bytes: psize * 512 });
+            }
+        }
+        parts.sort_by_key(|p| p.number);
+        let bytes = sectors * 512;
+        let gpt = match File::open(format!("/dev/{sysname}")) {
+            Ok(f) => Gpt::read(&f, lba_size, bytes).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("/dev/{sysname}: {e}")),
+        };
+        out.push(Disk { sysname, lba_size, bytes, parts, gpt });
+    }
+    out
+}
+
+/// The disk holding both root partitions, and the two partitions.
+pub struct Root {
+    pub disk: Disk,
+    pub data: Part,
+    pub hash: Part,
+}
+
+fn find_root(disks: Vec<Disk>, data_uuid: Guid, hash_uuid: Guid) -> Result<Root, Vec<Disk>> {
+    let mut rest = Vec::new();
+    for disk in disks {
+        let hit = disk.gpt.as_ref().ok().and_then(|g| {
+            let ps = g.partitions();
+            let d = ps.iter().find(|p| p.uuid == data_uuid)?;
+            let h = ps.iter().find(|p| p.uuid == hash_uuid)?;
+            Some((disk.part(d.number)?.clone(), disk.part(h.number)?.clone()))
+        });
+        match hit {
+            Some((data, hash)) => return Ok(Root { disk, data, hash }),
+            None => rest.push(disk),
+        }
+    }
+    Err(rest)
+}
+
+/// Makes sure /dev has a node for `name` (devtmpfs normally made it).
+fn ensure_node(name: &str, dev: (u32, u32)) -> String {
+    let path = format!("/dev/{name}");
+    if !Path::new(&path).exists() {
+        if let Ok(c) = std::ffi::CString::new(path.clone()) {
+            if let Some(parent) = Path::new(&path).parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            // SAFETY: valid C string.
+            unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(dev.0, dev.1)) };
+        }
+    }
+    path
+}
+
+// ---- running stage 1 ---------------------------------------------------------
+
+/// True when this PID 1 is stage 1: / is the initramfs and the cmdline
+/// carries a root hash. Leaves /proc mounted only when it is.
+pub fn wanted() -> bool {
+    if !root_is_initramfs() {
+        return false;
+    }
+    let mounted = sys::mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None).is_ok();
+    let yes = std::fs::read_to_string("/proc/cmdline").map(|c| has_roothash(&c)).unwrap_or(false);
+    if !yes && mounted {
+        let _ = sys::umount("/proc", 0);
+    }
+    yes
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn fs_magic(path: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(path).ok()?;
+    // SAFETY: statfs fills a plain struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_type as u32)
+}
+
+fn root_is_initramfs() -> bool {
+    matches!(fs_magic("/"), Some(RAMFS_MAGIC | TMPFS_MAGIC))
+}
+
+/// A failure that ends stage 1: the event to emit (if any) and the reason.
+struct Fail {
+    event: Option<&'static str>,
+    reason: String,
+    detail: Vec<String>,
+}
+
+impl Fail {
+    fn root(reason: impl Into<String>) -> Fail {
+        Fail { event: Some("root-failed"), reason: reason.into(), detail: Vec::new() }
+    }
+
+    fn detail(mut self, line: impl Into<String>) -> Fail {
+        self.detail.push(line.into());
+        self
+    }
+}
+
+/// Stage 1, start to exec. Never returns.
+pub fn run() -> ! {
+    mount_early();
+    sys::attach_console();
+    let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
+    console::open_kmsg();
+    console::event("started", &[("stage", &1), ("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime()))]);
+    let fail = match boot() {
+        Ok(()) => exec_stage2(),
+        Err(f) => f,
+    };
+    console::error(&fail.reason);
+    for d in &fail.detail {
+        console::error(d);
+    }
+    if let Some(ev) = fail.event {
+        console::event(ev, &[("reason", &fail.reason)]);
+    }
+    maintenance(&fail.reason)
+}
+
+/// Says why, then reaps forever. Ctrl-Alt-Del still reboots (stage 1 leaves
+/// the kernel's default).
+fn maintenance(reason: &str) -> ! {
+    console::event("maintenance", &[("stage", &1), ("reason", &reason)]);
+    console::info("the node cannot boot this root; fix the cause (reflash, or boot the other slot) and reboot");
+    super::park()
+}
+
+fn mount_early() {
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    let table: &[(&str, &str, &str, libc::c_ulong, Option<&str>)] = &[
+        ("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, None),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, None),
+        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755")),
+        ("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755")),
+    ];
+    for (src, target, fs, flags, data) in table {
+        if *target != "/proc" && sys::is_mountpoint(target) {
+            continue;
+        }
+        if *target == "/proc" && Path::new("/proc/self").exists() {
+            continue;
+        }
+        if let Err(e) = sys::mount(src, target, fs, *flags, *data) {
+            console::error(&format!("{e}"));
+        }
+    }
+}
+
+fn boot() -> Result<(), Fail> {
+    let text = sys::read("/proc/cmdline").map_err(|e| Fail::root(format!("cmdline: {e}")))?;
+    let cmd = parse_cmdline(&text).map_err(|e| Fail::root(format!("cmdline: {e}")))?;
+    console::info(&format!("stage 1: root hash {} (slot {}); looking for PARTUUIDs {} and {}", cmd.root_hex(), cmd.slot, cmd.data_uuid(), cmd.hash_uuid()));
+
+    let root = wait_for_root(&cmd)?;
+    let dm_node = setup_verity(&cmd, &root)?;
+    verify(&cmd, &dm_node)?;
+
+    sys::mount(&dm_node, SYSROOT, "squashfs", libc::MS_RDONLY, None).map_err(|e| Fail::root(format!("mounting the verified root: {e}")).detail("the root passed verity but is not a squashfs the kernel can mount (CONFIG_SQUASHFS, its compressor)"))?;
+    console::info(&format!("root mounted read-only at {SYSROOT}"));
+
+    if let Err(e) = setup_etc() {
+        console::error(&format!("/etc on tmpfs: {e}; /etc stays read-only and stage 2 cannot write hostname, hosts or resolv.conf"));
+    }
+    setup_var(&root.disk);
+    writable_binds();
+    mount_esp(&root.disk);
+    switch_root().map_err(|e| Fail { event: None, reason: format!("switch_root: {e}"), detail: Vec::new() })
+}
+
+fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
+    let (want_data, want_hash) = (cmd.data_uuid(), cmd.hash_uuid());
+    let start = Instant::now();
+    let mut told = false;
+    let mut hinted = false;
+    loop {
+        let disks = match find_root(scan_disks(), want_data, want_hash) {
+            Ok(root) => {
+                console::info(&format!(
+                    "root partitions found on {} after {:.1} s: data {} ({} bytes), hash {} ({} bytes)",
+                    root.disk.sysname,
+                    start.elapsed().as_secs_f64(),
+                    root.data.node(),
+                    root.data.bytes,
+                    root.hash.node(),
+                    root.hash.bytes
+                ));
+                return Ok(root);
+            }
+            Err(disks) => disks,
+        };
+        if !hinted {
+            let name = format!("root-{}", cmd.slot);
+            if let Some((d, p)) = disks.iter().find_map(|d| d.gpt.as_ref().ok().and_then(|g| g.by_name(&name)).map(|p| (d, p))) {
+                console::warn(&format!(
+                    "{} has a partition {name:?} with PARTUUID {}, not {}: the roothash= on the cmdline is not this disk's root hash (wrong boot entry, or a partly written image?); still waiting for another disk",
+                    d.sysname, p.uuid, want_data
+                ));
+                hinted = true;
+            }
+        }
+        if start.elapsed() >= WAIT {
+            let seen: Vec<String> = disks.iter().map(Disk::describe).collect();
+            let mut f = Fail::root(format!("no partitions with PARTUUID {want_data} (root) and {want_hash} (verity) appeared within {} s", WAIT.as_secs()))
+                .detail(format!("looked for the root hash halves of roothash={}", cmd.root_hex()));
+            if seen.is_empty() {
+                f = f.detail("no block devices at all: is the storage driver (virtio-blk, nvme, mmc, ahci, usb-storage) built into the kernel?");
+            }
+            for s in seen {
+                f = f.detail(format!("block device seen: {s}"));
+            }
+            return Err(f);
+        }
+        if !told && start.elapsed() > Duration::from_secs(1) {
+            console::info(&format!("waiting up to {} s for the root partitions", WAIT.as_secs()));
+            told = true;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Reads the superblock, checks it against the partitions, and creates
+/// /dev/mapper/root (as /dev/dm-N). Returns the node.
+fn setup_verity(cmd: &Cmdline, root: &Root) -> Result<String, Fail> {
+    let hash_node = ensure_node(&root.hash.sysname, root.hash.dev);
+    let mut sb = vec![0u8; 512];
+    File::open(&hash_node).and_then(|f| f.read_exact_at(&mut sb, 0)).map_err(|e| Fail::root(format!("reading the verity superblock from {hash_node}: {e}")))?;
+    let sb = VeritySuperblock::parse(&sb).map_err(|e| Fail::root(format!("verity superblock on {hash_node}: {e}")))?;
+    if sb.data_bytes() > root.data.bytes {
+        return Err(Fail::root(format!("verity superblock on {hash_node} covers {} bytes, but {} has only {}: the image is truncated", sb.data_bytes(), root.data.node(), root.data.bytes)));
+    }
+    if sb.hash_bytes() > root.hash.bytes {
+        return Err(Fail::root(format!("the hash tree needs {} bytes, but {hash_node} has only {}: the image is truncated", sb.hash_bytes(), root.hash.bytes)));
+    }
+    let target = dm::verity_target(root.data.dev, root.hash.dev, sb.data_block_size, sb.hash_block_size, sb.data_blocks, &cmd.root_hex(), &sb.salt_hex(), cmd.on_corruption.map(OnCorruption::table_arg));
+    console::info(&format!("dm-verity table: {} {} {} {}", target.start, target.length, target.kind, target.params));
+    let dmfail = |e: dm::DmError| Fail::root(format!("dm-verity: {e}"));
+    let ctl = dm::Control::open().map_err(dmfail)?;
+    ctl.create(DM_NAME).map_err(dmfail)?;
+    let r = ctl.load(DM_NAME, dm::READONLY_FLAG, &[target]).and_then(|_| ctl.resume(DM_NAME));
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ctl.remove(DM_NAME);
+            return Err(dmfail(e).detail("the kernel log (dmesg) says why the table was refused; the kernel needs CONFIG_DM_VERITY"));
+        }
+    };
+    let dev = r.devno();
+    let name = devname(Path::new(&format!("/sys/dev/block/{}:{}", dev.0, dev.1)), &format!("dm-{}", dev.1));
+    let node = ensure_node(&name, dev);
+    // /dev/mapper/root for humans and tools; nothing depends on it.
+    let _ = std::os::unix::fs::symlink(format!("../{name}"), format!("/dev/mapper/{DM_NAME}"));
+    Ok(node)
+}
+
+/// Reads the whole verity device once, so a bad block stops the boot here
+/// instead of surfacing later as a read error under k0s.
+fn verify(cmd: &Cmdline, node: &str) -> Result<(), Fail> {
+    use std::io::Read;
+    if let Some(a) = cmd.on_corruption {
+        console::info(&format!("verifying the root; a bad block makes the kernel {} (kiln.verity)", if a == OnCorruption::Panic { "panic" } else { "restart" }));
+    }
+    let t0 = Instant::now();
+    let mut f = File::open(node).map_err(|e| Fail::root(format!("verity: opening {node}: {e}")))?;
+    let mut buf = vec![0u8; VERIFY_CHUNK];
+    let mut off: u64 = 0;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => off += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let bad = first_bad_block(&f, off).unwrap_or(off / 4096);
+                return Err(Fail::root(format!("verity: block {bad} of {node} does not match the root hash ({e})"))
+                    .detail("the root partition or its hash tree was modified or is damaged; reflash the image or boot the other slot"));
+            }
+        }
+    }
+    // The squashfs reads the device directly; drop the copy in the page cache.
+    // SAFETY: valid fd.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let blocks = off / 4096;
+    console::event("root-verified", &[("hash", &cmd.root_hex()), ("blocks", &blocks), ("seconds", &format!("{:.2}", t0.elapsed().as_secs_f64()))]);
+    Ok(())
+}
+
+/// The first 4 KiB block from `from` that fails to read.
+fn first_bad_block(f: &File, from: u64) -> Option<u64> {
+    let mut b = vec![0u8; 4096];
+    let mut off = from;
+    for _ in 0..(VERIFY_CHUNK / 4096) {
+        match f.read_at(&mut b, off) {
+            Ok(0) => return None,
+            Ok(n) => off += n as u64,
+            Err(_) => return Some(off / 4096),
+        }
+    }
+    None
+}
+
+/// /etc: a tmpfs seeded with the image's /etc, moved over /sysroot/etc.
+fn setup_etc() -> Result<(), String> {
+    let src = format!("{SYSROOT}/etc");
+    sys::mount("tmpfs", ETC_STAGING, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755")).map_err(|e| e.to_string())?;
+    let n = copy_tree(Path::new(&src), Path::new(ETC_STAGING)).map_err(|e| format!("copying {src}: {e}"));
+    let n = match n {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = sys::umount(ETC_STAGING, 0);
+            return Err(e);
+        }
+    };
+    for d in ["cni/net.d", "k0s"] {
+        let _ = std::fs::create_dir_all(format!("{ETC_STAGING}/{d}"));
+    }
+    sys::mount(ETC_STAGING, &src, "", libc::MS_MOVE, None).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir(ETC_STAGING);
+    console::info(&format!("/etc: tmpfs seeded with {n} entries from the image"));
+    Ok(())
+}
+
+/// Copies a tree with modes, owners and symlinks (no device nodes or
+/// sockets; /etc has none). Returns the number of entries copied.
+pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::{lchown, symlink};
+    let top = std::fs::symlink_metadata(src)?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(top.mode() & 0o7777))?;
+    lchown(dst, Some(top.uid()), Some(top.gid()))?;
+    let mut n = 0;
+    let mut stack: Vec<(PathBuf, PathBuf)> = vec![(src.to_path_buf(), dst.to_path_buf())];
+    while let Some((s, d)) = stack.pop() {
+        for e in std::fs::read_dir(&s)? {
+            let e = e?;
+            let (sp, dp) = (e.path(), d.join(e.file_name()));
+            let m = std::fs::symlink_metadata(&sp)?;
+            let ft = m.file_type();
+            if ft.is_symlink() {
+                symlink(std::fs::read_link(&sp)?, &dp)?;
+            } else if ft.is_dir() {
+                std::fs::create_dir(&dp)?;
+                stack.push((sp, dp.clone()));
+            } else if ft.is_file() {
+                std::fs::copy(&sp, &dp)?;
+            } else {
+                console::warn(&format!("/etc: skipping {} (not a file, directory or symlink)", sp.display()));
+                continue;
+            }
+            lchown(&dp, Some(m.uid()), Some(m.gid()))?;
+            if !ft.is_symlink() {
+                std::fs::set_permissions(&dp, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// /var on the data partition, grown on first boot; a tmpfs if that fails.
+fn setup_var(disk: &Disk) {
+    let var = format!("{SYSROOT}/var");
+    if let Err(reason) = mount_data(disk, &var) {
+        console::error(&format!("/var: {reason}"));
+        console::event("data-ephemeral", &[("reason", &reason)]);
+        console::warn("/var is a tmpfs: k0s state, logs and images are lost at reboot");
+        if let Err(e) = sys::mount("tmpfs", &var, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755")) {
+            console::error(&format!("/var on tmpfs: {e}"));
+        }
+    }
+}
+
+fn mount_data(disk: &Disk, var: &str) -> Result<(), String> {
+    let gpt = disk.gpt.as_ref().map_err(|e| format!("{}: {e}", disk.node()))?;
+    let entry = gpt.by_name("data").ok_or_else(|| format!("no partition named \"data\" on {}", disk.node()))?;
+    let part = disk.part(entry.number).ok_or_else(|| format!("the kernel has no partition {} on {}", entry.number, disk.node()))?.clone();
+    match grow_partition(disk, gpt) {
+        Ok(Some(plan)) => console::info(&format!("data partition {} grown from {} to {} bytes", part.node(), plan.old_bytes(), plan.new_bytes())),
+        Ok(None) => {}
+        Err(e) => console::warn(&format!("growing the data partition {}: {e}; /var keeps its size", part.node())),
+    }
+    let node = ensure_node(&part.sysname, part.dev);
+    let dev = File::open(&node).map_err(|e| format!("{node}: {e}"))?;
+    let sb = Ext4Super::read(&dev).ok_or_else(|| format!("{node} holds no ext4 filesystem"))?;
+    drop(dev);
+    sys::mount(&node, var, "ext4", libc::MS_NOSUID | libc::MS_NODEV, None).map_err(|e| format!("{e} (is the filesystem damaged? see dmesg)"))?;
+
+    let part_bytes = read_trim(format!("/sys/class/block/{}/size", part.sysname)).and_then(|s| s.parse::<u64>().ok()).map(|s| s * 512).unwrap_or(part.bytes);
+    let want = part_bytes / sb.block_size;
+    if want > sb.blocks {
+        let t0 = Instant::now();
+        match grow::ext4_resize(var, want) {
+            Ok(()) => console::event("data-grown", &[("dev", &node), ("from", &sb.bytes()), ("to", &(want * sb.block_size)), ("seconds", &format!("{:.2}", t0.elapsed().as_secs_f64()))]),
+            Err(e) => console::warn(&format!("growing the ext4 on {node} from {} to {} blocks: {e}; /var keeps its size", sb.blocks, want)),
+        }
+    }
+    let (size, free) = statvfs(var).unwrap_or((0, 0));
+    console::event("data-mounted", &[("dev", &node), ("size", &size), ("free", &free)]);
+    Ok(())
+}
+
+/// Extends the data partition to the disk's end in the GPT and tells the
+/// kernel.
+fn grow_partition(disk: &Disk, gpt: &Gpt) -> Result<Option<grow::Plan>, String> {
+    let Some(plan) = grow::Plan::new(gpt, "data", disk.bytes / disk.lba_size).map_err(|e| e.to_string())? else { return Ok(None) };
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(disk.node()).map_err(|e| format!("{}: {e}", disk.node()))?;
+    let mut mbr = vec![0u8; 512];
+    f.read_exact_at(&mut mbr, 0).map_err(|e| format!("{}: reading sector 0: {e}", disk.node()))?;
+    grow::apply(&f, &plan.writes(gpt, Some(&mbr))).map_err(|e| format!("{}: {e}", disk.node()))?;
+    grow::blkpg_resize(&f, plan.number, plan.first_lba * plan.lba_size, plan.new_bytes()).map_err(|e| format!("the GPT on {} is updated, but the kernel refused the new size (BLKPG): {e}; it takes effect at the next boot", disk.node()))?;
+    Ok(Some(plan))
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn statvfs(path: &str) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(path).ok()?;
+    // SAFETY: statvfs fills a plain struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let f = st.f_frsize as u64;
+    Some((st.f_blocks as u64 * f, st.f_bavail as u64 * f))
+}
+
+/// The k0s contract's writable directories under the read-only root.
+fn writable_binds() {
+    for (src, dst) in WRITABLE_BINDS {
+        let (s, d) = (format!("{SYSROOT}{src}"), format!("{SYSROOT}{dst}"));
+        if let Err(e) = sys::mkdir_p(&s) {
+            console::warn(&format!("{e}; {dst} stays read-only"));
+            continue;
+        }
+        if !Path::new(&d).is_dir() {
+            console::warn(&format!("the image has no {dst} to bind {src} onto; {dst} is missing"));
+            continue;
+        }
+        if let Err(e) = sys::mount(&s, &d, "", libc::MS_BIND, None) {
+            console::warn(&format!("{e}; {dst} stays read-only"));
+        }
+    }
+}
+
+/// The ESP at /boot, so stage 2 can read /boot/node.toml.
+fn mount_esp(disk: &Disk) {
+    let Ok(gpt) = &disk.gpt else { return };
+    let Some(esp) = gpt.by_name("esp").or_else(|| gpt.partitions().into_iter().find(|p| p.type_guid == gpt::ESP_TYPE)) else {
+        console::warn(&format!("no ESP on {}; /boot/node.toml is not a config source", disk.node()));
+        return;
+    };
+    let Some(part) = disk.part(esp.number) else { return };
+    let node = ensure_node(&part.sysname, part.dev);
+    let target = format!("{SYSROOT}/boot");
+    match sys::mount(&node, &target, "vfat", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, Some("umask=0077")) {
+        Ok(()) => console::info(&format!("ESP {node} mounted at /boot")),
+        Err(e) => console::warn(&format!("ESP: {e}; /boot/node.toml is not a config source")),
+    }
+}
+
+/// Moves the pseudo filesystems into the new root, frees the initramfs, and
+/// makes /sysroot the root.
+fn switch_root() -> Result<(), String> {
+    for m in ["/dev", "/proc", "/sys", "/run"] {
+        let target = format!("{SYSROOT}{m}");
+        if let Err(e) = sys::mount(m, &target, "", libc::MS_MOVE, None) {
+            console::warn(&format!("moving {m} into the new root: {e}; stage 2 mounts its own"));
+        }
+    }
+    std::env::set_current_dir(SYSROOT).map_err(|e| format!("chdir {SYSROOT}: {e}"))?;
+    free_initramfs();
+    sys::mount(".", "/", "", libc::MS_MOVE, None).map_err(|e| e.to_string())?;
+    // SAFETY: valid C string.
+    if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
+        return Err(format!("chroot: {}", std::io::Error::last_os_error()));
+    }
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// Deletes the initramfs's files (they would hold RAM forever), staying on
+/// its filesystem so nothing mounted is touched.
+fn free_initramfs() {
+    let Ok(root) = std::fs::symlink_metadata("/") else { return };
+    if !root_is_initramfs() {
+        return;
+    }
+    let mut freed = 0u64;
+    remove_children(Path::new("/"), root.dev(), &mut freed);
+    console::info(&format!("initramfs freed ({} KiB)", freed / 1024));
+}
+
+fn remove_children(dir: &Path, dev: u64, freed: &mut u64) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+        if m.dev() != dev {
+            continue;
+        }
+        if m.is_dir() {
+            remove_children(&p, dev, freed);
+            let _ = std::fs::remove_dir(&p);
+        } else if std::fs::remove_file(&p).is_ok() {
+            *freed += m.len();
+        }
+    }
+}
+
+/// Execs the root's init as stage 2.
+fn exec_stage2() -> ! {
+    use std::os::unix::process::CommandExt;
+    console::info(&format!("switching to the root ({:.2} s since boot)", sys::uptime()));
+    let mut errs = Vec::new();
+    for init in ["/sbin/init", "/sbin/kiln-init"] {
+        let e = std::process::Command::new(init).arg(STAGE2_ARG).exec();
+        errs.push(format!("{init}: {e}"));
+    }
+    let reason = format!("cannot exec stage 2 in the new root: {}", errs.join("; "));
+    console::error(&reason);
+    maintenance(&reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::gpt::tests::{have, tempdir};
+    use std::process::Command;
+
+    const HASH: &str = "00112233445566778899aabbccddeeff0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+    #[test]
+    fn cmdline() {
+        let c = parse_cmdline(&format!("console=ttyS0 roothash={HASH} kiln.slot=b kiln.verity=restart panic=10\n")).unwrap();
+        assert_eq!(c.root_hex(), HASH);
+        assert_eq!(c.slot, "b");
+        assert_eq!(c.on_corruption, Some(OnCorruption::Restart));
+        assert_eq!(c.data_uuid().to_string(), "00112233-4455-6677-8899-aabbccddeeff");
+        assert_eq!(c.hash_uuid().to_string(), "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
+
+        let c = parse_cmdline(&format!("roothash={}", HASH.to_uppercase())).unwrap();
+        assert_eq!(c.root_hex(), HASH);
+        assert_eq!(c.slot, "a");
+        assert_eq!(c.on_corruption, None);
+        assert_eq!(parse_cmdline(&format!("roothash={HASH} kiln.verity=panic")).unwrap().on_corruption, Some(OnCorruption::Panic));
+
+        assert!(has_roothash(&format!("a roothash={HASH}")));
+        assert!(!has_roothash("console=ttyS0 kiln.config=http://x/roothash=1"));
+        assert!(parse_cmdline("console=ttyS0").unwrap_err().contains("no roothash="));
+        for bad in ["roothash=abc", "roothash=", &format!("roothash={HASH}0"), &format!("roothash={}zz", &HASH[..62])] {
+            let e = parse_cmdline(bad).unwrap_err();
+            assert!(e.contains("64 hex digits"), "{bad}: {e}");
+        }
+        assert!(parse_cmdline(&format!("roothash={HASH} kiln.slot=c")).unwrap_err().contains("use a or b"));
+        assert!(parse_cmdline(&format!("roothash={HASH} kiln.verity=eio")).unwrap_err().contains("panic or restart"));
+    }
+
+    #[test]
+    fn cmdline_words_honour_quotes() {
+        assert_eq!(words(" a  b=\"c d\" e\n"), ["a", "b=c d", "e"]);
+        assert_eq!(words("x=\"\""), ["x="]);
+        assert!(words("").is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn cmdline_never_panics(s in "\\PC*") {
+            let _ = parse_cmdline(&s);
+        }
+
+        #[test]
+        fn superblock_never_panics(b in proptest::collection::vec(0u8..=255, 0..600)) {
+            let mut b = b;
+            if b.len() >= 16 {
+                b[..8].copy_from_slice(b"verity\0\0");
+                b[8..12].copy_from_slice(&1u32.to_le_bytes());
+                b[12..16].copy_from_slice(&1u32.to_le_bytes());
+            }
+            let _ = VeritySuperblock::parse(&b);
+        }
+    }
+
+    #[test]
+    fn superblock_from_veritysetup() {
+        if !have("veritysetup") {
+            eprintln!("veritysetup missing; skipped");
+            return;
+        }
+        let d = tempdir("verity-sb");
+        let (data, hash) = (d.join("data"), d.join("hash"));
+        // 300 blocks: three hash blocks at level 0, one above.
+        let bytes: Vec<u8> = (0..300 * 4096u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+        std::fs::write(&data, &bytes).unwrap();
+        let salt = "5a".repeat(32);
+        let out = Command::new("veritysetup").args(["format", "--salt", &salt, "--uuid", "12345678-9abc-def0-1234-56789abcdef0"]).arg(&data).arg(&hash).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let sb = VeritySuperblock::parse(&std::fs::read(&hash).unwrap()).unwrap();
+        assert_eq!(sb.data_blocks, 300);
+        assert_eq!((sb.data_block_size, sb.hash_block_size), (4096, 4096));
+        assert_eq!(sb.salt_hex(), salt);
+        assert_eq!(hex(&sb.uuid), "123456789abcdef0123456789abcdef0");
+        assert_eq!(sb.hash_bytes(), std::fs::metadata(&hash).unwrap().len());
+        assert_eq!(sb.data_bytes(), 300 * 4096);
+
+        let mut raw = std::fs::read(&hash).unwrap();
+        raw[0] = b'V';
+        assert!(VeritySuperblock::parse(&raw).unwrap_err().contains("magic"));
+        raw[0] = b'v';
+        raw[32..38].copy_from_slice(b"sha512");
+        assert!(VeritySuperblock::parse(&raw).unwrap_err().contains("sha512"));
+        raw[32..38].copy_from_slice(b"sha256");
+        raw[64..68].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(VeritySuperblock::parse(&raw).unwrap_err().contains("block size 1000"));
+        raw[64..68].copy_from_slice(&4096u32.to_le_bytes());
+        raw[80..82].copy_from_slice(&300u16.to_le_bytes());
+        assert!(VeritySuperblock::parse(&raw).unwrap_err().contains("salt"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn superblock_hash_size_for_one_block() {
+        let sb = VeritySuperblock { uuid: [0; 16], data_block_size: 4096, hash_block_size: 4096, data_blocks: 1, salt: vec![] };
+        assert_eq!(sb.hash_bytes(), 4096);
+        assert_eq!(sb.salt_hex(), "-");
+        let sb = VeritySuperblock { data_blocks: 128 * 128 + 1, ..sb };
+        // 129 + 2 + 1 tree blocks, plus the superblock.
+        assert_eq!(sb.hash_bytes(), (1 + 129 + 2 + 1) * 4096);
+    }
+
+    #[test]
+    fn copies_a_tree_with_modes_and_links() {
+        let d = tempdir("copy-tree");
+        let (src, dst) = (d.join("etc"), d.join("out"));
+        std::fs::create_dir_all(src.join("kiln/sub")).unwrap();
+        std::fs::write(src.join("kiln/node.toml"), "role = \"single\"\n").unwrap();
+        std::fs::write(src.join("shadow"), "x").unwrap();
+        std::fs::set_permissions(src.join("shadow"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(src.join("kiln/sub"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink("../proc/self/mounts", src.join("mtab")).unwrap();
+        std::fs::create_dir(&dst).unwrap();
+        assert_eq!(copy_tree(&src, &dst).unwrap(), 5);
+        assert_eq!(std::fs::read_to_string(dst.join("kiln/node.toml")).unwrap(), "role = \"single\"\n");
+        assert_eq!(std::fs::metadata(dst.join("shadow")).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dst.join("kiln/sub")).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read_link(dst.join("mtab")).unwrap(), Path::new("../proc/self/mounts"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
