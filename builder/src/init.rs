@@ -21,6 +21,16 @@ pub enum BinaryError {
 /// Builds one binary of a workspace package for the target with the `node`
 /// profile, and checks that it is a static executable for that arch.
 pub fn cargo_build(tree: &Path, package: &str, bin: &str, arch: Arch) -> Result<PathBuf, BinaryError> {
+    // Prebuilt node binaries (KILN_NODE_BINARIES/<rust target>/<bin>) let a
+    // machine without a Rust toolchain build images.
+    if let Some(dir) = std::env::var_os("KILN_NODE_BINARIES") {
+        let p = PathBuf::from(dir).join(arch.rust_target()).join(bin);
+        if !p.is_file() {
+            return Err(BinaryError::Check { bin: bin.into(), path: p, reason: "KILN_NODE_BINARIES is set but this binary is not there".into() });
+        }
+        check_static(bin, &p, arch)?;
+        return Ok(p);
+    }
     if !tree.join("Cargo.toml").is_file() || !tree.join("init").is_dir() {
         return Err(BinaryError::NoTree { bin: bin.into(), tree: tree.to_path_buf() });
     }
