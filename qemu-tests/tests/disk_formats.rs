@@ -123,3 +123,25 @@ fn disk_image_passes_external_checks() {
     let bmap = std::fs::read_to_string(out.join("disk.bmap")).unwrap();
     assert!(bmap.contains("<bmap version=\"2.0\">") && bmap.contains("<ChecksumType> sha256 </ChecksumType>"), "{bmap}");
 }
+
+#[test]
+fn zst_and_bmap_outputs_are_what_zstd_and_bmaptool_expect() {
+    common::built("qemu-amd64"); // warm cache
+    let d = tempfile::tempdir().unwrap();
+    let profiles = d.path().join("profiles");
+    std::fs::create_dir_all(profiles.join("nodes")).unwrap();
+    std::fs::write(profiles.join("nodes/single.toml"), "role = \"single\"\n").unwrap();
+    let base = common::workspace().join("profiles/qemu-amd64.toml");
+    std::fs::write(
+        profiles.join("z.toml"),
+        format!("extends = \"{}\"\nname = \"zst-bmap\"\noutputs = [\"disk\", \"zst\", \"bmap\"]\n[node]\nconfig = \"nodes/single.toml\"\n", base.display()),
+    )
+    .unwrap();
+    std::env::set_var("KILN_SOURCE_DIR", common::workspace());
+    let b = kiln::pipeline::build(&profiles.join("z.toml"), &d.path().join("out"), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("{e:#}"));
+    let o = b.out.display();
+    must(&format!("zstd -t {o}/disk.raw.zst && zstd -dc {o}/disk.raw.zst | cmp - {o}/disk.raw"));
+    let copy = d.path().join("copy.img");
+    must(&format!("bmaptool copy --bmap {o}/disk.bmap {o}/disk.raw {}", copy.display()));
+    must(&format!("cmp {} {o}/disk.raw", copy.display()));
+}
