@@ -318,34 +318,16 @@ pub fn parse_file(path: &Path) -> Result<ProfileFile, ProfileError> {
 
 pub fn parse_str(path: &Path, src: &str) -> Result<ProfileFile, ProfileError> {
     toml::from_str(src).map_err(|e| {
-        let line = e.span().map(|s| src[..s.start.min(src.len())].matches('\n').count() + 1).unwrap_or(1);
+        let line = e.span().map(|s| kiln_init::config::line_at(src, s.start)).unwrap_or(1);
         let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
         let key = message
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
             .map(str::to_string)
-            .or_else(|| key_on_line(src, line))
+            .or_else(|| kiln_init::config::key_at_line(src, Some(line)))
             .unwrap_or_else(|| "?".into());
         ProfileError::Invalid { path: path.to_path_buf(), line, key, message }
     })
-}
-
-fn key_on_line(src: &str, line: usize) -> Option<String> {
-    let mut table = String::new();
-    for (i, l) in src.lines().enumerate() {
-        let t = l.trim();
-        if t.starts_with('[') {
-            table = t.trim_matches(|c| c == '[' || c == ']').to_string();
-        }
-        if i + 1 == line {
-            let k = t.split('=').next()?.trim();
-            if t.starts_with('[') || k.is_empty() {
-                return Some(table);
-            }
-            return Some(if table.is_empty() { k.to_string() } else { format!("{table}.{k}") });
-        }
-    }
-    None
 }
 
 fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {

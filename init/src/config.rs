@@ -257,7 +257,7 @@ fn unknown_field_name(msg: &str) -> Option<String> {
 }
 
 /// Best effort: the dotted key defined on the given line.
-fn key_at_line(src: &str, line: Option<usize>) -> Option<String> {
+pub fn key_at_line(src: &str, line: Option<usize>) -> Option<String> {
     let line = line?;
     let mut table = String::new();
     for (i, l) in src.lines().enumerate() {
@@ -279,7 +279,8 @@ fn key_at_line(src: &str, line: Option<usize>) -> Option<String> {
     None
 }
 
-fn line_at(src: &str, byte: usize) -> usize {
+/// The 1-based line of a byte offset.
+pub fn line_at(src: &str, byte: usize) -> usize {
     src.get(..byte.min(src.len())).map_or(1, |s| s.matches('\n').count() + 1)
 }
 
