@@ -20,6 +20,8 @@ packages=(
   squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools
   # UEFI boot: firmware and systemd-boot/stub
   ovmf systemd-boot-efi sbsigntool binutils
+  # signatures
+  minisign
 )
 
 missing=()

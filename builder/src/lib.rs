@@ -19,6 +19,7 @@ pub mod profile;
 pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
+pub mod sign;
 pub mod squashfs;
 pub mod uki;
 pub mod verity;
