@@ -65,6 +65,19 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// Signing keys (minisign, ed25519).
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Check a build output's signed manifest and every artifact, or one
+    /// file against FILE.minisig.
+    Verify {
+        target: PathBuf,
+        /// The public key (kiln.pub, as `kiln key generate` writes it).
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Profile commands.
     Profile {
         #[command(subcommand)]
@@ -79,6 +92,15 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Write a new key pair: DIR/kiln.key (secret, mode 0600) and DIR/kiln.pub.
+    Generate {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -180,6 +202,42 @@ fn run(cli: Cli) -> Result<i32> {
                     Ok(0)
                 }
                 Err(e) => bail!("{e}"),
+            }
+        }
+        Cmd::Key { cmd: KeyCmd::Generate { dir } } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let (sec, public) = (dir.join("kiln.key"), dir.join("kiln.pub"));
+            if sec.exists() {
+                bail!("{} exists; refusing to overwrite a signing key", sec.display());
+            }
+            let k = kiln::sign::KeyPair::generate();
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&sec).with_context(|| format!("creating {}", sec.display()))?;
+            std::io::Write::write_all(&mut f, k.to_secret_file().as_bytes())?;
+            std::fs::write(&public, k.public().to_file())?;
+            println!("wrote {} (secret; keep it out of the repository) and {}", sec.display(), public.display());
+            Ok(0)
+        }
+        Cmd::Verify { target, key } => {
+            let text = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
+            let pk = kiln::sign::PublicKey::from_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+            if target.is_dir() {
+                match kiln::manifest::verify_dir(&target, &pk) {
+                    Ok(lines) => {
+                        for l in lines {
+                            println!("{l}");
+                        }
+                        println!("{}: verified", target.display());
+                        Ok(0)
+                    }
+                    Err(problems) => bail!("{} does not verify:\n  {}", target.display(), problems.join("\n  ")),
+                }
+            } else {
+                let data = std::fs::read(&target).with_context(|| format!("reading {}", target.display()))?;
+                let sig_path = PathBuf::from(format!("{}.minisig", target.display()));
+                let sig = std::fs::read_to_string(&sig_path).with_context(|| format!("reading {}", sig_path.display()))?;
+                let comment = pk.verify(&data, &sig).map_err(|e| anyhow::anyhow!("{}: {e}", target.display()))?;
+                println!("{}: signature ok ({comment})", target.display());
+                Ok(0)
             }
         }
         Cmd::Bench { profile, runs } => bench(&profile, runs.max(1), &cache),

@@ -62,7 +62,7 @@ pub fn artifacts(dir: &Path) -> std::io::Result<Vec<Artifact>> {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(dir).unwrap_or(&p).to_string_lossy().to_string();
-                if rel == "manifest.json" {
+                if rel == "manifest.json" || rel == "manifest.json.minisig" {
                     continue;
                 }
                 let (sha256, size) = input::sha256_file(&p)?;
@@ -79,5 +79,57 @@ impl Manifest {
         let mut s = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         s.push('\n');
         std::fs::write(dir.join("manifest.json"), s)
+    }
+}
+
+/// Checks a build output: the manifest's signature with `key`, then every
+/// artifact's size and sha256, and that nothing was added. Every problem is
+/// named with its file.
+pub fn verify_dir(dir: &Path, key: &crate::sign::PublicKey) -> Result<Vec<String>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut ok = Vec::new();
+    let manifest = match std::fs::read(dir.join("manifest.json")) {
+        Ok(b) => b,
+        Err(e) => return Err(vec![format!("{}: {e}", dir.join("manifest.json").display())]),
+    };
+    match std::fs::read_to_string(dir.join("manifest.json.minisig")) {
+        Ok(sig) => match key.verify(&manifest, &sig) {
+            Ok(comment) => ok.push(format!("manifest.json: signature ok ({comment})")),
+            Err(e) => problems.push(format!("manifest.json: signature does not verify: {e}")),
+        },
+        Err(e) => problems.push(format!("manifest.json.minisig: {e} (was the build signed? set `sign.key` in the profile)")),
+    }
+    let parsed: serde_json::Value = match serde_json::from_slice(&manifest) {
+        Ok(v) => v,
+        Err(e) => {
+            problems.push(format!("manifest.json: not valid JSON: {e}"));
+            return Err(problems);
+        }
+    };
+    let listed: Vec<(String, String, u64)> = parsed["artifacts"]
+        .as_array()
+        .map(|a| a.iter().map(|x| (x["path"].as_str().unwrap_or("").to_string(), x["sha256"].as_str().unwrap_or("").to_string(), x["size"].as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default();
+    for (path, sha, size) in &listed {
+        match input::sha256_file(&dir.join(path)) {
+            Ok((got, n)) if &got == sha && n == *size => ok.push(format!("{path}: ok")),
+            Ok((got, n)) => problems.push(format!("{path}: sha256 {got} ({n} bytes) does not match the manifest's {sha} ({size} bytes)")),
+            Err(e) => problems.push(format!("{path}: {e}")),
+        }
+    }
+    match artifacts(dir) {
+        Ok(found) => {
+            for a in found {
+                if !listed.iter().any(|(p, _, _)| *p == a.path) {
+                    problems.push(format!("{}: not in the manifest", a.path));
+                }
+            }
+        }
+        Err(e) => problems.push(format!("{}: {e}", dir.display())),
+    }
+    if problems.is_empty() {
+        Ok(ok)
+    } else {
+        Err(problems)
     }
 }

@@ -27,6 +27,11 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let node_toml = std::fs::read_to_string(&profile.node_config).with_context(|| format!("reading the default node config {} (key `node.config` in {})", profile.node_config.display(), profile.path.display()))?;
     let node = kiln_init::config::parse(&node_toml).map_err(|e| anyhow::anyhow!("{}: {e}", profile.node_config.display()))?;
 
+    // The signing key, loaded first so a bad key fails before any work. The
+    // private key never goes into an output; the public key goes into the
+    // image for verifying updates.
+    let signer = signing_key(&profile)?;
+
     // 2. Inputs.
     let deb_arch = profile.arch.debian();
     let kernel_src = input::resolve("kernel.source", &profile.kernel.source, deb_arch, cache)?;
@@ -58,6 +63,9 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
 
     // 5. Root filesystem tree.
     let mut tree = rootfs_tree(&profile, &kernel, &init_bin, &busybox, &payload, &node_toml)?;
+    if let Some(k) = &signer {
+        tree.file("/etc/kiln/update.pub", k.public().to_file(), 0o644)?;
+    }
 
     // 6–8. Initramfs, boot artifacts and outputs, written aside and renamed.
     let name = &profile.name;
@@ -132,6 +140,11 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         artifacts: manifest::artifacts(staging.path())?,
     };
     manifest.write(staging.path())?;
+    if let Some(k) = &signer {
+        let bytes = std::fs::read(staging.path().join("manifest.json"))?;
+        let sig = k.sign(&bytes, &format!("kiln manifest profile={name} arch={}", profile.arch));
+        std::fs::write(staging.path().join("manifest.json.minisig"), sig)?;
+    }
 
     let out = out_root.join(name);
     if out.exists() {
@@ -141,6 +154,18 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     std::fs::rename(&staged, &out).with_context(|| format!("moving the finished build to {}", out.display()))?;
     let payload_bytes = std::fs::metadata(&payload.path)?.len();
     Ok(Built { out, kernel_cached: kernel.cached, initramfs_bytes, payload_bytes })
+}
+
+fn signing_key(profile: &Profile) -> Result<Option<crate::sign::KeyPair>> {
+    let (text, from) = match (std::env::var("KILN_SIGNING_KEY"), &profile.sign_key) {
+        (Ok(t), _) if !t.trim().is_empty() => (t, "the KILN_SIGNING_KEY environment variable".to_string()),
+        (_, Some(p)) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading the signing key {} (key `sign.key` in {}); make one with `kiln key generate`", p.display(), profile.path.display()))?,
+            p.display().to_string(),
+        ),
+        _ => return Ok(None),
+    };
+    crate::sign::KeyPair::from_secret_file(&text).map(Some).with_context(|| format!("loading the signing key from {from}"))
 }
 
 const DIRS: &[(&str, u32)] = &[

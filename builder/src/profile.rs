@@ -141,6 +141,16 @@ pub struct ProfileFile {
     pub boot: BootFile,
     #[serde(default)]
     pub disk: DiskFile,
+    #[serde(default)]
+    pub sign: SignFile,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignFile {
+    /// The minisign secret key (unencrypted), relative to the profile.
+    /// `KILN_SIGNING_KEY` (the key file's text) overrides it.
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -227,6 +237,7 @@ impl ProfileFile {
         merge_opts!(self.node, base.node, config);
         merge_opts!(self.qemu, base.qemu, machine, memory_mib, cpus);
         merge_opts!(self.boot, base.boot, systemd_boot, stub);
+        merge_opts!(self.sign, base.sign, key);
         merge_opts!(self.disk, base.disk, esp_mib, root_slot_mib, data_mib, verity_on_corruption);
     }
 }
@@ -250,6 +261,8 @@ pub struct Profile {
     /// systemd-boot and the stub; needed when an output needs the disk.
     pub boot: Option<(Input, Input)>,
     pub disk: crate::disk::DiskSpec,
+    /// The signing key file, when the profile names one.
+    pub sign_key: Option<PathBuf>,
     /// The directory holding kernel-configs/, overlays/ … (the profile's
     /// parent's parent by convention, or `KILN_SOURCE_DIR`).
     pub tree: PathBuf,
@@ -436,6 +449,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         },
         boot,
         disk,
+        sign_key: f.sign.key.as_ref().map(|k| dir.join(k)),
         tree,
     })
 }
