@@ -158,11 +158,11 @@ fn run(cli: Cli) -> Result<i32> {
             let t = Instant::now();
             let b = kiln::pipeline::build(&profile, &out, &cache)?;
             println!(
-                "built {} in {:.1}s (kernel {}; initramfs {} bytes)",
+                "built {} in {:.1}s (kernel {}{})",
                 b.out.display(),
                 t.elapsed().as_secs_f64(),
                 if b.kernel_cached { "cached" } else { "compiled" },
-                b.initramfs_bytes
+                b.initramfs_bytes.map(|n| format!("; PXE initramfs {n} bytes")).unwrap_or_default()
             );
             Ok(0)
         }

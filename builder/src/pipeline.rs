@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct Built {
     pub out: PathBuf,
     pub kernel_cached: bool,
-    pub initramfs_bytes: u64,
+    /// Size of the PXE initramfs, when the profile has the pxe output.
+    pub initramfs_bytes: Option<u64>,
     pub payload_bytes: u64,
 }
 
@@ -71,14 +72,19 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let name = &profile.name;
     std::fs::create_dir_all(out_root).with_context(|| format!("creating {}", out_root.display()))?;
     let staging = tempfile::Builder::new().prefix(&format!(".{name}.")).tempdir_in(out_root)?;
-    let initramfs_path = staging.path().join("initramfs.cpio.zst");
-    {
-        let f = std::fs::File::create(&initramfs_path)?;
-        initramfs::write(&tree, profile.source_date_epoch, std::io::BufWriter::new(f)).context("writing the initramfs")?;
-    }
     let cmdline = profile.kernel.cmdline.join(" ");
+    // The PXE initramfs holds the whole root; only PXE uses it, so it is
+    // written (straight into pxe/) only when asked for.
+    let mut initramfs_bytes = None;
     if profile.outputs.contains(&Output::Pxe) {
+        let initramfs_path = staging.path().join("initramfs.cpio.zst");
+        {
+            let f = std::fs::File::create(&initramfs_path)?;
+            initramfs::write(&tree, profile.source_date_epoch, std::io::BufWriter::new(f)).context("writing the initramfs")?;
+        }
         pxe::write(staging.path(), &kernel.image, &initramfs_path, &cmdline).context("writing the PXE bundle")?;
+        initramfs_bytes = Some(std::fs::metadata(&initramfs_path)?.len());
+        std::fs::remove_file(&initramfs_path)?;
     }
     let mut disk_info = None;
     if let Some((sd, stub)) = &boot {
@@ -117,8 +123,6 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         }
         disk_info = Some(manifest::DiskInfo { roothash: built.verity.root_hex(), cmdline: built.cmdline, uki: built.uki_name, squashfs_bytes: built.squashfs_bytes });
     }
-    let initramfs_bytes = std::fs::metadata(&initramfs_path)?.len();
-    std::fs::remove_file(&initramfs_path)?;
 
     let mut inputs: Vec<Resolved> = vec![kernel_src, busybox];
     if let Some((a, b)) = boot {
