@@ -19,7 +19,7 @@ packages=(
   # external checkers for the formats kiln writes
   squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools
   # UEFI boot: firmware and systemd-boot/stub
-  ovmf systemd-boot-efi sbsigntool binutils
+  ovmf seabios ipxe-qemu systemd-boot-efi sbsigntool binutils xorriso
   # signatures
   minisign
 )

@@ -27,25 +27,79 @@ pub struct DiskSpec {
     pub on_corruption: Option<OnCorruption>,
 }
 
-pub struct DiskInputs<'a> {
-    pub arch: Arch,
-    pub profile: &'a str,
+/// What the verified root is built from.
+pub struct RootInputs<'a> {
     pub root: &'a Tree,
     pub stage1: &'a Tree,
+    pub cmdline: &'a str,
+    pub epoch: u64,
+}
+
+/// The verified root every format shares: the squashfs, its dm-verity tree,
+/// the stage-1 initramfs, and the cmdline carrying the root hash.
+pub struct RootImage {
+    pub squashfs: PathBuf,
+    pub verity_path: PathBuf,
+    pub verity: Verity,
+    pub initrd: Vec<u8>,
+    /// The profile's cmdline plus `roothash=… kiln.slot=a [kiln.verity=…]`.
+    pub cmdline: String,
+    pub squashfs_bytes: u64,
+}
+
+/// Builds the squashfs and its hash tree into `work`, and the stage-1
+/// initramfs.
+pub fn build_root(work: &Path, spec: &DiskSpec, i: &RootInputs) -> Result<RootImage> {
+    let sqfs = work.join("root.squashfs");
+    {
+        let mut f = std::io::BufWriter::new(File::create(&sqfs)?);
+        let opts = squashfs::Options { mtime: u32::try_from(i.epoch).unwrap_or(u32::MAX), ..Default::default() };
+        squashfs::write(i.root, &opts, &mut f).context("writing the root squashfs")?;
+        f.flush()?;
+    }
+    let verity_path = work.join("root.verity");
+    let v = verity::format_file(&sqfs, &verity_path).context("computing the dm-verity tree")?;
+    let squashfs_bytes = v.data_len();
+    let mut initrd = Vec::new();
+    initramfs::write(i.stage1, i.epoch, &mut initrd).context("writing the stage-1 initramfs")?;
+    let mut cmdline = format!("{} roothash={} kiln.slot=a", i.cmdline, v.root_hex());
+    if let Some(c) = spec.on_corruption {
+        cmdline.push_str(match c {
+            OnCorruption::Panic => " kiln.verity=panic",
+            OnCorruption::Restart => " kiln.verity=restart",
+        });
+    }
+    Ok(RootImage { squashfs: sqfs, verity_path, verity: v, initrd, cmdline: cmdline.trim().to_string(), squashfs_bytes })
+}
+
+/// What a UKI is assembled from, besides the root.
+pub struct BootInputs<'a> {
+    pub arch: Arch,
+    pub profile: &'a str,
     pub kernel: &'a Path,
     pub kernel_release: &'a str,
-    pub cmdline: &'a str,
     pub systemd_boot: &'a Path,
     pub stub: &'a Path,
     pub os_release: &'a str,
     pub epoch: u64,
 }
 
+/// Assembles a UKI (stub + kernel + stage-1 initramfs + `cmdline`) at `out`.
+pub fn write_uki(root: &RootImage, b: &BootInputs, cmdline: &str, out: &Path) -> Result<()> {
+    let stub = std::fs::read(b.stub).with_context(|| format!("reading the systemd stub {}", b.stub.display()))?;
+    let linux = std::fs::read(b.kernel)?;
+    let parts = uki::UkiParts { stub: &stub, linux: &linux, initrd: &root.initrd, cmdline, osrel: b.os_release, uname: Some(b.kernel_release), dtb: None };
+    let mut f = std::io::BufWriter::new(File::create(out)?);
+    uki::assemble(&parts, &mut f).context("assembling the UKI")?;
+    f.flush()?;
+    Ok(())
+}
+
 pub struct DiskBuilt {
-    pub verity: Verity,
-    pub cmdline: String,
     pub uki_name: String,
-    pub squashfs_bytes: u64,
+    /// Byte ranges (offset, length) of root-a and root-a-verity in disk.raw.
+    pub root_a: (u64, u64),
+    pub root_a_verity: (u64, u64),
 }
 
 /// The comment a technician sees when opening node.toml on the ESP.
@@ -76,7 +130,7 @@ fn boot_file(arch: Arch) -> &'static str {
     }
 }
 
-fn root_types(arch: Arch) -> (Guid, Guid) {
+pub fn root_types(arch: Arch) -> (Guid, Guid) {
     match arch {
         Arch::Amd64 => (gpt::types::ROOT_X86_64, gpt::types::ROOT_VERITY_X86_64),
         Arch::Arm64 => (gpt::types::ROOT_ARM64, gpt::types::ROOT_VERITY_ARM64),
@@ -84,60 +138,33 @@ fn root_types(arch: Arch) -> (Guid, Guid) {
     }
 }
 
-/// Builds `disk.raw` in `out_dir`, with scratch files in `work`.
-pub fn write(out_dir: &Path, work: &Path, spec: &DiskSpec, i: &DiskInputs) -> Result<DiskBuilt> {
-    // Root filesystem and its hash tree.
-    let sqfs = work.join("root.squashfs");
-    {
-        let mut f = std::io::BufWriter::new(File::create(&sqfs)?);
-        let opts = squashfs::Options { mtime: u32::try_from(i.epoch).unwrap_or(u32::MAX), ..Default::default() };
-        squashfs::write(i.root, &opts, &mut f).context("writing the root squashfs")?;
-        f.flush()?;
-    }
-    let verity_path = work.join("root.verity");
-    let v = verity::format_file(&sqfs, &verity_path).context("computing the dm-verity tree")?;
-    let squashfs_bytes = v.data_len();
+/// Builds `disk.raw` at `disk_path` from the root, with scratch files in
+/// `work`.
+pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b: &BootInputs) -> Result<DiskBuilt> {
     let slot = spec.root_slot_mib * MIB;
-    if squashfs_bytes > slot {
+    if root.squashfs_bytes > slot {
         bail!(
             "the root filesystem is {} MiB but a root slot is {} MiB; raise `disk.root_slot_mib` in the profile",
-            squashfs_bytes.div_ceil(MIB),
+            root.squashfs_bytes.div_ceil(MIB),
             spec.root_slot_mib
         );
     }
     let verity_slot = verity::hash_blocks(slot / verity::BLOCK) * verity::BLOCK;
+    let v = &root.verity;
 
-    // Stage-1 initramfs, then the UKI with the root hash on its cmdline.
-    let mut initrd = Vec::new();
-    initramfs::write(i.stage1, i.epoch, &mut initrd).context("writing the stage-1 initramfs")?;
-    let mut cmdline = format!("{} roothash={} kiln.slot=a", i.cmdline, v.root_hex());
-    if let Some(c) = spec.on_corruption {
-        cmdline.push_str(match c {
-            OnCorruption::Panic => " kiln.verity=panic",
-            OnCorruption::Restart => " kiln.verity=restart",
-        });
-    }
-    let cmdline = cmdline.trim().to_string();
-    let stub = std::fs::read(i.stub).with_context(|| format!("reading the systemd stub {}", i.stub.display()))?;
-    let linux = std::fs::read(i.kernel)?;
     let uki_path = work.join("kiln.efi");
-    {
-        let parts = uki::UkiParts { stub: &stub, linux: &linux, initrd: &initrd, cmdline: &cmdline, osrel: i.os_release, uname: Some(i.kernel_release), dtb: None };
-        let mut f = std::io::BufWriter::new(File::create(&uki_path)?);
-        uki::assemble(&parts, &mut f).context("assembling the UKI")?;
-        f.flush()?;
-    }
+    write_uki(root, b, &root.cmdline, &uki_path)?;
     // Boot counting (BLS type #2): three tries before systemd-boot prefers
     // another entry.
-    let uki_name = format!("kiln-{}-a+3.efi", i.profile);
+    let uki_name = format!("kiln-{}-a+3.efi", b.profile);
 
     // Data: a small ext4 the node grows at first boot.
     let data_path = work.join("data.ext4");
-    make_ext4(&data_path, spec.data_mib * MIB, i.profile, i.epoch)?;
+    make_ext4(&data_path, spec.data_mib * MIB, b.profile, b.epoch)?;
 
     // Partition table.
-    let (root_t, verity_t) = root_types(i.arch);
-    let g = |what: &str| deterministic_guid(&format!("kiln/{}", i.profile), what);
+    let (root_t, verity_t) = root_types(b.arch);
+    let g = |what: &str| deterministic_guid(&format!("kiln/{}", b.profile), what);
     let mut layout = Layout::new(g("disk"));
     layout
         .add("esp", gpt::types::ESP, g("esp"), PartSize::Bytes(spec.esp_mib * MIB), 0)
@@ -149,34 +176,41 @@ pub fn write(out_dir: &Path, work: &Path, spec: &DiskSpec, i: &DiskInputs) -> Re
     let size = layout.min_disk_size();
     let table = layout.build(size).context("laying out the partitions")?;
 
-    let disk_path = out_dir.join("disk.raw");
-    let mut disk = File::create(&disk_path)?;
+    let mut disk = File::create(disk_path)?;
     disk.set_len(size)?;
     table.write(&mut disk).context("writing the GPT")?;
     let part = |name: &str| table.partitions.iter().find(|p| p.name == name).cloned().ok_or_else(|| anyhow::anyhow!("partition {name} missing"));
 
     let esp = part("esp")?;
-    let mut fat = FatBuilder::new("KILN-ESP", u32::from_le_bytes(g("esp-volume").0[..4].try_into().unwrap_or([0; 4])));
-    fat.set_timestamp(i.epoch);
+    let mut fat = esp_fat("KILN-ESP", &g("esp-volume"), b)?;
     fat.set_hidden_sectors(u32::try_from(esp.first_lba).unwrap_or(0));
-    fat.add_file(&format!("/EFI/BOOT/{}", boot_file(i.arch)), FileContent::Host(i.systemd_boot.to_path_buf()))?;
-    fat.add_file("/EFI/systemd/systemd-bootx64.efi", FileContent::Host(i.systemd_boot.to_path_buf()))?;
     fat.add_file(&format!("/EFI/Linux/{uki_name}"), FileContent::Host(uki_path.clone()))?;
-    fat.add_file("/loader/loader.conf", FileContent::Bytes(b"timeout 0\neditor no\n".to_vec()))?;
-    fat.add_file("/node.toml", FileContent::Bytes(NODE_TOML_TEMPLATE.as_bytes().to_vec()))?;
     disk.seek(SeekFrom::Start(esp.offset_bytes()))?;
     fat.write(esp.size_bytes(), &mut disk).context("writing the ESP")?;
 
-    copy_sparse(&sqfs, &mut disk, part("root-a")?.offset_bytes())?;
-    copy_sparse(&verity_path, &mut disk, part("root-a-verity")?.offset_bytes())?;
+    let (ra, rv) = (part("root-a")?, part("root-a-verity")?);
+    copy_sparse(&root.squashfs, &mut disk, ra.offset_bytes())?;
+    copy_sparse(&root.verity_path, &mut disk, rv.offset_bytes())?;
     copy_sparse(&data_path, &mut disk, part("data")?.offset_bytes())?;
     disk.sync_all()?;
-    Ok(DiskBuilt { verity: v, cmdline, uki_name, squashfs_bytes })
+    Ok(DiskBuilt { uki_name, root_a: (ra.offset_bytes(), ra.size_bytes()), root_a_verity: (rv.offset_bytes(), rv.size_bytes()) })
+}
+
+/// An ESP's FAT with systemd-boot, loader.conf and the node.toml template;
+/// the caller adds the UKI.
+pub fn esp_fat(label: &str, volume: &Guid, b: &BootInputs) -> Result<FatBuilder> {
+    let mut fat = FatBuilder::new(label, u32::from_le_bytes(volume.0[..4].try_into().unwrap_or([0; 4])));
+    fat.set_timestamp(b.epoch);
+    fat.add_file(&format!("/EFI/BOOT/{}", boot_file(b.arch)), FileContent::Host(b.systemd_boot.to_path_buf()))?;
+    fat.add_file(&format!("/EFI/systemd/{}", boot_file(b.arch).replace("BOOT", "systemd-boot").to_lowercase()), FileContent::Host(b.systemd_boot.to_path_buf()))?;
+    fat.add_file("/loader/loader.conf", FileContent::Bytes(b"timeout 0\neditor no\n".to_vec()))?;
+    fat.add_file("/node.toml", FileContent::Bytes(NODE_TOML_TEMPLATE.as_bytes().to_vec()))?;
+    Ok(fat)
 }
 
 /// Copies `src` into `dst` at `offset`, skipping all-zero blocks so the
 /// image stays sparse.
-fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> Result<()> {
+pub fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> Result<()> {
     let mut f = File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut at = offset;
@@ -209,15 +243,33 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// An empty ext4 made reproducible: fixed UUID, hash seed and time.
-fn make_ext4(path: &Path, size: u64, profile: &str, epoch: u64) -> Result<()> {
+pub fn make_ext4(path: &Path, size: u64, profile: &str, epoch: u64) -> Result<()> {
+    mkfs_ext4(path, size, "kiln-data", "data", &[], profile, epoch)
+}
+
+/// Size of the /var template.
+pub const VAR_TEMPLATE_BYTES: u64 = 32 * MIB;
+
+/// The empty ext4 that kiln-init writes to a blank `storage.var_disk` and
+/// grows online. A fixed inode count keeps the default 16 KiB per inode once
+/// grown (mkfs would size it for 32 MiB), and the journal is larger than
+/// mkfs picks for so small a filesystem; neither grows with it.
+pub fn make_var_template(path: &Path, profile: &str, epoch: u64) -> Result<()> {
+    mkfs_ext4(path, VAR_TEMPLATE_BYTES, "kiln-var", "var", &["-N", "8192", "-J", "size=8"], profile, epoch)
+}
+
+/// mkfs.ext4 with a label, and a UUID and hash seed derived from the
+/// profile and `tag`.
+fn mkfs_ext4(path: &Path, size: u64, label: &str, tag: &str, extra: &[&str], profile: &str, epoch: u64) -> Result<()> {
     let f = File::create(path)?;
     f.set_len(size)?;
     drop(f);
-    let uuid = deterministic_guid(&format!("kiln/{profile}"), "data-fs");
-    let seed = deterministic_guid(&format!("kiln/{profile}"), "data-hash-seed");
+    let uuid = deterministic_guid(&format!("kiln/{profile}"), &format!("{tag}-fs"));
+    let seed = deterministic_guid(&format!("kiln/{profile}"), &format!("{tag}-hash-seed"));
     let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("mkfs.ext4");
     let out = Command::new(mkfs)
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-T", "default", "-m", "1", "-L", "kiln-data"])
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-T", "default", "-m", "1", "-L", label])
+        .args(extra)
         .arg("-U")
         .arg(uuid.to_string())
         .arg("-E")
@@ -228,7 +280,7 @@ fn make_ext4(path: &Path, size: u64, profile: &str, epoch: u64) -> Result<()> {
         .output()
         .context("running mkfs.ext4 (apt-get install e2fsprogs)")?;
     if !out.status.success() {
-        bail!("mkfs.ext4 for the data partition failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("mkfs.ext4 for {label} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

@@ -51,12 +51,22 @@ enum Cmd {
         /// Host port forwarded to the node's Kubernetes API (6443); 0 for none.
         #[arg(long, default_value_t = 6443)]
         api_port: u16,
-        /// Boot the disk image (with OVMF) or the PXE kernel and initramfs.
+        /// What to boot: the disk image (OVMF), the PXE kernel and initramfs
+        /// directly, the bundle over the network (iPXE), or the ISO as a CD
+        /// (OVMF or SeaBIOS) or a USB stick.
         #[arg(long, value_enum, default_value_t = kiln::qemu::BootFrom::Auto)]
         boot: kiln::qemu::BootFrom,
         /// Size of the virtual disk in GiB; the image itself is not changed.
         #[arg(long, default_value_t = 8)]
         disk_size: u64,
+        /// Attach this raw file as a second disk (/dev/vda when booting the
+        /// ISO), written in place: an install target, or a /var disk.
+        #[arg(long)]
+        extra_disk: Option<PathBuf>,
+        /// With --boot ipxe: the boot file URL QEMU's DHCP hands out, e.g.
+        /// http://10.0.2.2:8080/boot.ipxe for `kiln serve` on the host.
+        #[arg(long)]
+        ipxe_url: Option<String>,
     },
     /// Time a (warm) build of a profile against mksquashfs of the same root
     /// tree, measured in the same run, and print the ratio.
@@ -92,6 +102,24 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// Serve a PXE bundle and per-node configs over HTTP, for iPXE.
+    ///
+    /// GET /boot.ipxe, /vmlinuz, … serve files under DIR (boot.ipxe with its
+    /// `set kiln-server` line pointing at this server). GET
+    /// /configs/<mac>.toml (and .toml.minisig) serves CONFIGS/<mac>.toml,
+    /// the MAC with colons or hyphens in any case. Boot nodes with
+    /// kiln.config=http://<server>/configs/${mac}.toml.
+    Serve {
+        /// The directory to serve, e.g. out/pxe-amd64/pxe.
+        dir: PathBuf,
+        /// Where node configs are, named <mac>.toml (52:54:00:12:34:56.toml
+        /// or 52-54-00-12-34-56.toml); default DIR/configs.
+        #[arg(long)]
+        configs: Option<PathBuf>,
+        /// Address and port to listen on; port 0 picks a free one.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: String,
     },
 }
 
@@ -133,6 +161,15 @@ enum RoleArg {
 enum ConfigCmd {
     /// Validate a node.toml with the same code the node runs.
     Check { node_toml: PathBuf },
+    /// Sign a node.toml: writes NODE_TOML.minisig, which nodes built with
+    /// `node.config_key` require next to any config from outside the image.
+    Sign {
+        node_toml: PathBuf,
+        /// The secret key (kiln.key, as `kiln key generate` writes it);
+        /// default: the KILN_SIGNING_KEY environment variable.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -166,8 +203,10 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size } => {
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url } => {
             let mut spec = VmSpec::new(out_dir);
+            spec.extra_disk = extra_disk;
+            spec.ipxe_url = ipxe_url;
             spec.config = config;
             spec.memory_mib = mem;
             spec.cpus = cpus;
@@ -263,6 +302,35 @@ fn run(cli: Cli) -> Result<i32> {
             let report = kiln_init::requirements::check(&cfg, needs);
             print!("{report}");
             Ok(if report.ok() { 0 } else { 1 })
+        }
+        Cmd::Config { cmd: ConfigCmd::Sign { node_toml, key } } => {
+            let (text, from) = match (&key, std::env::var("KILN_SIGNING_KEY")) {
+                (Some(k), _) => (std::fs::read_to_string(k).with_context(|| format!("reading the secret key {}", k.display()))?, k.display().to_string()),
+                (None, Ok(t)) if !t.trim().is_empty() => (t, "the KILN_SIGNING_KEY environment variable".into()),
+                _ => bail!("no signing key: give --key kiln.key (from `kiln key generate`) or set KILN_SIGNING_KEY to the key's contents"),
+            };
+            let kp = kiln::sign::KeyPair::from_secret_file(&text).with_context(|| format!("loading the signing key from {from}"))?;
+            let data = std::fs::read(&node_toml).with_context(|| format!("reading {}", node_toml.display()))?;
+            let parsed = std::str::from_utf8(&data).map_err(|e| anyhow::anyhow!("{e}")).and_then(|t| kiln_init::config::parse(t).map_err(|e| anyhow::anyhow!("{e}")));
+            if let Err(e) = parsed {
+                bail!("{}: {e}; not signing an invalid config (check it with `kiln config check`)", node_toml.display());
+            }
+            let name = node_toml.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let sig_path = PathBuf::from(format!("{}.minisig", node_toml.display()));
+            std::fs::write(&sig_path, kp.sign(&data, &format!("kiln node config {name}"))).with_context(|| format!("writing {}", sig_path.display()))?;
+            println!("wrote {} (key {})", sig_path.display(), kp.key_id());
+            Ok(0)
+        }
+        Cmd::Serve { dir, configs, listen } => {
+            let server = kiln::serve::Server::bind(&dir, configs.as_deref(), &listen)?;
+            let addr = server.local_addr()?;
+            let site = server.site();
+            eprintln!("kiln serve: listening on http://{addr}/ serving {} (node configs from {})", site.root.display(), site.configs.display());
+            if addr.ip().is_unspecified() {
+                eprintln!("kiln serve: from iPXE: chain http://<this machine's address>:{}/boot.ipxe", addr.port());
+            }
+            server.run(|line| eprintln!("{line}")).with_context(|| format!("serving on {addr}"))?;
+            Ok(0)
         }
         Cmd::Config { cmd: ConfigCmd::Check { node_toml } } => {
             let text = std::fs::read_to_string(&node_toml).with_context(|| format!("reading {}", node_toml.display()))?;

@@ -7,7 +7,7 @@ use crate::manifest::{self, Manifest};
 use crate::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
 use crate::rootfs::{Kind, Tree};
-use crate::{disk, init, initramfs, pxe};
+use crate::{disk, init, isoboot, pxe};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -45,6 +45,14 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         )),
         _ => None,
     };
+    let bios = match &profile.iso.bios {
+        Some((a, b, c)) if profile.outputs.contains(&Output::Iso) => Some((
+            input::resolve("iso.isolinux", a, deb_arch, cache)?,
+            input::resolve("iso.isohybrid_mbr", b, deb_arch, cache)?,
+            input::resolve("iso.ldlinux", c, deb_arch, cache)?,
+        )),
+        _ => None,
+    };
     if let profile::Payload::K0s { input: spec, .. } = &profile.payload {
         // Fail on a missing or mis-pinned payload before any compiling.
         input::resolve("payload.k0s", spec, deb_arch, cache)?;
@@ -67,67 +75,74 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     if let Some(k) = &signer {
         tree.file("/etc/kiln/update.pub", k.public().to_file(), 0o644)?;
     }
+    // With it, the node takes configs from outside the image only when signed.
+    if let Some(p) = &profile.config_key {
+        let at = || format!("{} (key `node.config_key` in {})", p.display(), profile.path.display());
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading the node config key {}; make a key pair with `kiln key generate` and name its .pub here", at()))?;
+        let key = crate::sign::PublicKey::from_file(&text).with_context(|| format!("{} is not a minisign public key (the .pub file of `kiln key generate`)", at()))?;
+        tree.file("/etc/kiln/config.pub", key.to_file(), 0o644)?;
+    }
 
-    // 6–8. Initramfs, boot artifacts and outputs, written aside and renamed.
+    // 6–8. Root image, initramfs, boot artifacts and outputs, written aside
+    // and renamed.
     let name = &profile.name;
     std::fs::create_dir_all(out_root).with_context(|| format!("creating {}", out_root.display()))?;
     let staging = tempfile::Builder::new().prefix(&format!(".{name}.")).tempdir_in(out_root)?;
+    let work = staging.path().join(".work");
+    std::fs::create_dir_all(&work)?;
     let cmdline = profile.kernel.cmdline.join(" ");
-    // The PXE initramfs holds the whole root; only PXE uses it, so it is
-    // written (straight into pxe/) only when asked for.
+    // The root is the tree, read-only, with mount points for what stage 1
+    // puts there.
+    tree.mkdir_p("/boot", 0o755)?;
+    let stage1 = disk::stage1_tree(&init_bin, Some(&kernel.modules_dir.join("lib/modules")))?;
+    let root = disk::build_root(&work, &profile.disk, &disk::RootInputs { root: &tree, stage1: &stage1, cmdline: &cmdline, epoch: profile.source_date_epoch })?;
+
     let mut initramfs_bytes = None;
     if profile.outputs.contains(&Output::Pxe) {
-        let initramfs_path = staging.path().join("initramfs.cpio.zst");
-        {
-            let f = std::fs::File::create(&initramfs_path)?;
-            initramfs::write(&tree, profile.source_date_epoch, std::io::BufWriter::new(f)).context("writing the initramfs")?;
-        }
-        pxe::write(staging.path(), &kernel.image, &initramfs_path, &cmdline).context("writing the PXE bundle")?;
-        initramfs_bytes = Some(std::fs::metadata(&initramfs_path)?.len());
-        std::fs::remove_file(&initramfs_path)?;
+        initramfs_bytes = Some(pxe::write(staging.path(), &kernel.image, &stage1, &root, profile.source_date_epoch, name).context("writing the PXE bundle")?);
     }
-    let mut disk_info = None;
+    let mut uki = None;
     if let Some((sd, stub)) = &boot {
-        // The disk's root is the same tree, read-only, with mount points for
-        // what stage 1 puts there.
-        tree.mkdir_p("/boot", 0o755)?;
-        let work = staging.path().join(".work");
-        std::fs::create_dir_all(&work)?;
-        let stage1 = disk::stage1_tree(&init_bin, Some(&kernel.modules_dir.join("lib/modules")))?;
-        let built = disk::write(
-            staging.path(),
-            &work,
-            &profile.disk,
-            &disk::DiskInputs {
-                arch: profile.arch,
-                profile: name,
-                root: &tree,
-                stage1: &stage1,
-                kernel: &kernel.image,
-                kernel_release: &kernel.release,
-                cmdline: &cmdline,
-                systemd_boot: &sd.path,
-                stub: &stub.path,
-                os_release: &os_release(&profile),
-                epoch: profile.source_date_epoch,
-            },
-        )?;
-        std::fs::remove_dir_all(&work)?;
+        let b = disk::BootInputs {
+            arch: profile.arch,
+            profile: name,
+            kernel: &kernel.image,
+            kernel_release: &kernel.release,
+            systemd_boot: &sd.path,
+            stub: &stub.path,
+            os_release: &os_release(&profile),
+            epoch: profile.source_date_epoch,
+        };
+        let wants_disk_file = profile.outputs.iter().any(|o| matches!(o, Output::Disk | Output::Qcow2 | Output::Zst | Output::Bmap));
+        let disk_path = if wants_disk_file { staging.path().join("disk.raw") } else { work.join("disk.raw") };
+        let built = disk::write(&disk_path, &work, &profile.disk, &root, &b)?;
         for o in &profile.outputs {
             match o {
                 Output::Qcow2 => disk::write_qcow2(staging.path())?,
                 Output::Zst => disk::write_zst(staging.path())?,
                 Output::Bmap => disk::write_bmap(staging.path())?,
+                Output::Iso => {
+                    let bios = match &bios {
+                        Some((a, b, c)) => Some((a.path.as_path(), b.path.as_path(), c.path.as_path())),
+                        None => None,
+                    };
+                    isoboot::write(&staging.path().join(format!("{name}.iso")), &work, &root, &b, &disk_path, &built, profile.iso.root_in_ram, bios).context("writing the ISO")?;
+                }
                 Output::Pxe | Output::Disk => {}
             }
         }
-        disk_info = Some(manifest::DiskInfo { roothash: built.verity.root_hex(), cmdline: built.cmdline, uki: built.uki_name, squashfs_bytes: built.squashfs_bytes });
+        uki = Some(built.uki_name);
     }
+    std::fs::remove_dir_all(&work)?;
+    let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });
 
     let mut inputs: Vec<Resolved> = vec![kernel_src, busybox];
     if let Some((a, b)) = boot {
         inputs.push(a);
         inputs.push(b);
+    }
+    if let Some((a, b, c)) = bios {
+        inputs.extend([a, b, c]);
     }
     if let Some(r) = &payload.input {
         inputs.push(r.clone());
@@ -216,7 +231,17 @@ fn rootfs_tree(profile: &Profile, kernel: &Kernel, init_bin: &Path, busybox: &Re
     t.file("/etc/nsswitch.conf", "hosts: files dns\n", 0o644)?;
     // Module metadata (modules.builtin) and any modules, under /lib/modules.
     add_host_dir(&mut t, &kernel.modules_dir.join("lib/modules"), "/lib/modules")?;
+    t.file(kiln_init::node::vardisk::TEMPLATE, var_template(profile)?, 0o644)?;
     Ok(t)
+}
+
+/// The empty ext4 kiln-init writes to a blank `storage.var_disk`. Mostly
+/// zeros, which the squashfs stores as holes.
+fn var_template(profile: &Profile) -> Result<Vec<u8>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("var.ext4");
+    disk::make_var_template(&path, &profile.name, profile.source_date_epoch).context("making the /var template")?;
+    Ok(std::fs::read(&path)?)
 }
 
 fn os_release(p: &Profile) -> String {

@@ -107,6 +107,9 @@ pub enum Output {
     Zst,
     /// disk.bmap, for bmaptool (implies disk).
     Bmap,
+    /// `<name>.iso`: hybrid ISO 9660 (CD, USB stick), El Torito UEFI (and
+    /// BIOS on amd64), and an installer.
+    Iso,
 }
 
 impl Output {
@@ -143,6 +146,23 @@ pub struct ProfileFile {
     pub disk: DiskFile,
     #[serde(default)]
     pub sign: SignFile,
+    #[serde(default)]
+    pub iso: IsoFile,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IsoFile {
+    /// Where the booted ISO's root lives: `medium` (read from the CD or
+    /// stick) or `ram` (copied into RAM first, so the medium can be removed).
+    pub root: Option<String>,
+    /// BIOS boot (amd64): isolinux.bin (Debian `isolinux`).
+    pub isolinux: Option<Input>,
+    /// The isohybrid MBR (Debian `isolinux`, isohdpfx.bin), so that a stick
+    /// boots under BIOS too.
+    pub isohybrid_mbr: Option<Input>,
+    /// isolinux's ldlinux.c32 (Debian `syslinux-common`).
+    pub ldlinux: Option<Input>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -213,6 +233,10 @@ pub struct PayloadFile {
 pub struct NodeFile {
     /// The node.toml baked in as the default, relative to the profile.
     pub config: Option<String>,
+    /// A minisign public key, relative to the profile. When set, node
+    /// configs from outside the image (URL, fw_cfg, ESP) must carry a valid
+    /// `.minisig` by this key; unsigned ones are refused.
+    pub config_key: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -234,7 +258,8 @@ impl ProfileFile {
         merge_opts!(self.kernel, base.kernel, source, base, fragments, cmdline);
         merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets);
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
-        merge_opts!(self.node, base.node, config);
+        merge_opts!(self.node, base.node, config, config_key);
+        merge_opts!(self.iso, base.iso, root, isolinux, isohybrid_mbr, ldlinux);
         merge_opts!(self.qemu, base.qemu, machine, memory_mib, cpus);
         merge_opts!(self.boot, base.boot, systemd_boot, stub);
         merge_opts!(self.sign, base.sign, key);
@@ -263,6 +288,9 @@ pub struct Profile {
     pub disk: crate::disk::DiskSpec,
     /// The signing key file, when the profile names one.
     pub sign_key: Option<PathBuf>,
+    /// The public key node configs must be signed with (`node.config_key`).
+    pub config_key: Option<PathBuf>,
+    pub iso: IsoSpec,
     /// The directory holding kernel-configs/, overlays/ … (the profile's
     /// parent's parent by convention, or `KILN_SOURCE_DIR`).
     pub tree: PathBuf,
@@ -280,6 +308,14 @@ pub struct KernelSpec {
 pub enum Payload {
     StandIn,
     K0s { input: Input, version: Option<String> },
+}
+
+/// `[iso]`: the BIOS inputs are set together or not at all.
+#[derive(Debug, Clone)]
+pub struct IsoSpec {
+    pub root_in_ram: bool,
+    /// isolinux.bin, isohdpfx.bin, ldlinux.c32.
+    pub bios: Option<(Input, Input, Input)>,
 }
 
 #[derive(Debug, Clone)]
@@ -422,6 +458,27 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     if disk.esp_mib < 34 {
         return Err(ProfileError::Semantic { path: path.to_path_buf(), message: "key `disk.esp_mib`: an ESP is FAT32 and needs at least 34 MiB".into() });
     }
+    let root_in_ram = match f.iso.root.as_deref() {
+        None | Some("medium") => false,
+        Some("ram") => true,
+        Some(other) => {
+            return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "iso.root"), key: "iso.root".into(), message: format!("`{other}` is not `medium` or `ram`") })
+        }
+    };
+    let bios = match (f.iso.isolinux.clone(), f.iso.isohybrid_mbr.clone(), f.iso.ldlinux.clone()) {
+        (Some(a), Some(b), Some(c)) => Some((a, b, c)),
+        (None, None, None) => None,
+        _ => return Err(ProfileError::Semantic { path: path.to_path_buf(), message: "keys `iso.isolinux`, `iso.isohybrid_mbr` and `iso.ldlinux`: BIOS boot needs all three, or none".into() }),
+    };
+    if bios.is_some() && arch != Arch::Amd64 {
+        return Err(ProfileError::Semantic { path: path.to_path_buf(), message: format!("key `iso.isolinux`: BIOS boot is for amd64; this profile is {arch}") });
+    }
+    let mut inputs = inputs;
+    if let Some((a, b, c)) = &bios {
+        inputs.push(("iso.isolinux", a));
+        inputs.push(("iso.isohybrid_mbr", b));
+        inputs.push(("iso.ldlinux", c));
+    }
     for (key, input) in inputs {
         input.validate().map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: m })?;
     }
@@ -450,6 +507,8 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         boot,
         disk,
         sign_key: f.sign.key.as_ref().map(|k| dir.join(k)),
+        config_key: f.node.config_key.as_ref().map(|k| dir.join(k)),
+        iso: IsoSpec { root_in_ram, bios },
         tree,
     })
 }

@@ -40,13 +40,29 @@ pub struct VmSpec {
     pub disk_size: u64,
     /// Keep guest writes across `Vm::start` calls by using this overlay.
     pub overlay: Option<PathBuf>,
+    /// A second disk (a raw file, written in place), e.g. an install target.
+    pub extra_disk: Option<PathBuf>,
+    /// For `BootFrom::Ipxe`: the URL QEMU's DHCP hands out as the boot file
+    /// (default: `boot.ipxe` over QEMU's TFTP from OUT/pxe).
+    pub ipxe_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BootFrom {
+    /// The disk image when the output has one, else direct kernel boot.
     Auto,
+    /// disk.raw (or `--disk`) under OVMF.
     Disk,
+    /// Direct kernel boot of pxe/vmlinuz and pxe/initramfs.cpio.zst.
     Pxe,
+    /// Network boot: the NIC's iPXE ROM under SeaBIOS fetches boot.ipxe.
+    Ipxe,
+    /// The ISO as a CD-ROM under OVMF.
+    Iso,
+    /// The ISO as a USB stick under OVMF.
+    IsoUsb,
+    /// The ISO as a CD-ROM under SeaBIOS (isolinux).
+    IsoBios,
 }
 
 impl VmSpec {
@@ -64,6 +80,8 @@ impl VmSpec {
             disk: None,
             disk_size: 0,
             overlay: None,
+            extra_disk: None,
+            ipxe_url: None,
         }
     }
 }
@@ -115,6 +133,33 @@ fn arch_of(out: &Path) -> Result<Arch, VmError> {
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
+/// The one `*.iso` in a build output.
+fn find_iso(out: &Path) -> Result<PathBuf, VmError> {
+    let mut isos: Vec<PathBuf> = std::fs::read_dir(out).map_err(|e| VmError::Setup(format!("{}: {e}", out.display())))?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "iso")).collect();
+    isos.sort();
+    isos.into_iter().next().ok_or_else(|| VmError::Setup(format!("{}: no .iso; build a profile with `outputs = [\"iso\"]`", out.display())))
+}
+
+/// A qcow2 overlay over the disk image, so the image itself is never
+/// written; reused when the spec names an existing one.
+fn overlay_for(spec: &VmSpec, disk: &Path, scratch: &Path) -> Result<PathBuf, VmError> {
+    if let Some(o) = spec.overlay.as_ref().filter(|o| o.exists()) {
+        return Ok(o.clone());
+    }
+    let path = spec.overlay.clone().unwrap_or_else(|| scratch.join("disk.qcow2"));
+    let abs = disk.canonicalize().map_err(|e| VmError::Setup(format!("{}: {e}", disk.display())))?;
+    let mut q = Command::new("qemu-img");
+    q.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&abs).arg(&path);
+    if spec.disk_size > 0 {
+        q.arg(spec.disk_size.to_string());
+    }
+    let r = q.output().map_err(|e| VmError::Setup(format!("qemu-img: {e} (apt-get install qemu-utils)")))?;
+    if !r.status.success() {
+        return Err(VmError::Setup(format!("qemu-img create: {}", String::from_utf8_lossy(&r.stderr).trim())));
+    }
+    Ok(path)
+}
+
 /// The QEMU command line for a build output. `scratch` holds the firmware
 /// variables and the disk overlay.
 pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Result<Command, VmError> {
@@ -122,10 +167,10 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
     let arch = arch_of(out)?;
     let pxe = out.join("pxe");
     let disk = spec.disk.clone().unwrap_or_else(|| out.join("disk.raw"));
-    let use_disk = match spec.boot {
-        BootFrom::Disk => true,
-        BootFrom::Pxe => false,
-        BootFrom::Auto => disk.exists(),
+    let boot = match spec.boot {
+        BootFrom::Auto if disk.exists() => BootFrom::Disk,
+        BootFrom::Auto => BootFrom::Pxe,
+        b => b,
     };
     let (bin, machine) = match arch {
         Arch::Amd64 => ("qemu-system-x86_64", "q35"),
@@ -139,53 +184,69 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         c.args(["-cpu", "cortex-a57"]);
     }
     c.args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
-    if use_disk {
-        if arch != Arch::Amd64 {
-            return Err(VmError::Setup(format!("booting a {arch} disk image is not supported yet; use --boot pxe")));
-        }
-        if !disk.is_file() {
-            return Err(VmError::Setup(format!("{}: no disk image; build a profile with `outputs = [\"disk\"]`", disk.display())));
-        }
+    let uefi = matches!(boot, BootFrom::Disk | BootFrom::Iso | BootFrom::IsoUsb);
+    if boot != BootFrom::Pxe && arch != Arch::Amd64 {
+        return Err(VmError::Setup(format!("booting {arch} from {boot:?} is not supported yet; use --boot pxe")));
+    }
+    if uefi {
         if !Path::new(OVMF_CODE).exists() {
             return Err(VmError::Setup(format!("{OVMF_CODE} is missing: apt-get install ovmf")));
         }
         let vars = scratch.join("OVMF_VARS.fd");
         std::fs::copy(OVMF_VARS, &vars).map_err(|e| VmError::Setup(format!("copying {OVMF_VARS}: {e}")))?;
-        let overlay = match &spec.overlay {
-            Some(o) if o.exists() => o.clone(),
-            o => {
-                let path = o.clone().unwrap_or_else(|| scratch.join("disk.qcow2"));
-                let abs = disk.canonicalize().map_err(|e| VmError::Setup(format!("{}: {e}", disk.display())))?;
-                let mut q = Command::new("qemu-img");
-                q.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&abs).arg(&path);
-                if spec.disk_size > 0 {
-                    q.arg(spec.disk_size.to_string());
-                }
-                let r = q.output().map_err(|e| VmError::Setup(format!("qemu-img: {e} (apt-get install qemu-utils)")))?;
-                if !r.status.success() {
-                    return Err(VmError::Setup(format!("qemu-img create: {}", String::from_utf8_lossy(&r.stderr).trim())));
-                }
-                path
-            }
-        };
         c.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"));
         c.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
-        c.arg("-drive").arg(format!("if=none,id=d0,format=qcow2,file={}", overlay.display()));
-        c.args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"]);
-    } else {
-        if !pxe.join("vmlinuz").exists() {
-            return Err(VmError::Setup(format!("{} has neither disk.raw nor pxe/vmlinuz; is this a `kiln build` output?", out.display())));
+    }
+    match boot {
+        BootFrom::Disk => {
+            if !disk.is_file() {
+                return Err(VmError::Setup(format!("{}: no disk image; build a profile with `outputs = [\"disk\"]`", disk.display())));
+            }
+            let overlay = overlay_for(spec, &disk, scratch)?;
+            c.arg("-drive").arg(format!("if=none,id=d0,format=qcow2,file={}", overlay.display()));
+            c.args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"]);
         }
-        let cmdline = std::fs::read_to_string(pxe.join("cmdline")).map_err(|e| VmError::Setup(format!("{}: {e}", pxe.join("cmdline").display())))?;
-        c.arg("-kernel").arg(pxe.join("vmlinuz"));
-        c.arg("-initrd").arg(pxe.join("initramfs.cpio.zst"));
-        c.arg("-append").arg(cmdline.trim());
+        BootFrom::Iso | BootFrom::IsoUsb | BootFrom::IsoBios => {
+            let iso = match &spec.disk {
+                Some(d) => d.clone(),
+                None => find_iso(out)?,
+            };
+            c.arg("-drive").arg(format!("if=none,id=iso,format=raw,readonly=on,file={}", iso.display()));
+            if boot == BootFrom::IsoUsb {
+                c.args(["-device", "qemu-xhci,id=xhci", "-device", "usb-storage,bus=xhci.0,drive=iso,removable=on,bootindex=1"]);
+            } else {
+                c.args(["-device", "ide-cd,drive=iso,bus=ide.0,bootindex=1"]);
+            }
+        }
+        BootFrom::Pxe => {
+            if !pxe.join("vmlinuz").exists() {
+                return Err(VmError::Setup(format!("{} has neither disk.raw nor pxe/vmlinuz; is this a `kiln build` output?", out.display())));
+            }
+            let cmdline = std::fs::read_to_string(pxe.join("cmdline")).map_err(|e| VmError::Setup(format!("{}: {e}", pxe.join("cmdline").display())))?;
+            c.arg("-kernel").arg(pxe.join("vmlinuz"));
+            c.arg("-initrd").arg(pxe.join("initramfs.cpio.zst"));
+            c.arg("-append").arg(cmdline.trim());
+        }
+        BootFrom::Ipxe | BootFrom::Auto => {}
+    }
+    if let Some(x) = &spec.extra_disk {
+        c.arg("-drive").arg(format!("if=none,id=x0,format=raw,file={}", x.display()));
+        c.args(["-device", "virtio-blk-pci,drive=x0,bootindex=2"]);
     }
     let mut netdev = "user,id=n0".to_string();
     if spec.api_port != 0 {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:6443", spec.api_port));
     }
-    c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="]);
+    if boot == BootFrom::Ipxe {
+        if !pxe.join("boot.ipxe").exists() {
+            return Err(VmError::Setup(format!("{}: no PXE bundle; build a profile with `outputs = [\"pxe\"]`", pxe.display())));
+        }
+        netdev.push_str(&format!(",tftp={}", pxe.display()));
+        netdev.push_str(&format!(",bootfile={}", spec.ipxe_url.as_deref().unwrap_or("boot.ipxe")));
+        c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,bootindex=1"]);
+    } else {
+        c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="]);
+    }
     c.args(["-device", "virtio-rng-pci"]);
     if let Some(cfg) = &spec.config {
         if !cfg.is_file() {

@@ -1,105 +1,36 @@
-//! Signs `manifest.json` in minisign format (ed25519), so that a plain
-//! `minisign -Vm manifest.json -p kiln.pub` accepts it.
+//! Signs `manifest.json` and node configs in minisign format (ed25519), so
+//! that a plain `minisign -Vm FILE -p kiln.pub` accepts them.
 //!
-//! Only the formats live here: key files, `.minisig` files, signing and
-//! verifying bytes. Reading and writing the files is the caller's job, which
-//! also names the path in its error context.
-//!
-//! Layouts (all integers little-endian), as minisign 0.11 writes them:
-//! - public key: `"Ed" || key id (8) || ed25519 public key (32)`
-//! - secret key: `"Ed" || kdf "\0\0" || "B2" || salt (32) || opslimit (8) ||
-//!   memlimit (8) || key id (8) || seed||public key (64) || checksum (32)`,
-//!   where checksum = BLAKE2b-256(`"Ed" || key id || seed||public key`)
-//! - signature: `"ED" || key id (8) || ed25519(BLAKE2b-512(data)) (64)`, then a
-//!   trusted comment line, then ed25519(signature || trusted comment).
-
-use std::fmt;
+//! The public half of the format (key files, `.minisig` parsing, verifying)
+//! is [`kiln_init::minisign`], shared with the node; this module adds secret
+//! key files and signing. Reading and writing the files is the caller's job,
+//! which also names the path in its error context.
 
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Blake2b512, Digest};
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey};
+use kiln_init::minisign::{
+    b64_encode, decode_line, expect_untrusted_comment, file_lines, to_array, unsupported,
+    SIGNATURE_LEN, SIG_ALG_HASHED, SIG_ALG_LEGACY, TRUSTED_PREFIX, UNTRUSTED_PREFIX,
+};
+pub use kiln_init::minisign::{KeyId, PublicKey, SignError};
 use rand_core::{OsRng, RngCore};
+use std::fmt;
 
-const UNTRUSTED_PREFIX: &str = "untrusted comment: ";
-const TRUSTED_PREFIX: &str = "trusted comment: ";
-
-/// Legacy mode: the signature covers the data itself. Verified, never made.
-const SIG_ALG_LEGACY: [u8; 2] = *b"Ed";
-/// Prehashed mode: the signature covers BLAKE2b-512 of the data.
-const SIG_ALG_HASHED: [u8; 2] = *b"ED";
 const KDF_NONE: [u8; 2] = [0, 0];
 const KDF_SCRYPT: [u8; 2] = *b"Sc";
 const CHK_BLAKE2B: [u8; 2] = *b"B2";
 
-const PUBLIC_KEY_LEN: usize = 2 + 8 + 32;
 const SECRET_KEY_LEN: usize = 2 + 2 + 2 + 32 + 8 + 8 + 8 + 64 + 32;
-const SIGNATURE_LEN: usize = 2 + 8 + 64;
 
 /// minisign 0.11 refuses to write trusted comments much longer than this
 /// ("xfprintf() overflow"), so we never make one it could not have made.
 pub const MAX_TRUSTED_COMMENT: usize = 4096;
 
-/// Errors from parsing key and signature files and from verifying.
-#[derive(Debug, thiserror::Error)]
-pub enum SignError {
-    #[error("malformed {file}, line {line}: {reason}")]
-    Malformed {
-        file: &'static str,
-        line: usize,
-        reason: String,
-    },
-    #[error(
-        "the secret key is encrypted with a password, which kiln cannot prompt for; \
-         create an unencrypted key with `kiln key generate` or `minisign -G -W`, \
-         or remove the password with `minisign -C -W -s <file>`"
-    )]
-    EncryptedSecretKey,
-    #[error("unsupported {what} {found:?} in {file}; kiln understands minisign's ed25519 keys and signatures only")]
-    Unsupported {
-        file: &'static str,
-        what: &'static str,
-        found: String,
-    },
-    #[error("secret key checksum does not match: the key file is corrupt or was edited")]
-    SecretKeyChecksum,
-    #[error("secret key is inconsistent: its public half does not belong to its seed")]
-    SecretKeyMismatch,
-    #[error("signature was made by key {found}, but the public key given is {expected}; verify with the matching public key")]
-    WrongKey { expected: KeyId, found: KeyId },
-    #[error("signature does not match the data: the file was modified after signing, or the signature is corrupt")]
-    BadSignature,
-    #[error("trusted comment signature is invalid: the trusted comment (or its signature line) was modified")]
-    BadTrustedComment,
-}
-
-/// The 8 random bytes minisign uses to tell keys apart. Shown as minisign
-/// shows it: the bytes read as a little-endian u64, in upper-case hex.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyId(pub [u8; 8]);
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016X}", u64::from_le_bytes(self.0))
-    }
-}
-
-impl fmt::Debug for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({self})")
-    }
-}
-
 /// A signing key with its minisign key id.
 pub struct KeyPair {
     id: KeyId,
     key: SigningKey,
-}
-
-/// A verifying key with its minisign key id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PublicKey {
-    id: KeyId,
-    key: VerifyingKey,
 }
 
 impl fmt::Debug for KeyPair {
@@ -184,10 +115,7 @@ impl KeyPair {
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey {
-            id: self.id,
-            key: self.key.verifying_key(),
-        }
+        PublicKey::new(self.id, self.key.verifying_key())
     }
 
     /// A complete `.minisig` file in prehashed mode. Line breaks in
@@ -217,184 +145,12 @@ impl KeyPair {
     }
 }
 
-impl PublicKey {
-    pub fn key_id(&self) -> KeyId {
-        self.id
-    }
-
-    pub fn to_file(&self) -> String {
-        format!(
-            "{UNTRUSTED_PREFIX}minisign public key {}\n{}\n",
-            self.id,
-            self.to_base64()
-        )
-    }
-
-    /// The bare key, as `minisign -P` takes it.
-    pub fn to_base64(&self) -> String {
-        let mut raw = Vec::with_capacity(PUBLIC_KEY_LEN);
-        raw.extend_from_slice(&SIG_ALG_LEGACY);
-        raw.extend_from_slice(&self.id.0);
-        raw.extend_from_slice(self.key.as_bytes());
-        b64_encode(&raw)
-    }
-
-    /// Reads a public key file, or a bare base64 key as `minisign -P` takes.
-    pub fn from_file(s: &str) -> Result<Self, SignError> {
-        const FILE: &str = "public key";
-        let lines = file_lines(s);
-        let key_line = if lines
-            .first()
-            .is_some_and(|l| l.starts_with(UNTRUSTED_PREFIX))
-        {
-            2
-        } else {
-            1
-        };
-        let raw = decode_line(FILE, &lines, key_line, PUBLIC_KEY_LEN)?;
-        let (sig_alg, rest) = raw.split_at(2);
-        let (id, pk) = rest.split_at(8);
-        if sig_alg != SIG_ALG_LEGACY {
-            return Err(unsupported(FILE, "signature algorithm", sig_alg));
-        }
-        let key = VerifyingKey::from_bytes(&to_array(pk)).map_err(|_| SignError::Malformed {
-            file: FILE,
-            line: key_line,
-            reason: "not a valid ed25519 public key".into(),
-        })?;
-        Ok(PublicKey {
-            id: KeyId(to_array(id)),
-            key,
-        })
-    }
-
-    /// Checks a `.minisig` file against `data` the way `minisign -V` does and
-    /// returns the trusted comment. Accepts prehashed and legacy signatures.
-    pub fn verify(&self, data: &[u8], minisig: &str) -> Result<String, SignError> {
-        const FILE: &str = "signature";
-        let lines = file_lines(minisig);
-        expect_untrusted_comment(FILE, &lines, 1)?;
-        let raw = decode_line(FILE, &lines, 2, SIGNATURE_LEN)?;
-        let comment = match lines.get(2) {
-            Some(line) => {
-                line.strip_prefix(TRUSTED_PREFIX)
-                    .ok_or_else(|| SignError::Malformed {
-                        file: FILE,
-                        line: 3,
-                        reason: format!("expected a line starting with {TRUSTED_PREFIX:?}"),
-                    })?
-            }
-            None => return Err(missing_line(FILE, 3, "the trusted comment")),
-        };
-        let global: [u8; 64] = to_array(&decode_line(FILE, &lines, 4, 64)?);
-
-        let (sig_alg, rest) = raw.split_at(2);
-        let (id, signature) = rest.split_at(8);
-        let id = KeyId(to_array(id));
-        let signature: [u8; 64] = to_array(signature);
-        if id != self.id {
-            return Err(SignError::WrongKey {
-                expected: self.id,
-                found: id,
-            });
-        }
-        let signed = if sig_alg == SIG_ALG_HASHED {
-            self.key.verify_strict(
-                &Blake2b512::digest(data),
-                &Signature::from_bytes(&signature),
-            )
-        } else if sig_alg == SIG_ALG_LEGACY {
-            self.key
-                .verify_strict(data, &Signature::from_bytes(&signature))
-        } else {
-            return Err(unsupported(FILE, "signature algorithm", sig_alg));
-        };
-        signed.map_err(|_| SignError::BadSignature)?;
-
-        let mut global_msg = Vec::with_capacity(64 + comment.len());
-        global_msg.extend_from_slice(&signature);
-        global_msg.extend_from_slice(comment.as_bytes());
-        self.key
-            .verify_strict(&global_msg, &Signature::from_bytes(&global))
-            .map_err(|_| SignError::BadTrustedComment)?;
-        Ok(comment.to_string())
-    }
-}
-
 fn secret_checksum(id: &KeyId, keypair: &[u8; 64]) -> [u8; 32] {
     let mut h = Blake2b::<U32>::new();
     h.update(SIG_ALG_LEGACY);
     h.update(id.0);
     h.update(keypair);
     h.finalize().into()
-}
-
-/// Lines without their terminator ("\n" or "\r\n"), as minisign trims them.
-fn file_lines(s: &str) -> Vec<&str> {
-    s.split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .collect()
-}
-
-fn expect_untrusted_comment(
-    file: &'static str,
-    lines: &[&str],
-    line: usize,
-) -> Result<(), SignError> {
-    match lines.get(line - 1) {
-        Some(l) if l.starts_with(UNTRUSTED_PREFIX) => Ok(()),
-        _ => Err(SignError::Malformed {
-            file,
-            line,
-            reason: format!("expected a line starting with {UNTRUSTED_PREFIX:?}"),
-        }),
-    }
-}
-
-fn missing_line(file: &'static str, line: usize, what: &str) -> SignError {
-    SignError::Malformed {
-        file,
-        line,
-        reason: format!("file ends before {what}"),
-    }
-}
-
-/// Decodes base64 line `line` (1-based) and checks its decoded length.
-fn decode_line(
-    file: &'static str,
-    lines: &[&str],
-    line: usize,
-    len: usize,
-) -> Result<Vec<u8>, SignError> {
-    let text = lines
-        .get(line - 1)
-        .map(|l| l.trim())
-        .filter(|l| !l.is_empty())
-        .ok_or_else(|| missing_line(file, line, "the base64 data"))?;
-    let raw = b64_decode(text).map_err(|reason| SignError::Malformed { file, line, reason })?;
-    if raw.len() != len {
-        return Err(SignError::Malformed {
-            file,
-            line,
-            reason: format!("expected {len} bytes of base64 data, found {}", raw.len()),
-        });
-    }
-    Ok(raw)
-}
-
-fn unsupported(file: &'static str, what: &'static str, found: &[u8]) -> SignError {
-    SignError::Unsupported {
-        file,
-        what,
-        found: String::from_utf8_lossy(found).into_owned(),
-    }
-}
-
-/// Callers check the length first.
-fn to_array<const N: usize>(b: &[u8]) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(b);
-    a
 }
 
 fn one_line(comment: &str) -> String {
@@ -412,75 +168,10 @@ fn one_line(comment: &str) -> String {
     out
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn b64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Strict standard base64 with padding, as libsodium's original variant.
-fn b64_decode(text: &str) -> Result<Vec<u8>, String> {
-    let bytes = text.as_bytes();
-    let quads = bytes.chunks_exact(4);
-    if !quads.remainder().is_empty() {
-        return Err(format!(
-            "invalid base64: length {} is not a multiple of 4",
-            bytes.len()
-        ));
-    }
-    let groups = quads.len();
-    let mut out = Vec::with_capacity(groups * 3);
-    for (g, quad) in quads.enumerate() {
-        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && g + 1 != groups) {
-            return Err("invalid base64: misplaced '=' padding".into());
-        }
-        let mut n = 0u32;
-        for (i, &c) in quad[..4 - pad].iter().enumerate() {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                _ => {
-                    return Err(format!(
-                        "invalid base64: unexpected character {:?} at column {}",
-                        char::from(c),
-                        g * 4 + i + 1
-                    ))
-                }
-            };
-            n |= u32::from(v) << (18 - 6 * i);
-        }
-        let keep = 3 - pad;
-        if n & ((1 << (8 * pad)) - 1) != 0 {
-            return Err("invalid base64: non-zero bits in the last character".into());
-        }
-        out.extend_from_slice(&n.to_be_bytes()[1..1 + keep]);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_init::minisign::b64_decode;
     use proptest::prelude::*;
     use std::path::Path;
     use std::process::{Command, Output, Stdio};
@@ -524,35 +215,6 @@ mod tests {
         let new = if c == b'A' { "B" } else { "A" };
         l.replace_range(mid..mid + 1, new);
         lines.join("\n") + "\n"
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for len in 0..10 {
-            let data: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37)).collect();
-            let enc = b64_encode(&data);
-            assert_eq!(b64_decode(&enc).unwrap(), data, "{enc}");
-        }
-        assert_eq!(b64_encode(b"foob"), "Zm9vYg==");
-        assert!(b64_decode("Zm9vYh==").is_err());
-        assert!(b64_decode("Zm9=Yg==").is_err());
-        assert!(b64_decode("Zm9vY").is_err());
-    }
-
-    #[test]
-    fn key_id_shows_like_minisign() {
-        // From `minisign -G`: bytes 77 0d c6 41 f8 54 28 ac.
-        let pk = PublicKey::from_file(
-            "untrusted comment: minisign public key AC2854F841C60D77\n\
-             RWR3DcZB+FQorG7K9Fc4Oj7YBicVzTFKMp44mI0B/YTJ+g90rJSjhj0t\n",
-        )
-        .unwrap();
-        assert_eq!(pk.key_id().to_string(), "AC2854F841C60D77");
-        assert_eq!(
-            pk.to_base64(),
-            "RWR3DcZB+FQorG7K9Fc4Oj7YBicVzTFKMp44mI0B/YTJ+g90rJSjhj0t"
-        );
-        assert_eq!(PublicKey::from_file(&pk.to_base64()).unwrap(), pk);
     }
 
     #[test]

@@ -63,6 +63,31 @@ pub struct NodeConfig {
     pub log: Log,
     #[serde(default)]
     pub debug: Debug,
+    #[serde(default)]
+    pub install: Install,
+    #[serde(default)]
+    pub storage: Storage,
+}
+
+/// `[install]`: when booted from a kiln ISO, write the image to a disk.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    /// The whole disk to install to, e.g. `/dev/vda` or `/dev/nvme0n1`.
+    /// Everything on it is replaced. Only acted on when the node booted from
+    /// a kiln ISO; `kiln.install=` on the cmdline does the same.
+    pub disk: Option<String>,
+}
+
+/// `[storage]`: where /var lives when the boot medium has no data partition
+/// (PXE, an ISO).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    /// A whole disk for /var. A blank disk (no partition table or
+    /// filesystem in its first MiB) is partitioned and formatted; one that
+    /// kiln prepared before is mounted as it is; anything else is refused.
+    pub var_disk: Option<String>,
 }
 
 /// A fixed name, or one derived from a hardware identity so that one config
@@ -386,6 +411,16 @@ pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(err("k0s.env", format!("`{name}` is not a valid environment variable name")));
         }
+    }
+    for (key, v) in [("install.disk", &cfg.install.disk), ("storage.var_disk", &cfg.storage.var_disk)] {
+        if let Some(d) = v {
+            if !d.starts_with("/dev/") || d.len() <= 5 || d.contains("..") {
+                return Err(err(key, format!("`{d}` is not a device path like /dev/vda or /dev/disk/by-id/…")));
+            }
+        }
+    }
+    if cfg.install.disk.is_some() && cfg.install.disk == cfg.storage.var_disk {
+        return Err(err("storage.var_disk", "the install target cannot also be the /var disk: the installed disk carries its own data partition"));
     }
     if cfg.log.max_bytes < 64 * 1024 {
         return Err(err("log.max_bytes", "must be at least 65536 bytes"));

@@ -9,7 +9,9 @@
 pub mod config;
 pub mod dm;
 pub mod event;
+pub mod install_image;
 pub mod k0s;
+pub mod minisign;
 pub mod net;
 #[cfg(target_os = "linux")]
 pub mod node;

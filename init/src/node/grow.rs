@@ -139,6 +139,7 @@ pub fn apply(disk: &File, writes: &[(u64, Vec<u8>)]) -> Result<(), GrowError> {
 }
 
 const BLKPG: libc::c_ulong = 0x1269;
+const BLKPG_ADD_PARTITION: libc::c_int = 1;
 const BLKPG_RESIZE_PARTITION: libc::c_int = 3;
 
 #[repr(C)]
@@ -160,8 +161,17 @@ struct BlkpgIoctlArg {
 
 /// Tells the kernel the new size of partition `number` of `disk` (bytes).
 pub fn blkpg_resize(disk: &File, number: u32, start: u64, length: u64) -> std::io::Result<()> {
+    blkpg(disk, BLKPG_RESIZE_PARTITION, number, start, length)
+}
+
+/// Tells the kernel about a new partition `number` of `disk` (bytes).
+pub fn blkpg_add(disk: &File, number: u32, start: u64, length: u64) -> std::io::Result<()> {
+    blkpg(disk, BLKPG_ADD_PARTITION, number, start, length)
+}
+
+fn blkpg(disk: &File, op: libc::c_int, number: u32, start: u64, length: u64) -> std::io::Result<()> {
     let mut p = BlkpgPartition { start: start as _, length: length as _, pno: number as _, devname: [0; 64], volname: [0; 64] };
-    let mut a = BlkpgIoctlArg { op: BLKPG_RESIZE_PARTITION, flags: 0, datalen: std::mem::size_of::<BlkpgPartition>() as _, data: &mut p as *mut _ as *mut libc::c_void };
+    let mut a = BlkpgIoctlArg { op, flags: 0, datalen: std::mem::size_of::<BlkpgPartition>() as _, data: &mut p as *mut _ as *mut libc::c_void };
     // SAFETY: valid fd; the argument points to live, correctly laid-out structs.
     let rc = unsafe { libc::ioctl(disk.as_raw_fd(), BLKPG as _, &mut a) };
     if rc < 0 {

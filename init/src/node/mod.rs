@@ -3,12 +3,15 @@
 //! retry), never a panic or a crash loop.
 
 pub mod console;
+pub mod fetch;
 pub mod host;
+pub mod install;
 pub mod netup;
 pub mod preflight;
 pub mod sources;
 pub mod supervisor;
 pub mod sys;
+pub mod vardisk;
 
 // Stage 1 (initramfs → verified root); see stage1.rs.
 pub mod gpt;
@@ -210,8 +213,15 @@ pub fn run() -> ! {
     if !missing.is_empty() {
         console::warn(&format!("kernel modules not found (neither built in nor in /lib/modules): {}", missing.join(" ")));
     }
+    // The installer, when the cmdline asks for it: before the config, which
+    // an installer medium need not carry.
+    if let Some(t) = install::requested_on_cmdline() {
+        install_now(&events, &t, "cmdline");
+    }
 
-    let (cfg, source) = wait_for_config(&events);
+    // With kiln.config=URL the network comes up first, to fetch the config.
+    let mut url = sources::UrlSource::from_cmdline();
+    let (cfg, source) = wait_for_config(&events, url.as_mut());
     let mac = netup::first_mac();
     let hostname = host::hostname(&cfg, mac);
     if let Err(e) = host::apply_hostname(&hostname) {
@@ -219,7 +229,17 @@ pub fn run() -> ! {
     }
     let _ = host::write_machine_id(&format!("{hostname}{mac:?}"));
     console::event("config-loaded", &[("source", &source), ("role", &cfg.role), ("hostname", &hostname)]);
-    let mut net = netup::bring_up(&cfg, &hostname);
+    if let Some(t) = cfg.install.disk.clone() {
+        if install::read_medium().is_ok_and(|m| m.kind == "iso") {
+            install_now(&events, &t, "node.toml");
+        }
+    }
+    // /var onto storage.var_disk, before anything writes there.
+    vardisk::setup(&cfg);
+    let mut net = match url.and_then(|u| u.into_network(&cfg)) {
+        Some(n) => n,
+        None => netup::bring_up(&cfg, &hostname),
+    };
     if let Err(e) = host::write_resolv_conf(&net.dns, &net.search) {
         console::error(&format!("resolv.conf: {e}"));
     }
@@ -296,11 +316,21 @@ fn signal_name(sig: libc::c_int) -> &'static str {
     }
 }
 
-/// Loads the config, or waits in maintenance until a valid one appears.
-fn wait_for_config(events: &Events) -> (NodeConfig, String) {
+/// Loads the config, or waits in maintenance until a valid one appears. A
+/// URL is retried with backoff (1 s doubling to 30 s), local sources every
+/// 5 s; each problem is announced once, fetch failures on every try.
+fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>) -> (NodeConfig, String) {
+    let trust = sources::Trust::read();
     let mut announced: Option<String> = None;
+    let mut attempt = 0u32;
     loop {
-        match sources::load() {
+        let found = match url.as_deref_mut() {
+            Some(u) => u.load(&trust),
+            None => sources::load(&trust),
+        };
+        let wait = if url.is_some() { sources::backoff(attempt) } else { Duration::from_secs(5) };
+        attempt = attempt.saturating_add(1);
+        match found {
             sources::Found::Valid { source, config, .. } => return (*config, source),
             sources::Found::Invalid { source, reason, text } => {
                 let key = format!("{source}:{text}");
@@ -311,6 +341,22 @@ fn wait_for_config(events: &Events) -> (NodeConfig, String) {
                     announced = Some(key);
                 }
             }
+            sources::Found::Unsigned { source, reason } => {
+                let msg = format!("node config from {source} is not signed by the key in {}: {reason}", sources::CONFIG_KEY);
+                if announced.as_deref() != Some(&msg) {
+                    console::error(&msg);
+                    console::event("maintenance", &[("reason", &msg)]);
+                    announced = Some(msg);
+                }
+            }
+            sources::Found::Unreachable { url, error, hint } => {
+                console::error(&format!("node config {url}: {error}; {hint}; retrying in {} s", wait.as_secs()));
+                let key = format!("node config {url}: {error}");
+                if announced.as_deref() != Some(&key) {
+                    console::event("maintenance", &[("reason", &key)]);
+                    announced = Some(key);
+                }
+            }
             sources::Found::Missing => {
                 if announced.as_deref() != Some("missing") {
                     console::event("maintenance", &[("reason", &"no node config found")]);
@@ -318,7 +364,10 @@ fn wait_for_config(events: &Events) -> (NodeConfig, String) {
                 }
             }
         }
-        idle(events, Duration::from_secs(5));
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            idle(events, until.saturating_duration_since(Instant::now()));
+        }
     }
 }
 
@@ -345,6 +394,26 @@ fn idle(events: &Events, d: Duration) {
             }
             Wake::Power => final_shutdown(Action::Poweroff, "power-button"),
             _ => {}
+        }
+    }
+}
+
+/// Installs this ISO onto `target` and reboots into it; on failure,
+/// maintenance. Returns only when the disk already holds this image.
+fn install_now(events: &Events, target: &str, why: &str) {
+    match install::run(target, why) {
+        Ok(install::Outcome::Installed { target, bytes, seconds }) => {
+            console::event("install-complete", &[("target", &target), ("bytes", &bytes), ("seconds", &format!("{seconds:.1}")), ("verified", &"yes")]);
+            console::info("installed; rebooting into the disk (remove the install medium, or boot from the disk first)");
+            final_shutdown(Action::Reboot, "installed")
+        }
+        Ok(install::Outcome::AlreadyInstalled { target }) => {
+            console::warn(&format!("{target} already holds this image; not installing again. Remove the install medium, or boot from {target} first; booting from the medium now"));
+        }
+        Err(e) => {
+            console::error(&format!("install ({why}): {e}"));
+            console::event("install-failed", &[("target", &target), ("reason", &e)]);
+            maintenance(events, &format!("install to {target} failed: {e}"))
         }
     }
 }

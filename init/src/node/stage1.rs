@@ -62,6 +62,9 @@ pub struct Cmdline {
     pub roothash: [u8; 32],
     pub slot: String,
     pub on_corruption: Option<OnCorruption>,
+    /// `kiln.root=ram`: copy the root into RAM before verifying it, so the
+    /// boot medium (a CD or stick) can be removed.
+    pub ram: bool,
 }
 
 impl Cmdline {
@@ -122,8 +125,11 @@ pub fn has_roothash(cmdline: &str) -> bool {
 /// Parses stage 1's settings; the last of a repeated key wins, as in the
 /// kernel. Every error says what is wrong and what to do.
 pub fn parse_cmdline(cmdline: &str) -> Result<Cmdline, String> {
-    let (mut hash, mut slot, mut verity) = (None, None, None);
+    let (mut hash, mut slot, mut verity, mut root) = (None, None, None, None);
     for w in words(cmdline) {
+        if let Some(v) = w.strip_prefix("kiln.root=") {
+            root = Some(v.to_string());
+        }
         if let Some(v) = w.strip_prefix("roothash=") {
             hash = Some(v.to_string());
         } else if let Some(v) = w.strip_prefix("kiln.slot=") {
@@ -146,7 +152,12 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Cmdline, String> {
         Some("restart") => Some(OnCorruption::Restart),
         Some(v) => return Err(format!("kiln.verity={v:?} on the kernel cmdline: use panic or restart, or leave it out (a bad block is then a read error)")),
     };
-    Ok(Cmdline { roothash, slot, on_corruption })
+    let ram = match root.as_deref() {
+        None | Some("medium") => false,
+        Some("ram") => true,
+        Some(v) => return Err(format!("kiln.root={v:?} on the kernel cmdline: use ram (copy the root into RAM) or medium, or leave it out")),
+    };
+    Ok(Cmdline { roothash, slot, on_corruption, ram })
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
@@ -266,6 +277,7 @@ impl Part {
 #[derive(Debug)]
 pub struct Disk {
     pub sysname: String,
+    pub dev: (u32, u32),
     pub lba_size: u64,
     pub bytes: u64,
     pub parts: Vec<Part>,
@@ -314,7 +326,7 @@ pub fn scan_disks() -> Vec<Disk> {
     let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     for name in names {
-        if ["loop", "ram", "zram", "dm-", "sr", "fd", "nbd"].iter().any(|p| name.starts_with(p)) {
+        if ["loop", "ram", "zram", "dm-", "fd", "nbd"].iter().any(|p| name.starts_with(p)) {
             continue;
         }
         let dir = Path::new("/sys/block").join(&name);
@@ -324,6 +336,7 @@ pub fn scan_disks() -> Vec<Disk> {
         }
         let lba_size: u64 = read_trim(dir.join("queue/logical_block_size")).and_then(|s| s.parse().ok()).filter(|s: &u64| s.is_power_of_two() && *s >= 512).unwrap_or(512);
         let sysname = devname(&dir, &name);
+        let Some(dev) = read_trim(dir.join("dev")).and_then(|s| parse_devno(&s)) else { continue };
         let mut parts = Vec::new();
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
@@ -337,37 +350,196 @@ pub fn scan_disks() -> Vec<Disk> {
         }
         parts.sort_by_key(|p| p.number);
         let bytes = sectors * 512;
-        let gpt = match File::open(format!("/dev/{sysname}")) {
-            Ok(f) => Gpt::read(&f, lba_size, bytes).map_err(|e| e.to_string()),
+        // An isohybrid ISO's GPT uses 512-byte LBAs even on a CD's 2048-byte
+        // sectors.
+        let gpt = match File::open(ensure_node(&sysname, dev)) {
+            Ok(f) => Gpt::read(&f, lba_size, bytes).or_else(|e| if lba_size != 512 { Gpt::read(&f, 512, bytes) } else { Err(e) }).map_err(|e| e.to_string()),
             Err(e) => Err(format!("/dev/{sysname}: {e}")),
         };
-        out.push(Disk { sysname, lba_size, bytes, parts, gpt });
+        out.push(Disk { sysname, dev, lba_size, bytes, parts, gpt });
     }
     out
 }
 
-/// The disk holding both root partitions, and the two partitions.
-pub struct Root {
-    pub disk: Disk,
-    pub data: Part,
-    pub hash: Part,
+/// A block device stage 1 reads: a partition the kernel registered, a
+/// dm-linear map of a GPT entry it did not (a CD), or a loop device over a
+/// file in the initramfs (PXE, or a root copied into RAM).
+#[derive(Clone, Debug)]
+pub struct Blk {
+    pub node: String,
+    pub dev: (u32, u32),
+    pub bytes: u64,
 }
 
-fn find_root(disks: Vec<Disk>, data_uuid: Guid, hash_uuid: Guid) -> Result<Root, Vec<Disk>> {
+/// Where the root came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Medium {
+    /// An installed disk: A/B slots and a data partition.
+    Disk,
+    /// A kiln ISO, as a CD or a USB stick: no data partition.
+    Iso,
+    /// The squashfs inside the initramfs (PXE).
+    Initramfs,
+}
+
+impl Medium {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Medium::Disk => "disk",
+            Medium::Iso => "iso",
+            Medium::Initramfs => "initramfs",
+        }
+    }
+}
+
+/// The GPT name of the ISO's install-image partition; its presence marks a
+/// kiln ISO.
+pub const INSTALL_PART: &str = "kiln-install";
+/// Where a PXE initramfs (or `kiln.root=ram`) holds the root and its tree.
+pub const RAM_ROOT: &str = "/kiln/root.squashfs";
+pub const RAM_VERITY: &str = "/kiln/root.verity";
+/// What stage 1 tells stage 2 about the boot medium (key=value lines).
+pub const MEDIUM_FILE: &str = "/run/kiln/medium";
+
+/// The verified root's two devices, and the disk they are on (none for PXE).
+pub struct Root {
+    pub medium: Medium,
+    pub disk: Option<Disk>,
+    pub data: Blk,
+    pub hash: Blk,
+}
+
+/// The disk whose GPT holds both root entries, and the two entries.
+fn find_root(disks: Vec<Disk>, data_uuid: Guid, hash_uuid: Guid) -> Result<(Disk, gpt::Partition, gpt::Partition), Vec<Disk>> {
     let mut rest = Vec::new();
     for disk in disks {
         let hit = disk.gpt.as_ref().ok().and_then(|g| {
             let ps = g.partitions();
-            let d = ps.iter().find(|p| p.uuid == data_uuid)?;
-            let h = ps.iter().find(|p| p.uuid == hash_uuid)?;
-            Some((disk.part(d.number)?.clone(), disk.part(h.number)?.clone()))
+            let d = ps.iter().find(|p| p.uuid == data_uuid)?.clone();
+            let h = ps.iter().find(|p| p.uuid == hash_uuid)?.clone();
+            Some((d, h))
         });
         match hit {
-            Some((data, hash)) => return Ok(Root { disk, data, hash }),
+            Some((d, h)) => return Ok((disk, d, h)),
             None => rest.push(disk),
         }
     }
     Err(rest)
+}
+
+/// The block device for GPT entry `e` of `disk`: the kernel's partition, or
+/// a read-only loop device over its bytes when the kernel registered none
+/// (a CD: no partition scanning, 2048-byte sectors; the loop device has
+/// 512-byte sectors, which the ESP's FAT needs).
+pub fn entry_blk(disk: &Disk, e: &gpt::Partition) -> Result<Blk, String> {
+    if let Some(p) = disk.part(e.number) {
+        return Ok(Blk { node: ensure_node(&p.sysname, p.dev), dev: p.dev, bytes: p.bytes });
+    }
+    let lba = disk.gpt.as_ref().map(|g| g.lba_size).unwrap_or(512);
+    let (start, bytes) = (e.first_lba * lba, (e.last_lba + 1 - e.first_lba) * lba);
+    if start + bytes > disk.bytes {
+        return Err(format!("GPT entry {:?} on {} ends past the device's end ({} bytes): a truncated image", e.name, disk.node(), disk.bytes));
+    }
+    loop_device_at(&disk.node(), start, bytes).map_err(|err| format!("GPT entry {:?} on {}: {err}", e.name, disk.node()))
+}
+
+/// Creates and resumes device-mapper device `name` with one target.
+fn dm_create(name: &str, flags: u32, t: dm::Target) -> Result<(u32, u32), dm::DmError> {
+    let ctl = dm::Control::open()?;
+    ctl.create(name)?;
+    match ctl.load(name, flags, &[t]).and_then(|_| ctl.resume(name)) {
+        Ok(r) => Ok(r.devno()),
+        Err(e) => {
+            let _ = ctl.remove(name);
+            Err(e)
+        }
+    }
+}
+
+/// The /dev node of a dm device.
+fn dm_node(dev: (u32, u32)) -> String {
+    let name = devname(Path::new(&format!("/sys/dev/block/{}:{}", dev.0, dev.1)), &format!("dm-{}", dev.1));
+    ensure_node(&name, dev)
+}
+
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+
+/// A read-only loop device over `path`.
+pub fn loop_device(path: &str) -> Result<Blk, String> {
+    loop_device_at(path, 0, 0)
+}
+
+/// `struct loop_info64`, for the offset and size limit.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+
+/// A read-only loop device over `bytes` bytes of `path` from `offset`
+/// (`bytes` 0: to the end).
+pub fn loop_device_at(path: &str, offset: u64, bytes: u64) -> Result<Blk, String> {
+    let f = File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let size = match bytes {
+        0 => {
+            use std::io::Seek;
+            let mut g = &f;
+            g.seek(std::io::SeekFrom::End(0)).map_err(|e| format!("{path}: {e}"))? - offset
+        }
+        n => n,
+    };
+    let ctl = File::open(ensure_node("loop-control", (10, 237))).map_err(|e| format!("/dev/loop-control: {e} (is CONFIG_BLK_DEV_LOOP in the kernel?)"))?;
+    for _ in 0..8 {
+        // SAFETY: ioctl without arguments on an open fd.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+        if n < 0 {
+            return Err(format!("/dev/loop-control: {}", std::io::Error::last_os_error()));
+        }
+        let dev = (7, n as u32);
+        let node = ensure_node(&format!("loop{n}"), dev);
+        let lo = File::open(&node).map_err(|e| format!("{node}: {e}"))?;
+        // SAFETY: LOOP_SET_FD takes the backing fd by value; a read-only fd
+        // makes a read-only loop device.
+        if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_SET_FD as _, f.as_raw_fd()) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                continue;
+            }
+            return Err(format!("attaching {path} to {node}: {e}"));
+        }
+        if offset != 0 || bytes != 0 {
+            // SAFETY: the struct is plain data, zeroed, then filled.
+            let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+            info.offset = offset;
+            info.sizelimit = size;
+            info.flags = LO_FLAGS_READ_ONLY;
+            // SAFETY: LOOP_SET_STATUS64 reads one struct loop_info64.
+            if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_SET_STATUS64 as _, &info) } != 0 {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: detach what was just attached.
+                unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CLR_FD as _, 0) };
+                return Err(format!("setting offset {offset} and size {size} on {node}: {e}"));
+            }
+        }
+        return Ok(Blk { node, dev, bytes: size });
+    }
+    Err(format!("no free loop device for {path}"))
 }
 
 /// Makes sure /dev has a node for `name` (devtmpfs normally made it).
@@ -488,10 +660,22 @@ fn mount_early() {
 fn boot() -> Result<(), Fail> {
     let text = sys::read("/proc/cmdline").map_err(|e| Fail::root(format!("cmdline: {e}")))?;
     let cmd = parse_cmdline(&text).map_err(|e| Fail::root(format!("cmdline: {e}")))?;
-    console::info(&format!("stage 1: root hash {} (slot {}); looking for PARTUUIDs {} and {}", cmd.root_hex(), cmd.slot, cmd.data_uuid(), cmd.hash_uuid()));
 
-    let root = wait_for_root(&cmd)?;
-    let dm_node = setup_verity(&cmd, &root)?;
+    let root = if Path::new(RAM_ROOT).exists() {
+        console::info(&format!("stage 1: root hash {} (slot {}); the root is in the initramfs", cmd.root_hex(), cmd.slot));
+        let lo = |p: &str| loop_device(p).map_err(|e| Fail::root(format!("the root in the initramfs: {e}")));
+        Root { medium: Medium::Initramfs, disk: None, data: lo(RAM_ROOT)?, hash: lo(RAM_VERITY)? }
+    } else {
+        console::info(&format!("stage 1: root hash {} (slot {}); looking for PARTUUIDs {} and {}", cmd.root_hex(), cmd.slot, cmd.data_uuid(), cmd.hash_uuid()));
+        let root = wait_for_root(&cmd)?;
+        if cmd.ram {
+            copy_to_ram(root)?
+        } else {
+            root
+        }
+    };
+    let sb = read_superblock(&root)?;
+    let dm_node = setup_verity(&cmd, &root, &sb)?;
     verify(&cmd, &dm_node)?;
 
     sys::mount(&dm_node, SYSROOT, "squashfs", libc::MS_RDONLY, None).map_err(|e| Fail::root(format!("mounting the verified root: {e}")).detail("the root passed verity but is not a squashfs the kernel can mount (CONFIG_SQUASHFS, its compressor)"))?;
@@ -500,10 +684,32 @@ fn boot() -> Result<(), Fail> {
     if let Err(e) = setup_etc() {
         console::error(&format!("/etc on tmpfs: {e}; /etc stays read-only and stage 2 cannot write hostname, hosts or resolv.conf"));
     }
-    setup_var(&root.disk);
-    writable_binds();
-    mount_esp(&root.disk);
+    setup_var(&root);
+    writable_binds(SYSROOT);
+    let esp = mount_esp(&root);
+    if let Err(e) = write_medium(&root, &dm_node, &sb, esp.as_ref()) {
+        console::warn(&format!("{MEDIUM_FILE}: {e}; installing from this medium is not possible"));
+    }
     switch_root().map_err(|e| Fail { event: None, reason: format!("switch_root: {e}"), detail: Vec::new() })
+}
+
+/// Tells stage 2 what it booted from, for the installer.
+fn write_medium(root: &Root, dm_node: &str, sb: &VeritySuperblock, esp: Option<&Blk>) -> std::io::Result<()> {
+    let mut s = format!("kind={}\nroot={dm_node}\nroot_bytes={}\nverity={}\nverity_bytes={}\n", root.medium.as_str(), sb.data_bytes(), root.hash.node, sb.hash_bytes());
+    if let Some(d) = &root.disk {
+        s.push_str(&format!("device={}\n", d.node()));
+        if let Some(e) = d.gpt.as_ref().ok().and_then(|g| g.by_name(INSTALL_PART)) {
+            match entry_blk(d, &e) {
+                Ok(b) => s.push_str(&format!("install={}\n", b.node)),
+                Err(e) => console::warn(&format!("the install image on {}: {e}", d.node())),
+            }
+        }
+    }
+    if let Some(e) = esp {
+        s.push_str(&format!("esp={}\n", e.node));
+    }
+    std::fs::create_dir_all("/run/kiln")?;
+    std::fs::write(MEDIUM_FILE, s)
 }
 
 fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
@@ -513,17 +719,20 @@ fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
     let mut hinted = false;
     loop {
         let disks = match find_root(scan_disks(), want_data, want_hash) {
-            Ok(root) => {
+            Ok((disk, d, h)) => {
+                let iso = disk.sysname.starts_with("sr") || disk.gpt.as_ref().is_ok_and(|g| g.by_name(INSTALL_PART).is_some());
+                let blk = |e: &gpt::Partition| entry_blk(&disk, e).map_err(Fail::root);
+                let (data, hash) = (blk(&d)?, blk(&h)?);
                 console::info(&format!(
-                    "root partitions found on {} after {:.1} s: data {} ({} bytes), hash {} ({} bytes)",
-                    root.disk.sysname,
+                    "root found on {} after {:.1} s: data {} ({} bytes), hash {} ({} bytes)",
+                    disk.sysname,
                     start.elapsed().as_secs_f64(),
-                    root.data.node(),
-                    root.data.bytes,
-                    root.hash.node(),
-                    root.hash.bytes
+                    data.node,
+                    data.bytes,
+                    hash.node,
+                    hash.bytes
                 ));
-                return Ok(root);
+                return Ok(Root { medium: if iso { Medium::Iso } else { Medium::Disk }, disk: Some(disk), data, hash });
             }
             Err(disks) => disks,
         };
@@ -557,36 +766,55 @@ fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
     }
 }
 
-/// Reads the superblock, checks it against the partitions, and creates
-/// /dev/mapper/root (as /dev/dm-N). Returns the node.
-fn setup_verity(cmd: &Cmdline, root: &Root) -> Result<String, Fail> {
-    let hash_node = ensure_node(&root.hash.sysname, root.hash.dev);
+/// `kiln.root=ram`: copies the root and its hash tree into the initramfs
+/// and uses loop devices over the copies. Verity checks the copies.
+fn copy_to_ram(root: Root) -> Result<Root, Fail> {
+    let sb = read_superblock(&root)?;
+    let t0 = Instant::now();
+    let _ = std::fs::create_dir_all("/kiln");
+    for (from, len, to) in [(&root.data, sb.data_bytes(), RAM_ROOT), (&root.hash, sb.hash_bytes(), RAM_VERITY)] {
+        let copy = || -> std::io::Result<u64> {
+            let src = File::open(&from.node)?;
+            let mut dst = File::create(to)?;
+            std::io::copy(&mut std::io::Read::take(src, len), &mut dst)
+        };
+        match copy() {
+            Ok(n) if n == len => {}
+            Ok(n) => return Err(Fail::root(format!("kiln.root=ram: {} gave {n} of {len} bytes: the medium is truncated", from.node))),
+            Err(e) => return Err(Fail::root(format!("kiln.root=ram: copying {} into RAM: {e}", from.node)).detail("is there enough RAM for the root? boot without kiln.root=ram to run from the medium")),
+        }
+    }
+    console::info(&format!("kiln.root=ram: root copied into RAM ({} KiB) in {:.2} s; the medium can be removed", (sb.data_bytes() + sb.hash_bytes()) / 1024, t0.elapsed().as_secs_f64()));
+    let lo = |p: &str| loop_device(p).map_err(|e| Fail::root(format!("kiln.root=ram: {e}")));
+    Ok(Root { medium: root.medium, disk: root.disk, data: lo(RAM_ROOT)?, hash: lo(RAM_VERITY)? })
+}
+
+/// The veritysetup superblock at the start of the hash device, checked
+/// against the sizes of both devices.
+fn read_superblock(root: &Root) -> Result<VeritySuperblock, Fail> {
+    let hash_node = &root.hash.node;
     let mut sb = vec![0u8; 512];
-    File::open(&hash_node).and_then(|f| f.read_exact_at(&mut sb, 0)).map_err(|e| Fail::root(format!("reading the verity superblock from {hash_node}: {e}")))?;
+    File::open(hash_node).and_then(|f| f.read_exact_at(&mut sb, 0)).map_err(|e| Fail::root(format!("reading the verity superblock from {hash_node}: {e}")))?;
     let sb = VeritySuperblock::parse(&sb).map_err(|e| Fail::root(format!("verity superblock on {hash_node}: {e}")))?;
     if sb.data_bytes() > root.data.bytes {
-        return Err(Fail::root(format!("verity superblock on {hash_node} covers {} bytes, but {} has only {}: the image is truncated", sb.data_bytes(), root.data.node(), root.data.bytes)));
+        return Err(Fail::root(format!("verity superblock on {hash_node} covers {} bytes, but {} has only {}: the image is truncated", sb.data_bytes(), root.data.node, root.data.bytes)));
     }
     if sb.hash_bytes() > root.hash.bytes {
         return Err(Fail::root(format!("the hash tree needs {} bytes, but {hash_node} has only {}: the image is truncated", sb.hash_bytes(), root.hash.bytes)));
     }
+    Ok(sb)
+}
+
+/// Creates /dev/mapper/root (as /dev/dm-N) over the two devices. Returns
+/// the node.
+fn setup_verity(cmd: &Cmdline, root: &Root, sb: &VeritySuperblock) -> Result<String, Fail> {
     let target = dm::verity_target(root.data.dev, root.hash.dev, sb.data_block_size, sb.hash_block_size, sb.data_blocks, &cmd.root_hex(), &sb.salt_hex(), cmd.on_corruption.map(OnCorruption::table_arg));
     console::info(&format!("dm-verity table: {} {} {} {}", target.start, target.length, target.kind, target.params));
-    let dmfail = |e: dm::DmError| Fail::root(format!("dm-verity: {e}"));
-    let ctl = dm::Control::open().map_err(dmfail)?;
-    ctl.create(DM_NAME).map_err(dmfail)?;
-    let r = ctl.load(DM_NAME, dm::READONLY_FLAG, &[target]).and_then(|_| ctl.resume(DM_NAME));
-    let r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = ctl.remove(DM_NAME);
-            return Err(dmfail(e).detail("the kernel log (dmesg) says why the table was refused; the kernel needs CONFIG_DM_VERITY"));
-        }
-    };
-    let dev = r.devno();
-    let name = devname(Path::new(&format!("/sys/dev/block/{}:{}", dev.0, dev.1)), &format!("dm-{}", dev.1));
-    let node = ensure_node(&name, dev);
+    let dev = dm_create(DM_NAME, dm::READONLY_FLAG, target)
+        .map_err(|e| Fail::root(format!("dm-verity: {e}")).detail("the kernel log (dmesg) says why the table was refused; the kernel needs CONFIG_DM_VERITY"))?;
+    let node = dm_node(dev);
     // /dev/mapper/root for humans and tools; nothing depends on it.
+    let name = node.trim_start_matches("/dev/");
     let _ = std::os::unix::fs::symlink(format!("../{name}"), format!("/dev/mapper/{DM_NAME}"));
     Ok(node)
 }
@@ -693,24 +921,38 @@ pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// /var on the data partition, grown on first boot; a tmpfs if that fails.
-fn setup_var(disk: &Disk) {
+/// /var on the data partition, grown on first boot; a tmpfs if there is
+/// none (ISO, PXE) or it fails, announced loudly.
+fn setup_var(root: &Root) {
     let var = format!("{SYSROOT}/var");
-    if let Err(reason) = mount_data(disk, &var) {
-        console::error(&format!("/var: {reason}"));
-        console::event("data-ephemeral", &[("reason", &reason)]);
-        console::warn("/var is a tmpfs: k0s state, logs and images are lost at reboot");
-        if let Err(e) = sys::mount("tmpfs", &var, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755")) {
-            console::error(&format!("/var on tmpfs: {e}"));
+    let r = match (&root.disk, root.medium) {
+        (Some(disk), Medium::Disk) => mount_data(disk, "data", &var),
+        (_, m) => Err(format!("booted from {} (no data partition)", if m == Medium::Iso { "an ISO" } else { "the network: the root is in the initramfs" })),
+    };
+    if let Err(reason) = r {
+        if root.medium == Medium::Disk {
+            console::error(&format!("/var: {reason}"));
         }
+        ephemeral_var(&var, &reason);
     }
 }
 
-fn mount_data(disk: &Disk, var: &str) -> Result<(), String> {
+/// A tmpfs /var, with the `data-ephemeral` event and a warning.
+pub fn ephemeral_var(var: &str, reason: &str) {
+    console::event("data-ephemeral", &[("reason", &reason)]);
+    console::warn("/var is a tmpfs: k0s state, logs and images are lost at reboot (node.toml `storage.var_disk` names a disk for /var)");
+    if let Err(e) = sys::mount("tmpfs", var, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755")) {
+        console::error(&format!("/var on tmpfs: {e}"));
+    }
+}
+
+/// Mounts GPT partition `name` of `disk` (ext4) on `var`, growing the
+/// partition to the disk's end and the filesystem to the partition first.
+pub fn mount_data(disk: &Disk, name: &str, var: &str) -> Result<(), String> {
     let gpt = disk.gpt.as_ref().map_err(|e| format!("{}: {e}", disk.node()))?;
-    let entry = gpt.by_name("data").ok_or_else(|| format!("no partition named \"data\" on {}", disk.node()))?;
+    let entry = gpt.by_name(name).ok_or_else(|| format!("no partition named {name:?} on {}", disk.node()))?;
     let part = disk.part(entry.number).ok_or_else(|| format!("the kernel has no partition {} on {}", entry.number, disk.node()))?.clone();
-    match grow_partition(disk, gpt) {
+    match grow_partition(disk, gpt, name) {
         Ok(Some(plan)) => console::info(&format!("data partition {} grown from {} to {} bytes", part.node(), plan.old_bytes(), plan.new_bytes())),
         Ok(None) => {}
         Err(e) => console::warn(&format!("growing the data partition {}: {e}; /var keeps its size", part.node())),
@@ -737,8 +979,8 @@ fn mount_data(disk: &Disk, var: &str) -> Result<(), String> {
 
 /// Extends the data partition to the disk's end in the GPT and tells the
 /// kernel.
-fn grow_partition(disk: &Disk, gpt: &Gpt) -> Result<Option<grow::Plan>, String> {
-    let Some(plan) = grow::Plan::new(gpt, "data", disk.bytes / disk.lba_size).map_err(|e| e.to_string())? else { return Ok(None) };
+fn grow_partition(disk: &Disk, gpt: &Gpt, name: &str) -> Result<Option<grow::Plan>, String> {
+    let Some(plan) = grow::Plan::new(gpt, name, disk.bytes / disk.lba_size).map_err(|e| e.to_string())? else { return Ok(None) };
     let f = std::fs::OpenOptions::new().read(true).write(true).open(disk.node()).map_err(|e| format!("{}: {e}", disk.node()))?;
     let mut mbr = vec![0u8; 512];
     f.read_exact_at(&mut mbr, 0).map_err(|e| format!("{}: reading sector 0: {e}", disk.node()))?;
@@ -760,10 +1002,11 @@ fn statvfs(path: &str) -> Option<(u64, u64)> {
     Some((st.f_blocks as u64 * f, st.f_bavail as u64 * f))
 }
 
-/// The k0s contract's writable directories under the read-only root.
-fn writable_binds() {
+/// The k0s contract's writable directories under the read-only root at
+/// `root` ("" for the running root).
+pub fn writable_binds(root: &str) {
     for (src, dst) in WRITABLE_BINDS {
-        let (s, d) = (format!("{SYSROOT}{src}"), format!("{SYSROOT}{dst}"));
+        let (s, d) = (format!("{root}{src}"), format!("{root}{dst}"));
         if let Err(e) = sys::mkdir_p(&s) {
             console::warn(&format!("{e}; {dst} stays read-only"));
             continue;
@@ -778,20 +1021,29 @@ fn writable_binds() {
     }
 }
 
-/// The ESP at /boot, so stage 2 can read /boot/node.toml.
-fn mount_esp(disk: &Disk) {
-    let Ok(gpt) = &disk.gpt else { return };
+/// The ESP at /boot, so stage 2 can read /boot/node.toml (read-only on an
+/// ISO). Returns its device.
+fn mount_esp(root: &Root) -> Option<Blk> {
+    let disk = root.disk.as_ref()?;
+    let Ok(gpt) = &disk.gpt else { return None };
     let Some(esp) = gpt.by_name("esp").or_else(|| gpt.partitions().into_iter().find(|p| p.type_guid == gpt::ESP_TYPE)) else {
         console::warn(&format!("no ESP on {}; /boot/node.toml is not a config source", disk.node()));
-        return;
+        return None;
     };
-    let Some(part) = disk.part(esp.number) else { return };
-    let node = ensure_node(&part.sysname, part.dev);
+    let blk = match entry_blk(disk, &esp) {
+        Ok(b) => b,
+        Err(e) => {
+            console::warn(&format!("ESP: {e}; /boot/node.toml is not a config source"));
+            return None;
+        }
+    };
     let target = format!("{SYSROOT}/boot");
-    match sys::mount(&node, &target, "vfat", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, Some("umask=0077")) {
-        Ok(()) => console::info(&format!("ESP {node} mounted at /boot")),
+    let ro = if root.medium == Medium::Disk { 0 } else { libc::MS_RDONLY };
+    match sys::mount(&blk.node, &target, "vfat", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | ro, Some("umask=0077")) {
+        Ok(()) => console::info(&format!("ESP {} mounted at /boot", blk.node)),
         Err(e) => console::warn(&format!("ESP: {e}; /boot/node.toml is not a config source")),
     }
+    Some(blk)
 }
 
 /// Moves the pseudo filesystems into the new root, frees the initramfs, and

@@ -14,7 +14,10 @@ use std::time::Duration;
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 pub fn scratch() -> PathBuf {
@@ -32,14 +35,17 @@ pub fn built(profile: &str) -> PathBuf {
     }
     let cache = kiln::cache::Cache::default_location();
     let path = workspace().join("profiles").join(format!("{profile}.toml"));
-    let out = kiln::pipeline::build(&path, &scratch().join("out"), &cache).unwrap_or_else(|e| panic!("building {profile}: {e:#}"));
+    let out = kiln::pipeline::build(&path, &scratch().join("out"), &cache)
+        .unwrap_or_else(|e| panic!("building {profile}: {e:#}"));
     b.push((profile.to_string(), out.out.clone()));
     out.out
 }
 
 fn vm_lock() -> MutexGuard<'static, ()> {
     static L: OnceLock<Mutex<()>> = OnceLock::new();
-    L.get_or_init(|| Mutex::new(())).lock().unwrap_or_else(|e| e.into_inner())
+    L.get_or_init(|| Mutex::new(()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 /// A booted VM, its log, and the lock that keeps other VMs waiting.
@@ -56,7 +62,12 @@ pub fn boot(test: &str, out: &Path, config: Option<&str>) -> Node {
 }
 
 /// Boots with the spec adjusted by `tweak` (disk image, size, overlay…).
-pub fn boot_with(test: &str, out: &Path, config: Option<&str>, tweak: impl FnOnce(&mut VmSpec)) -> Node {
+pub fn boot_with(
+    test: &str,
+    out: &Path,
+    config: Option<&str>,
+    tweak: impl FnOnce(&mut VmSpec),
+) -> Node {
     let lock = vm_lock();
     let logs = scratch().join("logs");
     let _ = std::fs::create_dir_all(&logs);
@@ -71,7 +82,11 @@ pub fn boot_with(test: &str, out: &Path, config: Option<&str>, tweak: impl FnOnc
     }
     tweak(&mut spec);
     let vm = Vm::start(&spec).unwrap_or_else(|e| panic!("{test}: starting QEMU: {e}"));
-    Node { vm, log: spec.log.clone().unwrap_or_default(), _lock: lock }
+    Node {
+        vm,
+        log: spec.log.clone().unwrap_or_default(),
+        _lock: lock,
+    }
 }
 
 impl Node {
@@ -96,10 +111,19 @@ impl Node {
 
     /// Waits for the stand-in's summary and returns every check line.
     pub fn standin_checks(&mut self) -> Vec<String> {
-        let done = self.line("stand-in checks done", BOOT_TIMEOUT, |l| l.contains("stand-in: checks done"));
+        let done = self.line("stand-in checks done", BOOT_TIMEOUT, |l| {
+            l.contains("stand-in: checks done")
+        });
         let log = self.vm.log();
         let end = log.iter().rposition(|l| *l == done).unwrap_or(log.len());
-        let start = log[..end].iter().rposition(|l| l.contains("stand-in: argv")).unwrap_or(0);
-        log[start..end].iter().filter(|l| l.contains("stand-in: check ")).cloned().collect()
+        let start = log[..end]
+            .iter()
+            .rposition(|l| l.contains("stand-in: argv"))
+            .unwrap_or(0);
+        log[start..end]
+            .iter()
+            .filter(|l| l.contains("stand-in: check "))
+            .cloned()
+            .collect()
     }
 }

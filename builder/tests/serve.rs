@@ -1,0 +1,352 @@
+//! `kiln serve` as a user runs it: the real binary on a free port, with a
+//! temporary PXE bundle and configs directory. Checks files, MAC spellings,
+//! traversal refusal, the boot.ipxe rewrite and the log lines; then a signed
+//! config made by `kiln config sign`, fetched by the node's own client and
+//! checked by Debian's minisign and by kiln_init::minisign.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// A running `kiln serve`, killed on drop.
+struct Serve {
+    child: Child,
+    addr: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    fn start(dir: &Path, configs: Option<&Path>) -> Serve {
+        let mut cmd = Command::new(KILN);
+        cmd.arg("serve").arg(dir).args(["--listen", "127.0.0.1:0"]);
+        if let Some(c) = configs {
+            cmd.arg("--configs").arg(c);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kiln serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let first = log
+            .recv_timeout(Duration::from_secs(20))
+            .expect("kiln serve printed nothing");
+        let addr = first
+            .split("listening on http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_string();
+        assert!(
+            !addr.ends_with(":0"),
+            "port 0 must be reported as the real port: {first}"
+        );
+        Serve { child, addr, log }
+    }
+
+    /// The next log line, which must come soon.
+    fn log_line(&self) -> String {
+        self.log
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no log line")
+    }
+
+    /// Sends a raw request; returns (status, headers, body).
+    fn raw(&self, request: &str) -> (u16, String, Vec<u8>) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let split = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("no head");
+        let head = String::from_utf8_lossy(&out[..split]).into_owned();
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        (code, head, out[split + 4..].to_vec())
+    }
+
+    fn get(&self, path: &str) -> (u16, String, Vec<u8>) {
+        self.raw(&format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        ))
+    }
+}
+
+fn bundle() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let pxe = d.path().join("pxe");
+    std::fs::create_dir_all(&pxe).unwrap();
+    std::fs::write(
+        pxe.join("boot.ipxe"),
+        "#!ipxe\nset kiln-server http://replaced-by-kiln-serve\nkernel ${kiln-server}/vmlinuz kiln.config=${kiln-server}/configs/${mac}.toml\ninitrd ${kiln-server}/initramfs.cpio.zst\nboot\n",
+    )
+    .unwrap();
+    // Larger than any socket buffer, so it is streamed.
+    let kernel: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(pxe.join("vmlinuz"), kernel).unwrap();
+    std::fs::write(pxe.join("initramfs.cpio.zst"), b"cpio").unwrap();
+    std::fs::write(d.path().join("secret"), b"SECRET-CONTENT").unwrap();
+    std::os::unix::fs::symlink("../secret", pxe.join("escape")).unwrap();
+    let configs = d.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(
+        configs.join("52:54:00:12:34:56.toml"),
+        "role = \"single\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        configs.join("aa-bb-cc-dd-ee-ff.toml"),
+        "role = \"controller\"\n",
+    )
+    .unwrap();
+    d
+}
+
+#[test]
+fn serves_the_bundle_and_configs_by_mac() {
+    let d = bundle();
+    let pxe = d.path().join("pxe");
+    let configs = d.path().join("configs");
+    let s = Serve::start(&pxe, Some(&configs));
+
+    // Files, streamed with their length.
+    let (code, head, body) = s.get("/vmlinuz");
+    assert_eq!(code, 200);
+    assert_eq!(body, std::fs::read(pxe.join("vmlinuz")).unwrap());
+    assert!(head.contains("Content-Length: 3000000"), "{head}");
+    let line = s.log_line();
+    assert_eq!(line, "kiln serve: 127.0.0.1 GET /vmlinuz 200 3000000 B");
+    let (code, head, body) = s.raw(&format!(
+        "HEAD /initramfs.cpio.zst HTTP/1.1\r\nHost: {}\r\n\r\n",
+        s.addr
+    ));
+    assert_eq!((code, body.len()), (200, 0));
+    assert!(head.contains("Content-Length: 4"), "{head}");
+    s.log_line();
+
+    // boot.ipxe names the server as the client reached it.
+    let (code, _, body) =
+        s.raw("GET /boot.ipxe?mac=52-54-00-12-34-56 HTTP/1.1\r\nHost: boot.example:8080\r\n\r\n");
+    assert_eq!(code, 200);
+    let script = String::from_utf8(body).unwrap();
+    assert!(
+        script.contains("\nset kiln-server http://boot.example:8080\n"),
+        "{script}"
+    );
+    assert!(script.contains("kernel ${kiln-server}/vmlinuz"), "{script}");
+    let line = s.log_line();
+    assert!(
+        line.starts_with("kiln serve: 127.0.0.1 GET /boot.ipxe?mac=52-54-00-12-34-56 200 ")
+            && line.ends_with(" mac=52:54:00:12:34:56"),
+        "{line}"
+    );
+
+    // Configs: any spelling of the MAC finds the file in either spelling.
+    for path in [
+        "/configs/52:54:00:12:34:56.toml",
+        "/configs/52-54-00-12-34-56.toml",
+        "/configs/52%3A54%3A00%3A12%3A34%3A56.toml",
+        "/configs/525400123456.toml",
+    ] {
+        let (code, _, body) = s.get(path);
+        assert_eq!(
+            (code, body.as_slice()),
+            (200, &b"role = \"single\"\n"[..]),
+            "{path}"
+        );
+        let line = s.log_line();
+        assert_eq!(
+            line,
+            format!("kiln serve: 127.0.0.1 GET {path} 200 16 B mac=52:54:00:12:34:56")
+        );
+    }
+    let (code, _, body) = s.get("/configs/AA:BB:CC:DD:EE:FF.toml");
+    assert_eq!(
+        (code, body.as_slice()),
+        (200, &b"role = \"controller\"\n"[..])
+    );
+    assert!(s.log_line().ends_with(" mac=aa:bb:cc:dd:ee:ff"));
+
+    // A missing config says which files were looked for.
+    let (code, _, body) = s.get("/configs/52:54:00:00:00:01.toml");
+    assert_eq!(code, 404);
+    assert!(String::from_utf8_lossy(&body).contains("52:54:00:00:00:01.toml"));
+    let line = s.log_line();
+    let want = format!(
+        "kiln serve: 127.0.0.1 GET /configs/52:54:00:00:00:01.toml 404 {} B mac=52:54:00:00:00:01 (no node config: looked for {c}/52:54:00:00:00:01.toml or {c}/52-54-00-00-00-01.toml)",
+        body.len(),
+        c = configs.canonicalize().unwrap().display()
+    );
+    assert_eq!(line, want);
+
+    // Nothing outside the served directory, however asked.
+    for (path, want) in [
+        ("/../secret", 400),
+        ("/%2e%2e/secret", 400),
+        ("/configs/..%2F..%2Fsecret.toml", 400),
+        ("/escape", 404),
+        ("/nothing-here", 404),
+        ("/", 404),
+    ] {
+        let (code, _, body) = s.get(path);
+        assert_eq!(code, want, "{path}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("SECRET"),
+            "{path}"
+        );
+        let line = s.log_line();
+        assert!(line.contains(&format!(" GET {path} {want} ")), "{line}");
+    }
+    let (code, head, _) = s.raw("POST /boot.ipxe HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(code, 405);
+    assert!(head.contains("Allow: GET, HEAD"), "{head}");
+    assert!(s.log_line().contains(" POST /boot.ipxe 405 "));
+    let (code, _, _) = s.raw("garbage\r\n\r\n");
+    assert_eq!(code, 400);
+    assert!(s.log_line().contains(" 400 "));
+}
+
+#[test]
+fn missing_directory_is_a_clear_error() {
+    let out = Command::new(KILN)
+        .args(["serve", "/nonexistent/pxe", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/pxe") && err.contains("pxe/ directory of a build output"),
+        "{err}"
+    );
+}
+
+#[test]
+fn signed_config_round_trip() {
+    let d = bundle();
+    let t = d.path();
+    let run = |args: &[&str]| {
+        let out = Command::new(KILN).args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(&["key", "generate", "--dir", t.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let node = t.join("configs/52:54:00:12:34:56.toml");
+    let key = t.join("kiln.key");
+    let (ok, text) = run(&[
+        "config",
+        "sign",
+        node.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains(".toml.minisig"), "{text}");
+
+    // An invalid config is not signed.
+    let bad = t.join("bad.toml");
+    std::fs::write(&bad, "role = \"boss\"\n").unwrap();
+    let (ok, text) = run(&[
+        "config",
+        "sign",
+        bad.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("not signing an invalid config"),
+        "{text}"
+    );
+    assert!(!t.join("bad.toml.minisig").exists());
+    // Without a key, say how to give one.
+    let out = Command::new(KILN)
+        .args(["config", "sign", node.to_str().unwrap()])
+        .env_remove("KILN_SIGNING_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KILN_SIGNING_KEY"));
+    // The key from the environment, as for builds.
+    let other = t.join("other.toml");
+    std::fs::write(&other, "role = \"single\"\n").unwrap();
+    let out = Command::new(KILN)
+        .args(["config", "sign", other.to_str().unwrap()])
+        .env("KILN_SIGNING_KEY", std::fs::read_to_string(&key).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Debian's minisign accepts the signature.
+    let public = t.join("kiln.pub");
+    match Command::new("minisign")
+        .arg("-Vm")
+        .arg(&node)
+        .arg("-p")
+        .arg(&public)
+        .output()
+    {
+        Ok(out) => {
+            assert!(out.status.success(), "{out:?}");
+            assert!(String::from_utf8_lossy(&out.stdout)
+                .contains("kiln node config 52:54:00:12:34:56.toml"));
+        }
+        Err(_) => println!(
+            "skipped the minisign check: minisign not installed (apt-get install minisign)"
+        ),
+    }
+
+    // Served by kiln serve, fetched by the node's client, checked by the
+    // node's verifier; one flipped byte is refused.
+    let s = Serve::start(&t.join("pxe"), Some(&t.join("configs")));
+    let opts = kiln_init::node::fetch::Options::default();
+    let url = format!("http://{}/configs/52-54-00-12-34-56.toml", s.addr);
+    let data = kiln_init::node::fetch::get(&url, &opts).unwrap();
+    let sig = kiln_init::node::fetch::get(&format!("{url}.minisig"), &opts).unwrap();
+    let sig = String::from_utf8(sig).unwrap();
+    let pk = kiln_init::minisign::PublicKey::from_file(&std::fs::read_to_string(&public).unwrap())
+        .unwrap();
+    assert_eq!(
+        pk.verify(&data, &sig).unwrap(),
+        "kiln node config 52:54:00:12:34:56.toml"
+    );
+    for i in 0..data.len() {
+        let mut flipped = data.clone();
+        flipped[i] ^= 0x01;
+        assert!(
+            matches!(
+                pk.verify(&flipped, &sig),
+                Err(kiln_init::minisign::SignError::BadSignature)
+            ),
+            "byte {i}"
+        );
+    }
+    assert!(s.log_line().ends_with(" 200 16 B mac=52:54:00:12:34:56"));
+    assert!(s.log_line().contains(".toml.minisig 200 "));
+}

@@ -1,0 +1,181 @@
+//! Network boot: QEMU's built-in DHCP/TFTP hands the NIC's iPXE the bundle's
+//! boot.ipxe, `kiln serve` on loopback (10.0.2.2 to the guest) serves the
+//! kernel, the initramfs with the verified root, and the per-MAC node config.
+
+mod common;
+
+use common::{boot_with, built, BOOT_TIMEOUT};
+use kiln::qemu::BootFrom;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PROFILE: &str = "qemu-amd64";
+/// The MAC `kiln run` gives the node.
+const MAC: &str = "52:54:00:12:34:56";
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(out.status.success(), "`{cmd}`: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kiln serve` on an ephemeral loopback port; its log lines are kept.
+struct Server {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(bundle: &Path, configs: &Path) -> Server {
+        let mut child = Command::new(kiln_bin())
+            .arg("serve")
+            .arg(bundle)
+            .arg("--configs")
+            .arg(configs)
+            .args(["--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting kiln serve");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for pipe in [Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stdout.take().unwrap())] {
+            let (log, tx) = (log.clone(), tx.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("[serve] {line}");
+                    if let Some(port) = line.split("127.0.0.1:").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).and_then(|p| p.parse::<u16>().ok()) {
+                        let _ = tx.send(port);
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let port = rx.recv_timeout(Duration::from_secs(30)).expect("kiln serve printed its address");
+        Server { child, port, log }
+    }
+
+    fn saw(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.log.lock().unwrap().iter().any(|l| pred(l))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `kiln` binary of this workspace (built by `cargo test --workspace`).
+fn kiln_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/pxe_net-… → target/<profile>/kiln
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("kiln");
+    if !bin.exists() {
+        sh(&format!("cd {} && cargo build --quiet -p kiln --bin kiln", common::workspace().display()));
+    }
+    bin
+}
+
+fn ipxe(port: u16) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
+    move |s| {
+        s.boot = BootFrom::Ipxe;
+        s.ipxe_url = Some(format!("http://10.0.2.2:{port}/boot.ipxe"));
+    }
+}
+
+#[test]
+fn ipxe_boot_fetches_the_config_by_mac_and_runs_the_payload() {
+    let out = built(PROFILE);
+    let configs = common::scratch().join("pxe-configs");
+    let _ = std::fs::remove_dir_all(&configs);
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(configs.join(format!("{MAC}.toml")), "role = \"single\"\nhostname = \"pxe-node-7\"\n").unwrap();
+    let server = Server::start(&out.join("pxe"), &configs);
+    let mut n = boot_with("ipxe_by_mac", &out, None, ipxe(server.port));
+    let v = n.event("root-verified", BOOT_TIMEOUT);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(v.get("hash"), m["disk"]["roothash"].as_str());
+    let eph = n.event("data-ephemeral", BOOT_TIMEOUT);
+    assert!(!eph.get("reason").unwrap_or("").is_empty(), "{eph:?}");
+    let loaded = n.event("config-loaded", BOOT_TIMEOUT);
+    assert_eq!(loaded.get("source"), Some("url"), "{loaded:?}");
+    assert_eq!(loaded.get("hostname"), Some("pxe-node-7"), "{loaded:?}");
+    n.event("payload-started", BOOT_TIMEOUT);
+    let checks = n.standin_checks();
+    assert!(checks.iter().any(|l| l.contains("check hostname ok")), "{checks:#?}");
+    assert!(server.saw(|l| l.contains("/configs/") && l.contains(" 200 ") && l.contains(&format!("mac={MAC}"))), "the server logged the config request with the MAC");
+    assert!(server.saw(|l| l.contains("GET /vmlinuz") && l.contains(" 200 ")), "iPXE fetched the kernel over HTTP");
+}
+
+#[test]
+fn a_missing_config_is_a_clear_error_and_is_retried_until_it_appears() {
+    let out = built(PROFILE);
+    let configs = common::scratch().join("pxe-configs-404");
+    let _ = std::fs::remove_dir_all(&configs);
+    std::fs::create_dir_all(&configs).unwrap();
+    let server = Server::start(&out.join("pxe"), &configs);
+    let mut n = boot_with("ipxe_config_404", &out, None, ipxe(server.port));
+    let err = n.line("a console error about the 404", BOOT_TIMEOUT, |l| l.contains("error") && l.contains("404") && l.contains(MAC));
+    assert!(err.contains("retrying"), "{err}");
+    n.event("maintenance", Duration::from_secs(60));
+    // A second attempt, still 404.
+    let t0 = Instant::now();
+    n.line("a retry", Duration::from_secs(120), |l| l.contains("error") && l.contains("404") && l != err);
+    eprintln!("retried after {:.1} s", t0.elapsed().as_secs_f64());
+    // The operator puts the config in place; the node comes up.
+    std::fs::write(configs.join(format!("{MAC}.toml")), "role = \"single\"\nhostname = \"late-config\"\n").unwrap();
+    let loaded = n.event("config-loaded", Duration::from_secs(120));
+    assert_eq!(loaded.get("hostname"), Some("late-config"), "{loaded:?}");
+    n.event("payload-started", BOOT_TIMEOUT);
+}
+
+/// Offset of `name`'s data in a newc cpio.
+fn cpio_member(cpio: &[u8], name: &str) -> (usize, usize) {
+    let mut at = 0;
+    while at + 110 <= cpio.len() {
+        let field = |i: usize| usize::from_str_radix(std::str::from_utf8(&cpio[at + 6 + i * 8..at + 14 + i * 8]).unwrap(), 16).unwrap();
+        let (size, namesize) = (field(6), field(11));
+        let n = std::str::from_utf8(&cpio[at + 110..at + 110 + namesize - 1]).unwrap();
+        let data = (at + 110 + namesize).div_ceil(4) * 4;
+        if n.trim_start_matches("./").trim_start_matches('/') == name {
+            return (data, size);
+        }
+        at = (data + size).div_ceil(4) * 4;
+    }
+    panic!("{name} not in the initramfs");
+}
+
+#[test]
+fn a_bundle_with_a_tampered_squashfs_stops_at_the_verity_check() {
+    let out = built(PROFILE);
+    let copy = common::scratch().join("tampered-pxe");
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(copy.join("pxe")).unwrap();
+    std::fs::copy(out.join("manifest.json"), copy.join("manifest.json")).unwrap();
+    for f in ["vmlinuz", "cmdline"] {
+        std::fs::copy(out.join("pxe").join(f), copy.join("pxe").join(f)).unwrap();
+    }
+    let cpio = copy.join("initramfs.cpio");
+    sh(&format!("zstd -q -d -f {} -o {}", out.join("pxe/initramfs.cpio.zst").display(), cpio.display()));
+    let mut bytes = std::fs::read(&cpio).unwrap();
+    let (at, len) = cpio_member(&bytes, "kiln/root.squashfs");
+    assert_eq!(&bytes[at..at + 4], b"hsqs", "the initramfs carries the squashfs");
+    bytes[at + len / 2 + 77] ^= 0x40;
+    std::fs::write(&cpio, &bytes).unwrap();
+    sh(&format!("zstd -q -3 -f --rm {} -o {}", cpio.display(), copy.join("pxe/initramfs.cpio.zst").display()));
+    let mut n = boot_with("pxe_tampered", &copy, None, |s| s.boot = BootFrom::Pxe);
+    let failed = n.event("root-failed", BOOT_TIMEOUT);
+    assert!(failed.get("reason").unwrap_or("").contains("verity"), "{failed:?}");
+    n.event("maintenance", Duration::from_secs(30));
+    let r = n.vm.wait_for("payload-started (must not happen)", Duration::from_secs(20), |l| kiln_init::event::parse(l).is_some_and(|e| e.name == "payload-started"));
+    if let Ok(l) = r {
+        n.fail(format!("the node went on after a failed root check: {l}"));
+    }
+}
