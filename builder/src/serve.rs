@@ -119,8 +119,12 @@ impl Server {
                 continue;
             }
             std::thread::spawn(move || {
-                let line = handle(&site, stream);
+                let mut stream = stream;
+                let line = handle(&site, &mut stream);
+                // Logged before the connection closes, so a client that
+                // waits for each answer sees the log in its order.
                 log(&line);
+                drop(stream);
                 busy.fetch_sub(1, Ordering::SeqCst);
             });
         }
@@ -366,21 +370,21 @@ fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, u16> {
 }
 
 /// Serves one connection; returns the log line.
-fn handle(site: &Site, mut stream: TcpStream) -> String {
+fn handle(site: &Site, stream: &mut TcpStream) -> String {
     let peer = stream
         .peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));
-    let req = match read_head(&mut stream).map(|h| parse_request(&h)) {
+    let req = match read_head(stream).map(|h| parse_request(&h)) {
         Ok(Ok(r)) => r,
         Ok(Err(why)) => {
-            let sent = respond_text(&mut stream, 400, &why, false);
+            let sent = respond_text(stream, 400, &why, false);
             return format!("kiln serve: {peer} - - 400 {sent} B ({why})");
         }
         Err(code) => {
-            let sent = respond_text(&mut stream, code, reason(code), false);
+            let sent = respond_text(stream, code, reason(code), false);
             return format!("kiln serve: {peer} - - {code} {sent} B");
         }
     };
@@ -420,17 +424,17 @@ fn handle(site: &Site, mut stream: TcpStream) -> String {
     let (code, sent) = if req.method != "GET" && !head_only {
         (
             405,
-            respond_text(&mut stream, 405, "only GET and HEAD", head_only),
+            respond_text(stream, 405, "only GET and HEAD", head_only),
         )
     } else {
         match route(site, path) {
             Route::BadRequest(why) => {
                 note = format!(" ({why})");
-                (400, respond_text(&mut stream, 400, &why, head_only))
+                (400, respond_text(stream, 400, &why, head_only))
             }
             Route::NotFound(why) => {
                 note = format!(" ({why})");
-                (404, respond_text(&mut stream, 404, &why, head_only))
+                (404, respond_text(stream, 404, &why, head_only))
             }
             Route::Config {
                 candidates,
@@ -441,7 +445,7 @@ fn handle(site: &Site, mut stream: TcpStream) -> String {
                     .iter()
                     .find_map(|c| open_under(&site.configs, c).ok().map(|f| (c, f)))
                 {
-                    Some((p, (f, len))) => send_file(&mut stream, p, f, len, head_only, &mut note),
+                    Some((p, (f, len))) => send_file(stream, p, f, len, head_only, &mut note),
                     None => {
                         let tried = candidates
                             .iter()
@@ -450,14 +454,14 @@ fn handle(site: &Site, mut stream: TcpStream) -> String {
                             .join(" or ");
                         note = format!(" (no node config: looked for {tried})");
                         let msg = format!("no node config for this node; looked for {tried}");
-                        (404, respond_text(&mut stream, 404, &msg, head_only))
+                        (404, respond_text(stream, 404, &msg, head_only))
                     }
                 }
             }
             Route::File(p) => match open_under(&site.root, &p) {
                 Err(why) => {
                     note = format!(" ({}: {why})", p.display());
-                    (404, respond_text(&mut stream, 404, &why, head_only))
+                    (404, respond_text(stream, 404, &why, head_only))
                 }
                 Ok((mut f, _)) if p.file_name().is_some_and(|n| n == "boot.ipxe") => {
                     let mut script = String::new();
@@ -465,19 +469,16 @@ fn handle(site: &Site, mut stream: TcpStream) -> String {
                         Ok(_) => {
                             let body = rewrite_ipxe(&script, &format!("http://{host}"));
                             let ctype = content_type(&p);
-                            (
-                                200,
-                                respond(&mut stream, 200, ctype, body.as_bytes(), head_only),
-                            )
+                            (200, respond(stream, 200, ctype, body.as_bytes(), head_only))
                         }
                         Err(e) => {
                             note = format!(" ({}: {e})", p.display());
                             let msg = "cannot read boot.ipxe";
-                            (500, respond_text(&mut stream, 500, msg, head_only))
+                            (500, respond_text(stream, 500, msg, head_only))
                         }
                     }
                 }
-                Ok((f, len)) => send_file(&mut stream, &p, f, len, head_only, &mut note),
+                Ok((f, len)) => send_file(stream, &p, f, len, head_only, &mut note),
             },
         }
     };

@@ -138,3 +138,32 @@ fn iso_installs_onto_a_blank_disk_which_then_boots_with_a_persistent_var() {
     n.vm.send("\ncat /var/lib/k0s/persist-test\n").unwrap();
     n.line("the file written before the reboot", Duration::from_secs(60), |l| l.trim() == "kiln-installed-42");
 }
+
+#[test]
+fn iso_with_the_root_in_ram_runs_from_copies_in_memory() {
+    // A profile that only changes [iso] root; outside profiles/, so it names
+    // its base and default config by absolute path.
+    let ws = common::workspace();
+    let dir = common::scratch().join("ram-profile");
+    std::fs::create_dir_all(&dir).unwrap();
+    let profile = dir.join("qemu-amd64-ram.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "extends = \"{base}\"\nname = \"qemu-amd64-ram\"\noutputs = [\"iso\"]\n[iso]\nroot = \"ram\"\n[node]\nconfig = \"{node}\"\n",
+            base = ws.join("profiles/qemu-amd64.toml").display(),
+            node = ws.join("profiles/nodes/single.toml").display()
+        ),
+    )
+    .unwrap();
+    std::env::set_var("KILN_SOURCE_DIR", &ws);
+    let out = built(profile.to_str().unwrap());
+    let mut n = boot_with("iso_ram", &out, Some("role = \"single\"\n[debug]\nshell = true\n"), iso_spec(BootFrom::Iso));
+    n.line("the root copied into RAM", BOOT_TIMEOUT, |l| l.contains("kiln.root=ram: root copied into RAM"));
+    n.event("root-verified", BOOT_TIMEOUT);
+    n.event("payload-started", BOOT_TIMEOUT);
+    n.standin_checks();
+    // dm-verity sits on loop devices backed by the copies, not on the CD.
+    n.vm.send("\nfor d in /sys/block/dm-0/slaves/*; do cat $d/loop/backing_file; done\n").unwrap();
+    n.line("the root's backing file", Duration::from_secs(60), |l| l.trim().starts_with("/kiln/root.squashfs"));
+}

@@ -36,7 +36,7 @@ fn two_builds_are_byte_identical_and_the_second_reuses_the_kernel() {
     for (name, bytes) in &fa {
         assert!(bytes == &fb[name], "{name} differs between two builds");
     }
-    for want in ["pxe/vmlinuz", "pxe/initramfs.cpio.zst", "pxe/boot.ipxe", "manifest.json"] {
+    for want in ["pxe/vmlinuz", "pxe/initramfs.cpio.zst", "pxe/boot.ipxe", "manifest.json", "qemu-amd64.iso", "disk.raw"] {
         assert!(fa.contains_key(want), "missing {want}: {:?}", fa.keys());
     }
     // The manifest lists every artifact with its sha256.
@@ -51,14 +51,15 @@ fn two_builds_are_byte_identical_and_the_second_reuses_the_kernel() {
     }
     assert!(m["inputs"].as_array().unwrap().iter().any(|i| i["source"].as_str().unwrap_or("").starts_with("linux-source-6.1")));
     assert!(m["payload"]["description"].as_str().unwrap().contains("not k0s"));
-    // The initramfs is a cpio that GNU cpio lists, holding init, busybox and the payload.
+    // The initramfs is a cpio that GNU cpio lists, holding stage 1 and the
+    // verified root (squashfs + hash tree).
     let cpio = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("zstd -dc {} | cpio -it", a.out.join("pxe/initramfs.cpio.zst").display()))
         .output()
         .unwrap();
     let listing = String::from_utf8_lossy(&cpio.stdout);
-    for want in ["init", "sbin/kiln-init", "bin/busybox", "bin/mount", "usr/bin/k0s", "etc/kiln/node.toml"] {
+    for want in ["init", "sbin/kiln-init", "kiln/root.squashfs", "kiln/root.verity"] {
         assert!(listing.lines().any(|l| l == want), "{want} not in the initramfs:\n{listing}");
     }
 }

@@ -34,7 +34,8 @@ pub fn built(profile: &str) -> PathBuf {
         return p.clone();
     }
     let cache = kiln::cache::Cache::default_location();
-    let path = workspace().join("profiles").join(format!("{profile}.toml"));
+    // A name from profiles/, or a path to a profile a test wrote.
+    let path = if profile.ends_with(".toml") { PathBuf::from(profile) } else { workspace().join("profiles").join(format!("{profile}.toml")) };
     let out = kiln::pipeline::build(&path, &scratch().join("out"), &cache)
         .unwrap_or_else(|e| panic!("building {profile}: {e:#}"));
     b.push((profile.to_string(), out.out.clone()));
