@@ -253,6 +253,11 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
             return Err(VmError::Setup(format!("--config {}: no such file", cfg.display())));
         }
         c.arg("-fw_cfg").arg(format!("name=opt/kiln/node.toml,file={}", cfg.display()));
+        // A signed config travels with its signature.
+        let sig = PathBuf::from(format!("{}.minisig", cfg.display()));
+        if sig.is_file() {
+            c.arg("-fw_cfg").arg(format!("name=opt/kiln/node.toml.minisig,file={}", sig.display()));
+        }
     }
     c.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
     c.args(&spec.extra_args);

@@ -116,7 +116,7 @@ pub enum HostnameSource {
     Serial,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
     /// Per-interface settings. With none, every link with carrier gets DHCPv4.
@@ -135,6 +135,13 @@ pub struct Network {
 
 fn default_network_wait() -> u32 {
     30
+}
+
+/// A node.toml without `[network]` gets the same as an empty table.
+impl Default for Network {
+    fn default() -> Self {
+        Network { interfaces: Vec::new(), dns: Vec::new(), search: Vec::new(), wait_seconds: default_network_wait() }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
