@@ -49,8 +49,12 @@ fn signed_manifest_verifies_and_tampering_is_named() {
     let (ok, text) = verify(&o);
     assert!(ok && text.contains("verified"), "{text}");
     // The public key is in the image; the secret key is in no output.
-    let (_, listing) = run(&format!("zstd -dc {}/pxe/initramfs.cpio.zst | cpio -it", o.display()));
-    assert!(listing.lines().any(|l| l == "etc/kiln/update.pub"), "{listing}");
+    // (In the root squashfs, which the PXE initramfs carries.)
+    let sq = t.join("root.squashfs");
+    let (ok, text) = run(&format!("zstd -dc {}/pxe/initramfs.cpio.zst | cpio -i --quiet --to-stdout kiln/root.squashfs > {}", o.display(), sq.display()));
+    assert!(ok, "{text}");
+    let (ok, listing) = run(&format!("unsquashfs -l {}", sq.display()));
+    assert!(ok && listing.lines().any(|l| l == "squashfs-root/etc/kiln/update.pub"), "{listing}");
     let secret_line = std::fs::read_to_string(t.join("kiln.key")).unwrap().lines().nth(1).unwrap().to_string();
     let (found, _) = run(&format!("grep -rlF '{secret_line}' {}", o.display()));
     assert!(!found, "the secret key leaked into an output");
