@@ -67,6 +67,15 @@ enum Cmd {
         /// http://10.0.2.2:8080/boot.ipxe for `kiln serve` on the host.
         #[arg(long)]
         ipxe_url: Option<String>,
+        /// The NIC's network: `user` (NAT and DHCP from QEMU, --api-port
+        /// forwarded), or `udp:LOCAL:REMOTE`, an Ethernet link to another
+        /// `kiln run` with the two host ports swapped (static addresses, no
+        /// host access).
+        #[arg(long, default_value = "user")]
+        net: kiln::qemu::Net,
+        /// The NIC's MAC address; give each VM on a shared link its own.
+        #[arg(long, default_value = "52:54:00:12:34:56")]
+        mac: String,
     },
     /// Time a (warm) build of a profile against mksquashfs of the same root
     /// tree, measured in the same run, and print the ratio.
@@ -251,8 +260,10 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url } => {
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac } => {
             let mut spec = VmSpec::new(out_dir);
+            spec.net = net;
+            spec.mac = mac;
             spec.extra_disk = extra_disk;
             spec.ipxe_url = ipxe_url;
             spec.config = config;
