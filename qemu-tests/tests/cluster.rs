@@ -52,13 +52,13 @@ fn cluster_init_pair_joins() {
     let manifest = format!("/var/lib/k0s/manifests/{}/bootstrap-token-{id}.yaml", kiln::cluster::STACK);
     let found = ctl.line("the bootstrap Secret", BOOT_TIMEOUT, |l| l.contains("stand-in: bootstrap-secret id="));
     assert!(found.contains(&format!("id={id} found in {manifest} authentication=true")), "{found}");
+    ctl.line("stand-in listening", BOOT_TIMEOUT, |l| l.contains("stand-in: listening on ports 6443,9443"));
     let checks = ctl.standin_checks();
     assert!(checks.iter().any(|l| l.ends_with("check cluster-ca ok")), "the CA k0s needs is in /var/lib/k0s/pki: {checks:#?}");
     let failed: Vec<_> = checks.iter().filter(|l| !l.ends_with(" ok")).collect();
     if !failed.is_empty() {
         ctl.fail(format!("controller stand-in checks failed: {failed:#?}"));
     }
-    ctl.line("stand-in listening", BOOT_TIMEOUT, |l| l.contains("stand-in: listening on ports 6443,9443"));
 
     // The worker: static address, its token points at the controller.
     let loaded = wrk.event("config-loaded", BOOT_TIMEOUT);
@@ -69,6 +69,10 @@ fn cluster_init_pair_joins() {
     wrk.event("payload-started", BOOT_TIMEOUT);
     let tok = wrk.line("the token's server", BOOT_TIMEOUT, |l| l.contains("stand-in: token server="));
     assert!(tok.contains("server=https://10.0.0.10:6443 user=kubelet-bootstrap"), "{tok}");
+    let failed: Vec<_> = wrk.standin_checks().into_iter().filter(|l| !l.ends_with(" ok")).collect();
+    if !failed.is_empty() {
+        wrk.fail(format!("worker stand-in checks failed: {failed:#?}"));
+    }
     let reached = wrk.line("the worker reaching the controller", JOIN_TIMEOUT, |l| {
         l.contains("stand-in: reached controller") || l.contains("stand-in: controller 10.0.0.10:6443 not reached")
     });
