@@ -106,30 +106,18 @@ pub fn kubeconfig_info(kc: &str) -> Result<TokenInfo, String> {
         let v = yaml_value(l.trim().strip_prefix("user:")?);
         (!v.is_empty()).then_some(v)
     });
-    let users_name = || {
-        let mut in_users = false;
-        for l in kc.lines() {
-            if !l.starts_with(' ') && !l.starts_with('-') {
-                in_users = l.trim_end() == "users:";
-                continue;
-            }
-            if in_users {
-                if let Some(n) = l.trim().strip_prefix("- name:") {
-                    return Some(yaml_value(n));
-                }
-            }
-        }
-        None
-    };
-    let user = context_user.or_else(users_name).map(str::to_string);
+    let user = context_user
+        .or_else(|| users_value(kc, "- name:"))
+        .map(str::to_string);
     Ok(TokenInfo {
         server: server.to_string(),
         user,
     })
 }
 
-/// The bearer token of the kubeconfig's user (`token: <id>.<secret>`).
-pub fn kubeconfig_token(kc: &str) -> Option<String> {
+/// The value of the first line under the top-level `users:` that starts
+/// with `prefix` (once trimmed).
+fn users_value<'a>(kc: &'a str, prefix: &str) -> Option<&'a str> {
     let mut in_users = false;
     for l in kc.lines() {
         if !l.starts_with(' ') && !l.starts_with('-') {
@@ -137,13 +125,19 @@ pub fn kubeconfig_token(kc: &str) -> Option<String> {
             continue;
         }
         if in_users {
-            if let Some(t) = l.trim().strip_prefix("token:") {
-                let t = yaml_value(t);
-                return (!t.is_empty()).then(|| t.to_string());
+            if let Some(v) = l.trim().strip_prefix(prefix) {
+                return Some(yaml_value(v));
             }
         }
     }
     None
+}
+
+/// The bearer token of the kubeconfig's user (`token: <id>.<secret>`).
+pub fn kubeconfig_token(kc: &str) -> Option<String> {
+    users_value(kc, "token:")
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
 }
 
 /// A Kubernetes bootstrap token, `[a-z0-9]{6}.[a-z0-9]{16}`: (id, secret).
