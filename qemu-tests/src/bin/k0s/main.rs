@@ -8,6 +8,7 @@ mod checks;
 mod cli;
 mod node;
 mod out;
+mod payloads;
 mod token;
 
 use cli::Command;
