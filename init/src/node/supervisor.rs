@@ -66,6 +66,8 @@ impl Supervisor {
 
     pub fn start(&mut self) {
         self.next_start = None;
+        // A start that fails before k0s runs counts too, so it backs off.
+        self.attempt += 1;
         let (rd, wr) = match pipe() {
             Ok(p) => p,
             Err(e) => {
@@ -121,7 +123,6 @@ impl Supervisor {
                 // The child is reaped by PID 1's waitpid(-1) loop, not by std.
                 std::mem::forget(child);
                 self.running = Some(Running { pid, started: Instant::now(), out: rd, partial: Vec::new() });
-                self.attempt += 1;
                 let uptime = format!("{:.2}", super::sys::uptime());
                 let (used, total) = super::sys::mem_used_kib();
                 console::event(
