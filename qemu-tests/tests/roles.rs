@@ -217,7 +217,7 @@ fn single() {
     let cfg = format!("role = \"single\"\nhostname = \"role-single\"\n{LOG}");
     let mut n = boot("roles_single", &out, Some(&cfg));
     let r = report(&mut n, "single");
-    has(&n, &r, "argv k0s controller --single --data-dir=/var/lib/k0s --disable-components=autopilot,update-prober");
+    has(&n, &r, "argv /usr/bin/k0s controller --single --data-dir=/var/lib/k0s --disable-components=autopilot,update-prober");
     assert!(r.iter().any(|l| l.starts_with("role=single pid=")), "{r:#?}");
     has(&n, &r, "token none");
     assert!(lines_with(&r, "env ").is_empty(), "no environment beyond PATH and HOME: {r:#?}");
@@ -235,7 +235,7 @@ fn controller_joins_with_config_token_and_env() {
     );
     let mut n = boot("roles_controller", &out, Some(&cfg));
     let r = report(&mut n, "controller");
-    has(&n, &r, "argv k0s controller --config=/etc/k0s/k0s.yaml --data-dir=/var/lib/k0s --token-file=/etc/k0s/token --disable-components=autopilot,update-prober");
+    has(&n, &r, "argv /usr/bin/k0s controller --config=/etc/k0s/k0s.yaml --data-dir=/var/lib/k0s --token-file=/etc/k0s/token --disable-components=autopilot,update-prober");
     token_file_is_private(&n, &r, 9443, "controller-bootstrap");
     has(&n, &r, &format!("config-file /etc/k0s/k0s.yaml bytes={}", CLUSTER_CONFIG.len()));
     let config: Vec<&str> = lines_with(&r, "config | ").iter().map(|l| &l["config | ".len()..]).collect();
@@ -256,7 +256,7 @@ fn worker_joins_with_node_settings_and_images() {
     );
     let mut n = boot("roles_worker", &out, Some(&cfg));
     let r = report(&mut n, "worker");
-    has(&n, &r, "argv k0s worker --data-dir=/var/lib/k0s --token-file=/etc/k0s/token --labels=site=lab,tier=edge --taints=dedicated=edge:NoSchedule '--kubelet-extra-args=--max-pods=50 --v=2'");
+    has(&n, &r, "argv /usr/bin/k0s worker --data-dir=/var/lib/k0s --token-file=/etc/k0s/token --labels=site=lab,tier=edge --taints=dedicated=edge:NoSchedule '--kubelet-extra-args=--max-pods=50 --v=2'");
     token_file_is_private(&n, &r, 6443, "kubelet-bootstrap");
     assert_eq!(lines_with(&r, "env "), ["env CONTAINERD_HTTPS_PROXY=http://10.0.2.2:3128", "env KUBELET_X=1"]);
     assert!(lines_with(&r, "config-file").is_empty(), "a worker has no --config: {r:#?}");
@@ -273,7 +273,7 @@ fn controller_worker_without_taints() {
     let cfg = format!("role = \"controller+worker\"\nhostname = \"role-cw\"\n[k0s]\nno_taints = true\nlabels = {{ site = \"lab\" }}\ndisable_components = [\"autopilot\", \"update-prober\", \"metrics-server\"]\n{LOG}");
     let mut n = boot("roles_controller_worker", &out, Some(&cfg));
     let r = report(&mut n, "controller+worker");
-    has(&n, &r, "argv k0s controller --enable-worker --no-taints --data-dir=/var/lib/k0s --disable-components=autopilot,update-prober,metrics-server --labels=site=lab");
+    has(&n, &r, "argv /usr/bin/k0s controller --enable-worker --no-taints --data-dir=/var/lib/k0s --disable-components=autopilot,update-prober,metrics-server --labels=site=lab");
     has(&n, &r, "token none");
     assert!(lines_with(&r, "env ").is_empty(), "{r:#?}");
     common_facts(&n, &r);
