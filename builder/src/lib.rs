@@ -3,6 +3,7 @@
 //! One module per pipeline stage, named after what it makes; [`pipeline`]
 //! strings them together in the order of ARCHITECTURE.md.
 
+pub mod appliance;
 pub mod cache;
 pub mod cluster;
 pub mod disk;

@@ -57,6 +57,8 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         // Fail on a missing or mis-pinned payload before any compiling.
         input::resolve("payload.k0s", spec, deb_arch, cache)?;
     }
+    // Appliance payloads, also before any compiling.
+    let appliance = crate::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
 
     // 3. Kernel, checked against the requirement table for the default role.
     let kernel = kernel::build(profile.arch, &kernel_src, &profile.kernel, cache)?;
@@ -72,6 +74,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
 
     // 5. Root filesystem tree.
     let mut tree = rootfs_tree(&profile, &kernel, &init_bin, &busybox, &payload, &node_toml)?;
+    appliance.add_to(&mut tree)?;
     if let Some(k) = &signer {
         tree.file("/etc/kiln/update.pub", k.public().to_file(), 0o644)?;
     }
@@ -147,6 +150,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     if let Some(r) = &payload.input {
         inputs.push(r.clone());
     }
+    inputs.extend(appliance.inputs);
     let manifest = Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         profile: name.clone(),

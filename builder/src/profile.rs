@@ -148,6 +148,8 @@ pub struct ProfileFile {
     pub sign: SignFile,
     #[serde(default)]
     pub iso: IsoFile,
+    #[serde(default)]
+    pub appliance: crate::appliance::ApplianceFile,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -264,6 +266,7 @@ impl ProfileFile {
         merge_opts!(self.boot, base.boot, systemd_boot, stub);
         merge_opts!(self.sign, base.sign, key);
         merge_opts!(self.disk, base.disk, esp_mib, root_slot_mib, data_mib, verity_on_corruption);
+        self.appliance.inherit(&base.appliance);
     }
 }
 
@@ -291,6 +294,8 @@ pub struct Profile {
     /// The public key node configs must be signed with (`node.config_key`).
     pub config_key: Option<PathBuf>,
     pub iso: IsoSpec,
+    /// `[appliance]`: images, manifests and charts baked into the root.
+    pub appliance: crate::appliance::Spec,
     /// The directory holding kernel-configs/, overlays/ … (the profile's
     /// parent's parent by convention, or `KILN_SOURCE_DIR`).
     pub tree: PathBuf,
@@ -337,8 +342,10 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, Prof
     if chain.contains(&canon) {
         return Err(ProfileError::Cycle { path: chain[0].clone(), again: path.to_path_buf() });
     }
+    let dir = canon.parent().map(Path::to_path_buf).unwrap_or_default();
     chain.push(canon);
     let mut file = parse_file(path)?;
+    file.appliance.anchor(&dir);
     if let Some(ext) = file.extends.clone() {
         let base_path = path.parent().unwrap_or(Path::new(".")).join(&ext);
         if !base_path.exists() {
@@ -356,7 +363,41 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, Prof
 }
 
 fn line_of(path: &Path, key: &str) -> usize {
-    std::fs::read_to_string(path).ok().and_then(|s| kiln_init::config::line_of_key(&s, key)).unwrap_or(1)
+    let Ok(src) = std::fs::read_to_string(path) else { return 1 };
+    // Keys with dots of their own (`appliance.images."a.tar"`) or an index
+    // (`appliance.charts[1].name`) first, then plain ones.
+    key.match_indices('.')
+        .find_map(|(i, _)| line_in_table(&src, &key[..i], &key[i + 1..]))
+        .or_else(|| kiln_init::config::line_of_key(&src, key))
+        .unwrap_or(1)
+}
+
+/// The line of `leaf = …` in `[table]`, or in the n-th `[[table]]` when
+/// the table is written `table[n]`.
+fn line_in_table(src: &str, table: &str, leaf: &str) -> Option<usize> {
+    let (name, index) = match table.strip_suffix(']').and_then(|t| t.rsplit_once('[')) {
+        Some((n, i)) => (n, Some(i.parse::<usize>().ok()?)),
+        None => (table, None),
+    };
+    let mut inside = false;
+    let mut seen = 0usize;
+    for (i, l) in src.lines().enumerate() {
+        let t = l.trim();
+        if let Some(h) = t.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
+            let same = h.trim() == name;
+            inside = same && index == Some(seen);
+            seen += usize::from(same);
+            continue;
+        }
+        if let Some(h) = t.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            inside = index.is_none() && h.trim() == name;
+            continue;
+        }
+        if inside && t.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == leaf) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Parses one file against the schema.
@@ -473,6 +514,8 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     if bios.is_some() && arch != Arch::Amd64 {
         return Err(ProfileError::Semantic { path: path.to_path_buf(), message: format!("key `iso.isolinux`: BIOS boot is for amd64; this profile is {arch}") });
     }
+    let appliance = crate::appliance::spec(&f.appliance, arch, f.payload.version.as_deref())
+        .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     let mut inputs = inputs;
     if let Some((a, b, c)) = &bios {
         inputs.push(("iso.isolinux", a));
@@ -509,6 +552,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         sign_key: f.sign.key.as_ref().map(|k| dir.join(k)),
         config_key: f.node.config_key.as_ref().map(|k| dir.join(k)),
         iso: IsoSpec { root_in_ram, bios },
+        appliance,
         tree,
     })
 }
@@ -529,6 +573,41 @@ mod tests {
         let e = parse_str(Path::new("p.toml"), "name = \"x\"\narch = \"sparc\"\n").unwrap_err();
         let s = e.to_string();
         assert!(s.contains("p.toml:2: key `arch`"), "{s}");
+    }
+
+    #[test]
+    fn lines_of_dotted_and_indexed_keys() {
+        let src = "name = \"x\"\n[appliance.images]\n\"a.tar\" = {}\n[[appliance.charts]]\nname = \"a\"\n[[appliance.charts]]\nname = \"b\"\n";
+        assert_eq!(line_in_table(src, "appliance.images", "a.tar"), Some(3));
+        assert_eq!(line_in_table(src, "appliance.charts[0]", "name"), Some(5));
+        assert_eq!(line_in_table(src, "appliance.charts[1]", "name"), Some(7));
+        assert_eq!(line_in_table(src, "appliance.charts[2]", "name"), None);
+        assert_eq!(line_in_table(src, "appliance", "images"), None);
+    }
+
+    #[test]
+    fn appliance_paths_follow_the_profile_that_sets_them() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("profiles");
+        let vendor = d.path().join("vendor");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::create_dir_all(vendor.join("m")).unwrap();
+        std::fs::create_dir_all(d.path().join("kernel-configs")).unwrap();
+        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        let pin = "0".repeat(64);
+        std::fs::write(
+            base.join("base.toml"),
+            format!("arch = \"amd64\"\nname = \"base\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{pin}\" }}\n[rootfs]\nbusybox = {{ file = \"/b\", sha256 = \"{pin}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n[[appliance.manifests]]\nstack = \"base\"\npath = \"m\"\n"),
+        )
+        .unwrap();
+        std::fs::write(vendor.join("v.toml"), format!("extends = \"../profiles/base.toml\"\nname = \"v\"\n[appliance.images]\n\"app.tar\" = {{ file = \"app.tar\", sha256 = \"{pin}\" }}\n")).unwrap();
+        // The tree (kernel-configs/) is the leaf profile's parent: `d`.
+        let p = load(&vendor.join("v.toml")).unwrap();
+        assert_eq!(p.appliance.manifests[0].path, base.canonicalize().unwrap().join("m"));
+        assert_eq!(p.appliance.images[0].input.file.as_deref(), Some(vendor.canonicalize().unwrap().join("app.tar").as_path()));
+        std::fs::write(vendor.join("bad.toml"), format!("extends = \"../profiles/base.toml\"\nname = \"v\"\n[appliance.images]\n\"ok.tar\" = {{ file = \"a\", sha256 = \"{pin}\" }}\n\"b/c.tar\" = {{ file = \"a\", sha256 = \"{pin}\" }}\n")).unwrap();
+        let e = load(&vendor.join("bad.toml")).unwrap_err().to_string();
+        assert!(e.contains("bad.toml:5: key `appliance.images.b/c.tar`"), "{e}");
     }
 
     #[test]

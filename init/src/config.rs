@@ -425,6 +425,23 @@ pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
     if let Some(c) = &k.config {
         check_k0s_yaml(c).map_err(|m| err("k0s.config", m))?;
     }
+    if let Some(f) = &k.token_file {
+        if !f.starts_with('/') || f.contains("..") {
+            return Err(err("k0s.token_file", format!("`{f}` must be an absolute path on the node, like /var/lib/kiln/join-token")));
+        }
+    }
+    if !cfg.role.runs_workloads() {
+        let node_keys = [("k0s.labels", !k.labels.is_empty()), ("k0s.taints", !k.taints.is_empty()), ("k0s.kubelet_extra_args", k.kubelet_extra_args.is_some())];
+        if let Some((key, _)) = node_keys.iter().find(|(_, set)| *set) {
+            return Err(err(key, "a controller runs no kubelet, so this has no effect; use role = \"controller+worker\" to run workloads here"));
+        }
+    }
+    if k.no_taints && cfg.role != Role::ControllerWorker {
+        return Err(err("k0s.no_taints", format!("only a controller+worker is tainted; role {} has nothing to remove", cfg.role)));
+    }
+    if k.env.contains_key("K0S_TOKEN") {
+        return Err(err("k0s.env", "K0S_TOKEN would be a second token source next to --token-file; give the token as `token` or `token_file`"));
+    }
     if let Some(t) = &k.token {
         if t.trim().is_empty() || t.trim().chars().any(|c| !(c.is_ascii_alphanumeric() || "+/=".contains(c))) {
             return Err(err("k0s.token", "a join token is base64 text (the output of `k0s token create`)"));
@@ -633,6 +650,22 @@ mod tests {
     fn worker_needs_token() {
         let e = parse("role = \"worker\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("k0s.token"));
+    }
+
+    #[test]
+    fn role_specific_k0s_keys() {
+        let e = parse("role = \"controller\"\n[k0s]\nlabels = { a = \"b\" }\n").unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("k0s.labels"), Some(3)));
+        assert!(e.message.contains("controller+worker"), "{e}");
+        assert_eq!(parse("role = \"controller\"\n[k0s]\ntaints = [\"a=b:NoSchedule\"]\n").unwrap_err().key.as_deref(), Some("k0s.taints"));
+        assert_eq!(parse("role = \"controller\"\n[k0s]\nkubelet_extra_args = \"-v\"\n").unwrap_err().key.as_deref(), Some("k0s.kubelet_extra_args"));
+        assert!(parse("role = \"single\"\n[k0s]\nlabels = { a = \"b\" }\n").is_ok());
+        assert_eq!(parse("role = \"single\"\n[k0s]\nno_taints = true\n").unwrap_err().key.as_deref(), Some("k0s.no_taints"));
+        assert!(parse("role = \"controller+worker\"\n[k0s]\nno_taints = true\n").is_ok());
+        let e = parse("role = \"worker\"\n[k0s]\ntoken = \"abc\"\nenv = { K0S_TOKEN = \"x\" }\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("k0s.env"));
+        let e = parse("role = \"worker\"\n[k0s]\ntoken_file = \"token\"\n").unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("k0s.token_file"), Some(3)));
     }
 
     #[test]

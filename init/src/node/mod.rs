@@ -2,6 +2,7 @@
 //! and shut down cleanly. Failures become logged states (maintenance, a
 //! retry), never a panic or a crash loop.
 
+pub mod appliance;
 pub mod console;
 pub mod fetch;
 pub mod host;
@@ -253,6 +254,8 @@ pub fn run() -> ! {
         maintenance(&events, &format!("preflight failed for role {}: missing {}", cfg.role, pre.failures.join(", ")));
     }
 
+    // Baked images and manifests where k0s imports and applies them.
+    appliance::place_default();
     let inv = k0s::invocation(&cfg, cfg!(target_arch = "arm"));
     let mut sup = Supervisor::new(inv, cfg.role.as_str(), cfg.log.max_bytes, cfg.log.console_lines_per_second);
     if let Err(e) = sup.prepare() {
@@ -274,7 +277,8 @@ pub fn run() -> ! {
         if net.next_deadline().is_some_and(|t| t <= now) {
             net.renew_due(&hostname);
         }
-        let deadlines = [sup.next_start, net.next_deadline()];
+        sup.tick();
+        let deadlines = [sup.next_start, net.next_deadline(), sup.note_due()];
         let timeout = deadlines.iter().flatten().map(|t| t.saturating_duration_since(Instant::now())).min().unwrap_or(Duration::from_secs(60));
         let out = sup.running.as_ref().map(|r| &r.out);
         for wake in events.wait(out, timeout) {

@@ -4,15 +4,16 @@
 
 use super::console;
 use super::host::PAYLOAD_CGROUP;
-use crate::k0s::{self, Invocation};
+use crate::k0s::{self, Invocation, Resource, Token};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const LOG_PATH: &str = "/var/log/k0s.log";
-const BACKOFF_MAX_SECS: u64 = 30;
 /// A run this long resets the backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
@@ -41,30 +42,32 @@ impl Supervisor {
             running: None,
             attempt: 0,
             next_start: Some(Instant::now()),
-            log: LogFile { max: log_max, file: None, size: 0 },
-            rate: RateLimit { per_sec: console_rate.max(1), window: Instant::now(), used: 0, dropped: 0 },
+            log: LogFile::new(LOG_PATH, log_max),
+            rate: RateLimit::new(console_rate, Instant::now()),
         }
     }
 
-    /// Writes the files the command line refers to.
-    pub fn prepare(&self) -> std::io::Result<()> {
-        std::fs::create_dir_all("/etc/k0s")?;
-        std::fs::create_dir_all("/run/k0s")?;
-        std::fs::create_dir_all(k0s::DATA_DIR)?;
-        if let Some((path, content)) = &self.inv.config_file {
-            std::fs::write(path, content)?;
+    /// Writes the files the command line refers to, and checks a token file
+    /// the config names. Errors say which file.
+    pub fn prepare(&self) -> Result<(), String> {
+        for d in ["/etc/k0s", "/run/k0s", k0s::DATA_DIR] {
+            std::fs::create_dir_all(d).map_err(|e| format!("creating {d}: {e}"))?;
         }
-        if let Some((path, content)) = &self.inv.token_file {
-            use std::os::unix::fs::OpenOptionsExt;
-            let _ = std::fs::remove_file(path);
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-            f.write_all(content.as_bytes())?;
+        if let Some((path, content)) = &self.inv.config_file {
+            write_private(Path::new(path), content.as_bytes())?;
+        }
+        match &self.inv.token {
+            Some(Token::Write { path, content }) => write_private(Path::new(path), content.as_bytes())?,
+            Some(Token::Existing(path)) => check_token_file(Path::new(path))?,
+            None => {}
         }
         Ok(())
     }
 
     pub fn start(&mut self) {
         self.next_start = None;
+        // A start that fails before k0s runs counts too, so it backs off.
+        self.attempt += 1;
         let (rd, wr) = match pipe() {
             Ok(p) => p,
             Err(e) => {
@@ -92,15 +95,20 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(Stdio::from(wr))
             .stderr(Stdio::from(wr2));
+        // TasksMax=infinity: no pids limit on k0s's cgroup (the default, said
+        // out loud in case something set one).
+        let _ = super::sys::write(format!("{PAYLOAD_CGROUP}/pids.max"), "max");
+        let limits: Vec<(libc::c_int, libc::rlimit)> = k0s::LIMITS.iter().map(|(r, v)| rlimit(*r, *v)).collect();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 libc::setsid();
-                let nofile = libc::rlimit { rlim_cur: k0s::NOFILE as libc::rlim_t, rlim_max: k0s::NOFILE as libc::rlim_t };
-                libc::setrlimit(libc::RLIMIT_NOFILE as _, &nofile);
-                let inf = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-                libc::setrlimit(libc::RLIMIT_CORE as _, &inf);
-                libc::setrlimit(libc::RLIMIT_NPROC as _, &inf);
+                for (resource, value) in &limits {
+                    if libc::setrlimit(*resource as _, value) != 0 {
+                        // Fails the spawn; the parent reports it.
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
                 if fd >= 0 {
                     libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
@@ -115,7 +123,6 @@ impl Supervisor {
                 // The child is reaped by PID 1's waitpid(-1) loop, not by std.
                 std::mem::forget(child);
                 self.running = Some(Running { pid, started: Instant::now(), out: rd, partial: Vec::new() });
-                self.attempt += 1;
                 let uptime = format!("{:.2}", super::sys::uptime());
                 let (used, total) = super::sys::mem_used_kib();
                 console::event(
@@ -124,14 +131,14 @@ impl Supervisor {
                 );
             }
             Err(e) => {
-                console::error(&format!("payload: cannot start {}: {e}", k0s::BINARY));
+                console::error(&format!("payload: cannot start {} (with its limits: nofile={}, core and nproc unlimited): {e}", k0s::BINARY, k0s::NOFILE));
                 self.schedule_restart();
             }
         }
     }
 
     fn schedule_restart(&mut self) {
-        let delay = Duration::from_secs((1u64 << self.attempt.min(5)).min(BACKOFF_MAX_SECS));
+        let delay = k0s::restart_delay(self.attempt);
         self.next_start = Some(Instant::now() + delay);
         console::event("payload-restarting", &[("delay", &format!("{}s", delay.as_secs())), ("attempt", &(self.attempt + 1))]);
     }
@@ -198,10 +205,72 @@ impl Supervisor {
 
     fn forward(&mut self, line: &str) {
         self.log.append(line);
-        if self.rate.allow() {
+        let now = Instant::now();
+        if let Some(note) = self.rate.note(now) {
+            console::warn(&note);
+        }
+        if self.rate.allow(now) {
             console::line(line);
         }
     }
+
+    /// When the console needs a note about lines kept off it, even if the
+    /// payload says nothing more.
+    pub fn note_due(&self) -> Option<Instant> {
+        self.rate.note_due()
+    }
+
+    /// Prints that note once it is due.
+    pub fn tick(&mut self) {
+        if let Some(note) = self.rate.note(Instant::now()) {
+            console::warn(&note);
+        }
+    }
+}
+
+fn rlimit(r: Resource, value: Option<u64>) -> (libc::c_int, libc::rlimit) {
+    let resource = match r {
+        Resource::Nofile => libc::RLIMIT_NOFILE,
+        Resource::Core => libc::RLIMIT_CORE,
+        Resource::Nproc => libc::RLIMIT_NPROC,
+    };
+    let v = value.map_or(libc::RLIM_INFINITY, |v| v as libc::rlim_t);
+    (resource as libc::c_int, libc::rlimit { rlim_cur: v, rlim_max: v })
+}
+
+/// Writes a file only root can read, whole or not at all: a temporary file
+/// beside it, then a rename.
+fn write_private(path: &Path, content: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("kiln-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(content).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("writing {}: {e}", path.display())
+    })
+}
+
+/// A `k0s.token_file` must be there; one others could read is made 0600.
+fn check_token_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("k0s.token_file {}: {e}; put the join token there, or give it inline as k0s.token", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("k0s.token_file {} is not a file", path.display()));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => console::warn(&format!("k0s.token_file {} had mode {mode:04o}; made it 0600 (a join token is a credential)", path.display())),
+            Err(e) => console::warn(&format!("k0s.token_file {} has mode {mode:04o} and cannot be made 0600: {e}", path.display())),
+        }
+    }
+    Ok(())
 }
 
 fn describe_status(status: i32) -> String {
@@ -230,31 +299,55 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// /var/log/k0s.log, rotated to k0s.log.1 at `max` bytes (SD cards wear out).
 struct LogFile {
+    path: PathBuf,
     max: u64,
     file: Option<std::fs::File>,
     size: u64,
 }
 
 impl LogFile {
+    fn new(path: impl Into<PathBuf>, max: u64) -> LogFile {
+        LogFile { path: path.into(), max, file: None, size: 0 }
+    }
+
+    fn rotated(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".1");
+        PathBuf::from(p)
+    }
+
+    fn open(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).ok();
+        self.size = self.file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+    }
+
+    /// Appends a line; first moves a file that would grow past `max` to
+    /// `.1` (replacing the one before). A line longer than `max` still goes
+    /// into a fresh file whole.
     fn append(&mut self, line: &str) {
         if self.file.is_none() {
-            let _ = std::fs::create_dir_all("/var/log");
-            self.file = std::fs::OpenOptions::new().create(true).append(true).open(LOG_PATH).ok();
-            self.size = std::fs::metadata(LOG_PATH).map(|m| m.len()).unwrap_or(0);
+            self.open();
         }
-        if self.size + line.len() as u64 + 1 > self.max {
-            let _ = std::fs::rename(LOG_PATH, format!("{LOG_PATH}.1"));
-            self.file = std::fs::OpenOptions::new().create(true).append(true).truncate(false).open(LOG_PATH).ok();
-            self.size = 0;
+        let add = line.len() as u64 + 1;
+        if self.size > 0 && self.size + add > self.max {
+            let _ = std::fs::rename(&self.path, self.rotated());
+            self.file = None;
+            self.open();
         }
         if let Some(f) = self.file.as_mut() {
-            if f.write_all(line.as_bytes()).and_then(|_| f.write_all(b"\n")).is_ok() {
-                self.size += line.len() as u64 + 1;
+            if f.write_all(format!("{line}\n").as_bytes()).is_ok() {
+                self.size += add;
             }
         }
     }
 }
 
+/// At most `per_sec` payload lines a second reach the console; the log file
+/// gets every line. Lines kept off are counted and announced once the
+/// second is over.
 struct RateLimit {
     per_sec: u32,
     window: Instant,
@@ -263,15 +356,29 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    fn allow(&mut self) -> bool {
-        if self.window.elapsed() >= Duration::from_secs(1) {
-            if self.dropped > 0 {
-                console::warn(&format!("{} payload line(s) kept off the console (rate limit); all are in {LOG_PATH}", self.dropped));
-            }
-            self.window = Instant::now();
-            self.used = 0;
-            self.dropped = 0;
+    fn new(per_sec: u32, now: Instant) -> RateLimit {
+        RateLimit { per_sec: per_sec.max(1), window: now, used: 0, dropped: 0 }
+    }
+
+    fn roll(&mut self, now: Instant) -> u64 {
+        if now.saturating_duration_since(self.window) < Duration::from_secs(1) {
+            return 0;
         }
+        self.window = now;
+        self.used = 0;
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// The note about the last second's dropped lines, once it is over.
+    fn note(&mut self, now: Instant) -> Option<String> {
+        match self.roll(now) {
+            0 => None,
+            n => Some(format!("{n} payload line(s) kept off the console (more than {} a second); all are in {LOG_PATH}", self.per_sec)),
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        self.roll(now);
         if self.used < self.per_sec {
             self.used += 1;
             true
@@ -279,5 +386,99 @@ impl RateLimit {
             self.dropped += 1;
             false
         }
+    }
+
+    fn note_due(&self) -> Option<Instant> {
+        (self.dropped > 0).then(|| self.window + Duration::from_secs(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_counts_and_notes_dropped_lines() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(3, t0);
+        let shown: Vec<bool> = (0..5).map(|_| r.allow(t0)).collect();
+        assert_eq!(shown, [true, true, true, false, false]);
+        assert_eq!(r.note_due(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(r.note(t0 + Duration::from_millis(999)), None, "not before the second is over");
+        let note = r.note(t0 + Duration::from_secs(1)).expect("a note");
+        assert!(note.starts_with("2 payload line(s) kept off the console (more than 3 a second)"), "{note}");
+        assert!(note.contains(LOG_PATH));
+        assert_eq!(r.note_due(), None, "announced once");
+        assert!(r.allow(t0 + Duration::from_millis(1500)), "a new second");
+        // A quiet second loses nothing: the note comes with the next line's roll.
+        let t1 = t0 + Duration::from_secs(3);
+        let mut r = RateLimit::new(1, t1);
+        assert!(r.allow(t1));
+        assert!(!r.allow(t1));
+        assert!(r.allow(t1 + Duration::from_secs(2)), "the roll resets the window");
+        assert_eq!(r.dropped, 0);
+        // Zero means one, never nothing.
+        assert!(RateLimit::new(0, t0).allow(t0));
+    }
+
+    #[test]
+    fn log_rotates_at_max_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("log/k0s.log");
+        let mut log = LogFile::new(&path, 20);
+        log.append("0123456789"); // 11 bytes
+        log.append("abcdefgh"); // 9: exactly 20
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0123456789\nabcdefgh\n");
+        log.append("next");
+        assert_eq!(std::fs::read_to_string(d.path().join("log/k0s.log.1")).unwrap(), "0123456789\nabcdefgh\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "next\n");
+        // Longer than max: rotated out of the way, then written whole.
+        log.append(&"x".repeat(30));
+        assert_eq!(std::fs::read_to_string(d.path().join("log/k0s.log.1")).unwrap(), "next\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().len(), 31);
+        log.append("y");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "y\n");
+        // A file left by an earlier boot counts towards the size.
+        let p2 = d.path().join("old.log");
+        std::fs::write(&p2, "z".repeat(15)).unwrap();
+        let mut log = LogFile::new(&p2, 20);
+        log.append("0123456789");
+        assert_eq!(std::fs::read_to_string(d.path().join("old.log.1")).unwrap().len(), 15);
+        assert_eq!(std::fs::read_to_string(&p2).unwrap(), "0123456789\n");
+    }
+
+    #[test]
+    fn private_files_are_0600_and_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token");
+        std::fs::write(&p, "old, world-readable").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&p, b"tok\n").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"tok\n");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o600);
+        assert!(!d.path().join("token.kiln-tmp").exists());
+        let e = write_private(&d.path().join("no/such/dir/token"), b"x").unwrap_err();
+        assert!(e.contains("no/such/dir/token"), "{e}");
+    }
+
+    #[test]
+    fn token_file_is_checked_and_tightened() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("join-token");
+        let e = check_token_file(&p).unwrap_err();
+        assert!(e.contains("k0s.token_file") && e.contains("join-token"), "{e}");
+        std::fs::write(&p, "tok").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_token_file(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o600);
+        assert!(check_token_file(d.path()).unwrap_err().contains("not a file"));
+    }
+
+    #[test]
+    fn rlimits_are_the_units() {
+        let got: Vec<_> = k0s::LIMITS.iter().map(|(r, v)| rlimit(*r, *v)).collect();
+        assert!(got.iter().any(|(r, l)| *r == libc::RLIMIT_NOFILE as libc::c_int && l.rlim_cur == 999_999 && l.rlim_max == 999_999));
+        assert!(got.iter().any(|(r, l)| *r == libc::RLIMIT_CORE as libc::c_int && l.rlim_cur == libc::RLIM_INFINITY));
+        assert!(got.iter().any(|(r, l)| *r == libc::RLIMIT_NPROC as libc::c_int && l.rlim_max == libc::RLIM_INFINITY));
     }
 }

@@ -67,6 +67,8 @@ pub fn run_all(opts: &RunOpts, r: &mut Report) -> Option<Held> {
         None => say("token none"),
     }
     r.check("rlimit-nofile", rlimit_nofile());
+    r.check("rlimits-unit", rlimits_unit());
+    r.check("data-dir-payloads", crate::payloads::data_dir_payloads(opts.data_dir()));
     r.check("tmp-writable", tmp_writable());
     r.check("writable-paths", writable_paths());
     held
@@ -749,6 +751,47 @@ fn rlimit_nofile() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Soft and hard value of a limit, as the unit file would write it.
+fn rlimit_pair(resource: libc::c_int) -> Result<(String, String), String> {
+    // SAFETY: getrlimit fills the zeroed struct we own.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(resource as _, &mut rl) } != 0 {
+        return Err(format!("getrlimit: {}", io::Error::last_os_error()));
+    }
+    let show = |v: libc::rlim_t| {
+        if v == libc::RLIM_INFINITY {
+            "infinity".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    Ok((show(rl.rlim_cur), show(rl.rlim_max)))
+}
+
+/// The limits of the unit `k0s install` writes: LimitNOFILE=999999 and
+/// LimitCORE=infinity (and no process cap standing in for TasksMax=infinity).
+fn rlimits_unit() -> Result<(), String> {
+    let mut shown = Vec::new();
+    let mut why = Vec::new();
+    for (name, resource, want) in [
+        ("nofile", libc::RLIMIT_NOFILE as libc::c_int, "999999"),
+        ("core", libc::RLIMIT_CORE as libc::c_int, "infinity"),
+        ("nproc", libc::RLIMIT_NPROC as libc::c_int, "infinity"),
+    ] {
+        let (soft, hard) = rlimit_pair(resource)?;
+        if soft != want || hard != want {
+            why.push(format!("{name} is {soft}/{hard}, want {want}"));
+        }
+        shown.push(format!("{name}={soft}/{hard}"));
+    }
+    say(&format!("rlimits {}", shown.join(" ")));
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why.join("; "))
+    }
 }
 
 /// Directories k0s, the kubelet and CNI plugins write into (K0S-CONTRACT.md).

@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod node;
 mod out;
+mod payloads;
 mod token;
 
 use cli::Command;
