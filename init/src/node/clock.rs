@@ -8,6 +8,7 @@
 use super::console;
 use super::netup::NetState;
 use crate::config::{self, NtpHost, NtpServer, Time};
+use crate::date::civil_from_days;
 use crate::net::sntp::{self, Sample};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -361,21 +362,6 @@ fn write_rtc(unix_secs: i128) -> Result<(), String> {
     r
 }
 
-/// Days since 1970-01-01 → (year, month 1..=12, day 1..=31), proleptic
-/// Gregorian (H. Hinnant's `civil_from_days`).
-pub fn civil_from_days(days: i128) -> (i128, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i128::from(m <= 2);
-    (y, m, d)
-}
-
 fn is_leap(y: i128) -> bool {
     y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)
 }
@@ -384,7 +370,8 @@ fn is_leap(y: i128) -> bool {
 pub fn rtc_time(unix_secs: i128) -> Option<RtcTime> {
     let days = unix_secs.div_euclid(86_400);
     let sod = unix_secs.rem_euclid(86_400) as libc::c_int;
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = civil_from_days(i64::try_from(days).ok()?);
+    let y = i128::from(y);
     const BEFORE: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
     let yday = BEFORE[(m - 1) as usize] + d - 1 + u32::from(m > 2 && is_leap(y));
     Some(RtcTime {
@@ -402,7 +389,7 @@ pub fn rtc_time(unix_secs: i128) -> Option<RtcTime> {
 
 /// `2025-01-01 00:00:00 UTC`, for people.
 pub fn utc_text(unix_secs: i128) -> String {
-    let (y, m, d) = civil_from_days(unix_secs.div_euclid(86_400));
+    let (y, m, d) = civil_from_days(unix_secs.div_euclid(86_400).clamp(-(1 << 40), 1 << 40) as i64);
     let s = unix_secs.rem_euclid(86_400);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
 }
