@@ -84,7 +84,9 @@ fn attempt(servers: &[Server], wait: Duration) -> Result<Found, String> {
     let start = Instant::now();
     let deadline = start + wait;
     let mut last: Vec<Option<String>> = vec![None; servers.len()];
-    let mut resolved: Vec<Option<Vec<SocketAddr>>> = servers.iter().map(|s| literal(&s.spec).map(|a| vec![a])).collect();
+    // Names are looked up all at once, each in its own thread, so a DNS
+    // server that does not answer holds up neither the others nor the wait.
+    let mut lookups: Vec<Lookup> = servers.iter().map(|s| Lookup::start(&s.spec)).collect();
     let mut try_len = Duration::from_secs(1);
     loop {
         let round_end = (Instant::now() + try_len).min(deadline);
@@ -92,16 +94,17 @@ fn attempt(servers: &[Server], wait: Duration) -> Result<Found, String> {
             if Instant::now() >= deadline {
                 break;
             }
-            if resolved[i].is_none() {
-                match resolve(&server.spec, deadline) {
-                    Ok(a) => resolved[i] = Some(a),
-                    Err(e) => {
-                        last[i] = Some(format!("{}: {e}", server.spec));
-                        continue;
+            let addrs = match lookups[i].addrs((Instant::now() + try_len).min(deadline)) {
+                Ok(a) => a,
+                Err(e) => {
+                    last[i] = Some(format!("{}: {e}", server.spec));
+                    if matches!(lookups[i], Lookup::Failed) {
+                        lookups[i] = Lookup::start(&server.spec);
                     }
+                    continue;
                 }
-            }
-            for &addr in resolved[i].iter().flatten() {
+            };
+            for addr in addrs {
                 let until = (Instant::now() + try_len).min(deadline);
                 if until <= Instant::now() {
                     break;
@@ -131,34 +134,59 @@ fn attempt(servers: &[Server], wait: Duration) -> Result<Found, String> {
     })
 }
 
-fn literal(s: &NtpServer) -> Option<SocketAddr> {
-    match s.host {
-        NtpHost::Ip(ip) => Some(SocketAddr::new(ip, s.port)),
-        NtpHost::Name(_) => None,
-    }
+type LookupResult = io::Result<Vec<SocketAddr>>;
+
+/// A server's addresses: known, or being looked up through the C library
+/// (musl reads the /etc/resolv.conf written from DHCP and node.toml).
+enum Lookup {
+    Ready(Vec<SocketAddr>),
+    Pending(std::sync::mpsc::Receiver<LookupResult>),
+    /// The last lookup failed; the next round starts another.
+    Failed,
 }
 
-/// Resolves a name through the C library (musl reads the /etc/resolv.conf
-/// written from DHCP and node.toml), in a thread so the wait stays bounded
-/// when the DNS server does not answer.
-fn resolve(s: &NtpServer, until: Instant) -> Result<Vec<SocketAddr>, String> {
-    let NtpHost::Name(name) = &s.host else {
-        return Ok(literal(s).into_iter().collect());
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (host, port) = (name.clone(), s.port);
-    let lookup = move || {
-        let r = (host.as_str(), port).to_socket_addrs().map(|a| a.take(ADDRS_PER_NAME).collect::<Vec<_>>());
-        let _ = tx.send(r);
-    };
-    if let Err(e) = std::thread::Builder::new().name("kiln-resolve".into()).spawn(lookup) {
-        return Err(format!("cannot resolve: {e}"));
+impl Lookup {
+    fn start(s: &NtpServer) -> Lookup {
+        let name = match &s.host {
+            NtpHost::Ip(ip) => return Lookup::Ready(vec![SocketAddr::new(*ip, s.port)]),
+            NtpHost::Name(n) => n.clone(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let port = s.port;
+        let lookup = move || {
+            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.take(ADDRS_PER_NAME).collect()));
+        };
+        match std::thread::Builder::new().name("kiln-resolve".into()).spawn(lookup) {
+            Ok(_) => Lookup::Pending(rx),
+            Err(_) => Lookup::Failed,
+        }
     }
-    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-        Ok(Ok(a)) if !a.is_empty() => Ok(a),
-        Ok(Ok(_)) => Err("the name has no address".into()),
-        Ok(Err(e)) => Err(format!("cannot resolve the name: {e} (check the DNS server in /etc/resolv.conf)")),
-        Err(_) => Err("the name did not resolve in time (check the DNS server in /etc/resolv.conf)".into()),
+
+    /// The addresses, waiting for a pending lookup until `until` at most.
+    fn addrs(&mut self, until: Instant) -> Result<Vec<SocketAddr>, String> {
+        let got = match self {
+            Lookup::Ready(a) => return Ok(a.clone()),
+            Lookup::Failed => return Err("cannot start a name lookup".into()),
+            Lookup::Pending(rx) => match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(r) => r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err("the name has not resolved yet (check the DNS server in /etc/resolv.conf)".into()),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other("the lookup ended without an answer")),
+            },
+        };
+        match got {
+            Ok(a) if !a.is_empty() => {
+                *self = Lookup::Ready(a.clone());
+                Ok(a)
+            }
+            Ok(_) => {
+                *self = Lookup::Failed;
+                Err("the name has no address".into())
+            }
+            Err(e) => {
+                *self = Lookup::Failed;
+                Err(format!("cannot resolve the name: {e} (check the DNS server in /etc/resolv.conf)"))
+            }
+        }
     }
 }
 
@@ -193,6 +221,7 @@ pub fn sync_at_boot(time: &Time, net: &NetState) {
             }
             Err(e) => {
                 announce_unsynced(&format!("setting the clock from {}: {e}", f.addr), start.elapsed());
+                warn_wrong_time("see the error above; kiln-init tries again in the background");
                 false
             }
         },
@@ -448,6 +477,25 @@ mod tests {
         assert_eq!(f.addr.port(), port);
         assert!((f.sample.offset_ns - 86_400 * NANOS).abs() < NANOS, "{}", f.sample.offset_ns);
         assert_eq!(f.sample.stratum, 3);
+    }
+
+    #[test]
+    fn names_are_looked_up() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = sock.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let (n, from) = sock.recv_from(&mut buf).unwrap();
+            let req = sntp::decode(&buf[..n]).unwrap();
+            let now = sntp::Timestamp::from_unix_nanos(sntp::realtime_nanos());
+            let p = sntp::Packet { version: 4, mode: 4, stratum: 1, origin: req.transmit, receive: now, transmit: now, ..Default::default() };
+            sock.send_to(&sntp::encode(&p), from).unwrap();
+        });
+        let Plan::Ask(servers) = plan(&time(Some(&["no-such-host.invalid", &format!("localhost:{port}")])), &[]) else { panic!() };
+        let f = attempt(&servers, Duration::from_secs(5)).unwrap();
+        assert_eq!(f.addr.port(), port);
+        assert!(f.addr.ip().is_loopback());
+        assert!(f.sample.offset_ns.abs() < NANOS);
     }
 
     #[test]
