@@ -458,18 +458,24 @@ mod tests {
         assert_eq!(RTC_SET_TIME, 0x4024_700a, "the value linux/rtc.h gives");
     }
 
-    #[test]
-    fn attempt_against_a_loopback_server() {
+    /// A one-shot SNTP server on 127.0.0.1, `ahead_ns` ahead; its port.
+    fn serve_once(ahead_ns: i128, stratum: u8) -> u16 {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = sock.local_addr().unwrap().port();
         std::thread::spawn(move || {
             let mut buf = [0u8; 64];
             let (n, from) = sock.recv_from(&mut buf).unwrap();
             let req = sntp::decode(&buf[..n]).unwrap();
-            let now = sntp::Timestamp::from_unix_nanos(sntp::realtime_nanos() + 86_400 * NANOS);
-            let p = sntp::Packet { version: 4, mode: 4, stratum: 3, origin: req.transmit, receive: now, transmit: now, ..Default::default() };
+            let now = sntp::Timestamp::from_unix_nanos(sntp::realtime_nanos() + ahead_ns);
+            let p = sntp::Packet { version: 4, mode: 4, stratum, origin: req.transmit, receive: now, transmit: now, ..Default::default() };
             sock.send_to(&sntp::encode(&p), from).unwrap();
         });
+        port
+    }
+
+    #[test]
+    fn attempt_against_a_loopback_server() {
+        let port = serve_once(86_400 * NANOS, 3);
         // A closed port first: its refusal is recorded and the next server asked.
         let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let Plan::Ask(servers) = plan(&time(Some(&[&format!("127.0.0.1:{closed}"), &format!("127.0.0.1:{port}")])), &[]) else { panic!() };
@@ -481,16 +487,7 @@ mod tests {
 
     #[test]
     fn names_are_looked_up() {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = sock.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            let (n, from) = sock.recv_from(&mut buf).unwrap();
-            let req = sntp::decode(&buf[..n]).unwrap();
-            let now = sntp::Timestamp::from_unix_nanos(sntp::realtime_nanos());
-            let p = sntp::Packet { version: 4, mode: 4, stratum: 1, origin: req.transmit, receive: now, transmit: now, ..Default::default() };
-            sock.send_to(&sntp::encode(&p), from).unwrap();
-        });
+        let port = serve_once(0, 1);
         let Plan::Ask(servers) = plan(&time(Some(&["no-such-host.invalid", &format!("localhost:{port}")])), &[]) else { panic!() };
         let f = attempt(&servers, Duration::from_secs(5)).unwrap();
         assert_eq!(f.addr.port(), port);
