@@ -1054,18 +1054,8 @@ fn dos_datetime(unix_seconds: u64) -> (u16, u16) {
     const MIN: u64 = 315_532_800; // 1980-01-01T00:00:00Z
     const MAX: u64 = 4_354_819_199; // 2107-12-31T23:59:59Z
     let t = unix_seconds.clamp(MIN, MAX);
-    let days = (t / 86_400) as i64;
     let secs = t % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = kiln_init::date::civil_from_days((t / 86_400) as i64);
     let date = (((year - 1980) as u16) << 9) | ((month as u16) << 5) | day as u16;
     let time =
         (((secs / 3600) as u16) << 11) | (((secs / 60 % 60) as u16) << 5) | (secs % 60 / 2) as u16;

@@ -999,18 +999,9 @@ fn check_volume_id(id: &str) -> Result<(), IsoError> {
 
 /// (year, month, day, hour, minute, second) of a Unix time, UTC.
 fn civil(epoch: u64) -> (u64, u32, u32, u32, u32, u32) {
-    let days = (epoch / 86400) as i64;
     let secs = epoch % 86400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as u64;
+    let (year, month, day) = kiln_init::date::civil_from_days((epoch / 86400) as i64);
+    let year = year as u64;
     (
         year,
         month,

@@ -67,6 +67,8 @@ pub struct NodeConfig {
     pub install: Install,
     #[serde(default)]
     pub storage: Storage,
+    #[serde(default)]
+    pub time: Time,
 }
 
 /// `[install]`: when booted from a kiln ISO, write the image to a disk.
@@ -88,6 +90,142 @@ pub struct Storage {
     /// filesystem in its first MiB) is partitioned and formatted; one that
     /// kiln prepared before is mounted as it is; anything else is refused.
     pub var_disk: Option<String>,
+}
+
+/// `[time]`: setting the clock by SNTP before the payload starts, so TLS
+/// certificates are judged against the right time.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Time {
+    /// NTP servers: `host`, `host:port`, `10.0.0.1`, `fd00::1` or
+    /// `[fd00::1]:123`. Unset: the servers the DHCP lease names (option 42).
+    /// `[]`: do not set the clock.
+    #[serde(default)]
+    pub ntp: Option<Vec<String>>,
+    /// Seconds the payload waits for the clock before starting anyway.
+    #[serde(default = "default_time_wait")]
+    pub wait_seconds: u32,
+}
+
+fn default_time_wait() -> u32 {
+    15
+}
+
+/// Bounds of `time.wait_seconds`.
+pub const TIME_WAIT_RANGE: std::ops::RangeInclusive<u32> = 1..=300;
+/// At most this many entries in `time.ntp`.
+pub const MAX_NTP_SERVERS: usize = 8;
+
+impl Default for Time {
+    fn default() -> Self {
+        Time { ntp: None, wait_seconds: default_time_wait() }
+    }
+}
+
+/// The host part of an NTP server entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NtpHost {
+    Ip(IpAddr),
+    /// A DNS name, resolved on the node.
+    Name(String),
+}
+
+/// One parsed `time.ntp` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NtpServer {
+    pub host: NtpHost,
+    pub port: u16,
+}
+
+impl fmt::Display for NtpServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            NtpHost::Ip(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.port),
+            NtpHost::Ip(a) => write!(f, "{a}:{}", self.port),
+            NtpHost::Name(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+/// Parses `host`, `host:port`, an IPv4 or IPv6 address, or `[v6]:port`.
+/// The port defaults to 123.
+pub fn parse_ntp_server(s: &str) -> Result<NtpServer, String> {
+    let port_of = |p: &str| -> Result<u16, String> {
+        p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("`{s}`: `{p}` is not a port (1..=65535)"))
+    };
+    if s.is_empty() {
+        return Err("an empty server name; give a host name or an address like 10.0.0.1 or pool.ntp.org:123".into());
+    }
+    if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{s}` contains {c:?}; give one server per list entry"));
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']').ok_or_else(|| format!("`{s}` opens `[` but never closes it; write [fd00::1]:123"))?;
+        let a: std::net::Ipv6Addr = inside.parse().map_err(|_| format!("`{inside}` in `{s}` is not an IPv6 address"))?;
+        let port = match after {
+            "" => 123,
+            p => port_of(p.strip_prefix(':').ok_or_else(|| format!("`{s}`: after `]` comes `:port` or nothing"))?)?,
+        };
+        return Ok(NtpServer { host: NtpHost::Ip(IpAddr::V6(a)), port });
+    }
+    if let Ok(a) = s.parse::<IpAddr>() {
+        return Ok(NtpServer { host: NtpHost::Ip(a), port: 123 });
+    }
+    let (host, port) = match s.split_once(':') {
+        Some((_, p)) if p.contains(':') => {
+            return Err(format!("`{s}` is not an IPv6 address; an IPv6 address with a port goes in brackets, like [fd00::1]:123"))
+        }
+        Some((h, p)) => (h, port_of(p)?),
+        None => (s, 123),
+    };
+    if let Ok(a) = host.parse::<std::net::Ipv4Addr>() {
+        return Ok(NtpServer { host: NtpHost::Ip(IpAddr::V4(a)), port });
+    }
+    check_dns_name(host).map_err(|m| format!("`{s}`: {m}"))?;
+    Ok(NtpServer { host: NtpHost::Name(host.trim_end_matches('.').to_ascii_lowercase()), port })
+}
+
+/// A DNS name to resolve (RFC 1123 labels, any case, an optional final dot).
+fn check_dns_name(h: &str) -> Result<(), String> {
+    let name = h.strip_suffix('.').unwrap_or(h);
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("`{h}` is not a host name (1 to 253 characters)"));
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    for label in &labels {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!("`{h}` is not a host name: labels are letters, digits and inner hyphens, separated by dots"));
+        }
+    }
+    if labels.last().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
+        return Err(format!("`{h}` is neither an IPv4 address nor a host name"));
+    }
+    Ok(())
+}
+
+fn check_time(t: &Time) -> Result<(), ConfigError> {
+    if !TIME_WAIT_RANGE.contains(&t.wait_seconds) {
+        return Err(err(
+            "time.wait_seconds",
+            format!("{} is out of range {}..={} (seconds the node waits for the clock before starting k0s)", t.wait_seconds, TIME_WAIT_RANGE.start(), TIME_WAIT_RANGE.end()),
+        ));
+    }
+    let list = t.ntp.as_deref().unwrap_or_default();
+    if list.len() > MAX_NTP_SERVERS {
+        return Err(err("time.ntp", format!("{} servers given; at most {MAX_NTP_SERVERS}", list.len())));
+    }
+    for (i, s) in list.iter().enumerate() {
+        parse_ntp_server(s).map_err(|m| err(&format!("time.ntp[{i}]"), m))?;
+        if list[..i].contains(s) {
+            return Err(err(&format!("time.ntp[{i}]"), format!("`{s}` is listed twice")));
+        }
+    }
+    Ok(())
 }
 
 /// A fixed name, or one derived from a hardware identity so that one config
@@ -477,6 +615,7 @@ pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
     if cfg.log.max_bytes < 64 * 1024 {
         return Err(err("log.max_bytes", "must be at least 65536 bytes"));
     }
+    check_time(&cfg.time)?;
     Ok(())
 }
 
@@ -684,6 +823,46 @@ gateway = "10.0.0.1"
         assert!(!c.network.interfaces[0].wants_dhcp());
     }
 
+    #[test]
+    fn time_defaults_and_servers() {
+        let c = parse("role = \"single\"\n").unwrap();
+        assert_eq!(c.time, Time { ntp: None, wait_seconds: 15 });
+        let c = parse("role = \"single\"\n[time]\nntp = [\"pool.ntp.org\", \"ntp.example:1123\", \"10.0.0.1\", \"fd00::1\", \"[fd00::2]:124\"]\nwait_seconds = 5\n").unwrap();
+        let parsed: Vec<String> = c.time.ntp.unwrap().iter().map(|s| parse_ntp_server(s).unwrap().to_string()).collect();
+        assert_eq!(parsed, ["pool.ntp.org:123", "ntp.example:1123", "10.0.0.1:123", "[fd00::1]:123", "[fd00::2]:124"]);
+        assert_eq!(c.time.wait_seconds, 5);
+        let off = parse("role = \"single\"\n[time]\nntp = []\n").unwrap();
+        assert_eq!(off.time.ntp, Some(vec![]));
+    }
+
+    #[test]
+    fn ntp_server_forms() {
+        assert_eq!(parse_ntp_server("10.0.2.2:1234").unwrap(), NtpServer { host: NtpHost::Ip("10.0.2.2".parse().unwrap()), port: 1234 });
+        assert_eq!(parse_ntp_server("Time.Example.COM.").unwrap(), NtpServer { host: NtpHost::Name("time.example.com".into()), port: 123 });
+        for bad in ["", "a b", "host:0", "host:70000", "host:", "fd00::1:123:x", "[fd00::1", "[fd00::1]123", "[10.0.0.1]:123", "10.0.0.256", "1.2.3", "-bad.example", "a..b", "under_score.example"] {
+            assert!(parse_ntp_server(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn time_errors_name_the_key_and_line() {
+        let e = parse("role = \"single\"\n[time]\nntp = [\"pool.ntp.org\", \"10.0.0.1:99999\"]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("time.ntp[1]"));
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("99999") && e.message.contains("port"), "{e}");
+        let e = parse("role = \"single\"\n[time]\nwait_seconds = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("time.wait_seconds"));
+        assert_eq!(e.line, Some(3));
+        let e = parse("role = \"single\"\n[time]\nwait_seconds = 301\n").unwrap_err();
+        assert!(e.message.contains("1..=300"), "{e}");
+        let e = parse("role = \"single\"\n[time]\nntp = [\"a.example\", \"a.example\"]\n").unwrap_err();
+        assert!(e.message.contains("twice"), "{e}");
+        let e = parse("role = \"single\"\n[time]\nservers = []\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("servers"));
+        let e = parse("role = \"single\"\n[time]\nntp = \"pool.ntp.org\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
     /// A PEM block whose body is a (fake) DER SEQUENCE.
     fn pem(label: &str) -> String {
         let der: Vec<u8> = [0x30, 0x82, 0x01, 0x0a].into_iter().chain((0..60u8).map(|i| i.wrapping_mul(7))).collect();
@@ -740,6 +919,14 @@ gateway = "10.0.0.1"
         #[test]
         fn arbitrary_input_never_panics(s in "\\PC*") {
             let _ = parse(&s);
+        }
+
+        #[test]
+        fn arbitrary_ntp_entries_never_panic(s in "\\PC{0,40}") {
+            if let Ok(srv) = parse_ntp_server(&s) {
+                // What parses prints back as something that parses the same.
+                prop_assert_eq!(parse_ntp_server(&srv.to_string()), Ok(srv));
+            }
         }
 
         #[test]

@@ -5,8 +5,10 @@
 //! - [`event`]: the stable console event format.
 //! - [`net`]: netlink and DHCPv4, used by PID 1.
 //! - [`dm`]: device-mapper ioctls, for stage 1's dm-verity root.
+//! - [`date`]: calendar dates of Unix times (UTC).
 
 pub mod config;
+pub mod date;
 pub mod dm;
 pub mod event;
 pub mod install_image;

@@ -9,11 +9,14 @@
 //! - [`dhcp`]: DHCPv4 packets, IPv4/UDP framing and the client state
 //!   machine (pure, fuzzed).
 //! - [`client`]: the DHCP exchanges over an `AF_PACKET` socket.
+//! - [`sntp`]: SNTPv4 packets and reply checks (pure, fuzzed), and one
+//!   exchange over a UDP socket.
 
 pub mod client;
 pub mod dhcp;
 pub mod netlink;
 pub mod rtnl;
+pub mod sntp;
 mod sys;
 
 use std::io;

@@ -3,6 +3,7 @@
 //! retry), never a panic or a crash loop.
 
 pub mod appliance;
+pub mod clock;
 pub mod console;
 pub mod fetch;
 pub mod host;
@@ -245,6 +246,8 @@ pub fn run() -> ! {
     if let Err(e) = host::write_resolv_conf(&net.dns, &net.search) {
         console::error(&format!("resolv.conf: {e}"));
     }
+    // The clock before the payload judges any TLS certificate (bounded wait).
+    clock::sync_at_boot(&cfg.time, &net);
 
     let pre = preflight::run(cfg.role, &controllers);
     if pre.failures.is_empty() {
