@@ -4,6 +4,7 @@
 //! strings them together in the order of ARCHITECTURE.md.
 
 pub mod cache;
+pub mod crates;
 pub mod disk;
 pub mod elf;
 pub mod fat;
@@ -15,6 +16,7 @@ pub mod input;
 pub mod iso;
 pub mod isoboot;
 pub mod kernel;
+pub mod keys;
 pub mod manifest;
 pub mod payload;
 pub mod pipeline;
@@ -22,6 +24,7 @@ pub mod profile;
 pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
+pub mod sbom;
 pub mod serve;
 pub mod sign;
 pub mod squashfs;
