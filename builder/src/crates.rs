@@ -177,7 +177,7 @@ fn from_lock(lock: &[LockEntry], package: &str, dev: &BTreeSet<String>) -> Optio
         let mut w = dep.split_whitespace();
         let name = w.next()?;
         let version = w.next();
-        lock.iter().position(|e| e.name == name && version.map_or(true, |v| e.version == v))
+        lock.iter().position(|e| e.name == name && version.is_none_or(|v| e.version == v))
     };
     let mut order = vec![root];
     let mut index: BTreeMap<usize, usize> = BTreeMap::from([(root, 0)]);
@@ -248,7 +248,7 @@ fn dev_dependencies(tree: &Path, package: &str) -> BTreeSet<String> {
         let normal = v.get("dependencies").and_then(|d| d.as_table());
         return dev
             .iter()
-            .filter(|(k, _)| normal.map_or(true, |n| !n.contains_key(*k)))
+            .filter(|(k, _)| normal.is_none_or(|n| !n.contains_key(*k)))
             .map(|(k, spec)| spec.get("package").and_then(|p| p.as_str()).unwrap_or(k).to_string())
             .collect();
     }

@@ -491,7 +491,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     if f.sign.key.is_some() && f.sign.key_command.is_some() {
         return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "give `sign.key` or `sign.key_command`, not both".into() });
     }
-    if f.sign.key_command.as_ref().is_some_and(|c| c.first().map_or(true, |p| p.is_empty())) {
+    if f.sign.key_command.as_ref().is_some_and(|c| c.first().is_none_or(|p| p.is_empty())) {
         return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "needs a program, e.g. `[\"pass\", \"show\", \"kiln/signing-key\"]`".into() });
     }
     for (key, input) in inputs {

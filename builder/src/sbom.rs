@@ -474,7 +474,7 @@ fn download_location(url: &str) -> Option<String> {
     let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
     let host = rest.split(['/', '?', '#']).next()?.rsplit('@').next()?;
     let host = host.split(':').next()?;
-    let tld = host.rsplit('.').nth(0)?;
+    let tld = host.rsplit('.').next()?;
     let ok = host.contains('.') && (2..=5).contains(&tld.len()) && tld.bytes().all(|b| b.is_ascii_alphabetic()) && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
     ok.then(|| url.to_string())
 }
