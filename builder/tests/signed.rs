@@ -47,18 +47,8 @@ fn s(p: &Path) -> &str {
 
 /// Every file under `dir`, relative, sorted.
 fn files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
-            }
-        }
-    }
+    let mut out: Vec<String> = kiln::manifest::files(dir).unwrap().into_iter().map(|(rel, _)| rel).collect();
+    out.extend(["manifest.json", "manifest.json.minisig"].into_iter().filter(|f| dir.join(f).exists()).map(String::from));
     out.sort();
     out
 }
@@ -154,7 +144,9 @@ fn signed_output_verifies_and_every_flipped_byte_is_named() {
     assert_eq!(std::fs::read_to_string(root.join("etc/kiln/update.pub")).unwrap(), std::fs::read_to_string(&public).unwrap());
     let mut searched: Vec<PathBuf> = all.iter().map(|f| o.join(f)).collect();
     searched.push(t.join("initramfs.cpio"));
-    searched.extend(files(&root).iter().map(|f| root.join(f)).filter(|p| p.is_file()));
+    let (ok, found) = sh(&format!("find {} -type f", root.display()));
+    assert!(ok, "{found}");
+    searched.extend(found.lines().map(PathBuf::from));
     assert!(searched.len() > 10);
     for p in &searched {
         let bytes = std::fs::read(p).unwrap();
