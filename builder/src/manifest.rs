@@ -108,7 +108,7 @@ pub fn verify_dir(dir: &Path, key: &crate::sign::PublicKey) -> Result<Vec<String
             Ok(comment) => ok.push(format!("manifest.json: signature ok ({comment})")),
             Err(e) => problems.push(format!("manifest.json.minisig: does not verify manifest.json: {e}")),
         },
-        Err(e) => problems.push(format!("manifest.json.minisig: {e} (was the build signed? set `sign.key` in the profile)")),
+        Err(e) => problems.push(format!("manifest.json.minisig: {e} (was the build signed? give it a key: `sign.key` or `sign.key_command` in the profile, or KILN_SIGNING_KEY)")),
     }
     let parsed: serde_json::Value = match serde_json::from_slice(&manifest) {
         Ok(v) => v,
