@@ -6,6 +6,7 @@ pub mod console;
 pub mod fetch;
 pub mod host;
 pub mod install;
+pub mod k0sfiles;
 pub mod netup;
 pub mod preflight;
 pub mod sources;
@@ -257,6 +258,10 @@ pub fn run() -> ! {
     if let Err(e) = sup.prepare() {
         console::error(&format!("preparing k0s files: {e}"));
         maintenance(&events, &format!("cannot write the k0s config or token: {e}"));
+    }
+    if let Err(e) = k0sfiles::apply(&cfg.k0s) {
+        console::error(&format!("k0s files: {e}"));
+        maintenance(&events, &e);
     }
     let mut shell = Shell::new(cfg.debug.shell);
     shell.spawn();
