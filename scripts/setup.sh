@@ -45,6 +45,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --allow-downgrades --no-install-recommends "${missing[@]}" "${extra[@]}" >/dev/null
 fi
 
+# The SBOM's external checker: pyspdxtools, from spdx-tools on PyPI.
+spdx_tools_version=0.8.5
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('spdx-tools') != '$spdx_tools_version')" 2>/dev/null; then
+  echo "setup: installing spdx-tools $spdx_tools_version (pyspdxtools)"
+  python3 -m pip --version >/dev/null 2>&1 || $sudo apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  # Debian's own python3 refuses a system-wide pip install (PEP 668)
+  # unless told; a pyenv or venv python3 takes it as it is.
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "spdx-tools==$spdx_tools_version" 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "spdx-tools==$spdx_tools_version"
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+fi
+command -v pyspdxtools >/dev/null || { echo "setup: pyspdxtools is not on PATH after installing spdx-tools"; exit 1; }
+
 targets=(x86_64-unknown-linux-musl)
 installed=$(rustup target list --installed)
 for t in "${targets[@]}"; do

@@ -88,7 +88,10 @@ pub fn check_static(what: &str, path: &Path, arch: Arch) -> Result<(), BinaryErr
     Ok(())
 }
 
+/// The workspace package kiln-init is built from.
+pub const PACKAGE: &str = "kiln-init";
+
 /// kiln-init for the target.
 pub fn build(tree: &Path, arch: Arch) -> Result<PathBuf, BinaryError> {
-    cargo_build(tree, "kiln-init", "kiln-init", arch)
+    cargo_build(tree, PACKAGE, "kiln-init", arch)
 }

@@ -56,9 +56,25 @@ pub struct Resolved {
     pub version: Option<String>,
     pub sha256: String,
     pub size: u64,
+    /// For `deb`: the package itself (`sha256` above is the member's when a
+    /// member is used).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deb: Option<DebPackage>,
     /// The blob in the cache (or, for `deb` with `member`, the member's blob).
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// A Debian package an input came from.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DebPackage {
+    pub package: String,
+    pub version: Option<String>,
+    pub arch: String,
+    /// sha256 of the .deb (the profile's pin).
+    pub sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 impl Input {
@@ -117,6 +133,7 @@ pub fn resolve(name: &str, input: &Input, default_deb_arch: &str, cache: &Cache)
     input.validate().map_err(|m| InputError::Unpack { what: name.into(), path: PathBuf::from("profile"), reason: m })?;
     let want = input.pin();
     let io = |e: std::io::Error| InputError::Io(e, name.to_string());
+    let mut deb = None;
     let (kind, source, blob) = if let Some(file) = &input.file {
         let (got, _) = sha256_file(file).map_err(|source| InputError::MissingFile { what: name.into(), path: file.clone(), source })?;
         if got != want {
@@ -144,6 +161,7 @@ pub fn resolve(name: &str, input: &Input, default_deb_arch: &str, cache: &Cache)
         if !blob.exists() {
             fetch_deb(name, &spec, &arch, &want, cache)?;
         }
+        deb = Some(DebPackage { package: pkg, version: input.version.clone(), arch, sha256: want.clone(), member: input.member.clone() });
         ("deb", spec, blob)
     };
     let (sha256, size, path) = match &input.member {
@@ -156,7 +174,7 @@ pub fn resolve(name: &str, input: &Input, default_deb_arch: &str, cache: &Cache)
             (want.clone(), size, blob)
         }
     };
-    Ok(Resolved { name: name.into(), kind, source, version: input.version.clone(), sha256, size, path })
+    Ok(Resolved { name: name.into(), kind, source, version: input.version.clone(), sha256, size, deb, path })
 }
 
 fn fetch_url(name: &str, url: &str, want: &str, cache: &Cache) -> Result<(), InputError> {

@@ -89,8 +89,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
-    /// Check a build output's signed manifest and every artifact, or one
-    /// file against FILE.minisig.
+    /// Check a build output's signed manifest, every artifact and the signed
+    /// SBOM, or one file against FILE.minisig. Names every file that fails.
     Verify {
         target: PathBuf,
         /// The public key (kiln.pub, as `kiln key generate` writes it).

@@ -4,7 +4,7 @@
 
 use crate::input::{self, Resolved};
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Serialize)]
 pub struct Manifest {
@@ -50,9 +50,9 @@ pub struct Artifact {
     pub size: u64,
 }
 
-/// Hashes every regular file under `dir` (paths relative to it, sorted),
-/// skipping the manifest itself.
-pub fn artifacts(dir: &Path) -> std::io::Result<Vec<Artifact>> {
+/// Every regular file under `dir`, as (path relative to it, full path),
+/// sorted by path; without the manifest and its signature.
+pub fn files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -65,13 +65,24 @@ pub fn artifacts(dir: &Path) -> std::io::Result<Vec<Artifact>> {
                 if rel == "manifest.json" || rel == "manifest.json.minisig" {
                     continue;
                 }
-                let (sha256, size) = input::sha256_file(&p)?;
-                out.push(Artifact { path: rel, sha256, size });
+                out.push((rel, p));
             }
         }
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.sort();
     Ok(out)
+}
+
+/// Hashes every regular file under `dir` (paths relative to it, sorted),
+/// skipping the manifest itself.
+pub fn artifacts(dir: &Path) -> std::io::Result<Vec<Artifact>> {
+    files(dir)?
+        .into_iter()
+        .map(|(path, p)| {
+            let (sha256, size) = input::sha256_file(&p)?;
+            Ok(Artifact { path, sha256, size })
+        })
+        .collect()
 }
 
 impl Manifest {
@@ -95,9 +106,9 @@ pub fn verify_dir(dir: &Path, key: &crate::sign::PublicKey) -> Result<Vec<String
     match std::fs::read_to_string(dir.join("manifest.json.minisig")) {
         Ok(sig) => match key.verify(&manifest, &sig) {
             Ok(comment) => ok.push(format!("manifest.json: signature ok ({comment})")),
-            Err(e) => problems.push(format!("manifest.json: signature does not verify: {e}")),
+            Err(e) => problems.push(format!("manifest.json.minisig: does not verify manifest.json: {e}")),
         },
-        Err(e) => problems.push(format!("manifest.json.minisig: {e} (was the build signed? set `sign.key` in the profile)")),
+        Err(e) => problems.push(format!("manifest.json.minisig: {e} (was the build signed? give it a key: `sign.key` or `sign.key_command` in the profile, or KILN_SIGNING_KEY)")),
     }
     let parsed: serde_json::Value = match serde_json::from_slice(&manifest) {
         Ok(v) => v,
@@ -111,6 +122,10 @@ pub fn verify_dir(dir: &Path, key: &crate::sign::PublicKey) -> Result<Vec<String
         .map(|a| a.iter().map(|x| (x["path"].as_str().unwrap_or("").to_string(), x["sha256"].as_str().unwrap_or("").to_string(), x["size"].as_u64().unwrap_or(0))).collect())
         .unwrap_or_default();
     for (path, sha, size) in &listed {
+        if Path::new(path).components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            problems.push(format!("manifest.json: artifact path `{path}` is not a plain path inside the output directory"));
+            continue;
+        }
         match input::sha256_file(&dir.join(path)) {
             Ok((got, n)) if &got == sha && n == *size => ok.push(format!("{path}: ok")),
             Ok((got, n)) => problems.push(format!("{path}: sha256 {got} ({n} bytes) does not match the manifest's {sha} ({size} bytes)")),
@@ -127,6 +142,7 @@ pub fn verify_dir(dir: &Path, key: &crate::sign::PublicKey) -> Result<Vec<String
         }
         Err(e) => problems.push(format!("{}: {e}", dir.display())),
     }
+    crate::sbom::verify(dir, key, &listed, &mut ok, &mut problems);
     if problems.is_empty() {
         Ok(ok)
     } else {

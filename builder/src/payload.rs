@@ -24,10 +24,13 @@ pub struct Payload {
     pub input: Option<Resolved>,
 }
 
+/// The workspace package the stand-in is built from (binary `k0s`).
+pub const STAND_IN_PACKAGE: &str = "kiln-qemu-tests";
+
 pub fn build(profile: &Profile, cache: &Cache) -> Result<Payload, PayloadError> {
     match &profile.payload {
         Spec::StandIn => {
-            let path = init::cargo_build(&profile.tree, "kiln-qemu-tests", "k0s", profile.arch)?;
+            let path = init::cargo_build(&profile.tree, STAND_IN_PACKAGE, "k0s", profile.arch)?;
             Ok(Payload { path, description: "stand-in (kiln test fixture, not k0s)".into(), version: "stand-in".into(), input: None })
         }
         Spec::K0s { input: spec, version } => {

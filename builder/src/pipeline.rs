@@ -7,7 +7,7 @@ use crate::manifest::{self, Manifest};
 use crate::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
 use crate::rootfs::{Kind, Tree};
-use crate::{disk, init, isoboot, pxe};
+use crate::{disk, init, isoboot, keys, pxe, sbom};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -31,7 +31,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     // The signing key, loaded first so a bad key fails before any work. The
     // private key never goes into an output; the public key goes into the
     // image for verifying updates.
-    let signer = signing_key(&profile)?;
+    let signer = keys::signing_key(&profile)?;
 
     // 2. Inputs.
     let deb_arch = profile.arch.debian();
@@ -151,6 +151,11 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         inputs.push(r.clone());
     }
     inputs.extend(appliance.inputs);
+    // The SBOM lists the artifacts so far; the manifest then lists it too.
+    let sbom = sbom::collect(&profile, &kernel, &init_bin, &payload, &inputs, staging.path(), cache)?.write(staging.path())?;
+    if let Some(k) = &signer {
+        keys::sign_beside(k, &sbom, &format!("kiln sbom profile={name} arch={}", profile.arch))?;
+    }
     let manifest = Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         profile: name.clone(),
@@ -164,9 +169,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     };
     manifest.write(staging.path())?;
     if let Some(k) = &signer {
-        let bytes = std::fs::read(staging.path().join("manifest.json"))?;
-        let sig = k.sign(&bytes, &format!("kiln manifest profile={name} arch={}", profile.arch));
-        std::fs::write(staging.path().join("manifest.json.minisig"), sig)?;
+        keys::sign_beside(k, &staging.path().join("manifest.json"), &format!("kiln manifest profile={name} arch={}", profile.arch))?;
     }
 
     let out = out_root.join(name);
@@ -177,18 +180,6 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     std::fs::rename(&staged, &out).with_context(|| format!("moving the finished build to {}", out.display()))?;
     let payload_bytes = std::fs::metadata(&payload.path)?.len();
     Ok(Built { out, kernel_cached: kernel.cached, initramfs_bytes, payload_bytes })
-}
-
-fn signing_key(profile: &Profile) -> Result<Option<crate::sign::KeyPair>> {
-    let (text, from) = match (std::env::var("KILN_SIGNING_KEY"), &profile.sign_key) {
-        (Ok(t), _) if !t.trim().is_empty() => (t, "the KILN_SIGNING_KEY environment variable".to_string()),
-        (_, Some(p)) => (
-            std::fs::read_to_string(p).with_context(|| format!("reading the signing key {} (key `sign.key` in {}); make one with `kiln key generate`", p.display(), profile.path.display()))?,
-            p.display().to_string(),
-        ),
-        _ => return Ok(None),
-    };
-    crate::sign::KeyPair::from_secret_file(&text).map(Some).with_context(|| format!("loading the signing key from {from}"))
 }
 
 const DIRS: &[(&str, u32)] = &[

@@ -173,6 +173,9 @@ pub struct SignFile {
     /// The minisign secret key (unencrypted), relative to the profile.
     /// `KILN_SIGNING_KEY` (the key file's text) overrides it.
     pub key: Option<String>,
+    /// A command (program and arguments) that prints the secret key file on
+    /// stdout, run in the profile's directory; instead of `key`.
+    pub key_command: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -264,7 +267,11 @@ impl ProfileFile {
         merge_opts!(self.iso, base.iso, root, isolinux, isohybrid_mbr, ldlinux);
         merge_opts!(self.qemu, base.qemu, machine, memory_mib, cpus);
         merge_opts!(self.boot, base.boot, systemd_boot, stub);
-        merge_opts!(self.sign, base.sign, key);
+        // `key` and `key_command` are one choice: a child naming either
+        // replaces the base's.
+        if self.sign.key.is_none() && self.sign.key_command.is_none() {
+            merge_opts!(self.sign, base.sign, key, key_command);
+        }
         merge_opts!(self.disk, base.disk, esp_mib, root_slot_mib, data_mib, verity_on_corruption);
         self.appliance.inherit(&base.appliance);
     }
@@ -291,6 +298,8 @@ pub struct Profile {
     pub disk: crate::disk::DiskSpec,
     /// The signing key file, when the profile names one.
     pub sign_key: Option<PathBuf>,
+    /// Or the command that prints it (`sign.key_command`).
+    pub sign_key_command: Option<Vec<String>>,
     /// The public key node configs must be signed with (`node.config_key`).
     pub config_key: Option<PathBuf>,
     pub iso: IsoSpec,
@@ -522,6 +531,12 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         inputs.push(("iso.isohybrid_mbr", b));
         inputs.push(("iso.ldlinux", c));
     }
+    if f.sign.key.is_some() && f.sign.key_command.is_some() {
+        return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "give `sign.key` or `sign.key_command`, not both".into() });
+    }
+    if f.sign.key_command.as_ref().is_some_and(|c| c.first().is_none_or(|p| p.is_empty())) {
+        return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "needs a program, e.g. `[\"pass\", \"show\", \"kiln/signing-key\"]`".into() });
+    }
     for (key, input) in inputs {
         input.validate().map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: m })?;
     }
@@ -550,6 +565,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         boot,
         disk,
         sign_key: f.sign.key.as_ref().map(|k| dir.join(k)),
+        sign_key_command: f.sign.key_command.clone(),
         config_key: f.node.config_key.as_ref().map(|k| dir.join(k)),
         iso: IsoSpec { root_in_ram, bios },
         appliance,
