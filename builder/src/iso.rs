@@ -998,7 +998,7 @@ fn check_volume_id(id: &str) -> Result<(), IsoError> {
 }
 
 /// (year, month, day, hour, minute, second) of a Unix time, UTC.
-fn civil(epoch: u64) -> (u64, u32, u32, u32, u32, u32) {
+pub(crate) fn civil(epoch: u64) -> (u64, u32, u32, u32, u32, u32) {
     let days = (epoch / 86400) as i64;
     let secs = epoch % 86400;
     // Howard Hinnant's days-to-civil.

@@ -23,6 +23,7 @@ pub mod profile;
 pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
+pub mod secureboot;
 pub mod serve;
 pub mod sign;
 pub mod squashfs;
