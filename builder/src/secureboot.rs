@@ -426,4 +426,37 @@ mod tests {
         assert!(check_auth(&b[..b.len() - 5]).is_err());
         assert!(check_auth(&std::fs::read(p("db.esl")).unwrap()).is_err());
     }
+
+    /// `[secureboot]` in a profile: paths relative to it, a missing file or
+    /// certificate named with file, line and key.
+    #[test]
+    fn profile_table() {
+        let d = tempfile::tempdir().unwrap();
+        let profiles = d.path().join("profiles");
+        std::fs::create_dir_all(&profiles).unwrap();
+        std::fs::create_dir_all(d.path().join("kernel-configs")).unwrap();
+        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        let zero = "0".repeat(64);
+        let base = format!("arch = \"amd64\"\nname = \"sb\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{zero}\" }}\n[rootfs]\nbusybox = {{ file = \"/bin/busybox\", sha256 = \"{zero}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n");
+        let load = |extra: &str| {
+            let p = profiles.join("p.toml");
+            std::fs::write(&p, format!("{base}{extra}")).unwrap();
+            crate::profile::load(&p)
+        };
+        assert!(load("").unwrap().secureboot.is_none());
+        std::fs::write(d.path().join("db.pem"), "x").unwrap();
+        std::fs::write(d.path().join("db.key"), "x").unwrap();
+        let p = load("[secureboot]\nkey = \"../db.key\"\ncert = \"../db.pem\"\n").unwrap();
+        let sb = p.secureboot.unwrap();
+        assert_eq!(sb.cert, profiles.join("../db.pem"));
+        assert!(sb.enroll.is_none());
+        let e = load("[secureboot]\nkey = \"../db.key\"\n").unwrap_err().to_string();
+        assert!(e.contains("secureboot.cert"), "{e}");
+        let e = load("[secureboot]\nkey = \"../db.key\"\ncert = \"../nope.pem\"\n").unwrap_err().to_string();
+        assert!(e.contains("p.toml:14: key `secureboot.cert`") && e.contains("nope.pem"), "{e}");
+        let e = load("[secureboot]\ncert = \"../db.pem\"\nenroll = { pk = \"../db.pem\", kek = \"../db.pem\", db = \"../no.auth\" }\n").unwrap_err().to_string();
+        assert!(e.contains("p.toml:14: key `secureboot.enroll`") && e.contains("no.auth"), "{e}");
+        let e = load("[secureboot]\ncert = \"../db.pem\"\nkeys = 1\n").unwrap_err().to_string();
+        assert!(e.contains("key `keys`"), "{e}");
+    }
 }
