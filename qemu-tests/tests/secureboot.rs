@@ -9,7 +9,6 @@ use common::{boot_with, BOOT_TIMEOUT};
 use kiln::qemu::BootFrom;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
@@ -24,8 +23,9 @@ fn esp(disk: &Path) -> String {
     format!("{}@@{}", disk.display(), p["start"].as_u64().unwrap() * 512)
 }
 
-fn mcopy(from: &str, to: &str) {
-    sh(&format!("MTOOLS_SKIP_CHECK=1 mcopy -o -i {from} {to}"));
+/// Copies `from` to `to` with mtools; `img` is the ESP, `::/…` paths are in it.
+fn mcopy(img: &str, from: &str, to: &str) {
+    sh(&format!("MTOOLS_SKIP_CHECK=1 mcopy -o -i {img} {from} {to}"));
 }
 
 /// (file offset, size) of a PE section.
@@ -100,7 +100,7 @@ fn signed_boots_enforcing_unsigned_and_tampered_are_refused() {
     let img = esp(&signed.join("disk.raw"));
     for f in ["/EFI/BOOT/BOOTX64.EFI", "/EFI/systemd/systemd-bootx64.efi", &format!("/EFI/Linux/{uki}")] {
         let local = t.join("check.efi");
-        mcopy(&format!("{img} ::{f}"), &local.display().to_string());
+        mcopy(&img, &format!("::{f}"), &local.display().to_string());
         let v = sh(&format!("sbverify --cert {} {}", t.join("db.pem").display(), local.display()));
         assert!(v.contains("Signature verification OK"), "{f}: {v}");
     }
@@ -125,14 +125,14 @@ fn signed_boots_enforcing_unsigned_and_tampered_are_refused() {
     sh(&format!("cp --sparse=always {} {}", signed.join("disk.raw").display(), disk.display()));
     let img = esp(&disk);
     let local = t.join("tampered.efi");
-    mcopy(&format!("{img} ::/EFI/Linux/{uki}"), &local.display().to_string());
+    mcopy(&img, &format!("::/EFI/Linux/{uki}"), &local.display().to_string());
     let mut pe = std::fs::read(&local).unwrap();
     let (off, size) = section(&pe, ".linux");
     pe[off + size / 2] ^= 0x01;
     std::fs::write(&local, &pe).unwrap();
     let v = Command::new("sbverify").arg("--cert").arg(t.join("db.pem")).arg(&local).output().unwrap();
     assert!(!v.status.success(), "sbverify accepted the changed UKI");
-    mcopy(&local.display().to_string(), &format!("{img} ::/EFI/Linux/{uki}"));
+    mcopy(&img, &local.display().to_string(), &format!("::/EFI/Linux/{uki}"));
     refused("secureboot_tampered", &signed, Some(disk.clone()), "systemd-boot failing to load the UKI", |l| l.contains("Error loading \\EFI\\Linux\\") && l.contains("Access Denied"));
     let _ = std::fs::remove_file(&disk);
 }
