@@ -20,6 +20,9 @@ packages=(
   squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools openssl
   # UEFI boot: firmware and systemd-boot/stub
   ovmf seabios ipxe-qemu systemd-boot-efi sbsigntool binutils xorriso
+  # Secure Boot signing: sbsign's signing time pinned by faketime; openssl
+  # checks that the db key matches its certificate
+  faketime openssl
   # signatures
   minisign
 )

@@ -82,6 +82,9 @@ pub struct BootInputs<'a> {
     pub stub: &'a Path,
     pub os_release: &'a str,
     pub epoch: u64,
+    /// Signs each UKI after assembly (`systemd_boot` is then the signed
+    /// copy) and adds the enrolment files to the ESP.
+    pub secureboot: Option<&'a crate::secureboot::Signer>,
 }
 
 /// Assembles a UKI (stub + kernel + stage-1 initramfs + `cmdline`) at `out`.
@@ -92,6 +95,10 @@ pub fn write_uki(root: &RootImage, b: &BootInputs, cmdline: &str, out: &Path) ->
     let mut f = std::io::BufWriter::new(File::create(out)?);
     uki::assemble(&parts, &mut f).context("assembling the UKI")?;
     f.flush()?;
+    drop(f);
+    if let Some(s) = b.secureboot {
+        s.sign_in_place(out)?;
+    }
     Ok(())
 }
 
@@ -203,7 +210,11 @@ pub fn esp_fat(label: &str, volume: &Guid, b: &BootInputs) -> Result<FatBuilder>
     fat.set_timestamp(b.epoch);
     fat.add_file(&format!("/EFI/BOOT/{}", boot_file(b.arch)), FileContent::Host(b.systemd_boot.to_path_buf()))?;
     fat.add_file(&format!("/EFI/systemd/{}", boot_file(b.arch).replace("BOOT", "systemd-boot").to_lowercase()), FileContent::Host(b.systemd_boot.to_path_buf()))?;
-    fat.add_file("/loader/loader.conf", FileContent::Bytes(b"timeout 0\neditor no\n".to_vec()))?;
+    let enroll = b.secureboot.map(|s| s.loader_conf()).unwrap_or_default();
+    fat.add_file("/loader/loader.conf", FileContent::Bytes(format!("timeout 0\neditor no\n{enroll}").into_bytes()))?;
+    if let Some(s) = b.secureboot {
+        s.add_enroll_files(&mut fat)?;
+    }
     fat.add_file("/node.toml", FileContent::Bytes(NODE_TOML_TEMPLATE.as_bytes().to_vec()))?;
     Ok(fat)
 }

@@ -27,6 +27,7 @@ pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
 pub mod sbom;
+pub mod secureboot;
 pub mod serve;
 pub mod sign;
 pub mod squashfs;

@@ -63,6 +63,11 @@ enum Cmd {
         /// ISO), written in place: an install target, or a /var disk.
         #[arg(long)]
         extra_disk: Option<PathBuf>,
+        /// Boot with Secure Boot enforcing: OVMF's Secure Boot firmware with
+        /// Debian's snakeoil keys enrolled (for images built with
+        /// `[secureboot]` and /usr/share/ovmf/PkKek-1-snakeoil.key).
+        #[arg(long)]
+        secure_boot: bool,
         /// With --boot ipxe: the boot file URL QEMU's DHCP hands out, e.g.
         /// http://10.0.2.2:8080/boot.ipxe for `kiln serve` on the host.
         #[arg(long)]
@@ -260,10 +265,11 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac } => {
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac, secure_boot } => {
             let mut spec = VmSpec::new(out_dir);
             spec.net = net;
             spec.mac = mac;
+            spec.secure_boot = secure_boot;
             spec.extra_disk = extra_disk;
             spec.ipxe_url = ipxe_url;
             spec.config = config;
@@ -343,6 +349,9 @@ fn run(cli: Cli) -> Result<i32> {
             let p = kiln::profile::load(&profile)?;
             let node = std::fs::read_to_string(&p.node_config).with_context(|| format!("reading {} (key `node.config`)", p.node_config.display()))?;
             kiln_init::config::parse(&node).map_err(|e| anyhow::anyhow!("{}: {e}", p.node_config.display()))?;
+            if let Some(sb) = &p.secureboot {
+                kiln::secureboot::Signer::load(sb, &p.path, p.source_date_epoch)?;
+            }
             println!("{}: ok ({} for {}, {} kernel fragment(s))", profile.display(), p.name, p.arch, p.kernel.fragments.len());
             Ok(0)
         }

@@ -32,6 +32,8 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     // private key never goes into an output; the public key goes into the
     // image for verifying updates.
     let signer = keys::signing_key(&profile)?;
+    // The Secure Boot db key and certificate, checked against each other.
+    let secureboot = profile.secureboot.as_ref().map(|s| crate::secureboot::Signer::load(s, &profile.path, profile.source_date_epoch)).transpose()?;
 
     // 2. Inputs.
     let deb_arch = profile.arch.debian();
@@ -103,18 +105,31 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let mut initramfs_bytes = None;
     if profile.outputs.contains(&Output::Pxe) {
         initramfs_bytes = Some(pxe::write(staging.path(), &kernel.image, &stage1, &root, profile.source_date_epoch, name).context("writing the PXE bundle")?);
+        let vmlinuz = staging.path().join("pxe/vmlinuz");
+        if let Some(s) = secureboot.as_ref().filter(|_| crate::secureboot::is_pe(&vmlinuz).unwrap_or(false)) {
+            s.sign_in_place(&vmlinuz)?;
+        }
     }
     let mut uki = None;
     if let Some((sd, stub)) = &boot {
+        let systemd_boot = match &secureboot {
+            Some(s) => {
+                let signed = work.join("systemd-boot.signed.efi");
+                s.sign(&sd.path, &signed)?;
+                signed
+            }
+            None => sd.path.clone(),
+        };
         let b = disk::BootInputs {
             arch: profile.arch,
             profile: name,
             kernel: &kernel.image,
             kernel_release: &kernel.release,
-            systemd_boot: &sd.path,
+            systemd_boot: &systemd_boot,
             stub: &stub.path,
             os_release: &os_release(&profile),
             epoch: profile.source_date_epoch,
+            secureboot: secureboot.as_ref(),
         };
         let wants_disk_file = profile.outputs.iter().any(|o| matches!(o, Output::Disk | Output::Qcow2 | Output::Zst | Output::Bmap));
         let disk_path = if wants_disk_file { staging.path().join("disk.raw") } else { work.join("disk.raw") };

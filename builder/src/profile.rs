@@ -150,6 +150,31 @@ pub struct ProfileFile {
     pub iso: IsoFile,
     #[serde(default)]
     pub appliance: crate::appliance::ApplianceFile,
+    pub secureboot: SecureBootFile,
+}
+
+/// `[secureboot]`: Authenticode-sign the EFI binaries (see secureboot.rs).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureBootFile {
+    /// The db signing key (PEM, unencrypted), relative to the profile.
+    /// `KILN_SECUREBOOT_KEY` (the key file's text) overrides it.
+    pub key: Option<String>,
+    /// The db certificate (PEM), relative to the profile.
+    pub cert: Option<String>,
+    /// PK/KEK/db `.auth` files for systemd-boot to enrol.
+    pub enroll: Option<EnrollFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollFile {
+    pub pk: String,
+    pub kek: String,
+    pub db: String,
+    /// Enrol without asking (`secure-boot-enroll force`).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -272,6 +297,7 @@ impl ProfileFile {
         if self.sign.key.is_none() && self.sign.key_command.is_none() {
             merge_opts!(self.sign, base.sign, key, key_command);
         }
+        merge_opts!(self.secureboot, base.secureboot, key, cert, enroll);
         merge_opts!(self.disk, base.disk, esp_mib, root_slot_mib, data_mib, verity_on_corruption);
         self.appliance.inherit(&base.appliance);
     }
@@ -305,6 +331,8 @@ pub struct Profile {
     pub iso: IsoSpec,
     /// `[appliance]`: images, manifests and charts baked into the root.
     pub appliance: crate::appliance::Spec,
+    /// `[secureboot]`, when the profile has it.
+    pub secureboot: Option<crate::secureboot::SecureBootSpec>,
     /// The directory holding kernel-configs/, overlays/ … (the profile's
     /// parent's parent by convention, or `KILN_SOURCE_DIR`).
     pub tree: PathBuf,
@@ -537,6 +565,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     if f.sign.key_command.as_ref().is_some_and(|c| c.first().is_none_or(|p| p.is_empty())) {
         return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "needs a program, e.g. `[\"pass\", \"show\", \"kiln/signing-key\"]`".into() });
     }
+    let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
     for (key, input) in inputs {
         input.validate().map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: m })?;
     }
@@ -569,8 +598,45 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         config_key: f.node.config_key.as_ref().map(|k| dir.join(k)),
         iso: IsoSpec { root_in_ram, bios },
         appliance,
+        secureboot,
         tree,
     })
+}
+
+/// `[secureboot]` with its paths resolved; each named file must exist.
+fn secureboot_spec(path: &Path, dir: &Path, f: &SecureBootFile) -> Result<Option<crate::secureboot::SecureBootSpec>, ProfileError> {
+    if f.key.is_none() && f.cert.is_none() && f.enroll.is_none() {
+        return Ok(None);
+    }
+    let file = |key: &str, rel: &str| {
+        let p = dir.join(rel);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: format!("{} does not exist (paths are relative to this profile)", p.display()) })
+        }
+    };
+    let Some(cert) = &f.cert else {
+        return Err(ProfileError::Semantic { path: path.to_path_buf(), message: "key `secureboot.cert`: [secureboot] needs the db certificate (PEM) that the firmware trusts".into() });
+    };
+    let enroll = match &f.enroll {
+        None => None,
+        Some(e) => Some(crate::secureboot::Enroll {
+            pk: file("secureboot.enroll", &e.pk)?,
+            kek: file("secureboot.enroll", &e.kek)?,
+            db: file("secureboot.enroll", &e.db)?,
+            force: e.force,
+        }),
+    };
+    Ok(Some(crate::secureboot::SecureBootSpec {
+        // With the key in the environment, the file is not read.
+        key: match f.key.as_deref() {
+            Some(k) if std::env::var(crate::secureboot::KEY_ENV).is_ok_and(|v| !v.trim().is_empty()) => Some(dir.join(k)),
+            k => k.map(|k| file("secureboot.key", k)).transpose()?,
+        },
+        cert: file("secureboot.cert", cert)?,
+        enroll,
+    }))
 }
 
 #[cfg(test)]

@@ -49,6 +49,10 @@ pub struct VmSpec {
     pub net: Net,
     /// The NIC's MAC address.
     pub mac: String,
+    /// UEFI boots with Secure Boot enforcing: OVMF's Secure Boot build (SMM)
+    /// with Debian's snakeoil keys enrolled (`PkKek-1-snakeoil.pem` in
+    /// PK, KEK and db), so only binaries signed with that key run.
+    pub secure_boot: bool,
 }
 
 /// The network a VM's NIC is on.
@@ -115,6 +119,7 @@ impl VmSpec {
             ipxe_url: None,
             net: Net::User,
             mac: "52:54:00:12:34:56".into(),
+            secure_boot: false,
         }
     }
 }
@@ -165,6 +170,10 @@ fn arch_of(out: &Path) -> Result<Arch, VmError> {
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Debian's Secure Boot OVMF (needs SMM) and its variables with the
+/// snakeoil certificate enrolled as PK, KEK and db (ovmf's README.Debian).
+const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
+const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
 
 /// The one `*.iso` in a build output.
 fn find_iso(out: &Path) -> Result<PathBuf, VmError> {
@@ -212,22 +221,31 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
     };
     let mut c = Command::new(bin);
     c.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"]);
+    let uefi = matches!(boot, BootFrom::Disk | BootFrom::Iso | BootFrom::IsoUsb);
+    if spec.secure_boot && (!uefi || arch != Arch::Amd64) {
+        return Err(VmError::Setup(format!("Secure Boot needs a UEFI boot on amd64 (--boot disk, iso or iso-usb), not {boot:?} on {arch}")));
+    }
+    // Secure Boot OVMF keeps its variables behind SMM, which q35 has.
+    let machine = if spec.secure_boot { "q35,smm=on" } else { machine };
     c.args(["-M", machine, "-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }]);
     if arch == Arch::Arm64 {
         c.args(["-cpu", "cortex-a57"]);
     }
     c.args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
-    let uefi = matches!(boot, BootFrom::Disk | BootFrom::Iso | BootFrom::IsoUsb);
     if boot != BootFrom::Pxe && arch != Arch::Amd64 {
         return Err(VmError::Setup(format!("booting {arch} from {boot:?} is not supported yet; use --boot pxe")));
     }
     if uefi {
-        if !Path::new(OVMF_CODE).exists() {
-            return Err(VmError::Setup(format!("{OVMF_CODE} is missing: apt-get install ovmf")));
+        let (code, vars_template) = if spec.secure_boot { (OVMF_CODE_SECBOOT, OVMF_VARS_SNAKEOIL) } else { (OVMF_CODE, OVMF_VARS) };
+        if !Path::new(code).exists() {
+            return Err(VmError::Setup(format!("{code} is missing: apt-get install ovmf")));
+        }
+        if spec.secure_boot {
+            c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
         }
         let vars = scratch.join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars).map_err(|e| VmError::Setup(format!("copying {OVMF_VARS}: {e}")))?;
-        c.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"));
+        std::fs::copy(vars_template, &vars).map_err(|e| VmError::Setup(format!("copying {vars_template}: {e}")))?;
+        c.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"));
         c.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
     }
     match boot {

@@ -11,6 +11,7 @@ pub mod install;
 pub mod k0sfiles;
 pub mod netup;
 pub mod preflight;
+pub mod secureboot;
 pub mod sources;
 pub mod supervisor;
 pub mod sys;
@@ -194,7 +195,7 @@ pub fn run() -> ! {
     // copied to /dev/kmsg are not printed twice.
     let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
     console::open_kmsg();
-    console::event("started", &[("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime()))]);
+    console::event("started", &[("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime())), ("secureboot", &secureboot::state())]);
     // SAFETY: plain syscall; Ctrl-Alt-Del then arrives as SIGINT.
     unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) };
     let events = match block_signals() {
