@@ -6,19 +6,20 @@ pub mod console;
 pub mod fetch;
 pub mod host;
 pub mod install;
+pub mod maintenance;
 pub mod netup;
 pub mod preflight;
 pub mod sources;
 pub mod supervisor;
 pub mod sys;
 pub mod vardisk;
+pub mod volume;
 
 // Stage 1 (initramfs → verified root); see stage1.rs.
 pub mod gpt;
 pub mod grow;
 pub mod stage1;
 
-use crate::config::NodeConfig;
 use crate::k0s;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -216,24 +217,57 @@ pub fn run() -> ! {
     // The installer, when the cmdline asks for it: before the config, which
     // an installer medium need not carry.
     if let Some(t) = install::requested_on_cmdline() {
-        install_now(&events, &t, "cmdline");
+        if let Err(reason) = install_now(&t, "cmdline") {
+            maintenance(&events, &reason);
+        }
     }
 
     // With kiln.config=URL the network comes up first, to fetch the config.
     let mut url = sources::UrlSource::from_cmdline();
-    let (cfg, source) = wait_for_config(&events, url.as_mut());
+    if url.is_none() {
+        volume::settle();
+    }
+    // A config that is valid but cannot be used here (preflight fails for
+    // its role, its install fails) sends the node back to waiting for a
+    // changed one.
+    let mut announcer = maintenance::Announcer::default();
+    let mut refused: Option<maintenance::Refused> = None;
     let mac = netup::first_mac();
+    let (cfg, pre) = loop {
+        let loaded = wait_for_config(&events, url.as_mut(), refused.as_ref(), &mut announcer);
+        let cfg = loaded.config;
+        let hostname = host::hostname(&cfg, mac);
+        let mut fields: Vec<(&str, &dyn std::fmt::Display)> = vec![("source", &loaded.source), ("role", &cfg.role), ("hostname", &hostname)];
+        if let Some(d) = &loaded.dev {
+            fields.push(("dev", d));
+        }
+        console::event("config-loaded", &fields);
+        let pre = preflight::run(cfg.role, &controllers);
+        let mut why = None;
+        if !pre.failures.is_empty() {
+            console::event("preflight-failed", &[("role", &cfg.role), ("missing", &pre.failures.join(","))]);
+            let reason = format!("preflight failed for role {}: missing {}", cfg.role, pre.failures.join(", "));
+            why = Some((reason, "this kernel cannot run that role: give the node a role it can run, or rebuild the image with a kernel that has what is missing (kiln kernel check)".to_string()));
+        } else if let Some(t) = cfg.install.disk.clone().filter(|_| install::read_medium().is_ok_and(|m| m.kind == "iso")) {
+            why = install_now(&t, "node.toml").err().map(|r| (r, "name another disk in install.disk, or fix the one named".to_string()));
+        }
+        match why {
+            None => break (cfg, pre),
+            Some((reason, hint)) => {
+                let r = maintenance::Refused { text: loaded.text, reason, hint };
+                let p = maintenance::refused_again(&r);
+                if announcer.is_new(&p) {
+                    announce(&p);
+                }
+                refused = Some(r);
+            }
+        }
+    };
     let hostname = host::hostname(&cfg, mac);
     if let Err(e) = host::apply_hostname(&hostname) {
         console::error(&format!("hostname: {e}"));
     }
     let _ = host::write_machine_id(&format!("{hostname}{mac:?}"));
-    console::event("config-loaded", &[("source", &source), ("role", &cfg.role), ("hostname", &hostname)]);
-    if let Some(t) = cfg.install.disk.clone() {
-        if install::read_medium().is_ok_and(|m| m.kind == "iso") {
-            install_now(&events, &t, "node.toml");
-        }
-    }
     // /var onto storage.var_disk, before anything writes there.
     vardisk::setup(&cfg);
     let mut net = match url.and_then(|u| u.into_network(&cfg)) {
@@ -243,21 +277,11 @@ pub fn run() -> ! {
     if let Err(e) = host::write_resolv_conf(&net.dns, &net.search) {
         console::error(&format!("resolv.conf: {e}"));
     }
-
-    let pre = preflight::run(cfg.role, &controllers);
-    if pre.failures.is_empty() {
-        console::event("preflight-ok", &[("role", &cfg.role), ("warnings", &pre.warnings.len())]);
-    } else {
-        console::event("preflight-failed", &[("role", &cfg.role), ("missing", &pre.failures.join(","))]);
-        maintenance(&events, &format!("preflight failed for role {}: missing {}", cfg.role, pre.failures.join(", ")));
-    }
+    let warnings = pre.warnings.len() + preflight::var_space().len();
+    console::event("preflight-ok", &[("role", &cfg.role), ("warnings", &warnings)]);
 
     let inv = k0s::invocation(&cfg, cfg!(target_arch = "arm"));
     let mut sup = Supervisor::new(inv, cfg.role.as_str(), cfg.log.max_bytes, cfg.log.console_lines_per_second);
-    if let Err(e) = sup.prepare() {
-        console::error(&format!("preparing k0s files: {e}"));
-        maintenance(&events, &format!("cannot write the k0s config or token: {e}"));
-    }
     let mut shell = Shell::new(cfg.debug.shell);
     shell.spawn();
 
@@ -316,12 +340,12 @@ fn signal_name(sig: libc::c_int) -> &'static str {
     }
 }
 
-/// Loads the config, or waits in maintenance until a valid one appears. A
-/// URL is retried with backoff (1 s doubling to 30 s), local sources every
-/// 5 s; each problem is announced once, fetch failures on every try.
-fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>) -> (NodeConfig, String) {
+/// Loads the config, or waits in maintenance until a valid one appears
+/// (one that is not `refused`). A URL is retried with backoff (1 s
+/// doubling to 30 s), local sources every 5 s; each problem is announced
+/// once, fetch failures on every try.
+fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>, refused: Option<&maintenance::Refused>, announcer: &mut maintenance::Announcer) -> maintenance::Loaded {
     let trust = sources::Trust::read();
-    let mut announced: Option<String> = None;
     let mut attempt = 0u32;
     loop {
         let found = match url.as_deref_mut() {
@@ -330,37 +354,14 @@ fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>) ->
         };
         let wait = if url.is_some() { sources::backoff(attempt) } else { Duration::from_secs(5) };
         attempt = attempt.saturating_add(1);
-        match found {
-            sources::Found::Valid { source, config, .. } => return (*config, source),
-            sources::Found::Invalid { source, reason, text } => {
-                let key = format!("{source}:{text}");
-                if announced.as_deref() != Some(&key) {
-                    console::error(&format!("node config from {source} is invalid: {reason}"));
-                    console::event("maintenance", &[("reason", &format!("invalid node config from {source}: {reason}"))]);
-                    console::info("fix the node config (kiln config check node.toml); waiting for a valid one");
-                    announced = Some(key);
+        match maintenance::judge(found, refused) {
+            maintenance::Verdict::Use(l) => return *l,
+            maintenance::Verdict::Wait(p) => {
+                if p.every_time {
+                    console::error(&format!("{}; retrying in {} s", p.error, wait.as_secs()));
                 }
-            }
-            sources::Found::Unsigned { source, reason } => {
-                let msg = format!("node config from {source} is not signed by the key in {}: {reason}", sources::CONFIG_KEY);
-                if announced.as_deref() != Some(&msg) {
-                    console::error(&msg);
-                    console::event("maintenance", &[("reason", &msg)]);
-                    announced = Some(msg);
-                }
-            }
-            sources::Found::Unreachable { url, error, hint } => {
-                console::error(&format!("node config {url}: {error}; {hint}; retrying in {} s", wait.as_secs()));
-                let key = format!("node config {url}: {error}");
-                if announced.as_deref() != Some(&key) {
-                    console::event("maintenance", &[("reason", &key)]);
-                    announced = Some(key);
-                }
-            }
-            sources::Found::Missing => {
-                if announced.as_deref() != Some("missing") {
-                    console::event("maintenance", &[("reason", &"no node config found")]);
-                    announced = Some("missing".into());
+                if announcer.is_new(&p) {
+                    announce(&p);
                 }
             }
         }
@@ -371,8 +372,21 @@ fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>) ->
     }
 }
 
-/// Maintenance: say why, then keep reaping and answering power requests.
-/// The operator fixes the cause and reboots.
+/// A new problem: the console error (unless already printed), the
+/// `maintenance` event, and what to do.
+fn announce(p: &maintenance::Problem) {
+    if !p.every_time {
+        console::error(&p.error);
+    }
+    console::event("maintenance", &[("reason", &p.reason)]);
+    if let Some(h) = &p.hint {
+        console::info(h);
+    }
+}
+
+/// Maintenance with nothing to watch (the installer asked for on the kernel
+/// command line failed): say why, then keep reaping and answering power
+/// requests. The operator fixes the cause and reboots.
 fn maintenance(events: &Events, reason: &str) -> ! {
     console::event("maintenance", &[("reason", &reason)]);
     loop {
@@ -398,9 +412,10 @@ fn idle(events: &Events, d: Duration) {
     }
 }
 
-/// Installs this ISO onto `target` and reboots into it; on failure,
-/// maintenance. Returns only when the disk already holds this image.
-fn install_now(events: &Events, target: &str, why: &str) {
+/// Installs this ISO onto `target` and reboots into it. Returns Ok when
+/// the disk already holds this image, Err with the reason when the install
+/// failed.
+fn install_now(target: &str, why: &str) -> Result<(), String> {
     match install::run(target, why) {
         Ok(install::Outcome::Installed { target, bytes, seconds }) => {
             console::event("install-complete", &[("target", &target), ("bytes", &bytes), ("seconds", &format!("{seconds:.1}")), ("verified", &"yes")]);
@@ -409,11 +424,12 @@ fn install_now(events: &Events, target: &str, why: &str) {
         }
         Ok(install::Outcome::AlreadyInstalled { target }) => {
             console::warn(&format!("{target} already holds this image; not installing again. Remove the install medium, or boot from {target} first; booting from the medium now"));
+            Ok(())
         }
         Err(e) => {
             console::error(&format!("install ({why}): {e}"));
             console::event("install-failed", &[("target", &target), ("reason", &e)]);
-            maintenance(events, &format!("install to {target} failed: {e}"))
+            Err(format!("install to {target} failed: {e}"))
         }
     }
 }

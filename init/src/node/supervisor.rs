@@ -31,6 +31,9 @@ pub struct Supervisor {
     pub next_start: Option<Instant>,
     log: LogFile,
     rate: RateLimit,
+    loop_: CrashLoop,
+    /// The last error writing k0s's files, announced once.
+    prepare_error: Option<String>,
 }
 
 impl Supervisor {
@@ -43,6 +46,8 @@ impl Supervisor {
             next_start: Some(Instant::now()),
             log: LogFile { max: log_max, file: None, size: 0 },
             rate: RateLimit { per_sec: console_rate.max(1), window: Instant::now(), used: 0, dropped: 0 },
+            loop_: CrashLoop::default(),
+            prepare_error: None,
         }
     }
 
@@ -65,11 +70,24 @@ impl Supervisor {
 
     pub fn start(&mut self) {
         self.next_start = None;
+        // The files first, on every start: a failure (a full or read-only
+        // /var, /etc) is retried like a crash, and fixing it brings k0s up.
+        if let Err(e) = self.prepare() {
+            let msg = format!("cannot write the k0s config or token: {e}");
+            if self.prepare_error.as_deref() != Some(msg.as_str()) {
+                console::error(&format!("preparing k0s files: {e}"));
+                console::event("maintenance", &[("reason", &msg)]);
+                self.prepare_error = Some(msg);
+            }
+            self.failed_start();
+            return;
+        }
+        self.prepare_error = None;
         let (rd, wr) = match pipe() {
             Ok(p) => p,
             Err(e) => {
                 console::error(&format!("payload: pipe: {e}"));
-                self.schedule_restart();
+                self.failed_start();
                 return;
             }
         };
@@ -77,7 +95,7 @@ impl Supervisor {
             Ok(w) => w,
             Err(e) => {
                 console::error(&format!("payload: pipe: {e}"));
-                self.schedule_restart();
+                self.failed_start();
                 return;
             }
         };
@@ -125,13 +143,24 @@ impl Supervisor {
             }
             Err(e) => {
                 console::error(&format!("payload: cannot start {}: {e}", k0s::BINARY));
-                self.schedule_restart();
+                self.failed_start();
             }
         }
     }
 
+    fn delay(&self) -> Duration {
+        backoff(self.attempt)
+    }
+
+    /// A start that did not get as far as a process counts as an attempt,
+    /// so the backoff grows.
+    fn failed_start(&mut self) {
+        self.attempt += 1;
+        self.schedule_restart();
+    }
+
     fn schedule_restart(&mut self) {
-        let delay = Duration::from_secs((1u64 << self.attempt.min(5)).min(BACKOFF_MAX_SECS));
+        let delay = self.delay();
         self.next_start = Some(Instant::now() + delay);
         console::event("payload-restarting", &[("delay", &format!("{}s", delay.as_secs())), ("attempt", &(self.attempt + 1))]);
     }
@@ -145,8 +174,11 @@ impl Supervisor {
         console::event("payload-exited", &[("pid", &r.pid), ("status", &what), ("ran", &format!("{}s", ran.as_secs()))]);
         if ran >= HEALTHY_RUN {
             self.attempt = 0;
+            self.loop_ = CrashLoop::default();
         }
+        self.loop_.exited(r.started);
         if restart {
+            console::warn(&self.loop_.status(self.delay()));
             self.schedule_restart();
         }
     }
@@ -202,6 +234,39 @@ impl Supervisor {
             console::line(line);
         }
     }
+}
+
+/// The wait before the next start after `attempt` starts: 2, 4, 8, 16,
+/// then 30 s; 1 s before any start.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs((1u64 << attempt.min(5)).min(BACKOFF_MAX_SECS))
+}
+
+/// The exits since k0s last ran for a healthy minute, for the console.
+#[derive(Default)]
+struct CrashLoop {
+    exits: u32,
+    since: Option<Instant>,
+}
+
+impl CrashLoop {
+    fn exited(&mut self, started: Instant) {
+        self.exits += 1;
+        self.since.get_or_insert(started);
+    }
+
+    fn status(&self, delay: Duration) -> String {
+        let span = self.since.map(|s| s.elapsed()).unwrap_or_default();
+        status_line(self.exits, span, delay)
+    }
+}
+
+/// `k0s has exited 5 times in 3 min; restarting in 30 s`.
+fn status_line(exits: u32, span: Duration, delay: Duration) -> String {
+    let secs = span.as_secs();
+    let span = if secs < 120 { format!("{secs} s") } else { format!("{} min", secs / 60) };
+    let times = if exits == 1 { "once".to_string() } else { format!("{exits} times") };
+    format!("k0s has exited {times} in {span}; restarting in {} s", delay.as_secs())
 }
 
 fn describe_status(status: i32) -> String {
@@ -279,5 +344,29 @@ impl RateLimit {
             self.dropped += 1;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped() {
+        let s: Vec<u64> = (0..9).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(s, [1, 2, 4, 8, 16, 30, 30, 30, 30]);
+        assert_eq!(backoff(u32::MAX).as_secs(), 30);
+    }
+
+    #[test]
+    fn the_crash_loop_status_line() {
+        assert_eq!(status_line(5, Duration::from_secs(190), Duration::from_secs(30)), "k0s has exited 5 times in 3 min; restarting in 30 s");
+        assert_eq!(status_line(1, Duration::from_secs(4), Duration::from_secs(2)), "k0s has exited once in 4 s; restarting in 2 s");
+        let mut l = CrashLoop::default();
+        let t = Instant::now();
+        l.exited(t);
+        l.exited(Instant::now());
+        assert_eq!(l.since, Some(t), "counted from the first start of the streak");
+        assert!(l.status(Duration::from_secs(4)).starts_with("k0s has exited 2 times in "), "{}", l.status(Duration::from_secs(4)));
     }
 }
