@@ -42,6 +42,8 @@ fn power_off(n: &mut common::Node) {
     if let Err(e) = n.vm.powerdown() {
         n.fail(format!("QMP system_powerdown: {e}"));
     }
+    let sd = n.event("shutdown", Duration::from_secs(60));
+    assert_eq!(sd.get("reason"), Some("power-button"), "{sd:?}");
     n.event("shutdown-complete", Duration::from_secs(120));
     if let Err(e) = n.vm.wait_exit(Duration::from_secs(60)) {
         n.fail(format!("QEMU did not exit after power-off: {e}"));

@@ -403,10 +403,14 @@ fn idle(events: &Events, d: Duration) {
             }
             Wake::Signal(s) => {
                 if let Some(a) = action_for(s) {
+                    console::event("shutdown", &[("action", &a.as_str()), ("reason", &signal_name(s))]);
                     final_shutdown(a, signal_name(s));
                 }
             }
-            Wake::Power => final_shutdown(Action::Poweroff, "power-button"),
+            Wake::Power => {
+                console::event("shutdown", &[("action", &"poweroff"), ("reason", &"power-button")]);
+                final_shutdown(Action::Poweroff, "power-button")
+            }
             _ => {}
         }
     }

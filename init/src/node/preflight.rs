@@ -57,7 +57,7 @@ pub fn run(role: Role, enabled_controllers: &[String]) -> Outcome {
 /// `storage.var_disk`): the warnings printed.
 pub fn var_space() -> Vec<String> {
     let mut warnings = Vec::new();
-    if let Some(free) = free_mib("/var/lib/k0s").or_else(|| free_mib("/var")) {
+    if let Some(free) = free_mib("/var/lib/k0s") {
         if free < 1024 {
             warnings.push(format!("{free} MiB free under /var/lib/k0s"));
         }
