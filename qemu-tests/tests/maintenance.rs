@@ -129,3 +129,38 @@ fn invalid_fw_cfg_then_a_valid_one_on_the_next_boot() {
     assert_eq!(loaded.get("hostname"), Some("fixed-by-fwcfg"), "{loaded:?}");
     n.event("payload-started", BOOT_TIMEOUT);
 }
+
+/// Preflight failure is a wait, not a dead end. The kernel runs without the
+/// memory cgroup controller (`cgroup_disable=memory`), which every role that
+/// runs workloads needs: the image's default config (role single) is refused
+/// with `preflight-failed` and `maintenance`, and the same config is not
+/// tried again. A KILNCFG stick with a role this kernel can run (controller)
+/// plugged in while the node waits brings it up, without a reboot.
+#[test]
+fn preflight_failure_waits_for_a_changed_config() {
+    let out = built(PROFILE);
+    let cmdline = std::fs::read_to_string(out.join("pxe/cmdline")).expect("pxe/cmdline");
+    let append = format!("{} cgroup_disable=memory", cmdline.trim());
+    let stick = config_stick("maint-controller-stick.img", "KILNCFG", "role = \"controller\"\nhostname = \"controller-only\"\n");
+    let mut n = boot_with("maint_preflight", &out, None, |s| {
+        s.boot = BootFrom::Pxe;
+        // The last -append wins.
+        s.extra_args = ["-append", &append, "-device", "qemu-xhci,id=xhci"].map(String::from).to_vec();
+    });
+    let loaded = n.event("config-loaded", BOOT_TIMEOUT);
+    assert_eq!((loaded.get("source"), loaded.get("role")), (Some("image"), Some("single")), "{loaded:?}");
+    let failed = n.event("preflight-failed", Duration::from_secs(60));
+    assert!(failed.get("missing").is_some_and(|m| m.contains("cgroup controller memory")), "{failed:?}");
+    maintenance_naming(&mut n, &["preflight failed for role single", "memory"]);
+    // Waiting quietly: the refused config is not loaded again.
+    let again = n.vm.wait_for("the refused config loaded again", Duration::from_secs(15), |l| {
+        kiln_init::event::parse(l).is_some_and(|e| matches!(e.name.as_str(), "config-loaded" | "maintenance" | "payload-started"))
+    });
+    assert!(again.is_err(), "expected a quiet wait, got {again:?}");
+    plug(&n, "stick1", &stick);
+    let loaded = n.event("config-loaded", Duration::from_secs(120));
+    assert_eq!((loaded.get("source"), loaded.get("role")), (Some("kilncfg"), Some("controller")), "{loaded:?}");
+    n.event("preflight-ok", BOOT_TIMEOUT);
+    let started = n.event("payload-started", BOOT_TIMEOUT);
+    assert_eq!(started.get("role"), Some("controller"), "{started:?}");
+}

@@ -247,7 +247,7 @@ pub fn run() -> ! {
         if !pre.failures.is_empty() {
             console::event("preflight-failed", &[("role", &cfg.role), ("missing", &pre.failures.join(","))]);
             let reason = format!("preflight failed for role {}: missing {}", cfg.role, pre.failures.join(", "));
-            why = Some((reason, "this kernel cannot run that role: give the node a role it can run, or rebuild the image with a kernel that has what is missing (kiln kernel check)".to_string()));
+            why = Some((reason, "give the node a role it can run here (a controller needs the least), or fix what is missing: kernel options need an image with a kernel that has them (kiln kernel check), a cgroup controller may be off on the kernel command line (cgroup_disable=)".to_string()));
         } else if let Some(t) = cfg.install.disk.clone().filter(|_| install::read_medium().is_ok_and(|m| m.kind == "iso")) {
             why = install_now(&t, "node.toml").err().map(|r| (r, "name another disk in install.disk, or fix the one named".to_string()));
         }
