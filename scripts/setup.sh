@@ -17,7 +17,7 @@ packages=(
   # the DHCP client's tests run dnsmasq in network namespaces
   dnsmasq-base iproute2
   # external checkers for the formats kiln writes
-  squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools
+  squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools openssl
   # UEFI boot: firmware and systemd-boot/stub
   ovmf seabios ipxe-qemu systemd-boot-efi sbsigntool binutils xorriso
   # signatures

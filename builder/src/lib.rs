@@ -4,6 +4,7 @@
 //! strings them together in the order of ARCHITECTURE.md.
 
 pub mod cache;
+pub mod cluster;
 pub mod disk;
 pub mod elf;
 pub mod fat;

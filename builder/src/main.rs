@@ -67,6 +67,15 @@ enum Cmd {
         /// http://10.0.2.2:8080/boot.ipxe for `kiln serve` on the host.
         #[arg(long)]
         ipxe_url: Option<String>,
+        /// The NIC's network: `user` (NAT and DHCP from QEMU, --api-port
+        /// forwarded), or `udp:LOCAL:REMOTE`, an Ethernet link to another
+        /// `kiln run` with the two host ports swapped (static addresses, no
+        /// host access).
+        #[arg(long, default_value = "user")]
+        net: kiln::qemu::Net,
+        /// The NIC's MAC address; give each VM on a shared link its own.
+        #[arg(long, default_value = "52:54:00:12:34:56")]
+        mac: String,
     },
     /// Time a (warm) build of a profile against mksquashfs of the same root
     /// tree, measured in the same run, and print the ratio.
@@ -102,6 +111,11 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// New clusters: a CA, a worker join token and both node configs.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
     },
     /// Serve a PXE bundle and per-node configs over HTTP, for iPXE.
     ///
@@ -158,6 +172,49 @@ enum RoleArg {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// Write DIR/controller.toml and DIR/worker.toml for a new cluster,
+    /// with its CA (DIR/ca.crt, ca.key), the worker join token
+    /// (DIR/worker.token) and the bootstrap token Secret that admits it
+    /// (DIR/bootstrap-token-<id>.yaml), as `k0s token pre-shared` makes them.
+    ///
+    /// Boot the controller with controller.toml and any number of workers
+    /// with worker.toml; the workers join the controller at https://API:6443.
+    Init {
+        /// Where the files go (created if missing).
+        dir: PathBuf,
+        /// The controller's address as workers reach it (IP or DNS name);
+        /// default: the address of --controller-address.
+        #[arg(long)]
+        api: Option<String>,
+        /// The cluster's name (k0s ClusterConfig name, node name prefix).
+        #[arg(long, default_value = "kiln")]
+        name: String,
+        /// Replace the files of a cluster already in DIR.
+        #[arg(long)]
+        force: bool,
+        /// A static address for the controller, e.g. 10.0.0.10/24 (default:
+        /// DHCP).
+        #[arg(long, value_name = "ADDR/PREFIX")]
+        controller_address: Option<String>,
+        /// A static address for the worker, e.g. 10.0.0.11/24 (default: DHCP;
+        /// with it, worker.toml is for one node).
+        #[arg(long, value_name = "ADDR/PREFIX")]
+        worker_address: Option<String>,
+        /// Default gateway for the static addresses.
+        #[arg(long)]
+        gateway: Option<std::net::IpAddr>,
+        /// The link the static addresses go on.
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        /// How long the worker token is valid (24h, 7d, …); default: until
+        /// its Secret is deleted.
+        #[arg(long, value_parser = kiln::cluster::parse_validity)]
+        valid: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCmd {
     /// Validate a node.toml with the same code the node runs.
     Check { node_toml: PathBuf },
@@ -203,8 +260,10 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url } => {
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac } => {
             let mut spec = VmSpec::new(out_dir);
+            spec.net = net;
+            spec.mac = mac;
             spec.extra_disk = extra_disk;
             spec.ipxe_url = ipxe_url;
             spec.config = config;
@@ -319,6 +378,17 @@ fn run(cli: Cli) -> Result<i32> {
             let sig_path = PathBuf::from(format!("{}.minisig", node_toml.display()));
             std::fs::write(&sig_path, kp.sign(&data, &format!("kiln node config {name}"))).with_context(|| format!("writing {}", sig_path.display()))?;
             println!("wrote {} (key {})", sig_path.display(), kp.key_id());
+            Ok(0)
+        }
+        Cmd::Cluster { cmd: ClusterCmd::Init { dir, api, name, force, controller_address, worker_address, gateway, interface, valid } } => {
+            let o = kiln::cluster::InitOptions { dir, api, name, force, controller_address, worker_address, gateway, interface, valid };
+            let r = kiln::cluster::init(&o)?;
+            for f in &r.files {
+                println!("wrote {}", f.display());
+            }
+            println!("cluster `{}`: workers join {} with bootstrap token id {}", o.name, r.server, r.token_id);
+            println!("controller.toml, worker.toml and ca.key are secrets: keep them out of the repository");
+            println!("next: boot the controller with {} and workers with {}", o.dir.join("controller.toml").display(), o.dir.join("worker.toml").display());
             Ok(0)
         }
         Cmd::Serve { dir, configs, listen } => {

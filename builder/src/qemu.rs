@@ -45,6 +45,37 @@ pub struct VmSpec {
     /// For `BootFrom::Ipxe`: the URL QEMU's DHCP hands out as the boot file
     /// (default: `boot.ipxe` over QEMU's TFTP from OUT/pxe).
     pub ipxe_url: Option<String>,
+    /// What the NIC is plugged into.
+    pub net: Net,
+    /// The NIC's MAC address.
+    pub mac: String,
+}
+
+/// The network a VM's NIC is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// QEMU user networking: NAT to the host, with its DHCP server
+    /// (10.0.2.15 for the guest) and `api_port` forwarded.
+    User,
+    /// A point-to-point Ethernet link to another VM: UDP datagrams between
+    /// 127.0.0.1:`local` and 127.0.0.1:`remote` on the host. No DHCP, no
+    /// host access; the nodes need static addresses.
+    Udp { local: u16, remote: u16 },
+}
+
+impl std::str::FromStr for Net {
+    type Err = String;
+    /// `user`, or `udp:LOCAL:REMOTE` (host ports).
+    fn from_str(s: &str) -> Result<Net, String> {
+        if s == "user" {
+            return Ok(Net::User);
+        }
+        let bad = || format!("`{s}` is not `user` or `udp:LOCAL_PORT:REMOTE_PORT` (e.g. udp:40001:40002 for one VM and udp:40002:40001 for the other)");
+        let rest = s.strip_prefix("udp:").ok_or_else(bad)?;
+        let (l, r) = rest.split_once(':').ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+        Ok(Net::Udp { local: port(l)?, remote: port(r)? })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,6 +113,8 @@ impl VmSpec {
             overlay: None,
             extra_disk: None,
             ipxe_url: None,
+            net: Net::User,
+            mac: "52:54:00:12:34:56".into(),
         }
     }
 }
@@ -233,9 +266,19 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         c.arg("-drive").arg(format!("if=none,id=x0,format=raw,file={}", x.display()));
         c.args(["-device", "virtio-blk-pci,drive=x0,bootindex=2"]);
     }
-    let mut netdev = "user,id=n0".to_string();
-    if spec.api_port != 0 {
+    if kiln_init::config::parse_mac(&spec.mac).is_none() {
+        return Err(VmError::Setup(format!("`{}` is not a MAC address like 52:54:00:12:34:56", spec.mac)));
+    }
+    let mac = &spec.mac;
+    let mut netdev = match spec.net {
+        Net::User => "user,id=n0".to_string(),
+        Net::Udp { local, remote } => format!("socket,id=n0,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}"),
+    };
+    if spec.api_port != 0 && spec.net == Net::User {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:6443", spec.api_port));
+    }
+    if boot == BootFrom::Ipxe && spec.net != Net::User {
+        return Err(VmError::Setup("network boot (iPXE) needs user networking, for QEMU's DHCP and TFTP".into()));
     }
     if boot == BootFrom::Ipxe {
         if !pxe.join("boot.ipxe").exists() {
@@ -243,9 +286,9 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         }
         netdev.push_str(&format!(",tftp={}", pxe.display()));
         netdev.push_str(&format!(",bootfile={}", spec.ipxe_url.as_deref().unwrap_or("boot.ipxe")));
-        c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,bootindex=1"]);
+        c.args(["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1")]);
     } else {
-        c.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile="]);
+        c.args(["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]);
     }
     c.args(["-device", "virtio-rng-pci"]);
     if let Some(cfg) = &spec.config {
@@ -501,4 +544,50 @@ fn kvm_usable(spec: &VmSpec) -> bool {
         tracing::warn!("KVM is present but a test guest did not boot under it; using TCG (delete {} to probe again)", verdict.display());
     }
     works
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_from_str() {
+        assert_eq!("user".parse::<Net>(), Ok(Net::User));
+        assert_eq!("udp:40001:40002".parse::<Net>(), Ok(Net::Udp { local: 40001, remote: 40002 }));
+        for bad in ["", "udp", "udp:1", "udp:0:2", "udp:1:x", "tap:1:2", "udp:1:2:3"] {
+            assert!(bad.parse::<Net>().is_err(), "{bad}");
+        }
+    }
+
+    fn args(spec: &VmSpec) -> Result<Vec<String>, VmError> {
+        let d = tempfile::tempdir().unwrap();
+        command(spec, Accel::Tcg, &d.path().join("qmp"), d.path()).map(|c| c.get_args().map(|a| a.to_string_lossy().into_owned()).collect())
+    }
+
+    #[test]
+    fn udp_link_replaces_user_networking() {
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(out.path().join("manifest.json"), r#"{"arch": "amd64"}"#).unwrap();
+        std::fs::create_dir(out.path().join("pxe")).unwrap();
+        for f in ["vmlinuz", "initramfs.cpio.zst", "cmdline"] {
+            std::fs::write(out.path().join("pxe").join(f), "x").unwrap();
+        }
+        let mut spec = VmSpec::new(out.path());
+        spec.boot = BootFrom::Pxe;
+        spec.api_port = 6443;
+        let user = args(&spec).unwrap().join(" ");
+        assert!(user.contains("-netdev user,id=n0,hostfwd=tcp:127.0.0.1:6443-:6443"), "{user}");
+        assert!(user.contains("mac=52:54:00:12:34:56"), "{user}");
+        spec.net = Net::Udp { local: 40001, remote: 40002 };
+        spec.mac = "52:54:00:00:00:02".into();
+        let udp = args(&spec).unwrap().join(" ");
+        assert!(udp.contains("-netdev socket,id=n0,udp=127.0.0.1:40002,localaddr=127.0.0.1:40001 "), "{udp}");
+        assert!(udp.contains("virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02,romfile="), "{udp}");
+        assert!(!udp.contains("hostfwd"), "{udp}");
+        spec.boot = BootFrom::Ipxe;
+        assert!(args(&spec).unwrap_err().to_string().contains("user networking"));
+        spec.boot = BootFrom::Pxe;
+        spec.mac = "52:54:00".into();
+        assert!(args(&spec).unwrap_err().to_string().contains("MAC"));
+    }
 }

@@ -80,6 +80,13 @@ pub const KEYS: &[&str] = &[
     "k0s.env",
     "k0s.extra_args",
     "k0s.no_taints",
+    "k0s.ca",
+    "k0s.ca.cert",
+    "k0s.ca.key",
+    "k0s.manifests",
+    "k0s.manifests.stack",
+    "k0s.manifests.name",
+    "k0s.manifests.content",
     "log",
     "log.max_bytes",
     "log.console_lines_per_second",
@@ -246,6 +253,31 @@ pub struct K0s {
     /// Remove the controller taint on controller+worker nodes.
     #[serde(default)]
     pub no_taints: bool,
+    /// A pre-generated cluster CA for a controller (`kiln cluster init`),
+    /// written to /var/lib/k0s/pki/ca.crt and ca.key before k0s starts.
+    #[serde(default)]
+    pub ca: Option<ClusterCa>,
+    /// Files for the controller's manifests directory,
+    /// /var/lib/k0s/manifests/<stack>/<name>, which k0s applies.
+    #[serde(default)]
+    pub manifests: Vec<Manifest>,
+}
+
+/// `[k0s.ca]`: the cluster CA, in PEM.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterCa {
+    pub cert: String,
+    pub key: String,
+}
+
+/// `[[k0s.manifests]]`: one manifest file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub stack: String,
+    pub name: String,
+    pub content: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -532,6 +564,7 @@ pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
             return Err(err("k0s.taints", format!("taint `{t}` must look like key=value:NoSchedule (effects: NoSchedule, PreferNoSchedule, NoExecute)")));
         }
     }
+    check_cluster_files(cfg.role, k)?;
     for name in k.env.keys() {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(err("k0s.env", format!("`{name}` is not a valid environment variable name")));
@@ -551,6 +584,81 @@ pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
         return Err(err("log.max_bytes", "must be at least 65536 bytes"));
     }
     Ok(())
+}
+
+/// The largest manifest accepted; a node config is read whole into memory.
+const MAX_MANIFEST: usize = 1 << 20;
+
+fn check_cluster_files(role: Role, k: &K0s) -> Result<(), ConfigError> {
+    if role == Role::Worker {
+        if k.ca.is_some() {
+            return Err(err("k0s.ca", "a worker gets the cluster CA from its join token; `[k0s.ca]` is for controller roles"));
+        }
+        if !k.manifests.is_empty() {
+            return Err(err("k0s.manifests", "only controllers apply manifests; `[[k0s.manifests]]` is for controller roles"));
+        }
+    }
+    if let Some(ca) = &k.ca {
+        check_pem(&ca.cert, &["CERTIFICATE"]).map_err(|m| err("k0s.ca.cert", m))?;
+        check_pem(&ca.key, &["RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY"]).map_err(|m| err("k0s.ca.key", m))?;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in k.manifests.iter().enumerate() {
+        let key = |f: &str| format!("k0s.manifests[{i}].{f}");
+        check_file_name(&m.stack, 63).map_err(|e| err(&key("stack"), format!("stack `{}`: {e}", m.stack)))?;
+        check_file_name(&m.name, 255).map_err(|e| err(&key("name"), format!("file name `{}`: {e}", m.name)))?;
+        if !m.name.ends_with(".yaml") {
+            return Err(err(&key("name"), format!("`{}` must end in .yaml: k0s applies only *.yaml files in a stack", m.name)));
+        }
+        if !seen.insert((m.stack.as_str(), m.name.as_str())) {
+            return Err(err(&key("name"), format!("`{}/{}` is given twice", m.stack, m.name)));
+        }
+        if m.content.trim().is_empty() {
+            return Err(err(&key("content"), "the manifest is empty"));
+        }
+        if m.content.len() > MAX_MANIFEST {
+            return Err(err(&key("content"), format!("the manifest is {} bytes; at most {MAX_MANIFEST} are accepted", m.content.len())));
+        }
+        if let Some(n) = m.content.lines().position(|l| l.starts_with('\t')) {
+            return Err(err(&key("content"), format!("line {} of the manifest is indented with a tab, which YAML does not allow", n + 1)));
+        }
+    }
+    Ok(())
+}
+
+/// One name in a path: letters, digits, `-`, `_` and `.`, starting and
+/// ending with a letter or digit (so never `.`, `..` or a hidden file).
+fn check_file_name(s: &str, max: usize) -> Result<(), String> {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if s.is_empty() || s.len() > max {
+        return Err(format!("must be 1 to {max} characters"));
+    }
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || !alnum(s.chars().next()) || !alnum(s.chars().last()) {
+        return Err("use letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit (no `/`, no `..`)".into());
+    }
+    Ok(())
+}
+
+/// Checks that `text` is one PEM block with one of the `labels`, whose body is
+/// base64 of a DER SEQUENCE; returns the label.
+pub fn check_pem<'a>(text: &str, labels: &[&'a str]) -> Result<&'a str, String> {
+    let want = || labels.iter().map(|l| format!("`-----BEGIN {l}-----`")).collect::<Vec<_>>().join(" or ");
+    let lines: Vec<&str> = text.trim().lines().map(str::trim).collect();
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else { return Err(format!("empty; expected a PEM block starting with {}", want())) };
+    let label = first
+        .strip_prefix("-----BEGIN ")
+        .and_then(|r| r.strip_suffix("-----"))
+        .and_then(|l| labels.iter().find(|x| **x == l))
+        .ok_or_else(|| format!("expected a PEM block starting with {}, found `{first}`", want()))?;
+    if lines.len() < 3 || *last != format!("-----END {label}-----") {
+        return Err(format!("the PEM block does not end with `-----END {label}-----` (one block only)"));
+    }
+    let body: String = lines[1..lines.len() - 1].concat();
+    let der = crate::minisign::b64_decode(&body).map_err(|e| format!("the PEM body is not base64: {e}"))?;
+    if der.first() != Some(&0x30) || der.len() < 16 {
+        return Err(format!("the PEM body is not a DER {label}"));
+    }
+    Ok(label)
 }
 
 /// RFC 1123 host name: dot-separated labels of a-z0-9 and inner hyphens.
@@ -748,6 +856,58 @@ gateway = "10.0.0.1"
         .unwrap();
         assert!(matches!(c.hostname, Some(Hostname::Derived(_))));
         assert!(!c.network.interfaces[0].wants_dhcp());
+    }
+
+    /// A PEM block whose body is a (fake) DER SEQUENCE.
+    fn pem(label: &str) -> String {
+        let der: Vec<u8> = [0x30, 0x82, 0x01, 0x0a].into_iter().chain((0..60u8).map(|i| i.wrapping_mul(7))).collect();
+        let b = crate::minisign::b64_encode(&der);
+        format!("-----BEGIN {label}-----\n{}\n{}\n-----END {label}-----\n", &b[..64], &b[64..])
+    }
+
+    fn cluster_cfg(role: &str, ca: (&str, &str), stack: &str, name: &str) -> String {
+        format!(
+            "role = \"{role}\"\n[k0s.ca]\ncert = '''\n{}'''\nkey = '''\n{}'''\n\n[[k0s.manifests]]\nstack = \"{stack}\"\nname = \"{name}\"\ncontent = '''\napiVersion: v1\nkind: Secret\n'''\n",
+            ca.0, ca.1
+        )
+    }
+
+    #[test]
+    fn cluster_ca_and_manifests() {
+        let (c, k) = (pem("CERTIFICATE"), pem("RSA PRIVATE KEY"));
+        let cfg = parse(&cluster_cfg("controller", (&c, &k), "kiln-cluster", "bootstrap-token-abcdef.yaml")).unwrap();
+        assert_eq!(cfg.k0s.ca.as_ref().unwrap().cert, c);
+        assert_eq!(cfg.k0s.manifests[0].stack, "kiln-cluster");
+        assert_eq!(cfg.k0s.manifests[0].content, "apiVersion: v1\nkind: Secret\n");
+        assert!(parse(&cluster_cfg("single", (&c, &pem("PRIVATE KEY")), "a", "b.yaml")).is_ok());
+        assert_eq!(check_pem(&k, &["PRIVATE KEY", "RSA PRIVATE KEY"]), Ok("RSA PRIVATE KEY"));
+    }
+
+    #[test]
+    fn cluster_files_are_checked() {
+        let (c, k) = (pem("CERTIFICATE"), pem("RSA PRIVATE KEY"));
+        let bad = |src: String, key: &str, what: &str| {
+            let e = parse(&src).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.message.contains(what), "{e}");
+            assert!(e.line.is_some(), "{e}");
+        };
+        bad(cluster_cfg("controller", (&k, &k), "s", "a.yaml"), "k0s.ca.cert", "BEGIN CERTIFICATE");
+        bad(cluster_cfg("controller", (&c, &c), "s", "a.yaml"), "k0s.ca.key", "PRIVATE KEY");
+        bad(cluster_cfg("controller", (&c.replace("-----END CERTIFICATE-----", "-----END X-----"), &k), "s", "a.yaml"), "k0s.ca.cert", "does not end");
+        bad(cluster_cfg("controller", (&c.replacen("-----\n", "-----\n*", 1), &k), "s", "a.yaml"), "k0s.ca.cert", "not base64");
+        bad(cluster_cfg("controller", (&c, &k), "../etc", "a.yaml"), "k0s.manifests[0].stack", "no `/`");
+        bad(cluster_cfg("controller", (&c, &k), ".hidden", "a.yaml"), "k0s.manifests[0].stack", "starting and ending");
+        bad(cluster_cfg("controller", (&c, &k), "s", "x/../../a.yaml"), "k0s.manifests[0].name", "no `/`");
+        bad(cluster_cfg("controller", (&c, &k), "s", "a.json"), "k0s.manifests[0].name", ".yaml");
+        let worker = cluster_cfg("worker", (&c, &k), "s", "a.yaml").replace("[k0s.ca]", "[k0s]\ntoken = \"abc=\"\n[k0s.ca]");
+        bad(worker, "k0s.ca", "controller roles");
+        let twice = format!("{}[[k0s.manifests]]\nstack = \"s\"\nname = \"a.yaml\"\ncontent = \"x: 1\"\n", cluster_cfg("controller", (&c, &k), "s", "a.yaml"));
+        bad(twice, "k0s.manifests[1].name", "twice");
+        let tab = cluster_cfg("controller", (&c, &k), "s", "a.yaml").replace("kind: Secret", "kind: Secret\n\tx: 1");
+        bad(tab, "k0s.manifests[0].content", "tab");
+        let unknown = cluster_cfg("controller", (&c, &k), "s", "a.yaml").replace("[k0s.ca]", "[k0s.ca]\ncrt = \"x\"");
+        bad(unknown, "k0s.ca.crt", "unknown field");
     }
 
     proptest! {

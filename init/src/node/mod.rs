@@ -6,6 +6,7 @@ pub mod console;
 pub mod fetch;
 pub mod host;
 pub mod install;
+pub mod k0sfiles;
 pub mod maintenance;
 pub mod netup;
 pub mod preflight;
@@ -233,7 +234,7 @@ pub fn run() -> ! {
     let mut announcer = maintenance::Announcer::default();
     let mut refused: Option<maintenance::Refused> = None;
     let mac = netup::first_mac();
-    let (cfg, pre) = loop {
+    let (cfg, pre, text) = loop {
         let loaded = wait_for_config(&events, url.as_mut(), refused.as_ref(), &mut announcer);
         let cfg = loaded.config;
         let hostname = host::hostname(&cfg, mac);
@@ -252,7 +253,7 @@ pub fn run() -> ! {
             why = install_now(&t, "node.toml").err().map(|r| (r, "name another disk in install.disk, or fix the one named".to_string()));
         }
         match why {
-            None => break (cfg, pre),
+            None => break (cfg, pre, loaded.text),
             Some((reason, hint)) => {
                 let r = maintenance::Refused { text: loaded.text, reason, hint };
                 let p = maintenance::refused_again(&r);
@@ -270,7 +271,7 @@ pub fn run() -> ! {
     let _ = host::write_machine_id(&format!("{hostname}{mac:?}"));
     // /var onto storage.var_disk, before anything writes there.
     vardisk::setup(&cfg);
-    let mut net = match url.and_then(|u| u.into_network(&cfg)) {
+    let mut net = match url.as_mut().and_then(|u| u.take_network(&cfg)) {
         Some(n) => n,
         None => netup::bring_up(&cfg, &hostname),
     };
@@ -282,6 +283,22 @@ pub fn run() -> ! {
 
     let inv = k0s::invocation(&cfg, cfg!(target_arch = "arm"));
     let mut sup = Supervisor::new(inv, cfg.role.as_str(), cfg.log.max_bytes, cfg.log.console_lines_per_second);
+    // The CA and manifests: a refusal (this node's /var holds another
+    // cluster's CA) is fixed by a changed config, such as the one the node
+    // was created with. /var and the network are set up from this one, so
+    // the changed config is applied by a reboot.
+    if let Err(e) = k0sfiles::apply(&cfg.k0s) {
+        console::error(&format!("k0s files: {e}"));
+        let r = maintenance::Refused { text: text.clone(), reason: e, hint: "boot the node with the node config it was created with, or wipe /var to start it afresh; a changed config reboots the node to apply it".into() };
+        let p = maintenance::refused_again(&r);
+        if announcer.is_new(&p) {
+            announce(&p);
+        }
+        let l = wait_for_config(&events, url.as_mut(), Some(&r), &mut announcer);
+        console::info(&format!("a changed node config from {}: rebooting to apply it from the start", l.source));
+        console::event("shutdown", &[("action", &"reboot"), ("reason", &"config-changed")]);
+        final_shutdown(Action::Reboot, "config-changed");
+    }
     let mut shell = Shell::new(cfg.debug.shell);
     shell.spawn();
 

@@ -297,6 +297,9 @@ pub struct UrlSource {
     net: Option<NetState>,
     uuid: Option<String>,
     pub opts: fetch::Options,
+    /// After `take_network`: the node runs the network now; fetch over it
+    /// with the MAC that got the lease.
+    handed_over: Option<Option<[u8; 6]>>,
 }
 
 impl UrlSource {
@@ -308,12 +311,13 @@ impl UrlSource {
             net: None,
             uuid: read_uuid(),
             opts: fetch::Options::default(),
+            handed_over: None,
         })
     }
 
     /// Brings up DHCP (again, while no address was had).
     fn ensure_network(&mut self) {
-        if self.net.as_ref().is_some_and(|n| !n.addresses.is_empty()) {
+        if self.handed_over.is_some() || self.net.as_ref().is_some_and(|n| !n.addresses.is_empty()) {
             return;
         }
         let Some(cfg) = dhcp_everywhere() else { return };
@@ -330,7 +334,8 @@ impl UrlSource {
             .net
             .as_ref()
             .and_then(|n| n.held.first())
-            .and_then(|h| h.link.mac);
+            .and_then(|h| h.link.mac)
+            .or(self.handed_over.flatten());
         Vars {
             mac: leased.or_else(netup::first_mac),
             uuid: self.uuid.clone(),
@@ -414,8 +419,11 @@ impl UrlSource {
     /// The network the config was fetched over, kept for the node (its DHCP
     /// leases are renewed as usual). The config's DNS servers and search
     /// domains are added; its interface settings are not applied again.
-    pub fn into_network(self, cfg: &NodeConfig) -> Option<NetState> {
-        let mut net = self.net?;
+    /// The source stays usable to fetch the config again (over the node's
+    /// network, without DHCP of its own).
+    pub fn take_network(&mut self, cfg: &NodeConfig) -> Option<NetState> {
+        let mut net = self.net.take()?;
+        self.handed_over = Some(net.held.first().and_then(|h| h.link.mac));
         if !cfg.network.interfaces.is_empty() {
             console::warn("network: the node config sets [[network.interfaces]], but with kiln.config=URL the node keeps the DHCP setup it fetched the config over; those settings are not applied");
         }

@@ -7,6 +7,7 @@
 
 use kiln::qemu::{Accel, Vm, VmSpec};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -49,11 +50,12 @@ fn vm_lock() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// A booted VM, its log, and the lock that keeps other VMs waiting.
+/// A booted VM, its log, and the lock that keeps other VMs waiting (shared
+/// by the two VMs of a pair).
 pub struct Node {
     pub vm: Vm,
     pub log: PathBuf,
-    _lock: MutexGuard<'static, ()>,
+    _lock: Rc<MutexGuard<'static, ()>>,
 }
 
 /// Boots a build output's PXE kernel and initramfs directly. `config` is a
@@ -69,7 +71,52 @@ pub fn boot_with(
     config: Option<&str>,
     tweak: impl FnOnce(&mut VmSpec),
 ) -> Node {
-    let lock = vm_lock();
+    start(test, out, config, tweak, Rc::new(vm_lock()))
+}
+
+/// Boots two VMs at once, joined by a point-to-point Ethernet link (QEMU
+/// `-netdev socket,udp=`, over host loopback) and nothing else: no DHCP,
+/// no host access, so the configs give static addresses. `names` name the
+/// logs (`<test>-<name>.log`); each VM has 1 GiB and its own MAC
+/// (52:54:00:00:00:01, …:02). The pair holds the VM lock until both are
+/// dropped.
+pub fn boot_pair(
+    test: &str,
+    out: &Path,
+    names: [&str; 2],
+    configs: [&str; 2],
+) -> (Node, Node) {
+    let lock = Rc::new(vm_lock());
+    let (p1, p2) = free_udp_ports();
+    let links = [(p1, p2), (p2, p1)];
+    let mut nodes = (0..2).map(|i| {
+        start(&format!("{test}-{}", names[i]), out, Some(configs[i]), |s| {
+            s.boot = kiln::qemu::BootFrom::Pxe;
+            s.memory_mib = 1024;
+            s.net = kiln::qemu::Net::Udp { local: links[i].0, remote: links[i].1 };
+            s.mac = format!("52:54:00:00:00:{:02x}", i + 1);
+        }, lock.clone())
+    });
+    let a = nodes.next().expect("first VM");
+    let b = nodes.next().expect("second VM");
+    (a, b)
+}
+
+/// Two distinct UDP ports that were free a moment ago (the kernel's picks).
+fn free_udp_ports() -> (u16, u16) {
+    let bind = || std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP port on 127.0.0.1");
+    let (a, b) = (bind(), bind());
+    let port = |s: &std::net::UdpSocket| s.local_addr().map(|a| a.port()).expect("a bound UDP port");
+    (port(&a), port(&b))
+}
+
+fn start(
+    test: &str,
+    out: &Path,
+    config: Option<&str>,
+    tweak: impl FnOnce(&mut VmSpec),
+    lock: Rc<MutexGuard<'static, ()>>,
+) -> Node {
     let logs = scratch().join("logs");
     let _ = std::fs::create_dir_all(&logs);
     let mut spec = VmSpec::new(out);

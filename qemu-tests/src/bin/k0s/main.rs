@@ -6,6 +6,7 @@
 
 mod checks;
 mod cli;
+mod cluster;
 mod node;
 mod out;
 mod token;

@@ -128,6 +128,7 @@ pub fn run(argv: &[String], opts: &RunOpts) -> ! {
 
     let mut report = Report::default();
     let held = checks::run_all(opts, &mut report);
+    crate::cluster::start(opts, &mut report);
     say(&format!(
         "checks done ok={} failed={}",
         report.ok, report.failed

@@ -106,30 +106,88 @@ pub fn kubeconfig_info(kc: &str) -> Result<TokenInfo, String> {
         let v = yaml_value(l.trim().strip_prefix("user:")?);
         (!v.is_empty()).then_some(v)
     });
-    let users_name = || {
-        let mut in_users = false;
-        for l in kc.lines() {
-            if !l.starts_with(' ') && !l.starts_with('-') {
-                in_users = l.trim_end() == "users:";
-                continue;
-            }
-            if in_users {
-                if let Some(n) = l.trim().strip_prefix("- name:") {
-                    return Some(yaml_value(n));
-                }
-            }
-        }
-        None
-    };
-    let user = context_user.or_else(users_name).map(str::to_string);
+    let user = context_user
+        .or_else(|| users_value(kc, "- name:"))
+        .map(str::to_string);
     Ok(TokenInfo {
         server: server.to_string(),
         user,
     })
 }
 
+/// The value of the first line under the top-level `users:` that starts
+/// with `prefix` (once trimmed).
+fn users_value<'a>(kc: &'a str, prefix: &str) -> Option<&'a str> {
+    let mut in_users = false;
+    for l in kc.lines() {
+        if !l.starts_with(' ') && !l.starts_with('-') {
+            in_users = l.trim_end() == "users:";
+            continue;
+        }
+        if in_users {
+            if let Some(v) = l.trim().strip_prefix(prefix) {
+                return Some(yaml_value(v));
+            }
+        }
+    }
+    None
+}
+
+/// The bearer token of the kubeconfig's user (`token: <id>.<secret>`).
+pub fn kubeconfig_token(kc: &str) -> Option<String> {
+    users_value(kc, "token:")
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+}
+
+/// A Kubernetes bootstrap token, `[a-z0-9]{6}.[a-z0-9]{16}`: (id, secret).
+pub fn split_bootstrap(token: &str) -> Option<(String, String)> {
+    let (id, secret) = token.split_once('.')?;
+    let ok = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    (ok(id, 6) && ok(secret, 16)).then(|| (id.to_string(), secret.to_string()))
+}
+
+/// The host and port of an `https://host[:port][/path]` server URL, as
+/// `host:port` for connecting (an IPv6 host keeps its brackets).
+pub fn server_addr(server: &str) -> Result<String, String> {
+    let rest = server
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("server {server:?} is not https://…"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("server {server:?} has no host"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("server {server:?}: unclosed `[`"))?;
+        (format!("[{h}]"), after.strip_prefix(':'))
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port: u16 = match port {
+        None => 443,
+        Some(p) => p
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("server {server:?}: bad port {p:?}"))?,
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(format!("server {server:?} has no host"));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
     use std::io::Write;
 
@@ -246,6 +304,57 @@ users:
     }
 
     #[test]
+    fn token_and_server_of_a_kubeconfig() {
+        assert_eq!(
+            kubeconfig_token(KUBECONFIG).as_deref(),
+            Some("abcdef.0123456789abcdef")
+        );
+        assert_eq!(kubeconfig_token("users:\n- name: x\n  user: {}\n"), None);
+        assert_eq!(kubeconfig_token("token: a.b\n"), None, "only under users:");
+        assert_eq!(
+            split_bootstrap("abcdef.0123456789abcdef"),
+            Some(("abcdef".into(), "0123456789abcdef".into()))
+        );
+        for bad in [
+            "abcdef",
+            "abcde.0123456789abcdef",
+            "ABCDEF.0123456789abcdef",
+            "abcdef.0123456789abcdeF",
+            "abcdef.0123456789abcdefg",
+        ] {
+            assert_eq!(split_bootstrap(bad), None, "{bad}");
+        }
+        assert_eq!(
+            server_addr("https://10.0.0.10:6443").unwrap(),
+            "10.0.0.10:6443"
+        );
+        assert_eq!(
+            server_addr("https://10.0.0.10:6443/").unwrap(),
+            "10.0.0.10:6443"
+        );
+        assert_eq!(
+            server_addr("https://k8s.example").unwrap(),
+            "k8s.example:443"
+        );
+        assert_eq!(
+            server_addr("https://[fd00::1]:9443").unwrap(),
+            "[fd00::1]:9443"
+        );
+        assert_eq!(server_addr("https://[fd00::1]").unwrap(), "[fd00::1]:443");
+        for bad in [
+            "http://a:1",
+            "https://",
+            "https://:6443",
+            "https://a:0",
+            "https://a:x",
+            "https://[fd00::1",
+            "https://u@a:1",
+        ] {
+            assert!(server_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn gunzip_is_bounded() {
         let big = "x".repeat(5000);
         let tok = make_token(&big);
@@ -274,6 +383,9 @@ users:
             let s = rng.string(&pieces);
             let _ = decode(&s);
             let _ = kubeconfig_info(&s);
+            let _ = kubeconfig_token(&s);
+            let _ = server_addr(&s);
+            let _ = split_bootstrap(&s);
         }
         // Valid base64 around truncated or corrupted gzip.
         let gz = base64_decode(&make_token(KUBECONFIG)).unwrap();
