@@ -530,6 +530,15 @@ mod tests {
     }
 
     #[test]
+    fn after_handing_over_the_network_the_leased_mac_is_kept() {
+        let mut u = UrlSource { template: "http://h/${mac:hexraw}".into(), net: None, uuid: None, opts: fetch::Options::default(), handed_over: Some(Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc])) };
+        assert_eq!(expand(&u.template, &u.vars()).unwrap(), "http://h/525400aabbcc");
+        // No DHCP of its own any more: the node's network is used as it is.
+        u.ensure_network();
+        assert!(u.net.is_none());
+    }
+
+    #[test]
     fn backoff_caps_at_30_s() {
         let s: Vec<u64> = (0..8).map(|a| backoff(a).as_secs()).collect();
         assert_eq!(s, [1, 2, 4, 8, 16, 30, 30, 30]);
