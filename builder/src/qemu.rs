@@ -443,13 +443,20 @@ impl Vm {
 
     /// Sends a QMP command and returns its reply line.
     pub fn qmp(&self, execute: &str) -> Result<String, VmError> {
+        self.qmp_with(execute, &serde_json::json!({}))
+    }
+
+    /// Sends a QMP command with arguments (e.g. `device_add` of a USB
+    /// stick) and returns its reply line.
+    pub fn qmp_with(&self, execute: &str, arguments: &serde_json::Value) -> Result<String, VmError> {
         let mut s = std::os::unix::net::UnixStream::connect(&self.qmp).map_err(|e| VmError::Qmp(format!("{}: {e}", self.qmp.display())))?;
         s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| VmError::Qmp(e.to_string()))?;
         let mut r = BufReader::new(s.try_clone().map_err(|e| VmError::Qmp(e.to_string()))?);
         let mut line = String::new();
         r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("greeting: {e}")))?;
-        for cmd in ["qmp_capabilities", execute] {
-            writeln!(s, "{{\"execute\":\"{cmd}\"}}").map_err(|e| VmError::Qmp(e.to_string()))?;
+        let none = serde_json::json!({});
+        for (cmd, args) in [("qmp_capabilities", &none), (execute, arguments)] {
+            writeln!(s, "{}", serde_json::json!({ "execute": cmd, "arguments": args })).map_err(|e| VmError::Qmp(e.to_string()))?;
             loop {
                 line.clear();
                 r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("{cmd}: {e}")))?;

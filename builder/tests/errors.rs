@@ -125,5 +125,5 @@ fn config_check_accepts_and_rejects() {
     std::fs::write(&bad, "role = \"worker\"\n\n[network]\nwait = 3\n").unwrap();
     let (code, text) = kiln(&["config", "check", bad.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("bad.toml: line 4, key `wait`"), "{text}");
+    assert!(text.contains("bad.toml: line 4, key `network.wait`"), "{text}");
 }

@@ -48,6 +48,56 @@ impl fmt::Display for Role {
     }
 }
 
+/// Every key of the schema, dotted (`[[…]]` arrays without an index),
+/// tables included. Add a key here when adding it to a struct below: a test
+/// walks the structs and fails on a key missing here, the config fuzz test
+/// draws its keys from this list, and a builder test checks that
+/// docs/node-config.md documents each one.
+pub const KEYS: &[&str] = &[
+    "role",
+    "hostname",
+    "hostname.from",
+    "hostname.prefix",
+    "network",
+    "network.interfaces",
+    "network.interfaces.name",
+    "network.interfaces.mac",
+    "network.interfaces.vlan",
+    "network.interfaces.dhcp",
+    "network.interfaces.addresses",
+    "network.interfaces.gateway",
+    "network.dns",
+    "network.search",
+    "network.wait_seconds",
+    "k0s",
+    "k0s.config",
+    "k0s.token",
+    "k0s.token_file",
+    "k0s.labels",
+    "k0s.taints",
+    "k0s.kubelet_extra_args",
+    "k0s.disable_components",
+    "k0s.env",
+    "k0s.extra_args",
+    "k0s.no_taints",
+    "k0s.ca",
+    "k0s.ca.cert",
+    "k0s.ca.key",
+    "k0s.manifests",
+    "k0s.manifests.stack",
+    "k0s.manifests.name",
+    "k0s.manifests.content",
+    "log",
+    "log.max_bytes",
+    "log.console_lines_per_second",
+    "debug",
+    "debug.shell",
+    "install",
+    "install.disk",
+    "storage",
+    "storage.var_disk",
+];
+
 /// A whole node.toml.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -442,7 +492,10 @@ fn from_toml_error(src: &str, e: &toml::de::Error) -> ConfigError {
     // The toml message names the field for unknown/missing keys; keep only its
     // first line, the rest is a source excerpt we point at with `line` anyway.
     let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
-    let key = unknown_field_name(&message).or_else(|| key_at_line(src, line));
+    // A syntax error has a line and no key; an error in a value read against
+    // the schema is at the key whose key or value holds the error's span.
+    let located = e.span().and_then(|s| Located::new(src).and_then(|l| l.key_at_offset(s.start)));
+    let key = located.or_else(|| unknown_field_name(&message));
     ConfigError { key, line, message }
 }
 
@@ -451,61 +504,131 @@ fn unknown_field_name(msg: &str) -> Option<String> {
     rest.split('`').next().map(str::to_string)
 }
 
-/// Best effort: the dotted key defined on the given line.
+/// The dotted key defined on the given line (the innermost one, when an
+/// inline table defines several); None when the text is not TOML.
 pub fn key_at_line(src: &str, line: Option<usize>) -> Option<String> {
     let line = line?;
-    let mut table = String::new();
-    for (i, l) in src.lines().enumerate() {
-        let t = l.trim();
-        if t.starts_with('[') {
-            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+    let located = Located::new(src)?;
+    located
+        .entries
+        .iter()
+        .filter(|e| e.key.as_ref().is_some_and(|k| line_at(src, k.start) == line))
+        .max_by_key(|e| e.path.len())
+        .map(|e| e.path.clone())
+}
+
+/// The 1-based line of a byte offset. An offset at the very end (after the
+/// last newline) is on the last line, so the line always exists.
+pub fn line_at(src: &str, byte: usize) -> usize {
+    let n = src.get(..byte.min(src.len())).map_or(1, |s| s.matches('\n').count() + 1);
+    n.min(src.lines().count().max(1))
+}
+
+/// The line defining a dotted key such as `k0s.token` or
+/// `network.interfaces[1].mac`. When the key itself is absent, the line of
+/// the nearest table on its path that is there (`[[network.interfaces]]`
+/// for an interface that lacks a key); None when none is, or the text is
+/// not TOML.
+pub fn line_of_key(src: &str, dotted: &str) -> Option<usize> {
+    let located = Located::new(src)?;
+    let mut path = dotted.to_string();
+    loop {
+        if let Some(at) = located.entries.iter().find(|e| e.path == path).and_then(Entry::start) {
+            return Some(line_at(src, at));
         }
-        if i + 1 == line {
-            if t.starts_with('[') {
-                return Some(table);
+        let cut = path.rfind(['.', '['])?;
+        path.truncate(cut);
+    }
+}
+
+/// Every key of a parsed TOML text with where it is.
+struct Located {
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    /// Dotted, with `[i]` for the tables of an array.
+    path: String,
+    /// The key (for a `[table]`, its header).
+    key: Option<std::ops::Range<usize>>,
+    value: Option<std::ops::Range<usize>>,
+}
+
+impl Entry {
+    fn start(&self) -> Option<usize> {
+        self.key.as_ref().or(self.value.as_ref()).map(|r| r.start)
+    }
+}
+
+impl Located {
+    fn new(src: &str) -> Option<Located> {
+        let doc = toml_edit::ImDocument::parse(src).ok()?;
+        let mut entries = Vec::new();
+        walk_table(doc.as_table(), "", &mut entries);
+        Some(Located { entries })
+    }
+
+    /// The innermost key whose key or value holds the offset.
+    fn key_at_offset(&self, at: usize) -> Option<String> {
+        let holds = |r: &Option<std::ops::Range<usize>>| r.as_ref().is_some_and(|r| r.start <= at && at < r.end.max(r.start + 1));
+        self.entries
+            .iter()
+            .filter(|e| holds(&e.key) || holds(&e.value))
+            .max_by_key(|e| e.path.len())
+            .map(|e| e.path.clone())
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let key = if bare { key.to_string() } else { format!("{key:?}") };
+    if path.is_empty() {
+        key
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn walk_table(t: &dyn toml_edit::TableLike, path: &str, out: &mut Vec<Entry>) {
+    for (name, item) in t.iter() {
+        let p = join(path, name);
+        let key = t.key(name).and_then(|k| k.span());
+        match item {
+            toml_edit::Item::Table(tab) => {
+                out.push(Entry { path: p.clone(), key: tab.span().or(key), value: None });
+                walk_table(tab, &p, out);
             }
-            let k = t.split('=').next()?.trim();
-            if k.is_empty() || k.starts_with('#') {
-                return None;
+            toml_edit::Item::ArrayOfTables(a) => {
+                out.push(Entry { path: p.clone(), key, value: a.span() });
+                for (i, tab) in a.iter().enumerate() {
+                    let pi = format!("{p}[{i}]");
+                    out.push(Entry { path: pi.clone(), key: tab.span(), value: None });
+                    walk_table(tab, &pi, out);
+                }
             }
-            return Some(if table.is_empty() { k.to_string() } else { format!("{table}.{k}") });
+            toml_edit::Item::Value(v) => {
+                out.push(Entry { path: p.clone(), key, value: v.span() });
+                walk_value(v, &p, out);
+            }
+            toml_edit::Item::None => {}
         }
     }
-    None
 }
 
-/// The 1-based line of a byte offset.
-pub fn line_at(src: &str, byte: usize) -> usize {
-    src.get(..byte.min(src.len())).map_or(1, |s| s.matches('\n').count() + 1)
-}
-
-/// Finds the line defining a dotted key such as `k0s.token` (best effort:
-/// plain `[table]` headers and `key = ...` lines).
-pub fn line_of_key(src: &str, dotted: &str) -> Option<usize> {
-    let (table, leaf) = match dotted.rsplit_once('.') {
-        Some((t, l)) => (t, l),
-        None => ("", dotted),
-    };
-    let leaf = leaf.split('[').next().unwrap_or(leaf);
-    let table = table.split('[').next().unwrap_or(table);
-    let mut current = String::new();
-    for (i, l) in src.lines().enumerate() {
-        let t = l.trim();
-        if t.starts_with('[') {
-            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-            continue;
-        }
-        if current == table {
-            if let Some((k, _)) = t.split_once('=') {
-                if k.trim().trim_matches('"') == leaf {
-                    return Some(i + 1);
+fn walk_value(v: &toml_edit::Value, path: &str, out: &mut Vec<Entry>) {
+    match v {
+        toml_edit::Value::InlineTable(t) => walk_table(t, path, out),
+        toml_edit::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                if let toml_edit::Value::InlineTable(t) = x {
+                    let pi = format!("{path}[{i}]");
+                    out.push(Entry { path: pi.clone(), key: None, value: x.span() });
+                    walk_table(t, &pi, out);
                 }
             }
         }
+        _ => {}
     }
-    // A whole table, such as `k0s.ca`: its header line.
-    let whole = dotted.split('[').next().unwrap_or(dotted);
-    src.lines().position(|l| l.trim().starts_with('[') && l.trim().trim_matches(|c| c == '[' || c == ']').trim() == whole).map(|i| i + 1)
 }
 
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
@@ -767,8 +890,92 @@ mod tests {
     fn unknown_key_names_line_and_key() {
         let e = parse("role = \"single\"\n\n[k0s]\nlabel = {}\n").unwrap_err();
         assert_eq!(e.line, Some(4));
-        assert_eq!(e.key.as_deref(), Some("label"));
+        assert_eq!(e.key.as_deref(), Some("k0s.label"));
         assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    /// The tables of the schema, found through serde's own answer to an
+    /// unknown key (`expected one of `a`, `b``), and every key in them.
+    fn walk_schema() -> (Vec<String>, Vec<String>) {
+        fn fields(src: &str) -> Option<Vec<String>> {
+            let e = toml::from_str::<NodeConfig>(src).err()?;
+            let m = e.message();
+            let rest = m.strip_prefix("unknown field `zz_probe`")?;
+            Some(rest.split('`').skip(1).step_by(2).map(str::to_string).collect())
+        }
+        fn walk(ctx: &str, path: &str, keys: &mut Vec<String>, tables: &mut Vec<String>) {
+            let Some(list) = fields(&format!("role = \"single\"\n{ctx}zz_probe = 1\n")) else { return };
+            tables.push(path.to_string());
+            for f in list {
+                let p = if path.is_empty() { f.clone() } else { format!("{path}.{f}") };
+                keys.push(p.clone());
+                for header in [format!("[{p}]"), format!("[[{p}]]")] {
+                    let sub = format!("{ctx}{header}\n");
+                    if fields(&format!("role = \"single\"\n{sub}zz_probe = 1\n")).is_some() {
+                        walk(&sub, &p, keys, tables);
+                        break;
+                    }
+                }
+            }
+        }
+        let (mut keys, mut tables) = (Vec::new(), Vec::new());
+        walk("", "", &mut keys, &mut tables);
+        (keys, tables)
+    }
+
+    #[test]
+    fn keys_lists_every_key_of_the_schema() {
+        let (walked, tables) = walk_schema();
+        assert!(walked.len() > 20 && tables.iter().any(|t| t == "network.interfaces"), "the walk found {walked:?}");
+        for k in &walked {
+            assert!(KEYS.contains(&k.as_str()), "`{k}` is in the schema but not in config::KEYS: add it there (and document it in docs/node-config.md)");
+        }
+        // What the walk cannot enter (an untagged enum such as `hostname`) is
+        // listed under a parent the walk found as a key, not as a table.
+        for k in KEYS {
+            if walked.iter().any(|w| w == k) {
+                continue;
+            }
+            let parent = k.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+            assert!(
+                walked.iter().any(|w| w == parent) && !tables.iter().any(|t| t == parent),
+                "config::KEYS has `{k}`, which the schema does not take"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_point_at_the_right_interface() {
+        let src = "role = \"single\"\n[[network.interfaces]]\nmac = \"52:54:00:12:34:56\"\n\n[[network.interfaces]]\nmac = \"52:54:00:12:34\"\n";
+        let e = parse(src).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("network.interfaces[1].mac"), Some(6)), "{e}");
+        // A missing key: the line of its table.
+        let e = parse("role = \"single\"\n\n[[network.interfaces]]\ndhcp = true\n").unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("network.interfaces[0].name"), Some(3)), "{e}");
+        // A value error inside an array of inline tables.
+        let e = parse("role = \"single\"\nnetwork = { interfaces = [\n  { name = \"eth0\" },\n  { name = \"eth1\", vlan = 5000 },\n] }\n").unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert_eq!(e.key.as_deref(), Some("network.interfaces[1].vlan"), "{e}");
+    }
+
+    #[test]
+    fn keys_inside_multiline_strings_are_not_keys() {
+        let src = "role = \"worker\"\n[k0s]\nkubelet_extra_args = \"\"\"\n[k0s]\ntoken = \"x\"\n\"\"\"\n";
+        let e = parse(src).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("k0s.token"), Some(2)), "{e}");
+        let e = parse("role = \"single\"\nx = \"\"\"\n[k0s]\n\"\"\"\n").unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("x"), Some(2)), "{e}");
+    }
+
+    #[test]
+    fn a_syntax_error_has_a_line_that_exists() {
+        for src in ["role = \"single\"\nx = \n", "role = \"single\"\n[k0s\n", "_]+\n", "role = \"single\"\nrole = \"worker\"\n"] {
+            let e = parse(src).unwrap_err();
+            let l = e.line.unwrap_or_else(|| panic!("no line: {e}"));
+            assert!(l >= 1 && l <= src.lines().count(), "{src:?}: {e}");
+        }
+        let e = parse("").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("role"), "{e}");
     }
 
     #[test]
@@ -912,7 +1119,7 @@ gateway = "10.0.0.1"
         let tab = cluster_cfg("controller", (&c, &k), "s", "a.yaml").replace("kind: Secret", "kind: Secret\n\tx: 1");
         bad(tab, "k0s.manifests[0].content", "tab");
         let unknown = cluster_cfg("controller", (&c, &k), "s", "a.yaml").replace("[k0s.ca]", "[k0s.ca]\ncrt = \"x\"");
-        bad(unknown, "crt", "unknown field");
+        bad(unknown, "k0s.ca.crt", "unknown field");
     }
 
     proptest! {

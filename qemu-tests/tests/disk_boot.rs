@@ -3,38 +3,16 @@
 
 mod common;
 
-use common::{boot_with, built, BOOT_TIMEOUT};
+use common::{boot_with, built, copy_disk, part, sh, BOOT_TIMEOUT};
 use kiln::qemu::BootFrom;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const PROFILE: &str = "qemu-amd64";
 const GIB: u64 = 1 << 30;
 
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(out.status.success(), "`{cmd}`: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// (byte offset, byte size) of a partition, from sfdisk.
-fn part(disk: &Path, name: &str) -> (u64, u64) {
-    let j: serde_json::Value = serde_json::from_str(&sh(&format!("sfdisk --json {}", disk.display()))).unwrap();
-    let p = j["partitiontable"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no {name}")).clone();
-    (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
-}
-
-/// A private copy of the built image, to modify.
-fn copy_disk(out: &Path, test: &str) -> PathBuf {
-    let dst = common::scratch().join(format!("{test}.raw"));
-    sh(&format!("cp --sparse=always {} {}", out.join("disk.raw").display(), dst.display()));
-    dst
-}
-
 fn mtools_img(disk: &Path) -> String {
-    let (off, _) = part(disk, "esp");
-    format!("{}@@{off}", disk.display())
+    common::esp_image(disk)
 }
 
 fn disk_spec(disk: Option<PathBuf>, size: u64, overlay: Option<PathBuf>) -> impl FnOnce(&mut kiln::qemu::VmSpec) {

@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod host;
 pub mod install;
 pub mod k0sfiles;
+pub mod maintenance;
 pub mod netup;
 pub mod preflight;
 pub mod secureboot;
@@ -16,13 +17,13 @@ pub mod sources;
 pub mod supervisor;
 pub mod sys;
 pub mod vardisk;
+pub mod volume;
 
 // Stage 1 (initramfs → verified root); see stage1.rs.
 pub mod gpt;
 pub mod grow;
 pub mod stage1;
 
-use crate::config::NodeConfig;
 use crate::k0s;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -220,27 +221,60 @@ pub fn run() -> ! {
     // The installer, when the cmdline asks for it: before the config, which
     // an installer medium need not carry.
     if let Some(t) = install::requested_on_cmdline() {
-        install_now(&events, &t, "cmdline");
+        if let Err(reason) = install_now(&t, "cmdline") {
+            maintenance(&events, &reason);
+        }
     }
 
     // With kiln.config=URL the network comes up first, to fetch the config.
     let mut url = sources::UrlSource::from_cmdline();
-    let (cfg, source) = wait_for_config(&events, url.as_mut());
+    if url.is_none() {
+        volume::settle();
+    }
+    // A config that is valid but cannot be used here (preflight fails for
+    // its role, its install fails) sends the node back to waiting for a
+    // changed one.
+    let mut announcer = maintenance::Announcer::default();
+    let mut refused: Option<maintenance::Refused> = None;
     let mac = netup::first_mac();
+    let (cfg, pre, text) = loop {
+        let loaded = wait_for_config(&events, url.as_mut(), refused.as_ref(), &mut announcer);
+        let cfg = loaded.config;
+        let hostname = host::hostname(&cfg, mac);
+        let mut fields: Vec<(&str, &dyn std::fmt::Display)> = vec![("source", &loaded.source), ("role", &cfg.role), ("hostname", &hostname)];
+        if let Some(d) = &loaded.dev {
+            fields.push(("dev", d));
+        }
+        console::event("config-loaded", &fields);
+        let pre = preflight::run(cfg.role, &controllers);
+        let mut why = None;
+        if !pre.failures.is_empty() {
+            console::event("preflight-failed", &[("role", &cfg.role), ("missing", &pre.failures.join(","))]);
+            let reason = format!("preflight failed for role {}: missing {}", cfg.role, pre.failures.join(", "));
+            why = Some((reason, "give the node a role it can run here (a controller needs the least), or fix what is missing: kernel options need an image with a kernel that has them (kiln kernel check), a cgroup controller may be off on the kernel command line (cgroup_disable=)".to_string()));
+        } else if let Some(t) = cfg.install.disk.clone().filter(|_| install::read_medium().is_ok_and(|m| m.kind == "iso")) {
+            why = install_now(&t, "node.toml").err().map(|r| (r, "name another disk in install.disk, or fix the one named".to_string()));
+        }
+        match why {
+            None => break (cfg, pre, loaded.text),
+            Some((reason, hint)) => {
+                let r = maintenance::Refused { text: loaded.text, reason, hint };
+                let p = maintenance::refused_again(&r);
+                if announcer.is_new(&p) {
+                    announce(&p);
+                }
+                refused = Some(r);
+            }
+        }
+    };
     let hostname = host::hostname(&cfg, mac);
     if let Err(e) = host::apply_hostname(&hostname) {
         console::error(&format!("hostname: {e}"));
     }
     let _ = host::write_machine_id(&format!("{hostname}{mac:?}"));
-    console::event("config-loaded", &[("source", &source), ("role", &cfg.role), ("hostname", &hostname)]);
-    if let Some(t) = cfg.install.disk.clone() {
-        if install::read_medium().is_ok_and(|m| m.kind == "iso") {
-            install_now(&events, &t, "node.toml");
-        }
-    }
     // /var onto storage.var_disk, before anything writes there.
     vardisk::setup(&cfg);
-    let mut net = match url.and_then(|u| u.into_network(&cfg)) {
+    let mut net = match url.as_mut().and_then(|u| u.take_network(&cfg)) {
         Some(n) => n,
         None => netup::bring_up(&cfg, &hostname),
     };
@@ -250,25 +284,28 @@ pub fn run() -> ! {
     // The clock before the payload judges any TLS certificate (bounded wait).
     clock::sync_at_boot(&cfg.time, &net);
 
-    let pre = preflight::run(cfg.role, &controllers);
-    if pre.failures.is_empty() {
-        console::event("preflight-ok", &[("role", &cfg.role), ("warnings", &pre.warnings.len())]);
-    } else {
-        console::event("preflight-failed", &[("role", &cfg.role), ("missing", &pre.failures.join(","))]);
-        maintenance(&events, &format!("preflight failed for role {}: missing {}", cfg.role, pre.failures.join(", ")));
-    }
+    let warnings = pre.warnings.len() + preflight::var_space().len();
+    console::event("preflight-ok", &[("role", &cfg.role), ("warnings", &warnings)]);
 
     // Baked images and manifests where k0s imports and applies them.
     appliance::place_default();
     let inv = k0s::invocation(&cfg, cfg!(target_arch = "arm"));
     let mut sup = Supervisor::new(inv, cfg.role.as_str(), cfg.log.max_bytes, cfg.log.console_lines_per_second);
-    if let Err(e) = sup.prepare() {
-        console::error(&format!("preparing k0s files: {e}"));
-        maintenance(&events, &format!("cannot write the k0s config or token: {e}"));
-    }
+    // The CA and manifests: a refusal (this node's /var holds another
+    // cluster's CA) is fixed by a changed config, such as the one the node
+    // was created with. /var and the network are set up from this one, so
+    // the changed config is applied by a reboot.
     if let Err(e) = k0sfiles::apply(&cfg.k0s) {
         console::error(&format!("k0s files: {e}"));
-        maintenance(&events, &e);
+        let r = maintenance::Refused { text: text.clone(), reason: e, hint: "boot the node with the node config it was created with, or wipe /var to start it afresh; a changed config reboots the node to apply it".into() };
+        let p = maintenance::refused_again(&r);
+        if announcer.is_new(&p) {
+            announce(&p);
+        }
+        let l = wait_for_config(&events, url.as_mut(), Some(&r), &mut announcer);
+        console::info(&format!("a changed node config from {}: rebooting to apply it from the start", l.source));
+        console::event("shutdown", &[("action", &"reboot"), ("reason", &"config-changed")]);
+        final_shutdown(Action::Reboot, "config-changed");
     }
     let mut shell = Shell::new(cfg.debug.shell);
     shell.spawn();
@@ -329,12 +366,12 @@ fn signal_name(sig: libc::c_int) -> &'static str {
     }
 }
 
-/// Loads the config, or waits in maintenance until a valid one appears. A
-/// URL is retried with backoff (1 s doubling to 30 s), local sources every
-/// 5 s; each problem is announced once, fetch failures on every try.
-fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>) -> (NodeConfig, String) {
+/// Loads the config, or waits in maintenance until a valid one appears
+/// (one that is not `refused`). A URL is retried with backoff (1 s
+/// doubling to 30 s), local sources every 5 s; each problem is announced
+/// once, fetch failures on every try.
+fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>, refused: Option<&maintenance::Refused>, announcer: &mut maintenance::Announcer) -> maintenance::Loaded {
     let trust = sources::Trust::read();
-    let mut announced: Option<String> = None;
     let mut attempt = 0u32;
     loop {
         let found = match url.as_deref_mut() {
@@ -343,37 +380,14 @@ fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>) ->
         };
         let wait = if url.is_some() { sources::backoff(attempt) } else { Duration::from_secs(5) };
         attempt = attempt.saturating_add(1);
-        match found {
-            sources::Found::Valid { source, config, .. } => return (*config, source),
-            sources::Found::Invalid { source, reason, text } => {
-                let key = format!("{source}:{text}");
-                if announced.as_deref() != Some(&key) {
-                    console::error(&format!("node config from {source} is invalid: {reason}"));
-                    console::event("maintenance", &[("reason", &format!("invalid node config from {source}: {reason}"))]);
-                    console::info("fix the node config (kiln config check node.toml); waiting for a valid one");
-                    announced = Some(key);
+        match maintenance::judge(found, refused) {
+            maintenance::Verdict::Use(l) => return *l,
+            maintenance::Verdict::Wait(p) => {
+                if p.every_time {
+                    console::error(&format!("{}; retrying in {} s", p.error, wait.as_secs()));
                 }
-            }
-            sources::Found::Unsigned { source, reason } => {
-                let msg = format!("node config from {source} is not signed by the key in {}: {reason}", sources::CONFIG_KEY);
-                if announced.as_deref() != Some(&msg) {
-                    console::error(&msg);
-                    console::event("maintenance", &[("reason", &msg)]);
-                    announced = Some(msg);
-                }
-            }
-            sources::Found::Unreachable { url, error, hint } => {
-                console::error(&format!("node config {url}: {error}; {hint}; retrying in {} s", wait.as_secs()));
-                let key = format!("node config {url}: {error}");
-                if announced.as_deref() != Some(&key) {
-                    console::event("maintenance", &[("reason", &key)]);
-                    announced = Some(key);
-                }
-            }
-            sources::Found::Missing => {
-                if announced.as_deref() != Some("missing") {
-                    console::event("maintenance", &[("reason", &"no node config found")]);
-                    announced = Some("missing".into());
+                if announcer.is_new(&p) {
+                    announce(&p);
                 }
             }
         }
@@ -384,8 +398,21 @@ fn wait_for_config(events: &Events, mut url: Option<&mut sources::UrlSource>) ->
     }
 }
 
-/// Maintenance: say why, then keep reaping and answering power requests.
-/// The operator fixes the cause and reboots.
+/// A new problem: the console error (unless already printed), the
+/// `maintenance` event, and what to do.
+fn announce(p: &maintenance::Problem) {
+    if !p.every_time {
+        console::error(&p.error);
+    }
+    console::event("maintenance", &[("reason", &p.reason)]);
+    if let Some(h) = &p.hint {
+        console::info(h);
+    }
+}
+
+/// Maintenance with nothing to watch (the installer asked for on the kernel
+/// command line failed): say why, then keep reaping and answering power
+/// requests. The operator fixes the cause and reboots.
 fn maintenance(events: &Events, reason: &str) -> ! {
     console::event("maintenance", &[("reason", &reason)]);
     loop {
@@ -402,18 +429,23 @@ fn idle(events: &Events, d: Duration) {
             }
             Wake::Signal(s) => {
                 if let Some(a) = action_for(s) {
+                    console::event("shutdown", &[("action", &a.as_str()), ("reason", &signal_name(s))]);
                     final_shutdown(a, signal_name(s));
                 }
             }
-            Wake::Power => final_shutdown(Action::Poweroff, "power-button"),
+            Wake::Power => {
+                console::event("shutdown", &[("action", &"poweroff"), ("reason", &"power-button")]);
+                final_shutdown(Action::Poweroff, "power-button")
+            }
             _ => {}
         }
     }
 }
 
-/// Installs this ISO onto `target` and reboots into it; on failure,
-/// maintenance. Returns only when the disk already holds this image.
-fn install_now(events: &Events, target: &str, why: &str) {
+/// Installs this ISO onto `target` and reboots into it. Returns Ok when
+/// the disk already holds this image, Err with the reason when the install
+/// failed.
+fn install_now(target: &str, why: &str) -> Result<(), String> {
     match install::run(target, why) {
         Ok(install::Outcome::Installed { target, bytes, seconds }) => {
             console::event("install-complete", &[("target", &target), ("bytes", &bytes), ("seconds", &format!("{seconds:.1}")), ("verified", &"yes")]);
@@ -422,11 +454,12 @@ fn install_now(events: &Events, target: &str, why: &str) {
         }
         Ok(install::Outcome::AlreadyInstalled { target }) => {
             console::warn(&format!("{target} already holds this image; not installing again. Remove the install medium, or boot from {target} first; booting from the medium now"));
+            Ok(())
         }
         Err(e) => {
             console::error(&format!("install ({why}): {e}"));
             console::event("install-failed", &[("target", &target), ("reason", &e)]);
-            maintenance(events, &format!("install to {target} failed: {e}"))
+            Err(format!("install to {target} failed: {e}"))
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Preflight: the builder's requirement table, read against the running
-//! kernel, plus cgroups, memory and disk. One report on the console.
+//! kernel, plus cgroups and memory (`run`, right after the config is
+//! loaded, so a role this kernel cannot run is refused before anything is
+//! set up) and the disk (`var_space`, once /var is in place).
 
 use super::console;
 use crate::config::Role;
@@ -42,6 +44,19 @@ pub fn run(role: Role, enabled_controllers: &[String]) -> Outcome {
     if total_kib > 0 && total_kib / 1024 < want_mib {
         warnings.push(format!("{} MiB of memory; k0s wants at least {want_mib} MiB for a {role}", total_kib / 1024));
     }
+    for w in &warnings {
+        console::warn(&format!("preflight: {w}"));
+    }
+    for f in &failures {
+        console::error(&format!("preflight: missing {f}"));
+    }
+    Outcome { failures, warnings }
+}
+
+/// The free space for k0s's data, once /var is where it stays (after
+/// `storage.var_disk`): the warnings printed.
+pub fn var_space() -> Vec<String> {
+    let mut warnings = Vec::new();
     if let Some(free) = free_mib("/var/lib/k0s") {
         if free < 1024 {
             warnings.push(format!("{free} MiB free under /var/lib/k0s"));
@@ -50,10 +65,7 @@ pub fn run(role: Role, enabled_controllers: &[String]) -> Outcome {
     for w in &warnings {
         console::warn(&format!("preflight: {w}"));
     }
-    for f in &failures {
-        console::error(&format!("preflight: missing {f}"));
-    }
-    Outcome { failures, warnings }
+    warnings
 }
 
 fn read_proc_config() -> std::io::Result<String> {

@@ -1,16 +1,22 @@
 //! Where the node config comes from. First found wins:
 //! `kiln.config=URL` on the kernel cmdline, then QEMU fw_cfg
-//! `opt/kiln/node.toml`, then `node.toml` on the ESP (mounted at /boot by
-//! stage 1), then the default baked into the image.
+//! `opt/kiln/node.toml`, then `node.toml` on a volume labelled `KILNCFG`
+//! (see volume.rs), then `node.toml` on the ESP (mounted at /boot by stage
+//! 1), then the default baked into the image.
+//!
+//! The order goes from the most deliberate and specific to the most
+//! general: fw_cfg is set per VM by whoever starts it; a KILNCFG stick is
+//! plugged into this one machine on purpose, to override the image without
+//! editing it; the ESP's file travels with the flashed image (often the same
+//! for a fleet); the image's default is what the profile baked in.
 //!
 //! With a URL on the cmdline, the URL is the only source: the network comes
 //! up with DHCP first, and a failed fetch is retried, never replaced by a
 //! local file. When the image carries `/etc/kiln/config.pub`, every source but
 //! the image's own must come with a minisign signature by that key.
-//! (A KILNCFG volume arrives with the ISO work.)
 
 use super::netup::{self, NetState};
-use super::{console, fetch, host, sys};
+use super::{console, fetch, host, sys, volume};
 use crate::config::{self, NodeConfig};
 use crate::minisign::PublicKey;
 use std::time::Duration;
@@ -24,7 +30,7 @@ pub const BAKED: &str = "/etc/kiln/node.toml";
 pub const CONFIG_KEY: &str = "/etc/kiln/config.pub";
 pub const DMI_UUID: &str = "/sys/class/dmi/id/product_uuid";
 /// How to make a signature, for messages.
-const SIGN_HOW: &str = "sign the config with `kiln config sign node.toml --key <secret key>`";
+pub const SIGN_HOW: &str = "sign the config with `kiln config sign node.toml --key <secret key>`";
 /// The cmdline parameter naming the config URL.
 pub const CMDLINE_PARAM: &str = "kiln.config";
 
@@ -32,19 +38,44 @@ pub const CMDLINE_PARAM: &str = "kiln.config";
 /// ESP file counts only when it has a setting: the image ships a commented
 /// template there.
 pub fn find() -> Option<(String, String)> {
-    find_bytes().map(|(name, b)| (name.to_string(), String::from_utf8_lossy(&b).into_owned()))
+    first_local().map(|l| (l.source.to_string(), String::from_utf8_lossy(&l.bytes).into_owned()))
 }
 
-fn find_bytes() -> Option<(&'static str, Vec<u8>)> {
-    for (name, path) in [("fw_cfg", FW_CFG), ("esp", ESP), ("image", BAKED)] {
-        if let Ok(bytes) = std::fs::read(path) {
-            if name == "esp" && only_comments(&String::from_utf8_lossy(&bytes)) {
-                continue;
-            }
-            return Some((name, bytes));
+/// A local source's file, its signature (or why there is none and what to
+/// do), and for a KILNCFG volume the device.
+struct Local {
+    source: &'static str,
+    bytes: Vec<u8>,
+    sig: Result<String, String>,
+    dev: Option<String>,
+}
+
+fn read_sig(path: &str, name: &str, how: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("there is no {name}; {SIGN_HOW} {how}")
+        } else {
+            format!("reading {name}: {e}")
+        }
+    })
+}
+
+fn first_local() -> Option<Local> {
+    if let Ok(bytes) = std::fs::read(FW_CFG) {
+        let sig = read_sig(FW_CFG_SIG, "fw_cfg opt/kiln/node.toml.minisig", "and pass node.toml.minisig as fw_cfg opt/kiln/node.toml.minisig too");
+        return Some(Local { source: "fw_cfg", bytes, sig, dev: None });
+    }
+    if let Some(v) = volume::find() {
+        return Some(Local { source: "kilncfg", bytes: v.bytes, sig: v.sig, dev: Some(v.dev) });
+    }
+    if let Ok(bytes) = std::fs::read(ESP) {
+        if !only_comments(&String::from_utf8_lossy(&bytes)) {
+            let sig = read_sig(ESP_SIG, ESP_SIG, "and copy node.toml.minisig beside node.toml on the boot partition");
+            return Some(Local { source: "esp", bytes, sig, dev: None });
         }
     }
-    None
+    let bytes = std::fs::read(BAKED).ok()?;
+    Some(Local { source: "image", bytes, sig: Err(String::new()), dev: None })
 }
 
 /// True when a TOML text has no settings: only blank lines and comments.
@@ -59,6 +90,8 @@ pub enum Found {
         source: String,
         config: Box<NodeConfig>,
         text: String,
+        /// The device, for a KILNCFG volume.
+        dev: Option<String>,
     },
     Invalid {
         source: String,
@@ -131,44 +164,26 @@ impl Trust {
     }
 }
 
-/// Loads the first local source (fw_cfg, ESP, image). Only the image's own
-/// config needs no signature.
+/// Loads the first local source (fw_cfg, KILNCFG volume, ESP, image).
+/// Only the image's own config needs no signature.
 pub fn load(trust: &Trust) -> Found {
-    let Some((source, bytes)) = find_bytes() else {
+    let Some(local) = first_local() else {
         return Found::Missing;
     };
-    if source != "image" {
-        let sig_path = if source == "fw_cfg" {
-            FW_CFG_SIG
-        } else {
-            ESP_SIG
-        };
-        let sig = std::fs::read_to_string(sig_path).map_err(|e| {
-            let (name, how) = if source == "fw_cfg" {
-                (
-                    "fw_cfg opt/kiln/node.toml.minisig",
-                    "and pass node.toml.minisig as fw_cfg opt/kiln/node.toml.minisig too",
-                )
-            } else {
-                (
-                    ESP_SIG,
-                    "and copy node.toml.minisig beside node.toml on the boot partition",
-                )
-            };
-            if e.kind() == std::io::ErrorKind::NotFound {
-                format!("there is no {name}; {SIGN_HOW} {how}")
-            } else {
-                format!("reading {name}: {e}")
-            }
-        });
-        if let Err(reason) = trust.check(&bytes, sig) {
+    if local.source != "image" {
+        if let Err(reason) = trust.check(&local.bytes, local.sig) {
             return Found::Unsigned {
-                source: source.into(),
+                source: local.source.into(),
                 reason,
             };
         }
     }
-    parse(source, String::from_utf8_lossy(&bytes).into_owned(), "")
+    let location = local.dev.as_deref().map(|d| format!("{d}: ")).unwrap_or_default();
+    let mut found = parse(local.source, String::from_utf8_lossy(&local.bytes).into_owned(), &location);
+    if let Found::Valid { dev, .. } = &mut found {
+        *dev = local.dev;
+    }
+    found
 }
 
 fn parse(source: &str, text: String, location: &str) -> Found {
@@ -177,6 +192,7 @@ fn parse(source: &str, text: String, location: &str) -> Found {
             source: source.into(),
             config: Box::new(c),
             text,
+            dev: None,
         },
         Err(e) => Found::Invalid {
             reason: format!("{location}{e}"),
@@ -281,6 +297,9 @@ pub struct UrlSource {
     net: Option<NetState>,
     uuid: Option<String>,
     pub opts: fetch::Options,
+    /// After `take_network`: the node runs the network now; fetch over it
+    /// with the MAC that got the lease.
+    handed_over: Option<Option<[u8; 6]>>,
 }
 
 impl UrlSource {
@@ -292,12 +311,13 @@ impl UrlSource {
             net: None,
             uuid: read_uuid(),
             opts: fetch::Options::default(),
+            handed_over: None,
         })
     }
 
     /// Brings up DHCP (again, while no address was had).
     fn ensure_network(&mut self) {
-        if self.net.as_ref().is_some_and(|n| !n.addresses.is_empty()) {
+        if self.handed_over.is_some() || self.net.as_ref().is_some_and(|n| !n.addresses.is_empty()) {
             return;
         }
         let Some(cfg) = dhcp_everywhere() else { return };
@@ -314,7 +334,8 @@ impl UrlSource {
             .net
             .as_ref()
             .and_then(|n| n.held.first())
-            .and_then(|h| h.link.mac);
+            .and_then(|h| h.link.mac)
+            .or(self.handed_over.flatten());
         Vars {
             mac: leased.or_else(netup::first_mac),
             uuid: self.uuid.clone(),
@@ -398,8 +419,11 @@ impl UrlSource {
     /// The network the config was fetched over, kept for the node (its DHCP
     /// leases are renewed as usual). The config's DNS servers and search
     /// domains are added; its interface settings are not applied again.
-    pub fn into_network(self, cfg: &NodeConfig) -> Option<NetState> {
-        let mut net = self.net?;
+    /// The source stays usable to fetch the config again (over the node's
+    /// network, without DHCP of its own).
+    pub fn take_network(&mut self, cfg: &NodeConfig) -> Option<NetState> {
+        let mut net = self.net.take()?;
+        self.handed_over = Some(net.held.first().and_then(|h| h.link.mac));
         if !cfg.network.interfaces.is_empty() {
             console::warn("network: the node config sets [[network.interfaces]], but with kiln.config=URL the node keeps the DHCP setup it fetched the config over; those settings are not applied");
         }
@@ -503,6 +527,15 @@ mod tests {
             signature_url("http://h/c?mac=1"),
             "http://h/c.minisig?mac=1"
         );
+    }
+
+    #[test]
+    fn after_handing_over_the_network_the_leased_mac_is_kept() {
+        let mut u = UrlSource { template: "http://h/${mac:hexraw}".into(), net: None, uuid: None, opts: fetch::Options::default(), handed_over: Some(Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc])) };
+        assert_eq!(expand(&u.template, &u.vars()).unwrap(), "http://h/525400aabbcc");
+        // No DHCP of its own any more: the node's network is used as it is.
+        u.ensure_network();
+        assert!(u.net.is_none());
     }
 
     #[test]

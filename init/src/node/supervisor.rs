@@ -32,6 +32,9 @@ pub struct Supervisor {
     pub next_start: Option<Instant>,
     log: LogFile,
     rate: RateLimit,
+    loop_: CrashLoop,
+    /// The last error writing k0s's files, announced once.
+    prepare_error: Option<String>,
 }
 
 impl Supervisor {
@@ -44,6 +47,8 @@ impl Supervisor {
             next_start: Some(Instant::now()),
             log: LogFile::new(LOG_PATH, log_max),
             rate: RateLimit::new(console_rate, Instant::now()),
+            loop_: CrashLoop::default(),
+            prepare_error: None,
         }
     }
 
@@ -68,6 +73,19 @@ impl Supervisor {
         self.next_start = None;
         // A start that fails before k0s runs counts too, so it backs off.
         self.attempt += 1;
+        // The files first, on every start: a failure (a full or read-only
+        // /var, /etc) is retried like a crash, and fixing it brings k0s up.
+        if let Err(e) = self.prepare() {
+            let msg = format!("cannot write the k0s config or token: {e}");
+            if self.prepare_error.as_deref() != Some(msg.as_str()) {
+                console::error(&format!("preparing k0s files: {e}"));
+                console::event("maintenance", &[("reason", &msg)]);
+                self.prepare_error = Some(msg);
+            }
+            self.schedule_restart();
+            return;
+        }
+        self.prepare_error = None;
         let (rd, wr) = match pipe() {
             Ok(p) => p,
             Err(e) => {
@@ -137,8 +155,12 @@ impl Supervisor {
         }
     }
 
+    fn delay(&self) -> Duration {
+        k0s::restart_delay(self.attempt)
+    }
+
     fn schedule_restart(&mut self) {
-        let delay = k0s::restart_delay(self.attempt);
+        let delay = self.delay();
         self.next_start = Some(Instant::now() + delay);
         console::event("payload-restarting", &[("delay", &format!("{}s", delay.as_secs())), ("attempt", &(self.attempt + 1))]);
     }
@@ -152,8 +174,11 @@ impl Supervisor {
         console::event("payload-exited", &[("pid", &r.pid), ("status", &what), ("ran", &format!("{}s", ran.as_secs()))]);
         if ran >= HEALTHY_RUN {
             self.attempt = 0;
+            self.loop_ = CrashLoop::default();
         }
+        self.loop_.exited(r.started);
         if restart {
+            console::warn(&self.loop_.status(self.delay()));
             self.schedule_restart();
         }
     }
@@ -271,6 +296,33 @@ fn check_token_file(path: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The exits since k0s last ran for a healthy minute, for the console.
+#[derive(Default)]
+struct CrashLoop {
+    exits: u32,
+    since: Option<Instant>,
+}
+
+impl CrashLoop {
+    fn exited(&mut self, started: Instant) {
+        self.exits += 1;
+        self.since.get_or_insert(started);
+    }
+
+    fn status(&self, delay: Duration) -> String {
+        let span = self.since.map(|s| s.elapsed()).unwrap_or_default();
+        status_line(self.exits, span, delay)
+    }
+}
+
+/// `k0s has exited 5 times in 3 min; restarting in 30 s`.
+fn status_line(exits: u32, span: Duration, delay: Duration) -> String {
+    let secs = span.as_secs();
+    let span = if secs < 120 { format!("{secs} s") } else { format!("{} min", secs / 60) };
+    let times = if exits == 1 { "once".to_string() } else { format!("{exits} times") };
+    format!("k0s has exited {times} in {span}; restarting in {} s", delay.as_secs())
 }
 
 fn describe_status(status: i32) -> String {
@@ -480,5 +532,22 @@ mod tests {
         assert!(got.iter().any(|(r, l)| *r == libc::RLIMIT_NOFILE as libc::c_int && l.rlim_cur == 999_999 && l.rlim_max == 999_999));
         assert!(got.iter().any(|(r, l)| *r == libc::RLIMIT_CORE as libc::c_int && l.rlim_cur == libc::RLIM_INFINITY));
         assert!(got.iter().any(|(r, l)| *r == libc::RLIMIT_NPROC as libc::c_int && l.rlim_max == libc::RLIM_INFINITY));
+    }
+}
+
+#[cfg(test)]
+mod crash_loop_tests {
+    use super::*;
+
+    #[test]
+    fn the_crash_loop_status_line() {
+        assert_eq!(status_line(5, Duration::from_secs(190), Duration::from_secs(30)), "k0s has exited 5 times in 3 min; restarting in 30 s");
+        assert_eq!(status_line(1, Duration::from_secs(4), Duration::from_secs(2)), "k0s has exited once in 4 s; restarting in 2 s");
+        let mut l = CrashLoop::default();
+        let t = Instant::now();
+        l.exited(t);
+        l.exited(Instant::now());
+        assert_eq!(l.since, Some(t), "counted from the first start of the streak");
+        assert!(l.status(Duration::from_secs(4)).starts_with("k0s has exited 2 times in "), "{}", l.status(Duration::from_secs(4)));
     }
 }

@@ -175,3 +175,49 @@ impl Node {
             .collect()
     }
 }
+
+/// Runs a shell command; fails the test with its stderr when it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(out.status.success(), "`{cmd}`: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// (byte offset, byte size) of a GPT partition by name, from sfdisk.
+pub fn part(disk: &Path, name: &str) -> (u64, u64) {
+    let j: serde_json::Value = serde_json::from_str(&sh(&format!("sfdisk --json {}", disk.display()))).unwrap();
+    let p = j["partitiontable"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no {name}")).clone();
+    (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
+}
+
+/// A private copy of the built disk image, to modify.
+pub fn copy_disk(out: &Path, test: &str) -> PathBuf {
+    let dst = scratch().join(format!("{test}.raw"));
+    sh(&format!("cp --sparse=always {} {}", out.join("disk.raw").display(), dst.display()));
+    dst
+}
+
+/// The ESP of a disk image as an mtools image argument (`-i disk@@offset`).
+pub fn esp_image(disk: &Path) -> String {
+    let (off, _) = part(disk, "esp");
+    format!("{}@@{off}", disk.display())
+}
+
+/// Copies a file onto a FAT image (an ESP via `esp_image`, or a stick) at
+/// `::/name`, replacing what is there.
+pub fn mcopy(image: &str, text: &str, name: &str) {
+    let src = scratch().join(format!("mcopy-{}-{name}", std::process::id()));
+    std::fs::write(&src, text).expect("writing the file to copy");
+    sh(&format!("MTOOLS_SKIP_CHECK=1 mcopy -o -i {image} {} ::/{name}", src.display()));
+    let _ = std::fs::remove_file(src);
+}
+
+/// A small FAT image labelled `label` holding node.toml (a USB stick or an
+/// extra disk, as a technician would prepare it).
+pub fn config_stick(name: &str, label: &str, node_toml: &str) -> PathBuf {
+    let p = scratch().join(name);
+    let _ = std::fs::remove_file(&p);
+    sh(&format!("mkfs.vfat -C -n {label} {} 4096 >/dev/null", p.display()));
+    mcopy(&p.display().to_string(), node_toml, "node.toml");
+    p
+}
