@@ -35,16 +35,20 @@ pub fn cargo_build(tree: &Path, package: &str, bin: &str, arch: Arch) -> Result<
         return Err(BinaryError::NoTree { bin: bin.into(), tree: tree.to_path_buf() });
     }
     let target = arch.rust_target();
+    // Paths are remapped so the binary does not depend on where the tree or
+    // cargo's registry is (panic messages carry source paths): the real
+    // paths, which are what rustc sees.
+    let real = |p: PathBuf| p.canonicalize().unwrap_or(p);
+    let tree = &real(tree.to_path_buf());
     let target_dir = tree.join("target").join("kiln-node");
-    let home = std::env::var("CARGO_HOME").ok().or_else(|| std::env::var("HOME").ok().map(|h| format!("{h}/.cargo"))).unwrap_or_default();
-    // Paths are remapped so the binary does not depend on where the tree is.
+    let home = std::env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo"))).map(real);
     let mut flags = vec![
         "-C".to_string(),
         "target-feature=+crt-static".to_string(),
         format!("--remap-path-prefix={}=/kiln", tree.display()),
     ];
-    if !home.is_empty() {
-        flags.push(format!("--remap-path-prefix={home}=/cargo"));
+    if let Some(home) = home {
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
     }
     let linker_var = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
     let linker = match arch {

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the build recipe changes in a way that changes the output.
-const RECIPE: &str = "kiln-kernel-v1";
+/// v2: clean environment with TZ=UTC, build paths mapped out, ld in the key.
+const RECIPE: &str = "kiln-kernel-v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -150,12 +151,14 @@ fn toolchain_id(arch: Arch) -> String {
     let v = |cmd: &str| {
         Command::new(cmd)
             .arg("--version")
+            .env("LC_ALL", "C")
             .output()
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string())
             .unwrap_or_else(|| format!("{cmd}: missing"))
     };
-    format!("{}\n{}", v(&cc), v("make"))
+    let ld = format!("{}ld", arch.cross_compile());
+    format!("{}\n{}\n{}", v(&cc), v(&ld), v("make"))
 }
 
 /// The cache key: source, base, fragments (content, in order) and toolchain.
@@ -227,14 +230,7 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
     let mut args: Vec<&str> = vec![&jflag];
     args.extend(targets.iter().copied());
     make(&args, "compile")?;
-    let release = Command::new("make")
-        .args(["-s", "-C"])
-        .arg(&src)
-        .arg(format!("O={}", build.display()))
-        .arg(format!("ARCH={}", arch.kernel_arch()))
-        .arg("kernelrelease")
-        .output()
-        .map_err(io("make kernelrelease"))?;
+    let release = make_command(&src, &build, arch).arg("-s").arg("kernelrelease").output().map_err(io("make kernelrelease"))?;
     let release = String::from_utf8_lossy(&release.stdout).trim().to_string();
     if release.is_empty() {
         return Err(KernelError::Other("`make kernelrelease` printed nothing".into()));
@@ -291,20 +287,46 @@ fn check_toolchain(arch: Arch) -> Result<(), KernelError> {
     Ok(())
 }
 
-fn run_make(src: &Path, build: &Path, arch: Arch, args: &[&str], step: &str, log: &Path) -> Result<(), KernelError> {
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io(format!("opening {}", log.display())))?;
-    let status = Command::new("make")
+/// `make` in the kernel tree with nothing from the caller's environment but
+/// PATH, so the image depends on the source, the config and the toolchain
+/// only: not on who builds it, where, when, or in which time zone and locale.
+///
+/// - `KBUILD_BUILD_*` fix what `uname -v` shows (user, host, `#1`, date).
+/// - `TZ=UTC`: the built-in initramfs takes its mtimes from
+///   `date -d $KBUILD_BUILD_TIMESTAMP`, which is local time.
+/// - The source and build directories live in the cache, so their paths are
+///   mapped out of `__FILE__` and debug info (the kernel's own
+///   `-fmacro-prefix-map` covers only the source tree, and only macros).
+/// - `LOCALVERSION` set (empty) keeps `setlocalversion` from appending `+`
+///   when the source happens to sit in a git checkout.
+fn make_command(src: &Path, build: &Path, arch: Arch) -> Command {
+    // make works with the real paths (`realpath`), so map those.
+    let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let maps = format!("-ffile-prefix-map={}/= -ffile-prefix-map={}/=", real(src).display(), real(build).display());
+    let mut c = Command::new("make");
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+        .env("TZ", "UTC")
+        .env("LC_ALL", "C")
+        .env("KBUILD_BUILD_TIMESTAMP", "1970-01-01")
+        .env("KBUILD_BUILD_USER", "kiln")
+        .env("KBUILD_BUILD_HOST", "kiln")
+        .env("KBUILD_BUILD_VERSION", "1")
+        .env("LOCALVERSION", "")
         .arg("-C")
         .arg(src)
         .arg(format!("O={}", build.display()))
         .arg(format!("ARCH={}", arch.kernel_arch()))
         .arg(format!("CROSS_COMPILE={}", arch.cross_compile()))
+        .arg(format!("KCFLAGS={maps}"))
+        .arg(format!("KAFLAGS={maps}"));
+    c
+}
+
+fn run_make(src: &Path, build: &Path, arch: Arch, args: &[&str], step: &str, log: &Path) -> Result<(), KernelError> {
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io(format!("opening {}", log.display())))?;
+    let status = make_command(src, build, arch)
         .args(args)
-        .env("KBUILD_BUILD_TIMESTAMP", "1970-01-01")
-        .env("KBUILD_BUILD_USER", "kiln")
-        .env("KBUILD_BUILD_HOST", "kiln")
-        .env("KBUILD_BUILD_VERSION", "1")
-        .env("LC_ALL", "C")
         .stdout(logf.try_clone().map_err(io("log"))?)
         .stderr(logf)
         .status()
