@@ -96,6 +96,9 @@ pub const KEYS: &[&str] = &[
     "install.disk",
     "storage",
     "storage.var_disk",
+    "time",
+    "time.ntp",
+    "time.wait_seconds",
 ];
 
 /// A whole node.toml.
@@ -1065,7 +1068,7 @@ gateway = "10.0.0.1"
         let e = parse("role = \"single\"\n[time]\nntp = [\"a.example\", \"a.example\"]\n").unwrap_err();
         assert!(e.message.contains("twice"), "{e}");
         let e = parse("role = \"single\"\n[time]\nservers = []\n").unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("servers"));
+        assert_eq!(e.key.as_deref(), Some("time.servers"));
         let e = parse("role = \"single\"\n[time]\nntp = \"pool.ntp.org\"\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
     }
