@@ -150,6 +150,7 @@ pub struct ProfileFile {
     pub iso: IsoFile,
     #[serde(default)]
     pub appliance: crate::appliance::ApplianceFile,
+    #[serde(default)]
     pub secureboot: SecureBootFile,
 }
 
