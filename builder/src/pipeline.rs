@@ -140,10 +140,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
                 Output::Zst => disk::write_zst(staging.path())?,
                 Output::Bmap => disk::write_bmap(staging.path())?,
                 Output::Iso => {
-                    let bios = match &bios {
-                        Some((a, b, c)) => Some((a.path.as_path(), b.path.as_path(), c.path.as_path())),
-                        None => None,
-                    };
+                    let bios = bios.as_ref().map(|(a, b, c)| (a.path.as_path(), b.path.as_path(), c.path.as_path()));
                     isoboot::write(&staging.path().join(format!("{name}.iso")), &work, &root, &b, &disk_path, &built, profile.iso.root_in_ram, bios).context("writing the ISO")?;
                 }
                 Output::Pxe | Output::Disk => {}

@@ -554,7 +554,6 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     }
     let appliance = crate::appliance::spec(&f.appliance, arch, f.payload.version.as_deref())
         .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
-    let mut inputs = inputs;
     if let Some((a, b, c)) = &bios {
         inputs.push(("iso.isolinux", a));
         inputs.push(("iso.isohybrid_mbr", b));

@@ -171,7 +171,7 @@ pub fn run(target: &str, why: &str) -> Result<Outcome, String> {
     let t0 = Instant::now();
     let mut last = 0u64;
     let report = install_image::apply_pinned(&mut image, &pin, &mut root, &mut verity, &dev, bytes, |p: install_image::Progress| {
-        let pct = if p.total == 0 { 100 } else { p.done * 100 / p.total };
+        let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
         if pct >= last + 20 {
             last = pct;
             console::info(&format!("install: {pct}% ({} of {} bytes) {}", p.done, p.total, p.phase));
