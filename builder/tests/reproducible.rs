@@ -49,7 +49,7 @@ fn build(r: &Run) -> (PathBuf, String) {
     let out = c.output().expect("running kiln");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "kiln build {} from {} failed:\n{text}", profile.display(), r.cwd.display());
-    eprintln!("built {} in {:.0}s: {}", r.out.display(), t.elapsed().as_secs_f64(), text.lines().last().unwrap_or_default());
+    eprintln!("{:.0}s: {}", t.elapsed().as_secs_f64(), text.lines().find(|l| l.starts_with("built ")).unwrap_or_default());
     (r.out.join(PROFILE), text)
 }
 
@@ -137,12 +137,14 @@ fn root_squashfs(out: &Path, scratch: &Path) -> PathBuf {
 fn listing_without_times(sqfs: &Path) -> (String, Vec<String>) {
     let text = String::from_utf8(sh(&format!("unsquashfs -lln {}", sqfs.display()))).unwrap();
     let mut times = Vec::new();
+    // `9` is any digit.
+    let shaped = |w: &str, shape: &str| w.len() == shape.len() && w.bytes().zip(shape.bytes()).all(|(c, s)| if s == b'9' { c.is_ascii_digit() } else { c == s });
     let lines: Vec<String> = text
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            match f.iter().position(|w| w.len() == 10 && w.as_bytes()[4] == b'-' && w.as_bytes()[7] == b'-') {
-                Some(i) if i + 1 < f.len() => {
+            match f.windows(2).position(|w| shaped(w[0], "9999-99-99") && shaped(w[1], "99:99")) {
+                Some(i) => {
                     times.push(format!("{} {}", f[i], f[i + 1]));
                     l.replacen(&format!("{} {}", f[i], f[i + 1]), "<time>", 1)
                 }
