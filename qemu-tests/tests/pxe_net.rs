@@ -129,7 +129,14 @@ fn a_missing_config_is_a_clear_error_and_is_retried_until_it_appears() {
     let t0 = Instant::now();
     n.line("a retry", Duration::from_secs(120), |l| l.contains("error") && l.contains("404") && l != err);
     eprintln!("retried after {:.1} s", t0.elapsed().as_secs_f64());
-    // The operator puts the config in place; the node comes up.
+    // An invalid config from the URL: maintenance naming the source, key and
+    // line, and the node keeps fetching.
+    std::fs::write(configs.join(format!("{MAC}.toml")), "role = \"single\"\nhostname = \"Bad_Name\"\n").unwrap();
+    let m = n.line("maintenance for the invalid config", Duration::from_secs(120), |l| {
+        kiln_init::event::parse(l).is_some_and(|e| e.name == "maintenance" && e.get("reason").is_some_and(|r| r.contains("url") && r.contains("hostname")))
+    });
+    assert!(m.contains("line 2"), "the reason names the line: {m}");
+    // The operator puts a valid config in place; the node comes up.
     std::fs::write(configs.join(format!("{MAC}.toml")), "role = \"single\"\nhostname = \"late-config\"\n").unwrap();
     let loaded = n.event("config-loaded", Duration::from_secs(120));
     assert_eq!(loaded.get("hostname"), Some("late-config"), "{loaded:?}");
