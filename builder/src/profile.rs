@@ -19,6 +19,17 @@ pub enum ProfileError {
     Semantic { path: PathBuf, message: String },
     #[error("{path}: `extends` forms a cycle through {again}")]
     Cycle { path: PathBuf, again: PathBuf },
+    #[error("SOURCE_DATE_EPOCH=`{value}` in the environment is not a whole number of seconds since 1970-01-01 UTC (what `date +%s` prints); fix it, or unset it to use the profile's `source_date_epoch`")]
+    BadSourceDateEpoch { value: String },
+}
+
+/// `SOURCE_DATE_EPOCH` as the reproducible-builds spec has it: unset or
+/// empty means "not given"; anything else must be seconds since the epoch.
+pub fn source_date_epoch_from_env(value: Option<&str>) -> Result<Option<u64>, ProfileError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| ProfileError::BadSourceDateEpoch { value: v.to_string() }),
+    }
 }
 
 /// Target architectures.
@@ -575,7 +586,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         description: f.description.unwrap_or_default(),
         arch,
         outputs,
-        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()).or(f.source_date_epoch).unwrap_or(0),
+        source_date_epoch: source_date_epoch_from_env(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?.or(f.source_date_epoch).unwrap_or(0),
         kernel: KernelSpec {
             source: f.kernel.source.ok_or_else(|| missing("kernel.source"))?,
             base: f.kernel.base.unwrap_or_else(|| "tinyconfig".into()),
@@ -642,6 +653,17 @@ fn secureboot_spec(path: &Path, dir: &Path, f: &SecureBootFile) -> Result<Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_date_epoch_must_be_seconds() {
+        assert_eq!(source_date_epoch_from_env(None).unwrap(), None);
+        assert_eq!(source_date_epoch_from_env(Some("")).unwrap(), None);
+        assert_eq!(source_date_epoch_from_env(Some("1700000000\n")).unwrap(), Some(1_700_000_000));
+        for bad in ["2023-11-14", "-1", "1.5", "@1700000000"] {
+            let e = source_date_epoch_from_env(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("SOURCE_DATE_EPOCH=`{bad}`")) && e.contains("date +%s"), "{e}");
+        }
+    }
 
     #[test]
     fn typo_names_file_line_key() {

@@ -66,6 +66,14 @@ fn the_real_profiles_check_clean() {
 }
 
 #[test]
+fn a_malformed_source_date_epoch_is_an_error() {
+    let p = workspace().join("profiles/qemu-amd64.toml");
+    let (code, text) = kiln(&["profile", "check", p.to_str().unwrap()], &[("SOURCE_DATE_EPOCH", Path::new("2023-11-14"))]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("SOURCE_DATE_EPOCH=`2023-11-14`") && text.contains("date +%s"), "{text}");
+}
+
+#[test]
 fn missing_input_file_says_what_and_how() {
     let d = scratch_tree();
     let p = d.path().join("profiles/missing.toml");
