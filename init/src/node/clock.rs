@@ -315,10 +315,11 @@ fn warn_wrong_time(what_to_do: &str) {
 /// Adds `offset_ns` to CLOCK_REALTIME at once.
 fn step(offset_ns: i128) -> io::Result<()> {
     let target = sntp::realtime_nanos() + offset_ns;
-    let sec = libc::time_t::try_from(target.div_euclid(NANOS)).map_err(|_| io::Error::other(format!("{} is beyond what this platform's clock can hold", utc_text(target.div_euclid(NANOS)))))?;
     // SAFETY: timespec is plain data; zeroed leaves any padding field zero.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    ts.tv_sec = sec;
+    // tv_sec's type (time_t) is 32 bits on armv7 glibc; its name is
+    // deprecated on musl, so it is inferred from the field.
+    ts.tv_sec = target.div_euclid(NANOS).try_into().map_err(|_| io::Error::other(format!("{} is beyond what this platform's clock can hold", utc_text(target.div_euclid(NANOS)))))?;
     ts.tv_nsec = target.rem_euclid(NANOS) as _;
     // SAFETY: valid pointer to an initialised timespec.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
