@@ -13,8 +13,9 @@
 
 mod common;
 use common::{boot, built, Node, BOOT_TIMEOUT};
+use kiln_init::install_image::hex;
+use kiln_init::minisign::b64_encode;
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -24,28 +25,14 @@ const API: &str = "10.0.2.99";
 const LOG: &str = "[log]\nconsole_lines_per_second = 2000\n";
 const CLUSTER_CONFIG: &str = "apiVersion: k0s.k0sproject.io/v1beta1\nkind: ClusterConfig\nmetadata:\n  name: roles-test\nspec:\n  api:\n    sans: [\"10.0.2.15\"]\n";
 
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        for k in 0..4 {
-            s.push(if k <= c.len() { A[(n >> (18 - 6 * k) & 63) as usize] as char } else { '=' });
-        }
-    }
-    s
-}
-
 /// A join token as `k0s token create` makes one (K0S-CONTRACT.md, Tokens):
 /// base64 of a gzipped kubeconfig with cluster and context `k0s`.
 fn join_token(port: u16, user: &str) -> String {
-    let ca = base64(b"-----BEGIN CERTIFICATE-----\nMIIBroles\n-----END CERTIFICATE-----\n");
+    let ca = b64_encode(b"-----BEGIN CERTIFICATE-----\nMIIBroles\n-----END CERTIFICATE-----\n");
     let kubeconfig = format!(
         "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: {ca}\n    server: https://{API}:{port}\n  name: k0s\ncontexts:\n- context:\n    cluster: k0s\n    user: {user}\n  name: k0s\ncurrent-context: k0s\nkind: Config\npreferences: {{}}\nusers:\n- name: {user}\n  user:\n    token: abcdef.0123456789abcdef\n"
     );
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(kubeconfig.as_bytes()).unwrap();
-    base64(&gz.finish().unwrap())
+    kiln::cluster::join_token(&kubeconfig)
 }
 
 fn sha_prefix(data: &[u8]) -> String {
@@ -151,10 +138,6 @@ replicas: 2
             manifests: vec![("app/10-namespace.yaml".into(), ns), ("app/20-configmap.yaml".into(), cm), ("kiln-charts/hello.yaml".into(), chart)],
         }
     })
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The stand-in's report of one run: every `stand-in: ` line from its argv

@@ -88,17 +88,25 @@ pub fn write(k: &K0s, data_dir: &Path) -> Result<Outcome, String> {
     Ok(out)
 }
 
-/// Writes to a temporary file beside `path`, syncs it, then renames it over.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+/// Writes to a temporary file beside `path`, syncs it, then renames it over:
+/// whole or not at all, with `mode` from the start. A failed write leaves no
+/// temporary file behind.
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.kiln-tmp"));
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-    f.write_all(data)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.write_all(data)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// On the node: writes the files and announces them. An error is for

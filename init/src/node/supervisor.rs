@@ -7,7 +7,7 @@ use super::host::PAYLOAD_CGROUP;
 use crate::k0s::{self, Invocation, Resource, Token};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -263,23 +263,9 @@ fn rlimit(r: Resource, value: Option<u64>) -> (libc::c_int, libc::rlimit) {
     (resource as libc::c_int, libc::rlimit { rlim_cur: v, rlim_max: v })
 }
 
-/// Writes a file only root can read, whole or not at all: a temporary file
-/// beside it, then a rename.
+/// Writes a file only root can read, whole or not at all.
 fn write_private(path: &Path, content: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("kiln-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(content).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
-        .and_then(|_| std::fs::rename(&tmp, path));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("writing {}: {e}", path.display())
-    })
+    super::k0sfiles::write_atomic(path, content, 0o600).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// A `k0s.token_file` must be there; one others could read is made 0600.
@@ -508,7 +494,7 @@ mod tests {
         write_private(&p, b"tok\n").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"tok\n");
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o600);
-        assert!(!d.path().join("token.kiln-tmp").exists());
+        assert!(!d.path().join(".token.kiln-tmp").exists());
         let e = write_private(&d.path().join("no/such/dir/token"), b"x").unwrap_err();
         assert!(e.contains("no/such/dir/token"), "{e}");
     }
