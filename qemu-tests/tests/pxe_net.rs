@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{boot_with, built, BOOT_TIMEOUT};
+use common::{boot_with, built, sh, BOOT_TIMEOUT};
 use kiln::qemu::BootFrom;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,12 +15,6 @@ use std::time::{Duration, Instant};
 const PROFILE: &str = "qemu-amd64";
 /// The MAC `kiln run` gives the node.
 const MAC: &str = "52:54:00:12:34:56";
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(out.status.success(), "`{cmd}`: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `kiln serve` on an ephemeral loopback port; its log lines are kept.
 struct Server {

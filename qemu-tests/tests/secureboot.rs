@@ -16,13 +16,6 @@ fn sh(cmd: &str) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// The ESP of a disk image, for mtools (`IMG@@OFFSET`).
-fn esp(disk: &Path) -> String {
-    let j: serde_json::Value = serde_json::from_str(&sh(&format!("sfdisk --json {}", disk.display()))).unwrap();
-    let p = j["partitiontable"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == "esp").expect("no esp").clone();
-    format!("{}@@{}", disk.display(), p["start"].as_u64().unwrap() * 512)
-}
-
 /// Copies `from` to `to` with mtools; `img` is the ESP, `::/…` paths are in it.
 fn mcopy(img: &str, from: &str, to: &str) {
     sh(&format!("MTOOLS_SKIP_CHECK=1 mcopy -o -i {img} {from} {to}"));
@@ -97,7 +90,7 @@ fn signed_boots_enforcing_unsigned_and_tampered_are_refused() {
     // Every EFI binary on the signed ESP verifies against the certificate.
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(signed.join("manifest.json")).unwrap()).unwrap();
     let uki = m["disk"]["uki"].as_str().unwrap().to_string();
-    let img = esp(&signed.join("disk.raw"));
+    let img = common::esp_image(&signed.join("disk.raw"));
     for f in ["/EFI/BOOT/BOOTX64.EFI", "/EFI/systemd/systemd-bootx64.efi", &format!("/EFI/Linux/{uki}")] {
         let local = t.join("check.efi");
         mcopy(&img, &format!("::{f}"), &local.display().to_string());
@@ -123,7 +116,7 @@ fn signed_boots_enforcing_unsigned_and_tampered_are_refused() {
     //    systemd-boot (signed) runs, the firmware refuses the UKI.
     let disk = common::scratch().join("secureboot_tampered.raw");
     sh(&format!("cp --sparse=always {} {}", signed.join("disk.raw").display(), disk.display()));
-    let img = esp(&disk);
+    let img = common::esp_image(&disk);
     let local = t.join("tampered.efi");
     mcopy(&img, &format!("::/EFI/Linux/{uki}"), &local.display().to_string());
     let mut pe = std::fs::read(&local).unwrap();
