@@ -12,6 +12,8 @@ packages=(
   build-essential bc flex bison libelf-dev libssl-dev
   # inputs and artifacts
   ca-certificates xz-utils zstd cpio file
+  # arm64 and armv7: cross compilers (kernel), and QEMU with UEFI firmware
+  gcc-aarch64-linux-gnu qemu-system-arm qemu-efi-aarch64
   # booting images
   qemu-system-x86 qemu-utils
   # the DHCP client's tests run dnsmasq in network namespaces
@@ -27,13 +29,23 @@ packages=(
   minisign
 )
 
+# `deb` inputs for arm64 images (busybox, systemd-boot) come from the arm64
+# archive: apt-get download needs the foreign arch in its lists.
+foreign_added=""
+for a in arm64; do
+  if ! dpkg --print-foreign-architectures | grep -qx "$a"; then
+    $sudo dpkg --add-architecture "$a"
+    foreign_added=1
+  fi
+done
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # apt-get download (for `deb` inputs) needs package lists even when nothing
 # is missing, so update once per machine.
-if [ ${#missing[@]} -gt 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
+if [ ${#missing[@]} -gt 0 ] || [ -n "$foreign_added" ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
   $sudo apt-get update -qq
 fi
 if [ ${#missing[@]} -gt 0 ]; then
@@ -61,7 +73,7 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('spdx-t
 fi
 command -v pyspdxtools >/dev/null || { echo "setup: pyspdxtools is not on PATH after installing spdx-tools"; exit 1; }
 
-targets=(x86_64-unknown-linux-musl)
+targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
 installed=$(rustup target list --installed)
 for t in "${targets[@]}"; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"

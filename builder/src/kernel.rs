@@ -143,6 +143,10 @@ pub struct Kernel {
     pub release: String,
     pub key: String,
     pub modules_dir: PathBuf,
+    /// The device trees the config built (`make dtbs`), by their path under
+    /// `arch/<arch>/boot/dts/` (e.g. `allwinner/sun7i-a20-cubieboard2.dtb`).
+    /// Empty on amd64, and on arm when the config enables no board platform.
+    pub dtbs_dir: PathBuf,
     pub cached: bool,
 }
 
@@ -184,6 +188,7 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
             release: std::fs::read_to_string(entry.join("release")).map_err(io("reading cached kernel release"))?.trim().to_string(),
             key: key.clone(),
             modules_dir: entry.join("modules"),
+            dtbs_dir: entry.join("dtbs"),
             cached,
         })
     };
@@ -226,6 +231,11 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
     if modular {
         targets.push("modules");
     }
+    // Device trees are kept for board overlays; QEMU virt makes its own.
+    let dtbs = arch != Arch::Amd64 && fin.lines().any(|l| l == "CONFIG_OF=y");
+    if dtbs {
+        targets.push("dtbs");
+    }
     let jflag = format!("-j{jobs}");
     let mut args: Vec<&str> = vec![&jflag];
     args.extend(targets.iter().copied());
@@ -253,10 +263,33 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
             }
         }
     }
+    let dtb_dst = tmp.path().join("dtbs");
+    std::fs::create_dir_all(&dtb_dst).map_err(io("creating the dtbs dir"))?;
+    if dtbs {
+        let dts = build.join("arch").join(arch.kernel_arch()).join("boot/dts");
+        copy_dtbs(&dts, &dts, &dtb_dst).map_err(io("copying the device trees"))?;
+    }
     cache.commit_dir(tmp, &entry).map_err(io("storing the kernel in the cache"))?;
     // The artifacts are kept; the object tree is not worth its gigabyte.
     let _ = std::fs::remove_dir_all(&build);
     found(false)
+}
+
+/// Copies every `*.dtb` under `dir` to the same relative path under `dst`.
+fn copy_dtbs(root: &Path, dir: &Path, dst: &Path) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries {
+        let p = e?.path();
+        if p.is_dir() {
+            copy_dtbs(root, &p, dst)?;
+        } else if p.extension().is_some_and(|x| x == "dtb") {
+            let rel = p.strip_prefix(root).expect("under root");
+            let to = dst.join(rel);
+            std::fs::create_dir_all(to.parent().expect("has a parent"))?;
+            std::fs::copy(&p, &to)?;
+        }
+    }
+    Ok(())
 }
 
 /// An exclusive lock on a directory, held until the returned file is dropped.

@@ -47,6 +47,11 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         )),
         _ => None,
     };
+    if let Some((sd, stub)) = &boot {
+        for (key, r) in [("boot.systemd_boot", sd), ("boot.stub", stub)] {
+            check_efi_arch(key, &r.path, profile.arch)?;
+        }
+    }
     let bios = match &profile.iso.bios {
         Some((a, b, c)) if profile.outputs.contains(&Output::Iso) => Some((
             input::resolve("iso.isolinux", a, deb_arch, cache)?,
@@ -279,4 +284,16 @@ pub(crate) fn add_host_dir(t: &mut Tree, src: &Path, dst: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An EFI program from a profile input must be for the profile's arch: the
+/// firmware would refuse another one only at boot, on the device.
+fn check_efi_arch(key: &str, path: &std::path::Path, arch: profile::Arch) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("{key}: reading {}", path.display()))?;
+    let want = arch.pe_machine();
+    match crate::uki::pe_machine(&bytes) {
+        Some(m) if m == want => Ok(()),
+        Some(m) => bail!("{key}: {} is an EFI program for machine {m:#x}, but the profile's arch is {arch} ({want:#x}); take the {} build of it", path.display(), arch.debian()),
+        None => bail!("{key}: {} is not an EFI (PE) program", path.display()),
+    }
 }

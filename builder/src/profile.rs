@@ -88,6 +88,15 @@ impl Arch {
             Arch::Armv7 => ("zImage", "arch/arm/boot/zImage"),
         }
     }
+    /// PE/COFF Machine of EFI programs for this arch (x64, AA64, ARMv7
+    /// Thumb-2).
+    pub fn pe_machine(self) -> u16 {
+        match self {
+            Arch::Amd64 => 0x8664,
+            Arch::Arm64 => 0xaa64,
+            Arch::Armv7 => 0x01c2,
+        }
+    }
     /// ELF e_machine.
     pub fn elf_machine(self) -> u16 {
         match self {

@@ -175,6 +175,11 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
 const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
 
+/// AAVMF: EDK2 for QEMU virt on arm64 (Debian qemu-efi-aarch64), 64 MiB
+/// flash images as QEMU wants them.
+const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+
 /// The one `*.iso` in a build output.
 fn find_iso(out: &Path) -> Result<PathBuf, VmError> {
     let mut isos: Vec<PathBuf> = std::fs::read_dir(out).map_err(|e| VmError::Setup(format!("{}: {e}", out.display())))?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "iso")).collect();
@@ -232,13 +237,20 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         c.args(["-cpu", "cortex-a57"]);
     }
     c.args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
-    if boot != BootFrom::Pxe && arch != Arch::Amd64 {
+    if boot == BootFrom::IsoBios && arch != Arch::Amd64 {
+        return Err(VmError::Setup(format!("{arch} has no BIOS boot; boot the ISO with --boot iso (UEFI)")));
+    }
+    if boot != BootFrom::Pxe && arch == Arch::Armv7 {
         return Err(VmError::Setup(format!("booting {arch} from {boot:?} is not supported yet; use --boot pxe")));
     }
     if uefi {
-        let (code, vars_template) = if spec.secure_boot { (OVMF_CODE_SECBOOT, OVMF_VARS_SNAKEOIL) } else { (OVMF_CODE, OVMF_VARS) };
+        let (code, vars_template, package) = match arch {
+            Arch::Amd64 if spec.secure_boot => (OVMF_CODE_SECBOOT, OVMF_VARS_SNAKEOIL, "ovmf"),
+            Arch::Amd64 => (OVMF_CODE, OVMF_VARS, "ovmf"),
+            _ => (AAVMF_CODE, AAVMF_VARS, "qemu-efi-aarch64"),
+        };
         if !Path::new(code).exists() {
-            return Err(VmError::Setup(format!("{code} is missing: apt-get install ovmf")));
+            return Err(VmError::Setup(format!("{code} is missing: apt-get install {package}")));
         }
         if spec.secure_boot {
             c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
@@ -265,6 +277,9 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
             c.arg("-drive").arg(format!("if=none,id=iso,format=raw,readonly=on,file={}", iso.display()));
             if boot == BootFrom::IsoUsb {
                 c.args(["-device", "qemu-xhci,id=xhci", "-device", "usb-storage,bus=xhci.0,drive=iso,removable=on,bootindex=1"]);
+            } else if arch != Arch::Amd64 {
+                // QEMU virt has no IDE: the CD sits on virtio-scsi.
+                c.args(["-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-cd,bus=scsi0.0,drive=iso,bootindex=1"]);
             } else {
                 c.args(["-device", "ide-cd,drive=iso,bus=ide.0,bootindex=1"]);
             }

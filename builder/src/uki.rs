@@ -125,6 +125,13 @@ fn round_up(v: u64, align: u64) -> u64 {
     v.div_ceil(align) * align
 }
 
+/// The COFF Machine field of a PE image (0x8664 x64, 0xaa64 AA64, 0x1c2
+/// ARM Thumb-2), or None when `pe` is not a PE image.
+pub fn pe_machine(pe: &[u8]) -> Option<u16> {
+    let h = parse(pe).ok()?;
+    u16_at(pe, h.coff)
+}
+
 /// Where the parts of a PE image's headers are, all checked to lie inside it.
 #[derive(Debug)]
 struct Headers {
