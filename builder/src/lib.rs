@@ -4,6 +4,7 @@
 //! strings them together in the order of ARCHITECTURE.md.
 
 pub mod appliance;
+pub mod board;
 pub mod cache;
 pub mod cluster;
 pub mod crates;

@@ -432,7 +432,7 @@ fn line_of(path: &Path, key: &str) -> usize {
 
 /// The line of `leaf = …` in `[table]`, or in the n-th `[[table]]` when
 /// the table is written `table[n]`.
-fn line_in_table(src: &str, table: &str, leaf: &str) -> Option<usize> {
+pub(crate) fn line_in_table(src: &str, table: &str, leaf: &str) -> Option<usize> {
     let (name, index) = match table.strip_suffix(']').and_then(|t| t.rsplit_once('[')) {
         Some((n, i)) => (n, Some(i.parse::<usize>().ok()?)),
         None => (table, None),
@@ -465,6 +465,12 @@ pub fn parse_file(path: &Path) -> Result<ProfileFile, ProfileError> {
 }
 
 pub fn parse_str(path: &Path, src: &str) -> Result<ProfileFile, ProfileError> {
+    parse_toml(path, src)
+}
+
+/// Parses `src` (the text of `path`) into `T`; an error names the file, the
+/// line and the key, as every kiln TOML file's do (profiles, board overlays).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, src: &str) -> Result<T, ProfileError> {
     toml::from_str(src).map_err(|e| {
         let line = e.span().map(|s| kiln_init::config::line_at(src, s.start)).unwrap_or(1);
         let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
