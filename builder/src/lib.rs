@@ -28,6 +28,7 @@ pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
 pub mod sbom;
+pub mod sdcard;
 pub mod secureboot;
 pub mod serve;
 pub mod sign;
