@@ -467,14 +467,24 @@ fn find_root(disks: Vec<Disk>, data_uuid: Guid, hash_uuid: Guid) -> Result<(Disk
 fn find_mbr_root(disks: Vec<Disk>, m: MbrRoot) -> Result<(Disk, Part), Vec<Disk>> {
     let mut rest = Vec::new();
     for disk in disks {
-        let mut sector = [0u8; 512];
-        let sig = File::open(ensure_node(&disk.sysname, disk.dev)).and_then(|f| f.read_exact_at(&mut sector, 0)).ok().and_then(|_| mbr_signature(&sector));
+        let sig = disk_mbr_signature(&disk);
         match disk.part(m.partition).filter(|_| sig == Some(m.signature)).cloned() {
             Some(p) => return Ok((disk, p)),
             None => rest.push(disk),
         }
     }
     Err(rest)
+}
+
+/// Partitions of the builder's MBR card layout: boot FAT, root-a, root-b,
+/// data.
+pub const MBR_BOOT: u32 = 1;
+pub const MBR_DATA: u32 = 4;
+
+/// The MBR disk signature of `disk`, when it has an MBR and no GPT.
+fn disk_mbr_signature(disk: &Disk) -> Option<u32> {
+    let mut sector = [0u8; 512];
+    File::open(ensure_node(&disk.sysname, disk.dev)).and_then(|f| f.read_exact_at(&mut sector, 0)).ok().and_then(|_| mbr_signature(&sector))
 }
 
 /// The root slot on an MBR card: the partition, and a read-only loop
@@ -1000,6 +1010,11 @@ pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<usize> {
 fn setup_var(root: &Root) {
     let var = format!("{SYSROOT}/var");
     let r = match (&root.disk, root.medium) {
+        (Some(disk), Medium::Disk) if disk.gpt.is_err() && disk_mbr_signature(disk).is_some() => match disk.part(MBR_DATA) {
+            // Growing an MBR partition is not done yet: /var keeps the size the card was built with.
+            Some(p) => mount_var_fs(p, &var),
+            None => Err(format!("the MBR card {} has no partition {MBR_DATA} (data)", disk.node())),
+        },
         (Some(disk), Medium::Disk) => mount_data(disk, "data", &var),
         (_, m) => Err(format!("booted from {} (no data partition)", if m == Medium::Iso { "an ISO" } else { "the network: the root is in the initramfs" })),
     };
@@ -1031,6 +1046,11 @@ pub fn mount_data(disk: &Disk, name: &str, var: &str) -> Result<(), String> {
         Ok(None) => {}
         Err(e) => console::warn(&format!("growing the data partition {}: {e}; /var keeps its size", part.node())),
     }
+    mount_var_fs(&part, var)
+}
+
+/// Mounts the ext4 on `part` at `var`, grown to the partition's size.
+fn mount_var_fs(part: &Part, var: &str) -> Result<(), String> {
     let node = ensure_node(&part.sysname, part.dev);
     let dev = File::open(&node).map_err(|e| format!("{node}: {e}"))?;
     let sb = Ext4Super::read(&dev).ok_or_else(|| format!("{node} holds no ext4 filesystem"))?;
@@ -1099,7 +1119,11 @@ pub fn writable_binds(root: &str) {
 /// ISO). Returns its device.
 fn mount_esp(root: &Root) -> Option<Blk> {
     let disk = root.disk.as_ref()?;
-    let Ok(gpt) = &disk.gpt else { return None };
+    let Ok(gpt) = &disk.gpt else {
+        // An MBR card: the boot FAT is partition 1.
+        let p = disk.part(MBR_BOOT).filter(|_| disk_mbr_signature(disk).is_some())?;
+        return mount_boot_fat(root, Blk { node: ensure_node(&p.sysname, p.dev), dev: p.dev, bytes: p.bytes });
+    };
     let Some(esp) = gpt.by_name("esp").or_else(|| gpt.partitions().into_iter().find(|p| p.type_guid == gpt::ESP_TYPE)) else {
         console::warn(&format!("no ESP on {}; /boot/node.toml is not a config source", disk.node()));
         return None;
@@ -1111,6 +1135,11 @@ fn mount_esp(root: &Root) -> Option<Blk> {
             return None;
         }
     };
+    mount_boot_fat(root, blk)
+}
+
+/// Mounts the ESP or boot FAT at /boot.
+fn mount_boot_fat(root: &Root, blk: Blk) -> Option<Blk> {
     let target = format!("{SYSROOT}/boot");
     let ro = if root.medium == Medium::Disk { 0 } else { libc::MS_RDONLY };
     match sys::mount(&blk.node, &target, "vfat", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | ro, Some("umask=0077")) {
