@@ -29,10 +29,11 @@ packages=(
   minisign
 )
 
-# `deb` inputs for arm64 images (busybox, systemd-boot) come from the arm64
-# archive: apt-get download needs the foreign arch in its lists.
+# `deb` inputs for arm64 and armv7 images (busybox, systemd-boot, u-boot)
+# come from the arm64 and armhf archives: apt-get download needs the foreign
+# arch in its lists.
 foreign_added=""
-for a in arm64; do
+for a in arm64 armhf; do
   if ! dpkg --print-foreign-architectures | grep -qx "$a"; then
     $sudo dpkg --add-architecture "$a"
     foreign_added=1

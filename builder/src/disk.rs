@@ -17,7 +17,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const MIB: u64 = 1024 * 1024;
+pub const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
@@ -148,16 +148,7 @@ pub fn root_types(arch: Arch) -> (Guid, Guid) {
 /// Builds `disk.raw` at `disk_path` from the root, with scratch files in
 /// `work`.
 pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b: &BootInputs) -> Result<DiskBuilt> {
-    let slot = spec.root_slot_mib * MIB;
-    if root.squashfs_bytes > slot {
-        bail!(
-            "the root filesystem is {} MiB but a root slot is {} MiB; raise `disk.root_slot_mib` in the profile",
-            root.squashfs_bytes.div_ceil(MIB),
-            spec.root_slot_mib
-        );
-    }
-    let verity_slot = verity::hash_blocks(slot / verity::BLOCK) * verity::BLOCK;
-    let v = &root.verity;
+    let slot = root_slot_bytes(root, spec.root_slot_mib)?;
 
     let uki_path = work.join("kiln.efi");
     write_uki(root, b, &root.cmdline, &uki_path)?;
@@ -170,23 +161,14 @@ pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b
     make_ext4(&data_path, spec.data_mib * MIB, b.profile, b.epoch)?;
 
     // Partition table.
-    let (root_t, verity_t) = root_types(b.arch);
-    let g = |what: &str| deterministic_guid(&format!("kiln/{}", b.profile), what);
-    let mut layout = Layout::new(g("disk"));
-    layout
-        .add("esp", gpt::types::ESP, g("esp"), PartSize::Bytes(spec.esp_mib * MIB), 0)
-        .add("root-a", root_t, Guid::from_bytes_rfc4122(v.data_partition_uuid().0), PartSize::Bytes(slot), 0)
-        .add("root-a-verity", verity_t, Guid::from_bytes_rfc4122(v.hash_partition_uuid().0), PartSize::Bytes(verity_slot), 0)
-        .add("root-b", root_t, g("root-b"), PartSize::Bytes(slot), 0)
-        .add("root-b-verity", verity_t, g("root-b-verity"), PartSize::Bytes(verity_slot), 0)
-        .add("data", gpt::types::LINUX_DATA, g("data"), PartSize::Bytes(spec.data_mib * MIB), gpt::attributes::GROWFS);
-    let size = layout.min_disk_size();
-    let table = layout.build(size).context("laying out the partitions")?;
+    let g = |what: &str| guid(b.profile, what);
+    let table = gpt_table(b.profile, b.arch, &root.verity, spec.esp_mib * MIB, 0, slot, spec.data_mib * MIB)?;
+    let size = table.size_bytes;
 
     let mut disk = File::create(disk_path)?;
     disk.set_len(size)?;
     table.write(&mut disk).context("writing the GPT")?;
-    let part = |name: &str| table.partitions.iter().find(|p| p.name == name).cloned().ok_or_else(|| anyhow::anyhow!("partition {name} missing"));
+    let part = |name: &str| gpt_part(&table, name);
 
     let esp = part("esp")?;
     let mut fat = esp_fat("KILN-ESP", &g("esp-volume"), b)?;
@@ -201,6 +183,52 @@ pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b
     copy_sparse(&data_path, &mut disk, part("data")?.offset_bytes())?;
     disk.sync_all()?;
     Ok(DiskBuilt { uki_name, root_a: (ra.offset_bytes(), ra.size_bytes()), root_a_verity: (rv.offset_bytes(), rv.size_bytes()) })
+}
+
+/// Bytes of a root slot, checked to hold the root's squashfs.
+pub fn root_slot_bytes(root: &RootImage, root_slot_mib: u64) -> Result<u64> {
+    let slot = root_slot_mib * MIB;
+    if root.squashfs_bytes > slot {
+        bail!(
+            "the root filesystem is {} MiB but a root slot is {} MiB; raise `disk.root_slot_mib` in the profile",
+            root.squashfs_bytes.div_ceil(MIB),
+            root_slot_mib
+        );
+    }
+    Ok(slot)
+}
+
+/// Bytes of the verity tree (superblock included) for a full root slot.
+pub fn verity_slot_bytes(slot: u64) -> u64 {
+    verity::hash_blocks(slot / verity::BLOCK) * verity::BLOCK
+}
+
+/// A GUID (or MBR disk signature, volume id) derived from the profile name.
+pub fn guid(profile: &str, what: &str) -> Guid {
+    deterministic_guid(&format!("kiln/{profile}"), what)
+}
+
+/// The GPT every disk image shares: esp (the ESP, or an armv7 board's boot
+/// FAT, with `esp_attributes`), root-a and root-a-verity found by the root
+/// hash, empty B slots, and data, which the node grows.
+pub fn gpt_table(profile: &str, arch: Arch, v: &Verity, esp_bytes: u64, esp_attributes: u64, slot: u64, data_bytes: u64) -> Result<gpt::Gpt> {
+    let verity_slot = verity_slot_bytes(slot);
+    let (root_t, verity_t) = root_types(arch);
+    let g = |what: &str| guid(profile, what);
+    let mut layout = Layout::new(g("disk"));
+    layout
+        .add("esp", gpt::types::ESP, g("esp"), PartSize::Bytes(esp_bytes), esp_attributes)
+        .add("root-a", root_t, Guid::from_bytes_rfc4122(v.data_partition_uuid().0), PartSize::Bytes(slot), 0)
+        .add("root-a-verity", verity_t, Guid::from_bytes_rfc4122(v.hash_partition_uuid().0), PartSize::Bytes(verity_slot), 0)
+        .add("root-b", root_t, g("root-b"), PartSize::Bytes(slot), 0)
+        .add("root-b-verity", verity_t, g("root-b-verity"), PartSize::Bytes(verity_slot), 0)
+        .add("data", gpt::types::LINUX_DATA, g("data"), PartSize::Bytes(data_bytes), gpt::attributes::GROWFS);
+    layout.build(layout.min_disk_size()).context("laying out the partitions")
+}
+
+/// The partition called `name`.
+pub fn gpt_part(table: &gpt::Gpt, name: &str) -> Result<gpt::Partition> {
+    table.partitions.iter().find(|p| p.name == name).cloned().ok_or_else(|| anyhow::anyhow!("partition {name} missing"))
 }
 
 /// An ESP's FAT with systemd-boot, loader.conf and the node.toml template;

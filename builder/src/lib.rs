@@ -4,6 +4,7 @@
 //! strings them together in the order of ARCHITECTURE.md.
 
 pub mod appliance;
+pub mod board;
 pub mod cache;
 pub mod cluster;
 pub mod crates;
@@ -27,6 +28,7 @@ pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
 pub mod sbom;
+pub mod sdcard;
 pub mod secureboot;
 pub mod serve;
 pub mod sign;

@@ -7,7 +7,7 @@ use crate::manifest::{self, Manifest};
 use crate::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
 use crate::rootfs::{Kind, Tree};
-use crate::{disk, init, isoboot, keys, pxe, sbom};
+use crate::{disk, init, isoboot, keys, pxe, sbom, sdcard};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -65,6 +65,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         input::resolve("payload.k0s", spec, deb_arch, cache)?;
     }
     // Appliance payloads, also before any compiling.
+    let board_inputs = profile.board.as_ref().map(|b| b.resolve(deb_arch, cache)).transpose()?;
     let appliance = crate::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
 
     // 3. Kernel, checked against the requirement table for the default role.
@@ -148,10 +149,17 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
                     let bios = bios.as_ref().map(|(a, b, c)| (a.path.as_path(), b.path.as_path(), c.path.as_path()));
                     isoboot::write(&staging.path().join(format!("{name}.iso")), &work, &root, &b, &disk_path, &built, profile.iso.root_in_ram, bios).context("writing the ISO")?;
                 }
-                Output::Pxe | Output::Disk => {}
+                Output::Pxe | Output::Disk | Output::Sdcard => {}
             }
         }
         uki = Some(built.uki_name);
+    }
+    if let (Some(board), Some(bi)) = (&profile.board, &board_inputs) {
+        if profile.outputs.contains(&Output::Sdcard) {
+            let spec = sdcard::SdSpec { profile: name.clone(), boot_mib: profile.disk.esp_mib, root_slot_mib: profile.disk.root_slot_mib, data_mib: profile.disk.data_mib, epoch: profile.source_date_epoch };
+            let k = sdcard::KernelFiles { zimage: &kernel.image, dtbs: Some(&kernel.dtbs_dir) };
+            sdcard::write(&staging.path().join("sdcard.img"), &work, &spec, board, bi, &root, &k).context("writing the SD card image")?;
+        }
     }
     std::fs::remove_dir_all(&work)?;
     let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });
@@ -168,6 +176,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         inputs.push(r.clone());
     }
     inputs.extend(appliance.inputs);
+    inputs.extend(board_inputs.iter().flat_map(|b| b.all().cloned()));
     // The SBOM lists the artifacts so far; the manifest then lists it too.
     let sbom = sbom::collect(&profile, &kernel, &init_bin, &payload, &inputs, staging.path(), cache)?.write(staging.path())?;
     if let Some(k) = &signer {

@@ -130,11 +130,14 @@ pub enum Output {
     /// `<name>.iso`: hybrid ISO 9660 (CD, USB stick), El Torito UEFI (and
     /// BIOS on amd64), and an installer.
     Iso,
+    /// sdcard.img: the armv7 SD card for the profile's `board` (u-boot,
+    /// extlinux.conf, A/B roots, data).
+    Sdcard,
 }
 
 impl Output {
     pub fn needs_disk(self) -> bool {
-        !matches!(self, Output::Pxe)
+        !matches!(self, Output::Pxe | Output::Sdcard)
     }
 }
 
@@ -148,6 +151,8 @@ pub struct ProfileFile {
     pub description: Option<String>,
     pub arch: Option<Arch>,
     pub outputs: Option<Vec<Output>>,
+    /// An armv7 board overlay, `overlays/boards/<board>/board.toml`.
+    pub board: Option<String>,
     /// Timestamps inside artifacts (cpio mtimes…). `SOURCE_DATE_EPOCH` wins.
     pub source_date_epoch: Option<u64>,
     #[serde(default)]
@@ -305,7 +310,7 @@ macro_rules! merge_opts {
 impl ProfileFile {
     /// Fills what the child leaves unset from its base.
     fn inherit(&mut self, base: &ProfileFile) {
-        merge_opts!(self, base, name, description, arch, outputs, source_date_epoch);
+        merge_opts!(self, base, name, description, arch, outputs, board, source_date_epoch);
         merge_opts!(self.kernel, base.kernel, source, base, fragments, cmdline);
         merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets);
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
@@ -354,6 +359,8 @@ pub struct Profile {
     pub appliance: crate::appliance::Spec,
     /// `[secureboot]`, when the profile has it.
     pub secureboot: Option<crate::secureboot::SecureBootSpec>,
+    /// `board`: the armv7 board overlay, loaded.
+    pub board: Option<crate::board::Board>,
     /// The directory holding kernel-configs/, overlays/ … (the profile's
     /// parent's parent by convention, or `KILN_SOURCE_DIR`).
     pub tree: PathBuf,
@@ -432,7 +439,7 @@ fn line_of(path: &Path, key: &str) -> usize {
 
 /// The line of `leaf = …` in `[table]`, or in the n-th `[[table]]` when
 /// the table is written `table[n]`.
-fn line_in_table(src: &str, table: &str, leaf: &str) -> Option<usize> {
+pub(crate) fn line_in_table(src: &str, table: &str, leaf: &str) -> Option<usize> {
     let (name, index) = match table.strip_suffix(']').and_then(|t| t.rsplit_once('[')) {
         Some((n, i)) => (n, Some(i.parse::<usize>().ok()?)),
         None => (table, None),
@@ -465,6 +472,12 @@ pub fn parse_file(path: &Path) -> Result<ProfileFile, ProfileError> {
 }
 
 pub fn parse_str(path: &Path, src: &str) -> Result<ProfileFile, ProfileError> {
+    parse_toml(path, src)
+}
+
+/// Parses `src` (the text of `path`) into `T`; an error names the file, the
+/// line and the key, as every kiln TOML file's do (profiles, board overlays).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, src: &str) -> Result<T, ProfileError> {
     toml::from_str(src).map_err(|e| {
         let line = e.span().map(|s| kiln_init::config::line_at(src, s.start)).unwrap_or(1);
         let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
@@ -586,6 +599,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "needs a program, e.g. `[\"pass\", \"show\", \"kiln/signing-key\"]`".into() });
     }
     let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
+    let board = board_spec(path, &tree, arch, &f, &outputs)?;
     for (key, input) in inputs {
         input.validate().map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: m })?;
     }
@@ -619,11 +633,37 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         iso: IsoSpec { root_in_ram, bios },
         appliance,
         secureboot,
+        board,
         tree,
     })
 }
 
 /// `[secureboot]` with its paths resolved; each named file must exist.
+/// `board`, loaded, and checked against the arch and the outputs.
+fn board_spec(path: &Path, tree: &Path, arch: Arch, f: &ProfileFile, outputs: &[Output]) -> Result<Option<crate::board::Board>, ProfileError> {
+    let bad = |key: &str, message: String| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message };
+    let wants = outputs.contains(&Output::Sdcard);
+    if wants && arch != Arch::Armv7 {
+        return Err(bad("outputs", format!("the `sdcard` output is for armv7 boards; this profile is {arch}: use `disk`")));
+    }
+    let Some(name) = &f.board else {
+        return match wants {
+            true => Err(bad("outputs", "the `sdcard` output needs a `board = \"…\"` (a directory under overlays/boards/)".into())),
+            false => Ok(None),
+        };
+    };
+    if arch != Arch::Armv7 {
+        return Err(bad("board", format!("board overlays are for armv7 SD cards; this profile is {arch}: remove `board`")));
+    }
+    let dir = tree.join("overlays/boards");
+    if !dir.join(name).join(crate::board::FILE).is_file() {
+        let mut known: Vec<String> = std::fs::read_dir(&dir).into_iter().flatten().flatten().filter(|e| e.path().join(crate::board::FILE).is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        known.sort();
+        return Err(bad("board", format!("no board overlay `{name}` in {} (there: {})", dir.display(), if known.is_empty() { "none".into() } else { known.join(", ") })));
+    }
+    crate::board::load_named(&dir, name).map(Some)
+}
+
 fn secureboot_spec(path: &Path, dir: &Path, f: &SecureBootFile) -> Result<Option<crate::secureboot::SecureBootSpec>, ProfileError> {
     if f.key.is_none() && f.cert.is_none() && f.enroll.is_none() {
         return Ok(None);
@@ -696,6 +736,37 @@ mod tests {
         assert_eq!(line_in_table(src, "appliance.charts[1]", "name"), Some(7));
         assert_eq!(line_in_table(src, "appliance.charts[2]", "name"), None);
         assert_eq!(line_in_table(src, "appliance", "images"), None);
+    }
+
+    #[test]
+    fn board_and_sdcard_are_for_armv7() {
+        let d = tempfile::tempdir().unwrap();
+        for dir in ["profiles", "kernel-configs", "overlays/boards/testboard"] {
+            std::fs::create_dir_all(d.path().join(dir)).unwrap();
+        }
+        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        std::fs::write(d.path().join("overlays/boards/testboard/board.toml"), "partition_table = \"mbr\"\nconsole = \"ttyS0,115200\"\n").unwrap();
+        let pin = "0".repeat(64);
+        let profile = |head: &str| {
+            let p = d.path().join("profiles/p.toml");
+            std::fs::write(&p, format!("{head}\nname = \"p\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{pin}\" }}\n[rootfs]\nbusybox = {{ file = \"/b\", sha256 = \"{pin}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n")).unwrap();
+            load(&p).map_err(|e| e.to_string())
+        };
+        let p = profile("arch = \"armv7\"\nboard = \"testboard\"\noutputs = [\"sdcard\"]").unwrap();
+        assert_eq!(p.board.as_ref().map(|b| b.name.as_str()), Some("testboard"));
+        assert!(p.boot.is_none(), "an SD card needs no systemd-boot");
+        assert!(profile("arch = \"armv7\"").unwrap().board.is_none());
+        let e = profile("arch = \"amd64\"\nboard = \"testboard\"").unwrap_err();
+        assert!(e.contains("p.toml:2: key `board`") && e.contains("armv7"), "{e}");
+        let e = profile("arch = \"armv7\"\noutputs = [\"sdcard\"]").unwrap_err();
+        assert!(e.contains("p.toml:2: key `outputs`") && e.contains("needs a `board"), "{e}");
+        let e = profile("arch = \"arm64\"\noutputs = [\"sdcard\"]").unwrap_err();
+        assert!(e.contains("key `outputs`") && e.contains("use `disk`"), "{e}");
+        let e = profile("arch = \"armv7\"\nboard = \"cubieboard3\"").unwrap_err();
+        assert!(e.contains("p.toml:2: key `board`") && e.contains("no board overlay `cubieboard3`") && e.contains("(there: testboard)"), "{e}");
+        std::fs::write(d.path().join("overlays/boards/testboard/board.toml"), "partition_table = \"mbr\"\nconsol = 1\n").unwrap();
+        let e = profile("arch = \"armv7\"\nboard = \"testboard\"").unwrap_err();
+        assert!(e.contains("testboard/board.toml:2: key `consol`"), "{e}");
     }
 
     #[test]

@@ -65,6 +65,39 @@ pub struct Cmdline {
     /// `kiln.root=ram`: copy the root into RAM before verifying it, so the
     /// boot medium (a CD or stick) can be removed.
     pub ram: bool,
+    /// `kiln.mbr=…`: where the root is on an MBR card.
+    pub mbr: Option<MbrRoot>,
+}
+
+/// `kiln.mbr=<disk signature>,<partition>,<hash offset>`: an MBR card has no
+/// partition UUIDs, so the builder names the root slot: primary partition
+/// `partition` of the disk with that signature (8 hex digits, as in
+/// PARTUUID=SSSSSSSS-PP), holding the squashfs and, `hash_offset` bytes in,
+/// its verity tree. The root hash still decides whether it is the right root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MbrRoot {
+    pub signature: u32,
+    pub partition: u32,
+    pub hash_offset: u64,
+}
+
+pub fn parse_mbr(v: &str) -> Result<MbrRoot, String> {
+    let bad = || format!("kiln.mbr={v:?} on the kernel cmdline: write <disk signature in 8 hex digits>,<partition 1-4>,<verity offset in bytes>, as the builder does (rebuild or reflash the image)");
+    let f: Vec<&str> = v.split(',').collect();
+    let [sig, part, off] = f[..] else { return Err(bad()) };
+    let signature = u32::from_str_radix(sig, 16).ok().filter(|s| sig.len() == 8 && *s != 0).ok_or_else(bad)?;
+    let partition = part.parse().ok().filter(|p| (1..=4).contains(p)).ok_or_else(bad)?;
+    let hash_offset = off.parse().ok().filter(|o| *o > 0 && o % 4096 == 0).ok_or_else(bad)?;
+    Ok(MbrRoot { signature, partition, hash_offset })
+}
+
+/// The disk signature of an MBR (sector 0); none for a protective MBR
+/// (GPT) or no table.
+pub fn mbr_signature(sector0: &[u8]) -> Option<u32> {
+    if sector0.len() < 512 || sector0[510..512] != [0x55, 0xAA] || sector0[450] == 0xEE {
+        return None;
+    }
+    Some(u32::from_le_bytes([sector0[440], sector0[441], sector0[442], sector0[443]]))
 }
 
 impl Cmdline {
@@ -125,7 +158,7 @@ pub fn has_roothash(cmdline: &str) -> bool {
 /// Parses stage 1's settings; the last of a repeated key wins, as in the
 /// kernel. Every error says what is wrong and what to do.
 pub fn parse_cmdline(cmdline: &str) -> Result<Cmdline, String> {
-    let (mut hash, mut slot, mut verity, mut root) = (None, None, None, None);
+    let (mut hash, mut slot, mut verity, mut root, mut mbr) = (None, None, None, None, None);
     for w in words(cmdline) {
         if let Some(v) = w.strip_prefix("kiln.root=") {
             root = Some(v.to_string());
@@ -136,6 +169,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Cmdline, String> {
             slot = Some(v.to_string());
         } else if let Some(v) = w.strip_prefix("kiln.verity=") {
             verity = Some(v.to_string());
+        } else if let Some(v) = w.strip_prefix("kiln.mbr=") {
+            mbr = Some(v.to_string());
         }
     }
     let hash = hash.ok_or("no roothash= on the kernel cmdline; a disk image's boot entry must carry the root hash")?;
@@ -157,7 +192,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Cmdline, String> {
         Some("ram") => true,
         Some(v) => return Err(format!("kiln.root={v:?} on the kernel cmdline: use ram (copy the root into RAM) or medium, or leave it out")),
     };
-    Ok(Cmdline { roothash, slot, on_corruption, ram })
+    let mbr = mbr.as_deref().map(parse_mbr).transpose()?;
+    Ok(Cmdline { roothash, slot, on_corruption, ram, mbr })
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
@@ -425,6 +461,43 @@ fn find_root(disks: Vec<Disk>, data_uuid: Guid, hash_uuid: Guid) -> Result<(Disk
         }
     }
     Err(rest)
+}
+
+/// The disk whose MBR has `m`'s signature, and its partition.
+fn find_mbr_root(disks: Vec<Disk>, m: MbrRoot) -> Result<(Disk, Part), Vec<Disk>> {
+    let mut rest = Vec::new();
+    for disk in disks {
+        let sig = disk_mbr_signature(&disk);
+        match disk.part(m.partition).filter(|_| sig == Some(m.signature)).cloned() {
+            Some(p) => return Ok((disk, p)),
+            None => rest.push(disk),
+        }
+    }
+    Err(rest)
+}
+
+/// Partitions of the builder's MBR card layout: boot FAT, root-a, root-b,
+/// data.
+pub const MBR_BOOT: u32 = 1;
+pub const MBR_DATA: u32 = 4;
+
+/// The MBR disk signature of `disk`, when it has an MBR and no GPT.
+fn disk_mbr_signature(disk: &Disk) -> Option<u32> {
+    let mut sector = [0u8; 512];
+    File::open(ensure_node(&disk.sysname, disk.dev)).and_then(|f| f.read_exact_at(&mut sector, 0)).ok().and_then(|_| mbr_signature(&sector))
+}
+
+/// The root slot on an MBR card: the partition, and a read-only loop
+/// device over its verity tree.
+fn mbr_root(disk: Disk, p: &Part, m: MbrRoot, start: Instant) -> Result<Root, Fail> {
+    let node = ensure_node(&p.sysname, p.dev);
+    if m.hash_offset >= p.bytes {
+        return Err(Fail::root(format!("kiln.mbr: the verity tree is {} bytes into {node}, which has only {}: a truncated or different image", m.hash_offset, p.bytes)));
+    }
+    let hash = loop_device_at(&node, m.hash_offset, p.bytes - m.hash_offset).map_err(|e| Fail::root(format!("kiln.mbr: the verity tree on {node}: {e}")))?;
+    console::info(&format!("root found on {} (MBR {:08x}) after {:.1} s: data {node}, hash {} at byte {}", disk.sysname, m.signature, start.elapsed().as_secs_f64(), hash.node, m.hash_offset));
+    let data = Blk { node, dev: p.dev, bytes: m.hash_offset };
+    Ok(Root { medium: Medium::Disk, disk: Some(disk), data, hash })
 }
 
 /// The block device for GPT entry `e` of `disk`: the kernel's partition, or
@@ -718,7 +791,14 @@ fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
     let mut told = false;
     let mut hinted = false;
     loop {
-        let disks = match find_root(scan_disks(), want_data, want_hash) {
+        let disks = match cmd.mbr {
+            Some(m) => match find_mbr_root(scan_disks(), m) {
+                Ok((disk, part)) => return mbr_root(disk, &part, m, start),
+                Err(disks) => disks,
+            },
+            None => scan_disks(),
+        };
+        let disks = match find_root(disks, want_data, want_hash) {
             Ok((disk, d, h)) => {
                 let iso = disk.sysname.starts_with("sr") || disk.gpt.as_ref().is_ok_and(|g| g.by_name(INSTALL_PART).is_some());
                 let blk = |e: &gpt::Partition| entry_blk(&disk, e).map_err(Fail::root);
@@ -748,7 +828,11 @@ fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
         }
         if start.elapsed() >= WAIT {
             let seen: Vec<String> = disks.iter().map(Disk::describe).collect();
-            let mut f = Fail::root(format!("no partitions with PARTUUID {want_data} (root) and {want_hash} (verity) appeared within {} s", WAIT.as_secs()))
+            let wanted = match cmd.mbr {
+                Some(m) => format!("no MBR disk with signature {:08x} and a partition {} (kiln.mbr) appeared", m.signature, m.partition),
+                None => format!("no partitions with PARTUUID {want_data} (root) and {want_hash} (verity) appeared"),
+            };
+            let mut f = Fail::root(format!("{wanted} within {} s", WAIT.as_secs()))
                 .detail(format!("looked for the root hash halves of roothash={}", cmd.root_hex()));
             if seen.is_empty() {
                 f = f.detail("no block devices at all: is the storage driver (virtio-blk, nvme, mmc, ahci, usb-storage) built into the kernel?");
@@ -926,6 +1010,11 @@ pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<usize> {
 fn setup_var(root: &Root) {
     let var = format!("{SYSROOT}/var");
     let r = match (&root.disk, root.medium) {
+        (Some(disk), Medium::Disk) if disk.gpt.is_err() && disk_mbr_signature(disk).is_some() => match disk.part(MBR_DATA) {
+            // Growing an MBR partition is not done yet: /var keeps the size the card was built with.
+            Some(p) => mount_var_fs(p, &var),
+            None => Err(format!("the MBR card {} has no partition {MBR_DATA} (data)", disk.node())),
+        },
         (Some(disk), Medium::Disk) => mount_data(disk, "data", &var),
         (_, m) => Err(format!("booted from {} (no data partition)", if m == Medium::Iso { "an ISO" } else { "the network: the root is in the initramfs" })),
     };
@@ -957,6 +1046,11 @@ pub fn mount_data(disk: &Disk, name: &str, var: &str) -> Result<(), String> {
         Ok(None) => {}
         Err(e) => console::warn(&format!("growing the data partition {}: {e}; /var keeps its size", part.node())),
     }
+    mount_var_fs(&part, var)
+}
+
+/// Mounts the ext4 on `part` at `var`, grown to the partition's size.
+fn mount_var_fs(part: &Part, var: &str) -> Result<(), String> {
     let node = ensure_node(&part.sysname, part.dev);
     let dev = File::open(&node).map_err(|e| format!("{node}: {e}"))?;
     let sb = Ext4Super::read(&dev).ok_or_else(|| format!("{node} holds no ext4 filesystem"))?;
@@ -1025,7 +1119,11 @@ pub fn writable_binds(root: &str) {
 /// ISO). Returns its device.
 fn mount_esp(root: &Root) -> Option<Blk> {
     let disk = root.disk.as_ref()?;
-    let Ok(gpt) = &disk.gpt else { return None };
+    let Ok(gpt) = &disk.gpt else {
+        // An MBR card: the boot FAT is partition 1.
+        let p = disk.part(MBR_BOOT).filter(|_| disk_mbr_signature(disk).is_some())?;
+        return mount_boot_fat(root, Blk { node: ensure_node(&p.sysname, p.dev), dev: p.dev, bytes: p.bytes });
+    };
     let Some(esp) = gpt.by_name("esp").or_else(|| gpt.partitions().into_iter().find(|p| p.type_guid == gpt::ESP_TYPE)) else {
         console::warn(&format!("no ESP on {}; /boot/node.toml is not a config source", disk.node()));
         return None;
@@ -1037,6 +1135,11 @@ fn mount_esp(root: &Root) -> Option<Blk> {
             return None;
         }
     };
+    mount_boot_fat(root, blk)
+}
+
+/// Mounts the ESP or boot FAT at /boot.
+fn mount_boot_fat(root: &Root, blk: Blk) -> Option<Blk> {
     let target = format!("{SYSROOT}/boot");
     let ro = if root.medium == Medium::Disk { 0 } else { libc::MS_RDONLY };
     match sys::mount(&blk.node, &target, "vfat", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | ro, Some("umask=0077")) {
@@ -1118,6 +1221,21 @@ mod tests {
     const HASH: &str = "00112233445566778899aabbccddeeff0f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
     #[test]
+    fn mbr_signature_of_sector_zero() {
+        let mut s = [0u8; 512];
+        assert_eq!(mbr_signature(&s), None);
+        s[440..444].copy_from_slice(&0x1a2b_3c4du32.to_le_bytes());
+        s[510] = 0x55;
+        s[511] = 0xAA;
+        s[450] = 0x0c;
+        assert_eq!(mbr_signature(&s), Some(0x1a2b_3c4d));
+        assert_eq!(mbr_signature(&s[..100]), None);
+        // A GPT's protective MBR is not an MBR card.
+        s[450] = 0xEE;
+        assert_eq!(mbr_signature(&s), None);
+    }
+
+    #[test]
     fn cmdline() {
         let c = parse_cmdline(&format!("console=ttyS0 roothash={HASH} kiln.slot=b kiln.verity=restart panic=10\n")).unwrap();
         assert_eq!(c.root_hex(), HASH);
@@ -1141,6 +1259,13 @@ mod tests {
         }
         assert!(parse_cmdline(&format!("roothash={HASH} kiln.slot=c")).unwrap_err().contains("use a or b"));
         assert!(parse_cmdline(&format!("roothash={HASH} kiln.verity=eio")).unwrap_err().contains("panic or restart"));
+        let m = parse_cmdline(&format!("roothash={HASH} kiln.mbr=1a2b3c4d,2,33554432")).unwrap().mbr;
+        assert_eq!(m, Some(MbrRoot { signature: 0x1a2b_3c4d, partition: 2, hash_offset: 32 << 20 }));
+        assert_eq!(parse_cmdline(&format!("roothash={HASH}")).unwrap().mbr, None);
+        for bad in ["1a2b3c4d,2", "1a2b3c4,2,4096", "00000000,2,4096", "1a2b3c4d,5,4096", "1a2b3c4d,2,100", "1a2b3c4d,2,0", "zz,2,4096", "1a2b3c4d,2,4096,1"] {
+            let e = parse_cmdline(&format!("roothash={HASH} kiln.mbr={bad}")).unwrap_err();
+            assert!(e.contains("kiln.mbr=") && e.contains("8 hex digits"), "{bad}: {e}");
+        }
     }
 
     #[test]
