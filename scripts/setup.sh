@@ -12,8 +12,9 @@ packages=(
   build-essential bc flex bison libelf-dev libssl-dev
   # inputs and artifacts
   ca-certificates xz-utils zstd cpio file
-  # arm64 and armv7: cross compilers (kernel), and QEMU with UEFI firmware
-  gcc-aarch64-linux-gnu qemu-system-arm qemu-efi-aarch64
+  # arm64 and armv7: cross compilers (kernels; armv7 also links kiln-init
+  # against static glibc with it), QEMU, UEFI firmware for arm64
+  gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-system-arm qemu-efi-aarch64
   # booting images
   qemu-system-x86 qemu-utils
   # the DHCP client's tests run dnsmasq in network namespaces
@@ -74,7 +75,7 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('spdx-t
 fi
 command -v pyspdxtools >/dev/null || { echo "setup: pyspdxtools is not on PATH after installing spdx-tools"; exit 1; }
 
-targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
+targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
 installed=$(rustup target list --installed)
 for t in "${targets[@]}"; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"

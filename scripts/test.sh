@@ -16,7 +16,7 @@ cargo build --locked -q -p kiln
 mkdir -p target
 prebuild_log=target/kernel-prebuild.log
 (
-  for p in profiles/qemu-arm64.toml; do
+  for p in profiles/qemu-arm64.toml profiles/qemu-armv7.toml; do
     nice -n 10 target/debug/kiln kernel build "$p" || echo "prebuild of $p's kernel failed; the tests will build it"
   done
 ) >"$prebuild_log" 2>&1 &

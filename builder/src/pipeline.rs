@@ -160,6 +160,10 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
             let k = sdcard::KernelFiles { zimage: &kernel.image, dtbs: Some(&kernel.dtbs_dir) };
             sdcard::write(&staging.path().join("sdcard.img"), &work, &spec, board, bi, &root, &k).context("writing the SD card image")?;
         }
+        // The QEMU board's firmware, for `kiln run` (not part of the card).
+        if let Some(bios) = &bi.bios {
+            std::fs::copy(&bios.path, staging.path().join(crate::qemu::UBOOT_BIN)).with_context(|| format!("copying the board's bios {}", bios.path.display()))?;
+        }
     }
     std::fs::remove_dir_all(&work)?;
     let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });

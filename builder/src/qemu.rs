@@ -175,6 +175,10 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
 const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
 
+/// The firmware `kiln build` copies from an armv7 board's `bios` input
+/// (u-boot for QEMU), which `kiln run` passes to `-bios`.
+pub const UBOOT_BIN: &str = "u-boot.bin";
+
 /// AAVMF: EDK2 for QEMU virt on arm64 (Debian qemu-efi-aarch64), 64 MiB
 /// flash images as QEMU wants them.
 const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
@@ -213,7 +217,9 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
     let out = &spec.out_dir;
     let arch = arch_of(out)?;
     let pxe = out.join("pxe");
-    let disk = spec.disk.clone().unwrap_or_else(|| out.join("disk.raw"));
+    // armv7 boots its SD-card image through u-boot; the others a GPT disk
+    // through UEFI.
+    let disk = spec.disk.clone().unwrap_or_else(|| out.join(if arch == Arch::Armv7 { "sdcard.img" } else { "disk.raw" }));
     let boot = match spec.boot {
         BootFrom::Auto if disk.exists() => BootFrom::Disk,
         BootFrom::Auto => BootFrom::Pxe,
@@ -222,26 +228,37 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
     let (bin, machine) = match arch {
         Arch::Amd64 => ("qemu-system-x86_64", "q35"),
         Arch::Arm64 => ("qemu-system-aarch64", "virt"),
-        Arch::Armv7 => ("qemu-system-arm", "virt"),
+        // No LPAE in the kernel: keep every device below 4 GiB.
+        Arch::Armv7 => ("qemu-system-arm", "virt,highmem=off"),
     };
     let mut c = Command::new(bin);
     c.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"]);
-    let uefi = matches!(boot, BootFrom::Disk | BootFrom::Iso | BootFrom::IsoUsb);
+    let uefi = matches!(boot, BootFrom::Disk | BootFrom::Iso | BootFrom::IsoUsb) && arch != Arch::Armv7;
     if spec.secure_boot && (!uefi || arch != Arch::Amd64) {
         return Err(VmError::Setup(format!("Secure Boot needs a UEFI boot on amd64 (--boot disk, iso or iso-usb), not {boot:?} on {arch}")));
     }
     // Secure Boot OVMF keeps its variables behind SMM, which q35 has.
     let machine = if spec.secure_boot { "q35,smm=on" } else { machine };
     c.args(["-M", machine, "-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }]);
-    if arch == Arch::Arm64 {
-        c.args(["-cpu", "cortex-a57"]);
-    }
+    match arch {
+        Arch::Arm64 => c.args(["-cpu", "cortex-a57"]),
+        Arch::Armv7 => c.args(["-cpu", "cortex-a15"]),
+        Arch::Amd64 => &mut c,
+    };
     c.args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
     if boot == BootFrom::IsoBios && arch != Arch::Amd64 {
         return Err(VmError::Setup(format!("{arch} has no BIOS boot; boot the ISO with --boot iso (UEFI)")));
     }
-    if boot != BootFrom::Pxe && arch == Arch::Armv7 {
-        return Err(VmError::Setup(format!("booting {arch} from {boot:?} is not supported yet; use --boot pxe")));
+    if !matches!(boot, BootFrom::Pxe | BootFrom::Disk) && arch == Arch::Armv7 {
+        return Err(VmError::Setup(format!("{arch} boots its SD card (--boot disk) or the PXE kernel (--boot pxe), not {boot:?}")));
+    }
+    if arch == Arch::Armv7 && boot == BootFrom::Disk {
+        // u-boot for QEMU, from the board overlay, is the firmware.
+        let bios = out.join(UBOOT_BIN);
+        if !bios.is_file() {
+            return Err(VmError::Setup(format!("{}: missing; build a profile whose board has a `bios` (board = \"qemu-armv7\")", bios.display())));
+        }
+        c.arg("-bios").arg(bios);
     }
     if uefi {
         let (code, vars_template, package) = match arch {

@@ -125,27 +125,10 @@ fn two_builds_are_byte_identical() {
     let other = common::scratch().join("arm64-again");
     let _ = std::fs::remove_dir_all(&other);
     let again = kiln::pipeline::build(&common::workspace().join("profiles/qemu-arm64.toml"), &other, &cache).unwrap_or_else(|e| panic!("second build: {e:#}"));
-    let mut names: Vec<String> = Vec::new();
-    collect(&out, &out, &mut names);
-    let mut names2: Vec<String> = Vec::new();
-    collect(&again.out, &again.out, &mut names2);
-    assert_eq!(names, names2, "the two builds wrote different files");
-    assert!(names.iter().any(|n| n == "disk.raw") && names.iter().any(|n| n.ends_with(".iso")) && names.iter().any(|n| n == "pxe/initramfs.cpio.zst"), "{names:?}");
-    for n in &names {
-        let a = std::fs::read(out.join(n)).unwrap();
-        let b = std::fs::read(again.out.join(n)).unwrap();
-        assert!(a == b, "{n} differs between two arm64 builds");
+    let (a, b) = (common::files(&out), common::files(&again.out));
+    assert_eq!(a, b, "the two builds wrote different files");
+    assert!(a.iter().any(|n| n == "disk.raw") && a.iter().any(|n| n.ends_with(".iso")) && a.iter().any(|n| n == "pxe/initramfs.cpio.zst"), "{a:?}");
+    for n in &a {
+        assert!(std::fs::read(out.join(n)).unwrap() == std::fs::read(again.out.join(n)).unwrap(), "{n} differs between two arm64 builds");
     }
-}
-
-fn collect(root: &Path, dir: &Path, names: &mut Vec<String>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            collect(root, &p, names);
-        } else {
-            names.push(p.strip_prefix(root).unwrap().display().to_string());
-        }
-    }
-    names.sort();
 }

@@ -164,6 +164,47 @@ pub fn blkpg_resize(disk: &File, number: u32, start: u64, length: u64) -> std::i
     blkpg(disk, BLKPG_RESIZE_PARTITION, number, start, length)
 }
 
+/// Growing primary partition `number` (1-4) of an MBR disk of `disk_sectors`
+/// 512-byte sectors to the disk's end (or the 2 TiB an MBR can address),
+/// when it is the last partition and that gains at least 1 MiB. Returns the
+/// partition's start sector, its old and new sizes in sectors, and the new
+/// 16-byte table entry with its offset in sector 0.
+pub fn mbr_plan(sector0: &[u8], number: u32, disk_sectors: u64) -> Option<MbrPlan> {
+    if sector0.len() < 512 || sector0[510..512] != [0x55, 0xAA] || !(1..=4).contains(&number) {
+        return None;
+    }
+    let entry = |n: u32| {
+        let o = 446 + (n as usize - 1) * 16;
+        let u = |i: usize| u32::from_le_bytes([sector0[o + i], sector0[o + i + 1], sector0[o + i + 2], sector0[o + i + 3]]) as u64;
+        (o, sector0[o + 4], u(8), u(12))
+    };
+    let (off, ty, start, old) = entry(number);
+    if ty == 0 || ty == 0xEE || start == 0 || old == 0 {
+        return None;
+    }
+    // Nothing may sit after it.
+    if (1..=4).filter(|&n| n != number).map(entry).any(|(_, t, s, _)| t != 0 && s > start) {
+        return None;
+    }
+    let end = disk_sectors.min(u32::MAX as u64);
+    let new = end.checked_sub(start)?;
+    if new < old + 2048 {
+        return None;
+    }
+    let mut bytes = sector0[off..off + 16].to_vec();
+    bytes[12..16].copy_from_slice(&(new as u32).to_le_bytes());
+    Some(MbrPlan { start, old_sectors: old, new_sectors: new, entry_offset: off as u64, entry: bytes })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MbrPlan {
+    pub start: u64,
+    pub old_sectors: u64,
+    pub new_sectors: u64,
+    pub entry_offset: u64,
+    pub entry: Vec<u8>,
+}
+
 /// Tells the kernel about a new partition `number` of `disk` (bytes).
 pub fn blkpg_add(disk: &File, number: u32, start: u64, length: u64) -> std::io::Result<()> {
     blkpg(disk, BLKPG_ADD_PARTITION, number, start, length)
@@ -331,5 +372,32 @@ mod tests {
         assert_eq!(sb, Ext4Super { block_size: 4096, blocks: 4096, label: "kiln-data".into() });
         assert!(Ext4Super::parse(&[0u8; 1024]).is_none());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn mbr_plan_grows_the_last_partition_only() {
+        let mut s0 = vec![0u8; 512];
+        s0[510] = 0x55;
+        s0[511] = 0xAA;
+        let mut put = |n: usize, ty: u8, start: u32, size: u32| {
+            let o = 446 + (n - 1) * 16;
+            s0[o + 4] = ty;
+            s0[o + 8..o + 12].copy_from_slice(&start.to_le_bytes());
+            s0[o + 12..o + 16].copy_from_slice(&size.to_le_bytes());
+        };
+        put(1, 0x0c, 2048, 131072);
+        put(2, 0x83, 133120, 266240);
+        put(4, 0x83, 399360, 131072);
+        let p = mbr_plan(&s0, 4, 8 << 21).unwrap();
+        assert_eq!((p.start, p.old_sectors, p.new_sectors), (399360, 131072, (8 << 21) - 399360));
+        assert_eq!(p.entry_offset, 446 + 48);
+        assert_eq!(&p.entry[12..16], &(((8u64 << 21) - 399360) as u32).to_le_bytes());
+        assert_eq!(mbr_plan(&s0, 2, 8 << 21), None, "partition 4 comes after 2");
+        assert_eq!(mbr_plan(&s0, 4, 399360 + 131072 + 100), None, "less than 1 MiB to gain");
+        assert_eq!(mbr_plan(&s0, 3, 8 << 21), None, "empty entry");
+        let p = mbr_plan(&s0, 4, 1 << 40).unwrap();
+        assert_eq!(p.start + p.new_sectors, u32::MAX as u64, "an MBR addresses 2^32 sectors");
+        s0[511] = 0;
+        assert_eq!(mbr_plan(&s0, 4, 8 << 21), None, "no MBR");
     }
 }

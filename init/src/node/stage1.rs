@@ -1011,8 +1011,12 @@ fn setup_var(root: &Root) {
     let var = format!("{SYSROOT}/var");
     let r = match (&root.disk, root.medium) {
         (Some(disk), Medium::Disk) if disk.gpt.is_err() && disk_mbr_signature(disk).is_some() => match disk.part(MBR_DATA) {
-            // Growing an MBR partition is not done yet: /var keeps the size the card was built with.
-            Some(p) => mount_var_fs(p, &var),
+            Some(p) => {
+                if let Err(e) = grow_mbr_partition(disk, MBR_DATA) {
+                    console::warn(&format!("growing the data partition {}: {e}; /var keeps its size", p.node()));
+                }
+                mount_var_fs(p, &var)
+            }
             None => Err(format!("the MBR card {} has no partition {MBR_DATA} (data)", disk.node())),
         },
         (Some(disk), Medium::Disk) => mount_data(disk, "data", &var),
@@ -1081,6 +1085,19 @@ fn grow_partition(disk: &Disk, gpt: &Gpt, name: &str) -> Result<Option<grow::Pla
     grow::apply(&f, &plan.writes(gpt, Some(&mbr))).map_err(|e| format!("{}: {e}", disk.node()))?;
     grow::blkpg_resize(&f, plan.number, plan.first_lba * plan.lba_size, plan.new_bytes()).map_err(|e| format!("the GPT on {} is updated, but the kernel refused the new size (BLKPG): {e}; it takes effect at the next boot", disk.node()))?;
     Ok(Some(plan))
+}
+
+/// Extends MBR partition `number` to the card's end and tells the kernel.
+fn grow_mbr_partition(disk: &Disk, number: u32) -> Result<(), String> {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(disk.node()).map_err(|e| format!("{}: {e}", disk.node()))?;
+    let mut s0 = vec![0u8; 512];
+    f.read_exact_at(&mut s0, 0).map_err(|e| format!("{}: reading sector 0: {e}", disk.node()))?;
+    let Some(plan) = grow::mbr_plan(&s0, number, disk.bytes / 512) else { return Ok(()) };
+    grow::apply(&f, &[(plan.entry_offset, plan.entry.clone())]).map_err(|e| format!("{}: {e}", disk.node()))?;
+    f.sync_data().map_err(|e| format!("{}: syncing the MBR: {e}", disk.node()))?;
+    grow::blkpg_resize(&f, number, plan.start * 512, plan.new_sectors * 512).map_err(|e| format!("the MBR on {} is updated, but the kernel refused the new size (BLKPG): {e}; it takes effect at the next boot", disk.node()))?;
+    console::info(&format!("data partition {number} of {} grown from {} to {} bytes", disk.node(), plan.old_sectors * 512, plan.new_sectors * 512));
+    Ok(())
 }
 
 #[allow(clippy::unnecessary_cast)]

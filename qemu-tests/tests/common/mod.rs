@@ -221,3 +221,21 @@ pub fn config_stick(name: &str, label: &str, node_toml: &str) -> PathBuf {
     mcopy(&p.display().to_string(), node_toml, "node.toml");
     p
 }
+
+/// Every file under a build output, as sorted paths relative to it.
+pub fn files(out: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, names: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).expect("reading a build output").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, names);
+            } else {
+                names.push(p.strip_prefix(root).expect("under the root").display().to_string());
+            }
+        }
+    }
+    let mut names = Vec::new();
+    walk(out, out, &mut names);
+    names.sort();
+    names
+}
