@@ -23,7 +23,8 @@ prebuild_log=target/kernel-prebuild.log
 prebuild=$!
 
 status=0
-cargo test --workspace --locked || status=$?
+# Every test binary runs even when one fails, so one run reports every failure.
+cargo test --workspace --locked --no-fail-fast || status=$?
 if [ "$status" -ne 0 ]; then
   pkill -P "$prebuild" 2>/dev/null || true
 fi

@@ -55,6 +55,10 @@ pub const TABLE: &[Requirement] = &[
     req(&["CGROUPS"], Required, Any, "kiln-init supervises k0s in its own cgroup"),
     req(&["CGROUP_FREEZER"], Warn, Any, "cgroup.freeze; kubelet and runc use it"),
     req(&["INPUT_EVDEV"], Warn, Any, "the power button reaches kiln-init as KEY_POWER"),
+    // On a 32-bit kernel (armv7), glibc's armhf ABI and Go's linux/arm
+    // runtime (k0s) still make the 32-bit time syscalls: without them
+    // nanosleep and futex waits fail with ENOSYS.
+    req(&["64BIT", "COMPAT_32BIT_TIME"], Required, Any, "32-bit time syscalls for 32-bit userland (glibc armhf, Go linux/arm)"),
     // k0s sysinfo, any role.
     req(&["NET"], Required, Any, "networking"),
     req(&["INET"], Required, Any, "IPv4"),
