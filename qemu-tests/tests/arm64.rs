@@ -48,14 +48,7 @@ fn outputs_are_arm64_and_pass_the_format_checkers() {
         let f = sh(&format!("file -b {}", nodebin.join(bin).display()));
         assert!(f.contains("ARM aarch64") && f.contains("statically linked"), "{bin}: {f}");
     }
-    // The kernel meets every k0s requirement, warnings included, as a
-    // worker (the stricter role): `kiln kernel check` on its .config.
-    let key = m["kernel"]["cache_key"].as_str().unwrap();
-    let config = kiln::cache::Cache::default_location().entry("kernel", key).join("config");
-    let cfg = kiln_init::requirements::KernelConfig::parse(&std::fs::read_to_string(&config).unwrap());
-    let report = kiln_init::requirements::check(&cfg, kiln_init::requirements::Needs { worker: true });
-    use kiln_init::requirements::Level;
-    assert!(report.missing(Level::Required).is_empty() && report.missing(Level::Warn).is_empty(), "{report}");
+    common::kernel_check_is_clean(&m);
     // The disk: a clean GPT with arm64 root and verity types.
     let disk = out.join("disk.raw");
     let v = sh(&format!("sgdisk -v {} 2>&1", disk.display()));

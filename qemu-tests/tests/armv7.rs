@@ -45,13 +45,7 @@ fn outputs_are_armv7_and_pass_the_format_checkers() {
         let f = sh(&format!("file -b {}", nodebin.join(bin).display()));
         assert!(f.contains("ARM, EABI5") && f.contains("statically linked"), "{bin}: {f}");
     }
-    // The kernel meets every k0s requirement, warnings included, as a worker.
-    let key = m["kernel"]["cache_key"].as_str().unwrap();
-    let config = kiln::cache::Cache::default_location().entry("kernel", key).join("config");
-    let cfg = kiln_init::requirements::KernelConfig::parse(&std::fs::read_to_string(&config).unwrap());
-    let report = kiln_init::requirements::check(&cfg, kiln_init::requirements::Needs { worker: true });
-    use kiln_init::requirements::Level;
-    assert!(report.missing(Level::Required).is_empty() && report.missing(Level::Warn).is_empty(), "{report}");
+    common::kernel_check_is_clean(&m);
     // The card: a valid MBR, a clean FAT boot partition with extlinux.conf
     // naming the kernel, the initramfs and the root hash.
     let img = out.join("sdcard.img");
@@ -108,15 +102,7 @@ fn a_tampered_root_stops_at_the_verity_check() {
     let (off, _) = mbr_part(&img, 2);
     let sq = manifest(&out)["disk"]["squashfs_bytes"].as_u64().unwrap();
     let at = off + sq / 2 + 123;
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.read_exact(&mut b).unwrap();
-    b[0] ^= 0x20;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&b).unwrap();
-    drop(f);
+    common::flip_byte(&img, at);
     let mut n = boot_with("armv7_tamper", &out, None, card(Some(img)));
     let failed = n.event("root-failed", BOOT_TIMEOUT);
     assert!(failed.get("reason").unwrap_or("").contains("verity"), "{failed:?}");

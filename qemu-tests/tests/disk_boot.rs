@@ -88,15 +88,7 @@ fn a_flipped_byte_in_the_root_stops_the_boot() {
     let sq = m["disk"]["squashfs_bytes"].as_u64().unwrap();
     // Inside the squashfs, in its middle (file data).
     let at = off + sq / 2 + 123;
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.read_exact(&mut b).unwrap();
-    b[0] ^= 0x20;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&b).unwrap();
-    drop(f);
+    common::flip_byte(&disk, at);
     let mut n = boot_with("tamper_squashfs", &out, None, disk_spec(Some(disk), 0, None));
     let failed = n.event("root-failed", BOOT_TIMEOUT);
     assert!(failed.get("reason").unwrap_or("").contains("verity"), "{failed:?}");

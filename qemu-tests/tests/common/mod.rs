@@ -239,3 +239,25 @@ pub fn files(out: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Flips one bit of the byte at `at` in a file (tampering with an image).
+pub fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("opening the image to tamper with");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("reading the byte to flip");
+    b[0] ^= 0x20;
+    f.write_all_at(&b, at).expect("writing the flipped byte");
+}
+
+/// The built kernel meets every k0s requirement, warnings included, as a
+/// worker (the stricter role): what `kiln kernel check` reports on its
+/// .config, found in the cache by the manifest's key.
+pub fn kernel_check_is_clean(manifest: &serde_json::Value) {
+    use kiln_init::requirements::{check, KernelConfig, Level, Needs};
+    let key = manifest["kernel"]["cache_key"].as_str().expect("the manifest's kernel cache_key");
+    let config = kiln::cache::Cache::default_location().entry("kernel", key).join("config");
+    let cfg = KernelConfig::parse(&std::fs::read_to_string(&config).expect("the cached kernel .config"));
+    let report = check(&cfg, Needs { worker: true });
+    assert!(report.missing(Level::Required).is_empty() && report.missing(Level::Warn).is_empty(), "{report}");
+}
