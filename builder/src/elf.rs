@@ -1,5 +1,9 @@
-//! Just enough ELF reading to check a binary for the image: its machine, and
-//! whether it is static (no program interpreter).
+//! Just enough ELF reading to check a binary for the image: its machine,
+//! whether it is static (no program interpreter), and what its dynamic
+//! section asks the loader for (`DT_NEEDED`, `DT_RUNPATH`, `DT_RPATH`).
+//! Little-endian ELF32 and ELF64 only: all our targets are little-endian.
+
+use std::os::unix::fs::FileExt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElfInfo {
@@ -7,6 +11,28 @@ pub struct ElfInfo {
     pub class64: bool,
     /// PT_INTERP present: the binary needs a dynamic loader.
     pub interp: Option<String>,
+}
+
+/// What the dynamic loader needs to run an ELF file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dynamic {
+    pub info: ElfInfo,
+    /// e_type: 1 relocatable (kernel modules), 2 executable, 3 shared object
+    /// or PIE, 4 core.
+    pub kind: u16,
+    pub needed: Vec<String>,
+    pub runpath: Option<String>,
+    pub rpath: Option<String>,
+}
+
+pub const ET_EXEC: u16 = 2;
+pub const ET_DYN: u16 = 3;
+
+impl Dynamic {
+    /// Executables and shared objects: what the loader maps.
+    pub fn is_loadable(&self) -> bool {
+        matches!(self.kind, ET_EXEC | ET_DYN)
+    }
 }
 
 pub fn machine_name(m: u16) -> &'static str {
@@ -19,40 +45,152 @@ pub fn machine_name(m: u16) -> &'static str {
     }
 }
 
+/// Random access to the bytes of a file, so that a large binary on the host
+/// is not read whole.
+pub trait Source {
+    fn read(&self, off: u64, len: usize) -> Option<Vec<u8>>;
+}
+
+impl Source for [u8] {
+    fn read(&self, off: u64, len: usize) -> Option<Vec<u8>> {
+        let o = usize::try_from(off).ok()?;
+        self.get(o..o.checked_add(len)?).map(<[u8]>::to_vec)
+    }
+}
+
+impl Source for std::fs::File {
+    fn read(&self, off: u64, len: usize) -> Option<Vec<u8>> {
+        let mut v = vec![0; len];
+        self.read_exact_at(&mut v, off).ok()?;
+        Some(v)
+    }
+}
+
+/// True if the bytes start like an ELF file (of any kind or byte order).
+pub fn is_elf(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF")
+}
+
 /// Parses the ELF header and program headers. `None` if not a little-endian
-/// ELF file (all our targets are little-endian).
+/// ELF file.
 pub fn inspect(b: &[u8]) -> Option<ElfInfo> {
-    if b.len() < 52 || &b[..4] != b"\x7fELF" || b[5] != 1 {
+    dynamic(b).map(|d| d.info)
+}
+
+// Dynamic section tags.
+const DT_NULL: u64 = 0;
+const DT_NEEDED: u64 = 1;
+const DT_STRTAB: u64 = 5;
+const DT_STRSZ: u64 = 10;
+const DT_RPATH: u64 = 15;
+const DT_RUNPATH: u64 = 29;
+/// Bigger string tables than this are damage, not binaries.
+const MAX_STRTAB: u64 = 64 << 20;
+
+fn u16_at(b: &[u8], o: usize) -> Option<u16> {
+    b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+}
+fn u32_at(b: &[u8], o: usize) -> Option<u32> {
+    b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+fn u64_at(b: &[u8], o: usize) -> Option<u64> {
+    b.get(o..o + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes)
+}
+/// A word of the file's class: 8 bytes in ELF64, 4 in ELF32.
+fn word_at(b: &[u8], o: usize, class64: bool) -> Option<u64> {
+    if class64 {
+        u64_at(b, o)
+    } else {
+        u32_at(b, o).map(u64::from)
+    }
+}
+
+/// Parses the header, the program headers and the dynamic section (through
+/// the PT_LOAD segments, so stripped files work). `None` if the file is not
+/// a little-endian ELF or is damaged.
+pub fn dynamic<S: Source + ?Sized>(src: &S) -> Option<Dynamic> {
+    let ident = src.read(0, 16)?;
+    if !is_elf(&ident) || ident[5] != 1 {
         return None;
     }
-    let class64 = match b[4] {
+    let class64 = match ident[4] {
         1 => false,
         2 => true,
         _ => return None,
     };
-    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
-    let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
-    let u64_at = |o: usize| b.get(o..o + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])));
-    let machine = u16_at(18)?;
-    let (phoff, phentsize, phnum) = if class64 {
-        (u64_at(32)? as usize, u16_at(54)? as usize, u16_at(56)? as usize)
-    } else {
-        (u32_at(28)? as usize, u16_at(42)? as usize, u16_at(44)? as usize)
-    };
+    let h = src.read(0, if class64 { 64 } else { 52 })?;
+    let kind = u16_at(&h, 16)?;
+    let machine = u16_at(&h, 18)?;
+    let (phoff, phentsize, phnum) = if class64 { (u64_at(&h, 32)?, u16_at(&h, 54)?, u16_at(&h, 56)?) } else { (u64::from(u32_at(&h, 28)?), u16_at(&h, 42)?, u16_at(&h, 44)?) };
+    if usize::from(phentsize) < if class64 { 56 } else { 32 } && phnum > 0 {
+        return None;
+    }
+    let phs = src.read(phoff, usize::from(phentsize) * usize::from(phnum))?;
     let mut interp = None;
-    for i in 0..phnum {
-        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        if u32_at(ph)? == 3 {
-            let (off, size) = if class64 { (u64_at(ph + 8)? as usize, u64_at(ph + 32)? as usize) } else { (u32_at(ph + 4)? as usize, u32_at(ph + 16)? as usize) };
-            let s = b.get(off..off.checked_add(size)?)?;
-            interp = Some(String::from_utf8_lossy(s).trim_end_matches('\0').to_string());
+    let mut dyn_seg = None;
+    // (file offset, vaddr, file size) of each PT_LOAD.
+    let mut loads = Vec::new();
+    for i in 0..usize::from(phnum) {
+        let p = i * usize::from(phentsize);
+        let ty = u32_at(&phs, p)?;
+        let (off, vaddr, filesz) = if class64 { (u64_at(&phs, p + 8)?, u64_at(&phs, p + 16)?, u64_at(&phs, p + 32)?) } else { (u64::from(u32_at(&phs, p + 4)?), u64::from(u32_at(&phs, p + 8)?), u64::from(u32_at(&phs, p + 16)?)) };
+        match ty {
+            1 => loads.push((off, vaddr, filesz)),
+            2 => dyn_seg = Some((off, filesz)),
+            3 => {
+                let s = src.read(off, usize::try_from(filesz.min(4096)).ok()?)?;
+                interp = Some(String::from_utf8_lossy(&s).trim_end_matches('\0').to_string());
+            }
+            _ => {}
         }
     }
-    Some(ElfInfo { machine, class64, interp })
+    let info = ElfInfo { machine, class64, interp };
+    let mut d = Dynamic { info, kind, needed: Vec::new(), runpath: None, rpath: None };
+    let Some((off, size)) = dyn_seg else { return Some(d) };
+    let ent = if class64 { 16 } else { 8 };
+    let table = src.read(off, usize::try_from(size.min(1 << 20)).ok()?)?;
+    let (mut strtab, mut strsz) = (None, 0);
+    let mut refs = Vec::new();
+    for e in table.chunks_exact(ent) {
+        let tag = word_at(e, 0, class64)?;
+        let val = word_at(e, ent / 2, class64)?;
+        match tag {
+            DT_NULL => break,
+            DT_STRTAB => strtab = Some(val),
+            DT_STRSZ => strsz = val,
+            DT_NEEDED | DT_RPATH | DT_RUNPATH => refs.push((tag, val)),
+            _ => {}
+        }
+    }
+    if refs.is_empty() {
+        return Some(d);
+    }
+    let strtab = strtab?;
+    // DT_STRTAB is an address: find the segment that holds it.
+    let (seg_off, seg_vaddr, _) = loads.iter().find(|(_, v, sz)| strtab >= *v && strtab - v < *sz)?;
+    let str_off = seg_off.checked_add(strtab - seg_vaddr)?;
+    if strsz == 0 || strsz > MAX_STRTAB {
+        return None;
+    }
+    let strs = src.read(str_off, usize::try_from(strsz).ok()?)?;
+    let string = |i: u64| -> Option<String> {
+        let rest = strs.get(usize::try_from(i).ok()?..)?;
+        let end = rest.iter().position(|&c| c == 0)?;
+        Some(String::from_utf8_lossy(&rest[..end]).into_owned())
+    };
+    for (tag, val) in refs {
+        let s = string(val)?;
+        match tag {
+            DT_NEEDED => d.needed.push(s),
+            DT_RPATH => d.rpath = Some(s),
+            _ => d.runpath = Some(s),
+        }
+    }
+    Some(d)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -66,11 +204,96 @@ mod tests {
     }
 
     #[test]
+    fn dynamic_section_of_host_binaries() {
+        // Read through the file, as the image check does, not whole.
+        let ls = dynamic(&std::fs::File::open("/bin/ls").unwrap()).unwrap();
+        assert!(ls.is_loadable());
+        assert!(ls.needed.iter().any(|n| n == "libc.so.6"), "{:?}", ls.needed);
+        assert_eq!(ls.info.class64, cfg!(target_pointer_width = "64"));
+        let whole = dynamic(std::fs::read("/bin/ls").unwrap().as_slice()).unwrap();
+        assert_eq!(whole, ls);
+        let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap();
+        let libc = dynamic(&std::fs::File::open(libc).unwrap()).unwrap();
+        assert_eq!(libc.kind, ET_DYN);
+        assert!(libc.needed.iter().any(|n| n.starts_with("ld-linux")), "{:?}", libc.needed);
+    }
+
+    /// A minimal little-endian ELF32 ARM executable with an interpreter and
+    /// a dynamic section, laid out by hand: header, 3 program headers
+    /// (PT_LOAD over the whole file, PT_INTERP, PT_DYNAMIC), the interpreter
+    /// string, the dynamic table, the string table.
+    pub(crate) fn tiny_elf32(interp: &str, needed: &[&str], runpath: Option<&str>) -> Vec<u8> {
+        let base = 0x10000u32;
+        let phoff = 52u32;
+        let interp_off = phoff + 3 * 32;
+        let interp_bytes = [interp.as_bytes(), b"\0"].concat();
+        let mut strs = vec![0u8];
+        let mut idx = Vec::new();
+        for n in needed.iter().chain(runpath.iter()) {
+            idx.push(strs.len() as u32);
+            strs.extend_from_slice(n.as_bytes());
+            strs.push(0);
+        }
+        let dyn_off = (interp_off + interp_bytes.len() as u32 + 3) & !3;
+        let ndyn = needed.len() + usize::from(runpath.is_some()) + 3;
+        let str_off = dyn_off + 8 * ndyn as u32;
+        let total = str_off + strs.len() as u32;
+        let mut b = Vec::new();
+        b.extend_from_slice(b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0");
+        for v in [2u16, 40] {
+            b.extend_from_slice(&v.to_le_bytes()); // e_type, e_machine
+        }
+        for v in [1u32, base, phoff, 0, 0x0500_0400] {
+            b.extend_from_slice(&v.to_le_bytes()); // version, entry, phoff, shoff, flags
+        }
+        for v in [52u16, 32, 3, 40, 0, 0] {
+            b.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+        }
+        let ph = |ty: u32, off: u32, size: u32| [ty, off, base + off, base + off, size, size, 4, 4];
+        for p in [ph(1, 0, total), ph(3, interp_off, interp_bytes.len() as u32), ph(2, dyn_off, 8 * ndyn as u32)] {
+            for v in p {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        b.extend_from_slice(&interp_bytes);
+        b.resize(dyn_off as usize, 0);
+        let mut dy: Vec<(u32, u32)> = needed.iter().enumerate().map(|(i, _)| (1, idx[i])).collect();
+        if runpath.is_some() {
+            dy.push((29, idx[needed.len()]));
+        }
+        dy.extend([(5, base + str_off), (10, strs.len() as u32), (0, 0)]);
+        for (t, v) in dy {
+            b.extend_from_slice(&t.to_le_bytes());
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&strs);
+        b
+    }
+
+    #[test]
+    fn hand_built_elf32() {
+        let b = tiny_elf32("/lib/ld-linux-armhf.so.3", &["libseccomp.so.2", "libc.so.6"], Some("$ORIGIN/../lib"));
+        let d = dynamic(b.as_slice()).unwrap();
+        assert_eq!(d.info, ElfInfo { machine: 40, class64: false, interp: Some("/lib/ld-linux-armhf.so.3".into()) });
+        assert_eq!(d.kind, ET_EXEC);
+        assert_eq!(d.needed, ["libseccomp.so.2", "libc.so.6"]);
+        assert_eq!(d.runpath.as_deref(), Some("$ORIGIN/../lib"));
+        assert_eq!(d.rpath, None);
+        // Cut anywhere: never a panic, and no half answer past the headers.
+        for n in 0..b.len() {
+            let _ = dynamic(&b[..n]);
+        }
+    }
+
+    #[test]
     fn garbage_never_panics() {
         for n in 0..200 {
             let mut v = b"\x7fELF\x02\x01".to_vec();
             v.extend((0..n).map(|i| (i * 37 % 251) as u8));
             let _ = inspect(&v);
+            let mut v = b"\x7fELF\x01\x01".to_vec();
+            v.extend((0..n).map(|i| (i * 53 % 241) as u8));
+            let _ = dynamic(v.as_slice());
         }
     }
 }

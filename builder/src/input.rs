@@ -243,30 +243,39 @@ fn deb_member(name: &str, deb: &Path, member: &str, cache: &Cache) -> Result<(St
         if p.trim_start_matches("./") != want {
             continue;
         }
-        let mut tmp = cache.temp_file().map_err(|e| unpack(e.to_string()))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = entry.read(&mut buf).map_err(|e| unpack(e.to_string()))?;
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            h.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(|e| unpack(e.to_string()))?;
-        }
-        let sha = hex::encode(h.finalize());
-        cache.commit(tmp, &sha).map_err(|e| unpack(e.to_string()))?;
+        let (sha, size) = store(cache, &mut entry).map_err(|e| unpack(e.to_string()))?;
         cache.write_index(&index, &sha).map_err(|e| unpack(e.to_string()))?;
         return Ok((sha.clone(), size, cache.blob(&sha)));
     }
     Err(unpack(format!("the package has no file `{member}`; list its files with `dpkg-deb -c`")))
 }
 
+/// Copies everything `r` gives into the cache, under its sha256; returns
+/// the hash and the size.
+pub(crate) fn store(cache: &Cache, r: &mut dyn Read) -> std::io::Result<(String, u64)> {
+    let mut tmp = cache.temp_file()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+        tmp.write_all(&buf[..n])?;
+    }
+    let sha = hex::encode(h.finalize());
+    if !cache.blob(&sha).exists() {
+        cache.commit(tmp, &sha)?;
+    }
+    Ok((sha, size))
+}
+
 /// Opens the member of an `ar` archive whose name starts with `prefix`,
 /// decompressing it by its suffix (.xz, .zst, .gz or none).
-fn ar_member(mut f: std::fs::File, prefix: &str) -> Result<Box<dyn Read>, String> {
+pub(crate) fn ar_member(mut f: std::fs::File, prefix: &str) -> Result<Box<dyn Read>, String> {
     let mut magic = [0u8; 8];
     f.read_exact(&mut magic).map_err(|e| e.to_string())?;
     if &magic != b"!<arch>\n" {

@@ -137,6 +137,47 @@ impl Tree {
         self.entries.get(path)
     }
 
+    /// Finds what `path` names on the booted node, following symlinks inside
+    /// the tree: absolute targets start at the tree's root and `..` stops
+    /// there, as under chroot. Returns the path reached and its entry;
+    /// `None` if something on the way is missing, not a directory, or loops.
+    pub fn lookup(&self, path: &str) -> Option<(String, &Entry)> {
+        let mut todo: Vec<String> = path.split('/').rev().map(str::to_string).collect();
+        let mut at: Vec<String> = Vec::new();
+        let mut hops = 0;
+        let join = |at: &[String]| format!("/{}", at.join("/"));
+        while let Some(c) = todo.pop() {
+            match c.as_str() {
+                "" | "." => continue,
+                ".." => {
+                    at.pop();
+                    continue;
+                }
+                _ => at.push(c),
+            }
+            let e = self.entries.get(&join(&at))?;
+            match &e.kind {
+                Kind::Dir => {}
+                Kind::Symlink(target) => {
+                    // The kernel's limit on links followed in one lookup.
+                    hops += 1;
+                    if hops > 40 {
+                        return None;
+                    }
+                    at.pop();
+                    if target.starts_with('/') {
+                        at.clear();
+                    }
+                    todo.extend(target.split('/').rev().map(str::to_string));
+                }
+                _ if todo.iter().any(|c| !c.is_empty() && c != ".") => return None,
+                _ => {}
+            }
+        }
+        let p = join(&at);
+        self.entries.get_key_value(&p).map(|(k, e)| (k.clone(), e))
+    }
+
     /// Entries in path order (parents before children), which is also the
     /// order archive writers need.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
@@ -193,5 +234,25 @@ mod tests {
         assert_eq!(t.get(&deep).unwrap().mode, 0o700);
         t.chown("/d", 1000, 1000).unwrap();
         assert_eq!(t.get("/d").unwrap().uid, 1000);
+    }
+
+    #[test]
+    fn lookup_follows_symlinks_inside_the_tree() {
+        let mut t = Tree::new();
+        t.file("/lib/x86_64-linux-gnu/libc.so.6", "elf", 0o644).unwrap();
+        t.symlink("/lib64/ld.so", "/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+        t.symlink("/usr/lib/libc.so.6", "../../lib/x86_64-linux-gnu/libc.so.6").unwrap();
+        t.symlink("/usr/lib64", "../lib64").unwrap();
+        t.symlink("/escape", "../../../../lib64/ld.so").unwrap();
+        t.symlink("/loop", "loop").unwrap();
+        t.symlink("/dangling", "/nowhere").unwrap();
+        let want = "/lib/x86_64-linux-gnu/libc.so.6";
+        for p in ["/lib64/ld.so", "/usr/lib/libc.so.6", "/usr/lib64/ld.so", "/escape", "//lib/./x86_64-linux-gnu/../x86_64-linux-gnu/libc.so.6"] {
+            assert_eq!(t.lookup(p).map(|(p, _)| p), Some(want.to_string()), "{p}");
+        }
+        assert_eq!(t.lookup("/usr/lib64").map(|(p, _)| p), Some("/lib64".to_string()));
+        for p in ["/loop", "/dangling", "/lib64/ld.so/x", "/nope"] {
+            assert!(t.lookup(p).is_none(), "{p}");
+        }
     }
 }
