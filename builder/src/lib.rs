@@ -21,6 +21,7 @@ pub mod isoboot;
 pub mod kernel;
 pub mod keys;
 pub mod manifest;
+pub mod packages;
 pub mod payload;
 pub mod pipeline;
 pub mod profile;

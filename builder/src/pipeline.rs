@@ -7,7 +7,7 @@ use crate::manifest::{self, Manifest};
 use crate::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
 use crate::rootfs::{Kind, Tree};
-use crate::{disk, init, isoboot, keys, pxe, sbom, sdcard};
+use crate::{disk, init, isoboot, keys, packages, pxe, sbom, sdcard};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -67,6 +67,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     // Appliance payloads, also before any compiling.
     let board_inputs = profile.board.as_ref().map(|b| b.resolve(deb_arch, cache)).transpose()?;
     let appliance = crate::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
+    let packages = packages::resolve(&profile.packages, deb_arch, cache)?;
 
     // 3. Kernel, checked against the requirement table for the default role.
     let kernel = kernel::build(profile.arch, &kernel_src, &profile.kernel, cache)?;
@@ -93,6 +94,9 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         let key = crate::sign::PublicKey::from_file(&text).with_context(|| format!("{} is not a minisign public key (the .pub file of `kiln key generate`)", at()))?;
         tree.file("/etc/kiln/config.pub", key.to_file(), 0o644)?;
     }
+    // Debian packages last, so that one colliding with kiln's own files is
+    // caught; then every ELF file in the root must be loadable.
+    packages::add_and_check(&mut tree, &packages, profile.arch, cache)?;
 
     // 6–8. Root image, initramfs, boot artifacts and outputs, written aside
     // and renamed.
@@ -180,6 +184,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         inputs.push(r.clone());
     }
     inputs.extend(appliance.inputs);
+    inputs.extend(packages.into_iter().map(|p| p.resolved));
     inputs.extend(board_inputs.iter().flat_map(|b| b.all().cloned()));
     // The SBOM lists the artifacts so far; the manifest then lists it too.
     let sbom = sbom::collect(&profile, &kernel, &init_bin, &payload, &inputs, staging.path(), cache)?.write(staging.path())?;

@@ -270,6 +270,8 @@ pub struct RootfsFile {
     pub busybox: Option<Input>,
     /// Applets linked into /bin.
     pub busybox_applets: Option<Vec<String>>,
+    /// `[[rootfs.packages]]`: Debian packages unpacked into the root.
+    pub packages: Option<Vec<crate::packages::PackageFile>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -312,7 +314,7 @@ impl ProfileFile {
     fn inherit(&mut self, base: &ProfileFile) {
         merge_opts!(self, base, name, description, arch, outputs, board, source_date_epoch);
         merge_opts!(self.kernel, base.kernel, source, base, fragments, cmdline);
-        merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets);
+        merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets, packages);
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
         merge_opts!(self.node, base.node, config, config_key);
         merge_opts!(self.iso, base.iso, root, isolinux, isohybrid_mbr, ldlinux);
@@ -342,6 +344,8 @@ pub struct Profile {
     pub kernel: KernelSpec,
     pub busybox: Input,
     pub busybox_applets: Vec<String>,
+    /// `[[rootfs.packages]]`, checked.
+    pub packages: Vec<crate::packages::PackageSpec>,
     pub payload: Payload,
     pub node_config: PathBuf,
     pub qemu: QemuSpec,
@@ -598,6 +602,8 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     if f.sign.key_command.as_ref().is_some_and(|c| c.first().is_none_or(|p| p.is_empty())) {
         return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "needs a program, e.g. `[\"pass\", \"show\", \"kiln/signing-key\"]`".into() });
     }
+    let packages = crate::packages::spec(f.rootfs.packages.as_deref().unwrap_or_default(), arch)
+        .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
     let board = board_spec(path, &tree, arch, &f, &outputs)?;
     for (key, input) in inputs {
@@ -618,6 +624,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         },
         busybox: f.rootfs.busybox.ok_or_else(|| missing("rootfs.busybox"))?,
         busybox_applets: f.rootfs.busybox_applets.unwrap_or_default(),
+        packages,
         payload,
         node_config,
         qemu: QemuSpec {
@@ -792,6 +799,31 @@ mod tests {
         std::fs::write(vendor.join("bad.toml"), format!("extends = \"../profiles/base.toml\"\nname = \"v\"\n[appliance.images]\n\"ok.tar\" = {{ file = \"a\", sha256 = \"{pin}\" }}\n\"b/c.tar\" = {{ file = \"a\", sha256 = \"{pin}\" }}\n")).unwrap();
         let e = load(&vendor.join("bad.toml")).unwrap_err().to_string();
         assert!(e.contains("bad.toml:5: key `appliance.images.b/c.tar`"), "{e}");
+    }
+
+    #[test]
+    fn rootfs_packages_are_checked_with_file_line_and_key() {
+        let d = tempfile::tempdir().unwrap();
+        for dir in ["profiles", "kernel-configs"] {
+            std::fs::create_dir_all(d.path().join(dir)).unwrap();
+        }
+        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        let pin = "0".repeat(64);
+        let profile = |packages: &str| {
+            let p = d.path().join("profiles/p.toml");
+            std::fs::write(&p, format!("arch = \"amd64\"\nname = \"p\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{pin}\" }}\n[rootfs]\nbusybox = {{ file = \"/b\", sha256 = \"{pin}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n{packages}")).unwrap();
+            load(&p).map_err(|e| e.to_string())
+        };
+        let p = profile(&format!("[[rootfs.packages]]\ndeb = \"runc\"\nversion = \"1.1.5+ds1-1+deb12u1\"\nsha256 = \"{pin}\"\n[[rootfs.packages]]\ndeb = \"tzdata\"\nversion = \"2024a-0+deb12u1\"\narch = \"all\"\nsha256 = \"{pin}\"\nexclude = []\n")).unwrap();
+        assert_eq!(p.packages.len(), 2);
+        assert_eq!(p.packages[0].input.deb.as_deref(), Some("runc"));
+        assert_eq!(p.packages[0].exclude, crate::packages::DEFAULT_EXCLUDE);
+        assert!(p.packages[1].exclude.is_empty());
+        assert!(profile("").unwrap().packages.is_empty());
+        let e = profile(&format!("[[rootfs.packages]]\ndeb = \"runc\"\nversion = \"1\"\nsha256 = \"{pin}\"\n[[rootfs.packages]]\ndeb = \"libc6\"\nversion = \"2\"\narch = \"arm64\"\nsha256 = \"{pin}\"\n")).unwrap_err();
+        assert!(e.contains("p.toml:19: key `rootfs.packages[1].arch`: `arm64` packages do not run on this amd64 image"), "{e}");
+        let e = profile("[[rootfs.packages]]\ndeb = \"runc\"\nmember = \"usr/sbin/runc\"\n").unwrap_err();
+        assert!(e.contains("p.toml:14: key `member`"), "{e}");
     }
 
     #[test]
