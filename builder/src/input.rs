@@ -108,19 +108,24 @@ impl Input {
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
+    hash_copy(&mut std::fs::File::open(path)?, &mut std::io::sink())
+}
+
+/// Reads `r` to the end, copying into `w`; returns the sha256 and the size.
+fn hash_copy(r: &mut dyn Read, w: &mut dyn Write) -> std::io::Result<(String, u64)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
+    let mut size = 0u64;
     loop {
-        let r = f.read(&mut buf)?;
-        if r == 0 {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
             break;
         }
-        n += r as u64;
-        h.update(&buf[..r]);
+        size += n as u64;
+        h.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
     }
-    Ok((hex::encode(h.finalize()), n))
+    Ok((hex::encode(h.finalize()), size))
 }
 
 pub fn sha256_bytes(b: &[u8]) -> String {
@@ -182,18 +187,7 @@ fn fetch_url(name: &str, url: &str, want: &str, cache: &Cache) -> Result<(), Inp
     tracing::info!("fetching {url}");
     let resp = ureq::get(url).call().map_err(|e| err(e.to_string()))?;
     let mut tmp = cache.temp_file().map_err(|e| err(e.to_string()))?;
-    let mut h = Sha256::new();
-    let mut reader = resp.into_reader();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).map_err(|e| err(e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        tmp.write_all(&buf[..n]).map_err(|e| err(e.to_string()))?;
-    }
-    let got = hex::encode(h.finalize());
+    let (got, _) = hash_copy(&mut resp.into_reader(), &mut tmp).map_err(|e| err(e.to_string()))?;
     if got != want {
         return Err(InputError::Mismatch { what: name.into(), want: want.into(), got, got_from: url.into() });
     }
@@ -254,19 +248,7 @@ fn deb_member(name: &str, deb: &Path, member: &str, cache: &Cache) -> Result<(St
 /// the hash and the size.
 pub(crate) fn store(cache: &Cache, r: &mut dyn Read) -> std::io::Result<(String, u64)> {
     let mut tmp = cache.temp_file()?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-        tmp.write_all(&buf[..n])?;
-    }
-    let sha = hex::encode(h.finalize());
+    let (sha, size) = hash_copy(r, &mut tmp)?;
     if !cache.blob(&sha).exists() {
         cache.commit(tmp, &sha)?;
     }
