@@ -710,6 +710,22 @@ fn secureboot_spec(path: &Path, dir: &Path, f: &SecureBootFile) -> Result<Option
 mod tests {
     use super::*;
 
+    /// A source tree with one kernel fragment, and the text of a minimal
+    /// profile for it: `head` first, `tail` last.
+    fn source_tree() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for dir in ["profiles", "kernel-configs"] {
+            std::fs::create_dir_all(d.path().join(dir)).unwrap();
+        }
+        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        d
+    }
+
+    fn minimal(head: &str, tail: &str) -> String {
+        let pin = "0".repeat(64);
+        format!("{head}\nname = \"p\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{pin}\" }}\n[rootfs]\nbusybox = {{ file = \"/b\", sha256 = \"{pin}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n{tail}")
+    }
+
     #[test]
     fn source_date_epoch_must_be_seconds() {
         assert_eq!(source_date_epoch_from_env(None).unwrap(), None);
@@ -747,16 +763,12 @@ mod tests {
 
     #[test]
     fn board_and_sdcard_are_for_armv7() {
-        let d = tempfile::tempdir().unwrap();
-        for dir in ["profiles", "kernel-configs", "overlays/boards/testboard"] {
-            std::fs::create_dir_all(d.path().join(dir)).unwrap();
-        }
-        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        let d = source_tree();
+        std::fs::create_dir_all(d.path().join("overlays/boards/testboard")).unwrap();
         std::fs::write(d.path().join("overlays/boards/testboard/board.toml"), "partition_table = \"mbr\"\nconsole = \"ttyS0,115200\"\n").unwrap();
-        let pin = "0".repeat(64);
         let profile = |head: &str| {
             let p = d.path().join("profiles/p.toml");
-            std::fs::write(&p, format!("{head}\nname = \"p\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{pin}\" }}\n[rootfs]\nbusybox = {{ file = \"/b\", sha256 = \"{pin}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n")).unwrap();
+            std::fs::write(&p, minimal(head, "")).unwrap();
             load(&p).map_err(|e| e.to_string())
         };
         let p = profile("arch = \"armv7\"\nboard = \"testboard\"\noutputs = [\"sdcard\"]").unwrap();
@@ -803,15 +815,11 @@ mod tests {
 
     #[test]
     fn rootfs_packages_are_checked_with_file_line_and_key() {
-        let d = tempfile::tempdir().unwrap();
-        for dir in ["profiles", "kernel-configs"] {
-            std::fs::create_dir_all(d.path().join(dir)).unwrap();
-        }
-        std::fs::write(d.path().join("kernel-configs/a.config"), "CONFIG_NET=y\n").unwrap();
+        let d = source_tree();
         let pin = "0".repeat(64);
         let profile = |packages: &str| {
             let p = d.path().join("profiles/p.toml");
-            std::fs::write(&p, format!("arch = \"amd64\"\nname = \"p\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{pin}\" }}\n[rootfs]\nbusybox = {{ file = \"/b\", sha256 = \"{pin}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n{packages}")).unwrap();
+            std::fs::write(&p, minimal("arch = \"amd64\"", packages)).unwrap();
             load(&p).map_err(|e| e.to_string())
         };
         let p = profile(&format!("[[rootfs.packages]]\ndeb = \"runc\"\nversion = \"1.1.5+ds1-1+deb12u1\"\nsha256 = \"{pin}\"\n[[rootfs.packages]]\ndeb = \"tzdata\"\nversion = \"2024a-0+deb12u1\"\narch = \"all\"\nsha256 = \"{pin}\"\nexclude = []\n")).unwrap();
