@@ -313,6 +313,10 @@ fn tidy(dir: &str) -> String {
     format!("/{}", out.join("/"))
 }
 
+/// Where ELF files are for the kernel or for devices, never for ld.so:
+/// firmware for other processors, kernel modules.
+const NOT_LOADED: &[&str] = &["/lib/firmware/", "/usr/lib/firmware/", "/lib/modules/", "/usr/lib/modules/"];
+
 /// Reads the ELF headers of a file in the tree, if it is an ELF file.
 /// `Some(None)`: ELF magic, but not a file kiln can read.
 fn read_elf(path: &str, content: &Content) -> Result<Option<Option<elf::Dynamic>>, PackageError> {
@@ -341,6 +345,9 @@ pub fn check_elves(tree: &Tree, arch: Arch, owners: &Owners) -> Result<(), Packa
     };
     for (path, e) in tree.iter() {
         let Kind::File(content) = &e.kind else { continue };
+        if NOT_LOADED.iter().any(|d| path.starts_with(d)) {
+            continue;
+        }
         match read_elf(path, content)? {
             None => {}
             Some(Some(d)) => {
@@ -525,6 +532,12 @@ mod tests {
         t.file("/usr/lib/arm-linux-gnueabihf/libseccomp.so.2.5.4", other, 0o644).unwrap();
         let e = check_elves(&t, Arch::Armv7, &Owners::new()).unwrap_err().to_string();
         assert!(e.contains("/usr/sbin/runc needs libseccomp.so.2"), "{e}");
+        // Firmware for another processor is the kernel's business.
+        let mut t = armv7_tree();
+        let mut fw = tiny_elf32("/nowhere", &["libdsp.so"], None);
+        fw[18] = 62;
+        t.file("/lib/firmware/acme/dsp.elf", fw, 0o644).unwrap();
+        check_elves(&t, Arch::Armv7, &Owners::new()).unwrap();
         // Damaged ELF: named, no panic.
         let mut t = Tree::new();
         t.file("/bin/broken", b"\x7fELF\x01\x01\x01".to_vec(), 0o755).unwrap();
