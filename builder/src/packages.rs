@@ -16,6 +16,8 @@ use crate::profile::Arch;
 use crate::rootfs::{Content, Kind, Tree, TreeError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 /// What is left out of a package unless its `exclude` says otherwise.
 pub const DEFAULT_EXCLUDE: &[&str] = &["usr/share/doc/**", "usr/share/man/**", "usr/share/lintian/**", "usr/share/locale/**"];
@@ -33,6 +35,19 @@ pub struct PackageFile {
     /// Globs of paths in the package to leave out (`**` spans directories).
     /// Replaces DEFAULT_EXCLUDE.
     pub exclude: Option<Vec<String>>,
+    /// A local .deb (a vendor's own), relative to the profile that sets it,
+    /// instead of `apt-get download`.
+    pub file: Option<PathBuf>,
+}
+
+impl PackageFile {
+    /// Makes a relative `file` relative to `dir`, the directory of the
+    /// profile that wrote it.
+    pub fn anchor(&mut self, dir: &Path) {
+        if let Some(f) = self.file.as_mut().filter(|f| f.is_relative()) {
+            *f = dir.join(&*f);
+        }
+    }
 }
 
 /// A checked entry.
@@ -42,6 +57,8 @@ pub struct PackageSpec {
     pub key: String,
     pub input: Input,
     pub exclude: Vec<String>,
+    /// A local .deb instead of apt.
+    pub file: Option<PathBuf>,
 }
 
 /// A fetched package.
@@ -102,20 +119,56 @@ pub fn spec(files: &[PackageFile], arch: Arch) -> Result<Vec<PackageSpec>, KeyEr
         }
         let input = Input { deb: Some(f.deb.clone()), version: Some(f.version.clone()), arch: f.arch.clone(), sha256: Some(f.sha256.clone()), ..Default::default() };
         input.validate().map_err(|m| err("sha256", m))?;
-        out.push(PackageSpec { key, input, exclude });
+        out.push(PackageSpec { key, input, exclude, file: f.file.clone() });
     }
     Ok(out)
 }
 
-/// Fetches each package (or finds it in the cache) and checks its pin.
+/// Fetches each package (or finds it in the cache) and checks its pin. A
+/// local `file` must be the package, version and arch the entry names.
 pub fn resolve(specs: &[PackageSpec], deb_arch: &str, cache: &Cache) -> Result<Vec<Package>, PackageError> {
     specs
         .iter()
         .map(|s| {
-            let name = format!("rootfs.packages.{}", s.input.deb.as_deref().unwrap_or_default());
-            Ok(Package { key: s.key.clone(), resolved: input::resolve(&name, &s.input, deb_arch, cache)?, exclude: s.exclude.clone() })
+            let deb = s.input.deb.clone().unwrap_or_default();
+            let name = format!("rootfs.packages.{deb}");
+            let resolved = match &s.file {
+                None => input::resolve(&name, &s.input, deb_arch, cache)?,
+                Some(file) => {
+                    let local = Input { file: Some(file.clone()), sha256: s.input.sha256.clone(), ..Default::default() };
+                    let mut r = input::resolve(&name, &local, deb_arch, cache)?;
+                    r.version = s.input.version.clone();
+                    let want = [("Package", deb.as_str()), ("Version", s.input.version.as_deref().unwrap_or_default()), ("Architecture", s.input.arch.as_deref().unwrap_or(deb_arch))];
+                    let fail = |reason: String| PackageError::Unpack { key: s.key.clone(), package: deb.clone(), reason };
+                    let control = control_fields(&r.path).map_err(|e| fail(format!("{}: {e}", file.display())))?;
+                    for (field, value) in want {
+                        let got = control.iter().find(|(k, _)| k == field).map(|(_, v)| v.as_str()).unwrap_or("(none)");
+                        if got != value {
+                            return Err(fail(format!("{} has {field}: {got}, but the profile says {value}; fix the profile or build the .deb again", file.display())));
+                        }
+                    }
+                    r
+                }
+            };
+            Ok(Package { key: s.key.clone(), resolved, exclude: s.exclude.clone() })
         })
         .collect()
+}
+
+/// The fields of a .deb's control file (`Package`, `Version`, …).
+pub fn control_fields(deb: &Path) -> Result<Vec<(String, String)>, String> {
+    let f = std::fs::File::open(deb).map_err(|e| e.to_string())?;
+    let mut archive = tar::Archive::new(input::ar_member(f, "control.tar")?);
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        if entry.path_bytes().as_ref() != b"./control" && entry.path_bytes().as_ref() != b"control" {
+            continue;
+        }
+        let mut text = String::new();
+        entry.take(1 << 20).read_to_string(&mut text).map_err(|e| format!("control: {e}"))?;
+        return Ok(text.lines().filter(|l| !l.starts_with([' ', '\t'])).filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect());
+    }
+    Err("not a Debian package: no control file".into())
 }
 
 /// One thing in a package's data.tar, with its content in the cache.
@@ -438,6 +491,7 @@ mod tests {
             sha256: pin(),
             arch: arch.map(str::to_string),
             exclude: exclude.map(|v| v.into_iter().map(str::to_string).collect()),
+            file: None,
         };
         let s = spec(&[f("runc", None, None), f("tzdata", Some("all"), Some(vec!["/usr/share/zoneinfo/right/**"]))], Arch::Amd64).unwrap();
         assert_eq!(s[0].key, "rootfs.packages[0]");

@@ -415,6 +415,9 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, Prof
     chain.push(canon);
     let mut file = parse_file(path)?;
     file.appliance.anchor(&dir);
+    for p in file.rootfs.packages.iter_mut().flatten() {
+        p.anchor(&dir);
+    }
     if let Some(ext) = file.extends.clone() {
         let base_path = path.parent().unwrap_or(Path::new(".")).join(&ext);
         if !base_path.exists() {

@@ -14,7 +14,7 @@ const LIBSECCOMP2: (&str, &str, &str) = ("libseccomp2", "2.5.4-1+deb12u1", "108f
 const LIBC6: (&str, &str, &str) = ("libc6", "2.36-9+deb12u14", "ba4f88f73dbc3ae9055f3c20f4523bfdbaf1ad13ff95e258924f77d20b4fbedf");
 
 fn fetch(list: &[(&str, &str, &str)]) -> Vec<Package> {
-    let files: Vec<PackageFile> = list.iter().map(|(deb, version, sha256)| PackageFile { deb: deb.to_string(), version: version.to_string(), sha256: sha256.to_string(), arch: None, exclude: None }).collect();
+    let files: Vec<PackageFile> = list.iter().map(|(deb, version, sha256)| PackageFile { deb: deb.to_string(), version: version.to_string(), sha256: sha256.to_string(), arch: None, exclude: None, file: None }).collect();
     let specs = packages::spec(&files, Arch::Amd64).unwrap();
     packages::resolve(&specs, Arch::Amd64.debian(), &Cache::default_location()).unwrap_or_else(|e| panic!("{e}\n(the packages come from the host's apt: `apt-get update` first)"))
 }
@@ -71,6 +71,27 @@ fn runc_without_libseccomp_fails_naming_both() {
     // amd64 programs in an arm64 image: named, with what to do.
     let e = packages::check_elves(&t, Arch::Arm64, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("/usr/sbin/runc is built for x86-64 (amd64), but the profile's arch is arm64; take the arm64 build"), "{e}");
+}
+
+#[test]
+fn a_vendors_own_deb_from_a_file() {
+    let cache = Cache::default_location();
+    let apt = fetch(&[RUNC]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&apt[0].resolved.path, dir.path().join("runc.deb")).unwrap();
+    let mut file = PackageFile { deb: RUNC.0.into(), version: RUNC.1.into(), sha256: RUNC.2.into(), arch: None, exclude: None, file: Some("runc.deb".into()) };
+    file.anchor(dir.path());
+    let specs = packages::spec(&[file.clone()], Arch::Amd64).unwrap();
+    let local = packages::resolve(&specs, "amd64", &cache).unwrap_or_else(|e| panic!("{e}"));
+    let r = &local[0].resolved;
+    assert_eq!((r.kind, r.version.as_deref(), r.sha256.as_str()), ("file", Some(RUNC.1), RUNC.2));
+    let mut t = kiln_tree();
+    packages::add_to(&mut t, &local, &cache).unwrap();
+    assert!(t.get("/usr/sbin/runc").is_some());
+    // The file must be what the entry says it is.
+    file.version = "9.9-1".into();
+    let e = packages::resolve(&packages::spec(&[file], Arch::Amd64).unwrap(), "amd64", &cache).unwrap_err().to_string();
+    assert!(e.starts_with("rootfs.packages[0] (runc): ") && e.contains("runc.deb has Version: 1.1.5+ds1-1+deb12u1, but the profile says 9.9-1"), "{e}");
 }
 
 #[test]
