@@ -830,6 +830,9 @@ mod tests {
         assert_eq!(p.packages[0].input.deb.as_deref(), Some("runc"));
         assert_eq!(p.packages[0].exclude, crate::packages::DEFAULT_EXCLUDE);
         assert!(p.packages[1].exclude.is_empty());
+        assert_eq!(p.packages[1].file, None);
+        let p = profile(&format!("[[rootfs.packages]]\ndeb = \"acme\"\nversion = \"1\"\nsha256 = \"{pin}\"\nfile = \"debs/acme.deb\"\n")).unwrap();
+        assert_eq!(p.packages[0].file.as_deref(), Some(d.path().canonicalize().unwrap().join("profiles/debs/acme.deb").as_path()), "relative to the profile");
         assert!(profile("").unwrap().packages.is_empty());
         let e = profile(&format!("[[rootfs.packages]]\ndeb = \"runc\"\nversion = \"1\"\nsha256 = \"{pin}\"\n[[rootfs.packages]]\ndeb = \"libc6\"\nversion = \"2\"\narch = \"arm64\"\nsha256 = \"{pin}\"\n")).unwrap_err();
         assert!(e.contains("p.toml:19: key `rootfs.packages[1].arch`: `arm64` packages do not run on this amd64 image"), "{e}");
