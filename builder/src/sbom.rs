@@ -720,6 +720,20 @@ mod tests {
     }
 
     #[test]
+    fn a_rootfs_package_is_a_whole_deb_in_the_image() {
+        let mut runc = deb("rootfs.packages.runc", "runc", "1.1.5+ds1-1+deb12u1", "amd64", "");
+        runc.deb.as_mut().unwrap().member = None;
+        runc.sha256 = runc.deb.as_ref().unwrap().sha256.clone();
+        let doc: Value = serde_json::from_str(&sample(stand_in(), Some(runc)).to_json()).unwrap();
+        let p = find(&doc, "runc");
+        assert_eq!(purl_of(p), "pkg:deb/debian/runc@1.1.5%2Bds1-1%2Bdeb12u1?arch=amd64");
+        assert_eq!(p["checksums"][0]["checksumValue"], input::sha256_bytes(b"runc"));
+        assert!(p["sourceInfo"].as_str().unwrap().ends_with("used as rootfs.packages.runc (the whole .deb)"), "{}", p["sourceInfo"]);
+        let image = find(&doc, "qemu-amd64")["SPDXID"].as_str().unwrap().to_string();
+        assert!(has_rel(&doc, &image, "CONTAINS", p["SPDXID"].as_str().unwrap()));
+    }
+
+    #[test]
     fn the_same_build_gives_the_same_bytes() {
         let a = sample(stand_in(), None).to_json();
         assert_eq!(a, sample(stand_in(), None).to_json());
