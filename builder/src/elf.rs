@@ -285,6 +285,21 @@ pub(crate) mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes after a real header, or any change to a real file:
+        /// an answer or `None`, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(class in 1u8..3, rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), at in 0usize..400, byte in proptest::prelude::any::<u8>()) {
+            let mut v = vec![0x7f, b'E', b'L', b'F', class, 1];
+            v.extend(&rest);
+            let _ = dynamic(v.as_slice());
+            let mut b = tiny_elf32("/lib/ld-linux-armhf.so.3", &["libc.so.6"], Some("$ORIGIN"));
+            let i = at % b.len();
+            b[i] = byte;
+            let _ = dynamic(b.as_slice());
+        }
+    }
+
     #[test]
     fn garbage_never_panics() {
         for n in 0..200 {

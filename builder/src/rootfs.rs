@@ -236,6 +236,23 @@ mod tests {
         assert_eq!(t.get("/d").unwrap().uid, 1000);
     }
 
+    proptest::proptest! {
+        /// Symlinks anywhere, to anything: lookup ends, and what it returns
+        /// is in the tree and not a symlink.
+        #[test]
+        fn lookup_always_ends(links in proptest::collection::vec(("[ab]{1,2}(/[ab]{1,2}){0,2}", "(/|\\.\\./)?[ab.]{1,2}(/[ab.]{1,2}){0,2}"), 0..12), ask in "[ab]{1,2}(/[ab]{1,2}){0,3}") {
+            let mut t = Tree::new();
+            t.file("/a/b", "x", 0o644).ok();
+            for (p, target) in &links {
+                t.symlink(&format!("/{p}"), target).ok();
+            }
+            if let Some((p, e)) = t.lookup(&format!("/{ask}")) {
+                proptest::prop_assert!(t.get(&p).is_some());
+                proptest::prop_assert!(!matches!(e.kind, Kind::Symlink(_)));
+            }
+        }
+    }
+
     #[test]
     fn lookup_follows_symlinks_inside_the_tree() {
         let mut t = Tree::new();
