@@ -104,6 +104,9 @@ pub fn spec(files: &[PackageFile], arch: Arch) -> Result<Vec<PackageSpec>, KeyEr
         if f.deb.is_empty() || f.deb.contains(['/', ':', '=', ' ']) {
             return Err(err("deb", format!("`{}` is not a Debian package name", f.deb)));
         }
+        if f.version.is_empty() || f.version.contains([' ', '=', '/']) {
+            return Err(err("version", format!("`{}` is not a Debian version (`apt-cache policy {}` lists them)", f.version, f.deb)));
+        }
         if let Some(a) = f.arch.as_deref().filter(|a| *a != "all" && *a != arch.debian()) {
             return Err(err("arch", format!("`{a}` packages do not run on this {arch} image: use `{}` or `all`, or leave `arch` out", arch.debian())));
         }
@@ -505,6 +508,9 @@ mod tests {
         assert_eq!((e.key.as_str(), e.message.as_str()), ("rootfs.packages[1].deb", "`runc` is already in rootfs.packages[0]"));
         assert_eq!(spec(&[f("a", None, Some(vec!["../etc"]))], Arch::Amd64).unwrap_err().key, "rootfs.packages[0].exclude");
         assert_eq!(spec(&[f("runc:amd64", None, None)], Arch::Amd64).unwrap_err().key, "rootfs.packages[0].deb");
+        let mut bad = f("runc", None, None);
+        bad.version = String::new();
+        assert_eq!(spec(&[bad], Arch::Amd64).unwrap_err().key, "rootfs.packages[0].version");
         let mut bad = f("runc", None, None);
         bad.sha256 = "zz".into();
         assert_eq!(spec(&[bad], Arch::Amd64).unwrap_err().key, "rootfs.packages[0].sha256");

@@ -68,6 +68,10 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let board_inputs = profile.board.as_ref().map(|b| b.resolve(deb_arch, cache)).transpose()?;
     let appliance = crate::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
     let packages = packages::resolve(&profile.packages, deb_arch, cache)?;
+    // A package with a missing library fails here, before any compiling
+    // (kiln's own programs are static); the whole root is checked again
+    // once assembled.
+    packages::add_and_check(&mut Tree::new(), &packages, profile.arch, cache)?;
 
     // 3. Kernel, checked against the requirement table for the default role.
     let kernel = kernel::build(profile.arch, &kernel_src, &profile.kernel, cache)?;
