@@ -22,9 +22,21 @@ prebuild_log=target/kernel-prebuild.log
 ) >"$prebuild_log" 2>&1 &
 prebuild=$!
 
+# Every test binary runs even when one fails, so one run reports every
+# failure. The QEMU tests for the other arches run last, so that their
+# kernels compile in the background while the amd64 guests run.
+late=(arm64 armv7)
+early=()
+for f in qemu-tests/tests/*.rs; do
+  n=$(basename "$f" .rs)
+  [[ " ${late[*]} " == *" $n "* ]] || early+=(--test "$n")
+done
+late_args=()
+for n in "${late[@]}"; do late_args+=(--test "$n"); done
 status=0
-# Every test binary runs even when one fails, so one run reports every failure.
-cargo test --workspace --locked --no-fail-fast || status=$?
+cargo test --workspace --locked --no-fail-fast --exclude kiln-qemu-tests || status=$?
+cargo test -p kiln-qemu-tests --locked --no-fail-fast --bins "${early[@]}" || status=$?
+cargo test -p kiln-qemu-tests --locked --no-fail-fast "${late_args[@]}" || status=$?
 if [ "$status" -ne 0 ]; then
   pkill -P "$prebuild" 2>/dev/null || true
 fi
