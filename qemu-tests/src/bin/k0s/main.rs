@@ -7,6 +7,7 @@
 mod checks;
 mod cli;
 mod cluster;
+mod containers;
 mod node;
 mod out;
 mod payloads;

@@ -84,6 +84,7 @@ pub fn parse_exit_after(v: &str) -> Option<u64> {
 }
 
 fn finish(held: &Option<Held>, code: i32) -> ! {
+    crate::containers::stop();
     if let Some(h) = held {
         let _ = std::fs::remove_file(&h.pid_file);
     }
@@ -129,6 +130,10 @@ pub fn run(argv: &[String], opts: &RunOpts) -> ! {
     let mut report = Report::default();
     let held = checks::run_all(opts, &mut report);
     crate::cluster::start(opts, &mut report);
+    // A worker runs containers; an image with containerd shows it can.
+    if opts.role() != crate::cli::Role::Controller && crate::containers::present() {
+        crate::containers::run_all(opts.data_dir(), &mut report);
+    }
     say(&format!(
         "checks done ok={} failed={}",
         report.ok, report.failed
