@@ -231,12 +231,12 @@ fn a_part_is_checked_even_when_not_read_to_its_end() {
     let e = r.next_part().err().unwrap();
     assert!(matches!(e, BundleError::Sha256Mismatch { .. }), "{e}");
     // And the reader stays refused.
-    assert!(matches!(r.next_part().err().unwrap(), BundleError::Misuse { .. }));
+    assert!(matches!(r.next_part().err().unwrap(), BundleError::UsedAfterError));
 
     // `finish` before all parts are read says so.
     let r = BundleReader::open(&bundle[..], &policy(&keys)).unwrap();
     let e = r.finish().unwrap_err();
-    assert!(matches!(&e, BundleError::Misuse { name } if name == "root.squashfs"), "{e}");
+    assert!(matches!(&e, BundleError::Unread { name } if name == "root.squashfs"), "{e}");
 }
 
 #[test]

@@ -259,20 +259,28 @@ pub enum BundleError {
     Sha256Mismatch { name: String, expected: String, found: String },
     #[error("the update bundle has more after its last part (at byte {offset}): {what}; it was not written by kiln or was altered")]
     TrailingData { offset: u64, what: String },
-    #[error("the update bundle's reader was used after an error, or finished before part `{name}` was read")]
-    Misuse { name: String },
+    #[error("the update bundle's reader was finished before part `{name}` was read")]
+    Unread { name: String },
+    #[error("the update bundle's reader was used again after an error; start over with a new reader")]
+    UsedAfterError,
+    /// An I/O error that did not come from the bundle (writing a part out,
+    /// say), passed through [`BundleError::from_io`].
+    #[error("{source}")]
+    Other { source: io::Error },
 }
 
 impl BundleError {
-    /// The bundle error inside an `io::Error` from a [`PartReader`], or the
-    /// I/O error as it is.
+    /// The bundle error inside an `io::Error` from a [`PartReader`], or
+    /// [`BundleError::Other`] for any other I/O error (from `io::copy`'s
+    /// writer, say).
     pub fn from_io(e: io::Error) -> BundleError {
         if !e.get_ref().is_some_and(|inner| inner.is::<BundleError>()) {
-            return BundleError::Io { offset: 0, source: e };
+            return BundleError::Other { source: e };
         }
-        match e.into_inner().and_then(|inner| inner.downcast::<BundleError>().ok()) {
-            Some(b) => *b,
-            None => BundleError::Misuse { name: String::new() },
+        match e.into_inner().map(|inner| inner.downcast::<BundleError>()) {
+            Some(Ok(b)) => *b,
+            Some(Err(inner)) => BundleError::Other { source: io::Error::other(inner) },
+            None => BundleError::UsedAfterError,
         }
     }
 }
@@ -370,7 +378,7 @@ impl<R: Read> BundleReader<R> {
             }
             Ok(true)
         })
-        .map(|more| more.then(|| PartReader { bundle: self }))
+        .map(|more| more.then_some(PartReader { bundle: self }))
     }
 
     /// Checks that every part was read and that the archive ends properly.
@@ -378,7 +386,7 @@ impl<R: Read> BundleReader<R> {
         self.guard(|r| {
             r.finish_current()?;
             if let Some(p) = r.manifest.parts.get(r.next) {
-                return Err(BundleError::Misuse { name: p.name.clone() });
+                return Err(BundleError::Unread { name: p.name.clone() });
             }
             let at = r.offset;
             if let Some(e) = r.header("the end of the archive")? {
@@ -409,7 +417,7 @@ impl<R: Read> BundleReader<R> {
     /// Runs `f`, and refuses any further use after it failed once.
     fn guard<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, BundleError>) -> Result<T, BundleError> {
         if self.failed {
-            return Err(BundleError::Misuse { name: String::new() });
+            return Err(BundleError::UsedAfterError);
         }
         let out = f(self);
         if out.is_err() {
@@ -802,8 +810,8 @@ mod tests {
     fn io_errors_carry_bundle_errors() {
         let e: io::Error = BundleError::Truncated { what: "x".into(), offset: 3 }.into();
         assert!(matches!(BundleError::from_io(e), BundleError::Truncated { offset: 3, .. }));
-        let e = BundleError::from_io(io::Error::new(io::ErrorKind::Other, "disk full"));
-        assert!(matches!(e, BundleError::Io { .. }) && e.to_string().contains("disk full"));
+        let e = BundleError::from_io(io::Error::other("disk full"));
+        assert!(matches!(e, BundleError::Other { .. }) && e.to_string() == "disk full");
     }
 
     proptest! {
