@@ -8,7 +8,8 @@
 //! Deterministic: entries have mode 0644, uid and gid 0, no user names and
 //! the profile's `source_date_epoch` as mtime, and the manifest has a fixed
 //! key order, so the same build gives the same bytes. (The signature is
-//! deterministic too: ed25519 signs without randomness.)
+//! deterministic too: ed25519 signs without randomness.) Before the bundle
+//! is renamed into place it is read back with the node's reader.
 
 use crate::disk::RootImage;
 use crate::profile::{Arch, Profile};
@@ -139,8 +140,23 @@ pub fn write(out: &Path, spec: &Spec, parts: &[PartSource], key: &KeyPair) -> Re
     w.flush()?;
     drop(w);
     tmp.as_file().sync_all()?;
+    check(tmp.path(), &manifest, key).with_context(|| format!("checking the update bundle kiln wrote ({})", tmp.path().display()))?;
     tmp.persist(out).with_context(|| format!("renaming the update bundle into {}", out.display()))?;
     Ok(manifest)
+}
+
+/// Reads the bundle back the way a node of the same profile would.
+fn check(path: &Path, manifest: &Manifest, key: &KeyPair) -> Result<()> {
+    let keys = [key.public()];
+    let policy = bundle::Policy { keys: &keys, arch: &manifest.arch, profile: &manifest.profile, running_version: Some(&manifest.version), allow_downgrade: false };
+    let mut r = bundle::BundleReader::open(std::io::BufReader::new(std::fs::File::open(path)?), &policy)?;
+    while let Some(mut part) = r.next_part()? {
+        std::io::copy(&mut part, &mut std::io::sink()).map_err(bundle::BundleError::from_io)?;
+    }
+    if r.finish()? != *manifest {
+        bail!("it holds another manifest than the one written");
+    }
+    Ok(())
 }
 
 fn header(name: &str, size: u64, epoch: u64) -> Result<tar::Header> {
@@ -200,6 +216,22 @@ mod tests {
         assert!(e.contains("nope"), "{e}");
         // Nothing is left behind.
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn parts_of_a_build_in_bundle_order() {
+        let v = crate::verity::Verity { data_blocks: 10, hash_blocks: 2, root_hash: [7; 32], salt: vec![1; 32], uuid: [0; 16] };
+        let root = RootImage { squashfs: "/w/root.squashfs".into(), verity_path: "/w/root.verity".into(), verity: v, initrd: vec![9; 3], cmdline: String::new(), squashfs_bytes: 40960 };
+        let names = |b: &Boot| parts(&root, b).iter().map(|p| (p.name.clone(), p.kind)).collect::<Vec<_>>();
+        let uki = names(&Boot::Uki(Path::new("/w/kiln.efi")));
+        assert_eq!(uki, [("root.squashfs".into(), PartKind::Root), ("root.verity".into(), PartKind::Verity), ("kiln.efi".into(), PartKind::Uki)]);
+        let board = names(&Boot::Board { zimage: Path::new("/k/zImage"), dtb: Some(("am335x-boneblack.dtb", "/k/dtbs/am335x-boneblack.dtb".into())) });
+        let want: Vec<(String, PartKind)> = vec![("root.squashfs".into(), PartKind::Root), ("root.verity".into(), PartKind::Verity), ("zImage".into(), PartKind::Kernel), ("initramfs.cpio.zst".into(), PartKind::Initramfs), ("dtbs/am335x-boneblack.dtb".into(), PartKind::Dtb)];
+        assert_eq!(board, want);
+        // The stage-1 initramfs is the one the build holds in memory.
+        let p = parts(&root, &Boot::Board { zimage: Path::new("/k/zImage"), dtb: None });
+        assert_eq!(p.len(), 4);
+        assert!(matches!(&p[3].content, Content::Bytes(b) if b == &[9; 3]));
     }
 
     #[test]
