@@ -104,6 +104,8 @@ pub fn write_uki(root: &RootImage, b: &BootInputs, cmdline: &str, out: &Path) ->
 
 pub struct DiskBuilt {
     pub uki_name: String,
+    /// The UKI, in the work directory.
+    pub uki_path: PathBuf,
     /// Byte ranges (offset, length) of root-a and root-a-verity in disk.raw.
     pub root_a: (u64, u64),
     pub root_a_verity: (u64, u64),
@@ -182,7 +184,7 @@ pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b
     copy_sparse(&root.verity_path, &mut disk, rv.offset_bytes())?;
     copy_sparse(&data_path, &mut disk, part("data")?.offset_bytes())?;
     disk.sync_all()?;
-    Ok(DiskBuilt { uki_name, root_a: (ra.offset_bytes(), ra.size_bytes()), root_a_verity: (rv.offset_bytes(), rv.size_bytes()) })
+    Ok(DiskBuilt { uki_name, uki_path, root_a: (ra.offset_bytes(), ra.size_bytes()), root_a_verity: (rv.offset_bytes(), rv.size_bytes()) })
 }
 
 /// Bytes of a root slot, checked to hold the root's squashfs.

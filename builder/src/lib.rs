@@ -35,4 +35,5 @@ pub mod serve;
 pub mod sign;
 pub mod squashfs;
 pub mod uki;
+pub mod update;
 pub mod verity;

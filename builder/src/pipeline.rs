@@ -7,7 +7,7 @@ use crate::manifest::{self, Manifest};
 use crate::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
 use crate::rootfs::{Kind, Tree};
-use crate::{disk, init, isoboot, keys, packages, pxe, sbom, sdcard};
+use crate::{disk, init, isoboot, keys, packages, pxe, sbom, sdcard, update};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +32,9 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     // private key never goes into an output; the public key goes into the
     // image for verifying updates.
     let signer = keys::signing_key(&profile)?;
+    if profile.outputs.contains(&Output::Update) && signer.is_none() {
+        bail!("{}: {}", profile.path.display(), update::NEEDS_KEY);
+    }
     // The Secure Boot db key and certificate, checked against each other.
     let secureboot = profile.secureboot.as_ref().map(|s| crate::secureboot::Signer::load(s, &profile.path, profile.source_date_epoch)).transpose()?;
 
@@ -41,7 +44,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let busybox = input::resolve("rootfs.busybox", &profile.busybox, deb_arch, cache)?;
     init::check_static("rootfs.busybox", &busybox.path, profile.arch)?;
     let boot = match &profile.boot {
-        Some((sd, stub)) if profile.outputs.iter().any(|o| o.needs_disk()) => Some((
+        Some((sd, stub)) if profile.wants_uki() => Some((
             input::resolve("boot.systemd_boot", sd, deb_arch, cache)?,
             input::resolve("boot.stub", stub, deb_arch, cache)?,
         )),
@@ -145,22 +148,29 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
             epoch: profile.source_date_epoch,
             secureboot: secureboot.as_ref(),
         };
-        let wants_disk_file = profile.outputs.iter().any(|o| matches!(o, Output::Disk | Output::Qcow2 | Output::Zst | Output::Bmap));
-        let disk_path = if wants_disk_file { staging.path().join("disk.raw") } else { work.join("disk.raw") };
-        let built = disk::write(&disk_path, &work, &profile.disk, &root, &b)?;
-        for o in &profile.outputs {
-            match o {
-                Output::Qcow2 => disk::write_qcow2(staging.path())?,
-                Output::Zst => disk::write_zst(staging.path())?,
-                Output::Bmap => disk::write_bmap(staging.path())?,
-                Output::Iso => {
-                    let bios = bios.as_ref().map(|(a, b, c)| (a.path.as_path(), b.path.as_path(), c.path.as_path()));
-                    isoboot::write(&staging.path().join(format!("{name}.iso")), &work, &root, &b, &disk_path, &built, profile.iso.root_in_ram, bios).context("writing the ISO")?;
+        if !profile.outputs.iter().any(|o| o.needs_disk()) {
+            // Only the update bundle wants the UKI: no disk to write.
+            let uki_path = work.join("kiln.efi");
+            disk::write_uki(&root, &b, &root.cmdline, &uki_path)?;
+            uki = Some((String::new(), uki_path));
+        } else {
+            let wants_disk_file = profile.outputs.iter().any(|o| matches!(o, Output::Disk | Output::Qcow2 | Output::Zst | Output::Bmap));
+            let disk_path = if wants_disk_file { staging.path().join("disk.raw") } else { work.join("disk.raw") };
+            let built = disk::write(&disk_path, &work, &profile.disk, &root, &b)?;
+            for o in &profile.outputs {
+                match o {
+                    Output::Qcow2 => disk::write_qcow2(staging.path())?,
+                    Output::Zst => disk::write_zst(staging.path())?,
+                    Output::Bmap => disk::write_bmap(staging.path())?,
+                    Output::Iso => {
+                        let bios = bios.as_ref().map(|(a, b, c)| (a.path.as_path(), b.path.as_path(), c.path.as_path()));
+                        isoboot::write(&staging.path().join(format!("{name}.iso")), &work, &root, &b, &disk_path, &built, profile.iso.root_in_ram, bios).context("writing the ISO")?;
+                    }
+                    Output::Pxe | Output::Disk | Output::Sdcard | Output::Update => {}
                 }
-                Output::Pxe | Output::Disk | Output::Sdcard => {}
             }
+            uki = Some((built.uki_name, built.uki_path));
         }
-        uki = Some(built.uki_name);
     }
     if let (Some(board), Some(bi)) = (&profile.board, &board_inputs) {
         if profile.outputs.contains(&Output::Sdcard) {
@@ -168,13 +178,20 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
             let k = sdcard::KernelFiles { zimage: &kernel.image, dtbs: Some(&kernel.dtbs_dir) };
             sdcard::write(&staging.path().join("sdcard.img"), &work, &spec, board, bi, &root, &k).context("writing the SD card image")?;
         }
+        if let (Some(key), true) = (&signer, profile.outputs.contains(&Output::Update)) {
+            let dtb = sdcard::dtb_file(board, Some(&kernel.dtbs_dir))?.zip(board.dtb.as_deref()).map(|(file, name)| (name, file));
+            update::write_build(staging.path(), &profile, key, &root, &update::Boot::Board { zimage: &kernel.image, dtb }).context("writing the update bundle")?;
+        }
         // The QEMU board's firmware, for `kiln run` (not part of the card).
         if let Some(bios) = &bi.bios {
             std::fs::copy(&bios.path, staging.path().join(crate::qemu::UBOOT_BIN)).with_context(|| format!("copying the board's bios {}", bios.path.display()))?;
         }
     }
+    if let (Some(key), Some((_, uki_path)), None, true) = (&signer, &uki, &profile.board, profile.outputs.contains(&Output::Update)) {
+        update::write_build(staging.path(), &profile, key, &root, &update::Boot::Uki(uki_path)).context("writing the update bundle")?;
+    }
     std::fs::remove_dir_all(&work)?;
-    let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });
+    let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.map(|(name, _)| name).unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });
 
     let mut inputs: Vec<Resolved> = vec![kernel_src, busybox];
     if let Some((a, b)) = boot {
@@ -279,11 +296,16 @@ fn var_template(profile: &Profile) -> Result<Vec<u8>> {
 }
 
 fn os_release(p: &Profile) -> String {
-    format!(
+    let mut s = format!(
         "NAME=kiln\nID=kiln\nPRETTY_NAME=\"kiln {v} ({name})\"\nVERSION_ID={v}\nIMAGE_ID={name}\n",
         v = env!("CARGO_PKG_VERSION"),
         name = p.name
-    )
+    );
+    // What the node compares an update bundle's version with.
+    if let Some(v) = &p.version {
+        s.push_str(&format!("IMAGE_VERSION={v}\n"));
+    }
+    s
 }
 
 pub(crate) fn add_host_dir(t: &mut Tree, src: &Path, dst: &str) -> Result<()> {

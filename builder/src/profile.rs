@@ -133,11 +133,15 @@ pub enum Output {
     /// sdcard.img: the armv7 SD card for the profile's `board` (u-boot,
     /// extlinux.conf, A/B roots, data).
     Sdcard,
+    /// update.kiln: the signed update bundle (root, verity tree, UKI, or on
+    /// an armv7 board zImage, initramfs and dtb). Needs `version` and a
+    /// signing key.
+    Update,
 }
 
 impl Output {
     pub fn needs_disk(self) -> bool {
-        !matches!(self, Output::Pxe | Output::Sdcard)
+        !matches!(self, Output::Pxe | Output::Sdcard | Output::Update)
     }
 }
 
@@ -151,6 +155,9 @@ pub struct ProfileFile {
     pub description: Option<String>,
     pub arch: Option<Arch>,
     pub outputs: Option<Vec<Output>>,
+    /// The image's version (dot-separated numbers), for update bundles and
+    /// os-release's IMAGE_VERSION.
+    pub version: Option<String>,
     /// An armv7 board overlay, `overlays/boards/<board>/board.toml`.
     pub board: Option<String>,
     /// Timestamps inside artifacts (cpio mtimes…). `SOURCE_DATE_EPOCH` wins.
@@ -312,7 +319,7 @@ macro_rules! merge_opts {
 impl ProfileFile {
     /// Fills what the child leaves unset from its base.
     fn inherit(&mut self, base: &ProfileFile) {
-        merge_opts!(self, base, name, description, arch, outputs, board, source_date_epoch);
+        merge_opts!(self, base, name, description, arch, outputs, version, board, source_date_epoch);
         merge_opts!(self.kernel, base.kernel, source, base, fragments, cmdline);
         merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets, packages);
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
@@ -333,6 +340,14 @@ impl ProfileFile {
 
 // ---- The resolved profile the pipeline uses. ----
 
+impl Profile {
+    /// Whether the build makes a UKI: for a disk output, or for an update
+    /// bundle of an image that boots with UEFI (not an armv7 board).
+    pub fn wants_uki(&self) -> bool {
+        self.outputs.iter().any(|o| o.needs_disk()) || (self.outputs.contains(&Output::Update) && self.board.is_none())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub path: PathBuf,
@@ -340,6 +355,8 @@ pub struct Profile {
     pub description: String,
     pub arch: Arch,
     pub outputs: Vec<Output>,
+    /// `version`, checked to be one.
+    pub version: Option<String>,
     pub source_date_epoch: u64,
     pub kernel: KernelSpec,
     pub busybox: Input,
@@ -548,7 +565,20 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         })
         .collect();
     let outputs = f.outputs.clone().unwrap_or_else(|| vec![Output::Pxe]);
-    let wants_disk = outputs.iter().any(|o| o.needs_disk());
+    // An update bundle carries a UKI, unless the image is for an armv7 board.
+    let wants_disk = outputs.iter().any(|o| o.needs_disk()) || (outputs.contains(&Output::Update) && f.board.is_none());
+    let version = match &f.version {
+        Some(v) => Some(kiln_init::update::Version::parse(v).map(|_| v.clone()).map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "version"), key: "version".into(), message: m })?),
+        None if outputs.contains(&Output::Update) => {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(path, "outputs"),
+                key: "outputs".into(),
+                message: "the `update` output needs the image's version: add `version = \"1.0.0\"` (nodes refuse bundles older than what they run)".into(),
+            })
+        }
+        None => None,
+    };
     let boot = match (f.boot.systemd_boot.clone(), f.boot.stub.clone()) {
         (Some(a), Some(b)) => Some((a, b)),
         _ if wants_disk => return Err(missing("boot.systemd_boot` and `boot.stub")),
@@ -618,6 +648,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         description: f.description.unwrap_or_default(),
         arch,
         outputs,
+        version,
         source_date_epoch: source_date_epoch_from_env(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?.or(f.source_date_epoch).unwrap_or(0),
         kernel: KernelSpec {
             source: f.kernel.source.ok_or_else(|| missing("kernel.source"))?,
@@ -765,6 +796,25 @@ mod tests {
     }
 
     #[test]
+    fn update_output_needs_a_version() {
+        let d = source_tree();
+        let profile = |head: &str| {
+            let p = d.path().join("profiles/p.toml");
+            std::fs::write(&p, minimal(head, "[boot]\nsystemd_boot = { file = \"/s\", sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\" }\nstub = { file = \"/t\", sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\" }\n")).unwrap();
+            load(&p).map_err(|e| e.to_string())
+        };
+        let p = profile("arch = \"amd64\"\noutputs = [\"update\"]\nversion = \"1.2.10\"").unwrap();
+        assert_eq!(p.outputs, vec![Output::Update]);
+        assert_eq!(p.version.as_deref(), Some("1.2.10"));
+        assert!(p.boot.is_some());
+        let e = profile("arch = \"amd64\"\noutputs = [\"update\"]").unwrap_err();
+        assert!(e.contains("p.toml:2: key `outputs`") && e.contains("needs the image's version") && e.contains("version = \"1.0.0\""), "{e}");
+        let e = profile("arch = \"amd64\"\nversion = \"1.2-rc1\"").unwrap_err();
+        assert!(e.contains("p.toml:2: key `version`") && e.contains("`1.2-rc1` is not a version"), "{e}");
+        assert!(profile("arch = \"amd64\"").unwrap().version.is_none());
+    }
+
+    #[test]
     fn board_and_sdcard_are_for_armv7() {
         let d = source_tree();
         std::fs::create_dir_all(d.path().join("overlays/boards/testboard")).unwrap();
@@ -784,6 +834,11 @@ mod tests {
         assert!(e.contains("p.toml:2: key `outputs`") && e.contains("needs a `board"), "{e}");
         let e = profile("arch = \"arm64\"\noutputs = [\"sdcard\"]").unwrap_err();
         assert!(e.contains("key `outputs`") && e.contains("use `disk`"), "{e}");
+        // An armv7 board's update bundle carries its kernel files, not a UKI.
+        let p = profile("arch = \"armv7\"\nboard = \"testboard\"\nversion = \"1.2\"\noutputs = [\"sdcard\", \"update\"]").unwrap();
+        assert!(p.boot.is_none() && p.version.as_deref() == Some("1.2"));
+        let e = profile("arch = \"armv7\"\noutputs = [\"update\"]\nversion = \"1\"").unwrap_err();
+        assert!(e.contains("key `boot.systemd_boot` and `boot.stub`"), "{e}");
         let e = profile("arch = \"armv7\"\nboard = \"cubieboard3\"").unwrap_err();
         assert!(e.contains("p.toml:2: key `board`") && e.contains("no board overlay `cubieboard3`") && e.contains("(there: testboard)"), "{e}");
         std::fs::write(d.path().join("overlays/boards/testboard/board.toml"), "partition_table = \"mbr\"\nconsol = 1\n").unwrap();

@@ -201,7 +201,7 @@ pub fn write(path: &Path, work: &Path, spec: &SdSpec, board: &Board, inputs: &Bo
 }
 
 /// The host file of the board's dtb, checked to exist.
-fn dtb_file(board: &Board, dtbs: Option<&Path>) -> Result<Option<std::path::PathBuf>> {
+pub(crate) fn dtb_file(board: &Board, dtbs: Option<&Path>) -> Result<Option<std::path::PathBuf>> {
     let Some(d) = &board.dtb else { return Ok(None) };
     let err = |message: String| ProfileError::Invalid { path: board.path.clone(), line: line_of_dtb(board), key: "dtb".into(), message };
     let Some(dir) = dtbs else {

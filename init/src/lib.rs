@@ -6,6 +6,7 @@
 //! - [`net`]: netlink and DHCPv4, used by PID 1.
 //! - [`dm`]: device-mapper ioctls, for stage 1's dm-verity root.
 //! - [`date`]: calendar dates of Unix times (UTC).
+//! - [`update`]: reading and verifying signed update bundles.
 
 pub mod config;
 pub mod date;
@@ -18,3 +19,4 @@ pub mod net;
 #[cfg(target_os = "linux")]
 pub mod node;
 pub mod requirements;
+pub mod update;
