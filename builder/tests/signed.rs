@@ -78,7 +78,7 @@ fn signed_output_verifies_and_every_flipped_byte_is_named() {
     std::fs::write(
         t.join("profiles/s.toml"),
         format!(
-            "extends = \"{}\"\nname = \"signed\"\noutputs = [\"pxe\"]\n[node]\nconfig = \"nodes/single.toml\"\n[sign]\nkey_command = [\"cat\", \"../kiln.key\"]\n",
+            "extends = \"{}\"\nname = \"signed\"\nversion = \"1.4.0\"\noutputs = [\"pxe\", \"update\"]\n[node]\nconfig = \"nodes/single.toml\"\n[sign]\nkey_command = [\"cat\", \"../kiln.key\"]\n",
             workspace().join("profiles/qemu-amd64.toml").display()
         ),
     )
@@ -101,6 +101,31 @@ fn signed_output_verifies_and_every_flipped_byte_is_named() {
     let all = files(&o);
     for want in ["manifest.json", "manifest.json.minisig", "sbom.spdx.json", "sbom.spdx.json.minisig", "pxe/vmlinuz", "pxe/initramfs.cpio.zst", "pxe/boot.ipxe"] {
         assert!(all.iter().any(|f| f == want), "{want} missing: {all:?}");
+    }
+
+    // The update bundle, read as the node reads it, against the public key
+    // the image carries: its manifest names this build, and every part
+    // checks. An older node takes it; a newer one, or another arch, does not.
+    {
+        use kiln_init::update::{BundleReader, PartKind, Policy};
+        use std::io::Read;
+        let keys = [kiln_init::minisign::PublicKey::from_file(&std::fs::read_to_string(&public).unwrap()).unwrap()];
+        let policy = |arch, running| Policy { keys: &keys, arch, profile: "signed", running_version: running, allow_downgrade: false };
+        let open = |p: &Policy| BundleReader::open(std::fs::File::open(o.join("update.kiln")).unwrap(), p);
+        let mut b = open(&policy("amd64", Some("1.3.9"))).unwrap_or_else(|e| panic!("{e}"));
+        let m = b.manifest().clone();
+        assert_eq!((m.version.as_str(), m.arch.as_str(), m.profile.as_str()), ("1.4.0", "amd64", "signed"));
+        let kinds: Vec<PartKind> = m.parts.iter().map(|p| p.kind).collect();
+        assert_eq!(kinds, [PartKind::Root, PartKind::Verity, PartKind::Uki]);
+        while let Some(mut part) = b.next_part().unwrap() {
+            let mut sink = Vec::new();
+            part.read_to_end(&mut sink).unwrap_or_else(|e| panic!("{}: {e}", part.part().name));
+            part.finish().unwrap();
+        }
+        b.finish().unwrap();
+        let refused = |p: Policy| open(&p).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused(policy("amd64", Some("1.5.0"))).contains("1.4.0"), "a downgrade is refused");
+        assert!(refused(policy("armv7", None)).contains("armv7"), "another arch is refused");
     }
 
     // The SBOM: valid SPDX, naming what the image is made of.

@@ -220,8 +220,9 @@ fn runs_containers(arch: Arch, test: &str) {
     let log = n.vm.log().join("\n");
     assert!(log.contains(&format!("container image-imported file=/var/lib/k0s/images/{TARBALL}")), "the tarball was imported from /var/lib/k0s/images");
     assert!(log.contains(&format!("container images {IMAGE}")), "containerd names the image {IMAGE}");
-    let hello = log.lines().find(|l| l.contains("stand-in: container kiln-hello")).unwrap_or_default().to_string();
-    assert!(hello.contains("exit=0") && hello.contains("kiln-container-hello") && hello.contains("ifaces=lo") && hello.contains(&format!("memory.max={LIMIT}")), "{hello}");
+    let hello = log.lines().find(|l| l.contains("stand-in: container kiln-hello image=")).unwrap_or_default().to_string();
+    assert!(hello.contains("exit=0") && hello.contains("kiln-container-hello") && hello.contains("ifaces=lo") && hello.contains("cgroup=/k8s.io/kiln-hello"), "{hello}");
+    assert!(log.contains(&format!("stand-in: container kiln-hello /sys/fs/cgroup/k8s.io/kiln-hello/memory.max={LIMIT}")), "the limit, read from the host");
     let oom = log.lines().find(|l| l.contains("stand-in: oom-killed")).unwrap_or_else(|| n.fail("no oom-killed line"));
     assert!(oom.contains(&format!("container=kiln-oom limit={LIMIT} exit=137 event=/tasks/oom")), "{oom}");
     println!("{test}: {hello}\n{test}: {oom}");

@@ -6,7 +6,8 @@
 //!
 //! - a container from an imported image runs and prints a known line;
 //! - it has its own network namespace (only `lo`);
-//! - its cgroup v2 `memory.max` is the limit it was given;
+//! - its cgroup v2 `memory.max`, read from the host while it runs, is the
+//!   limit it was given;
 //! - a container that allocates past its limit is OOM-killed (exit 137), and
 //!   containerd reports the `/tasks/oom` event for it.
 //!
@@ -189,11 +190,11 @@ pub struct Seen {
     pub hello: bool,
     pub netns: Option<String>,
     pub ifaces: Vec<String>,
-    pub memory_max: Option<String>,
+    pub cgroup: Option<String>,
 }
 
 /// The shell script the first container runs (busybox applets only).
-pub const HELLO_SCRIPT: &str = "echo kiln-container-hello; echo netns=$(readlink /proc/self/ns/net); echo ifaces=$(ls /sys/class/net); c=$(cut -d: -f3 /proc/self/cgroup); echo memory.max=$(cat /sys/fs/cgroup$c/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory.max)";
+pub const HELLO_SCRIPT: &str = "echo kiln-container-hello; echo netns=$(readlink /proc/self/ns/net); echo ifaces=$(ls /sys/class/net); echo cgroup=$(cut -d: -f3 /proc/self/cgroup); sleep 5";
 
 pub fn parse_seen(out: &str) -> Seen {
     let mut s = Seen::default();
@@ -204,8 +205,8 @@ pub fn parse_seen(out: &str) -> Seen {
             s.netns = Some(v.to_string());
         } else if let Some(v) = l.strip_prefix("ifaces=") {
             s.ifaces = v.split_whitespace().map(String::from).collect();
-        } else if let Some(v) = l.strip_prefix("memory.max=") {
-            s.memory_max = Some(v.to_string());
+        } else if let Some(v) = l.strip_prefix("cgroup=") {
+            s.cgroup = Some(v.to_string());
         }
     }
     s
@@ -290,7 +291,27 @@ pub fn run_all(data_dir: &str, r: &mut Report) {
     let image = refs[0].clone();
     let limit = MEMORY_LIMIT.to_string();
 
-    let hello = ctr(&["run", "--rm", "--memory-limit", &limit, &image, "kiln-hello", "sh", "-c", HELLO_SCRIPT], STEP_TIMEOUT);
+    // The limit as the kernel holds it, read from the host while the
+    // container runs (it sleeps a little after its lines).
+    let (image2, limit2) = (image.clone(), limit.clone());
+    let running = std::thread::spawn(move || ctr(&["run", "--rm", "--memory-limit", &limit2, &image2, "kiln-hello", "sh", "-c", HELLO_SCRIPT], STEP_TIMEOUT));
+    let cgroup = format!("/{NAMESPACE}/kiln-hello");
+    let max_file = format!("/sys/fs/cgroup{cgroup}/memory.max");
+    let end = Instant::now() + STEP_TIMEOUT;
+    // runc makes the cgroup, then writes its limits: read until the limit
+    // shows or the container is gone, and keep the last value seen.
+    let mut memory_max = None;
+    loop {
+        if let Ok(v) = fs::read_to_string(&max_file) {
+            memory_max = Some(v.trim().to_string());
+        }
+        if memory_max.as_deref() == Some(limit.as_str()) || running.is_finished() || Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    say(&format!("container kiln-hello {max_file}={}", memory_max.as_deref().unwrap_or("unreadable")));
+    let hello = running.join().unwrap_or_else(|_| Err("the thread running ctr panicked".into()));
     let seen = r.check(
         "container-run",
         hello.and_then(|(code, out)| {
@@ -307,9 +328,9 @@ pub fn run_all(data_dir: &str, r: &mut Report) {
         r.check("container-netns", own_netns(&s, &host, &hardware_interfaces()));
         r.check(
             "container-memory-limit",
-            match s.memory_max.as_deref() {
-                Some(m) if m == limit => Ok(()),
-                m => Err(format!("the container's cgroup has memory.max {m:?}, not {limit}")),
+            match (s.cgroup.as_deref(), memory_max.as_deref()) {
+                (Some(c), Some(m)) if c == cgroup && m == limit => Ok(()),
+                (c, m) => Err(format!("the container is in cgroup {c:?} (want {cgroup}), whose memory.max is {m:?}, not {limit}")),
             },
         );
     }
@@ -340,15 +361,15 @@ mod tests {
 
     #[test]
     fn parses_what_the_container_prints() {
-        let s = parse_seen("kiln-container-hello\nnetns=net:[4026532200]\nifaces=lo\nmemory.max=33554432\n");
-        assert_eq!(s, Seen { hello: true, netns: Some("net:[4026532200]".into()), ifaces: vec!["lo".into()], memory_max: Some("33554432".into()) });
+        let s = parse_seen("kiln-container-hello\nnetns=net:[4026532200]\nifaces=lo\ncgroup=/k8s.io/kiln-hello\n");
+        assert_eq!(s, Seen { hello: true, netns: Some("net:[4026532200]".into()), ifaces: vec!["lo".into()], cgroup: Some("/k8s.io/kiln-hello".into()) });
         assert_eq!(parse_seen("oops\n"), Seen::default());
     }
 
     #[test]
     fn own_netns_means_another_namespace_without_the_hosts_devices() {
         let hw = vec!["eth0".to_string()];
-        let seen = |ns: &str, ifaces: &[&str]| Seen { hello: true, netns: Some(ns.into()), ifaces: ifaces.iter().map(|s| s.to_string()).collect(), memory_max: None };
+        let seen = |ns: &str, ifaces: &[&str]| Seen { hello: true, netns: Some(ns.into()), ifaces: ifaces.iter().map(|s| s.to_string()).collect(), cgroup: None };
         assert!(own_netns(&seen("net:[2]", &["lo", "tunl0"]), "net:[1]", &hw).is_ok());
         assert!(own_netns(&seen("net:[1]", &["lo"]), "net:[1]", &hw).is_err());
         assert!(own_netns(&seen("net:[2]", &["eth0", "lo"]), "net:[1]", &hw).is_err());
