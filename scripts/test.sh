@@ -25,7 +25,7 @@ prebuild=$!
 # Every test binary runs even when one fails, so one run reports every
 # failure. The QEMU tests for the other arches run last, so that their
 # kernels compile in the background while the amd64 guests run.
-late=(arm64 armv7)
+late=(arm64 armv7 containers)
 early=()
 for f in qemu-tests/tests/*.rs; do
   n=$(basename "$f" .rs)
