@@ -1,7 +1,10 @@
 //! A/B updates, node side. So far: reading and verifying update bundles
-//! ([`bundle`]) and comparing image versions ([`version`]). Writing a bundle
-//! to the other slot is not implemented yet.
+//! ([`bundle`]), comparing image versions ([`version`]) and, as a library
+//! the node does not call yet, writing a bundle to the other slot
+//! ([`apply`]).
 
+#[cfg(target_os = "linux")]
+pub mod apply;
 pub mod bundle;
 pub mod version;
 

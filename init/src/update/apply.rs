@@ -1,0 +1,696 @@
+//! Applying a verified update bundle to the inactive A/B slot of a GPT disk
+//! (library only: nothing on the node calls this yet).
+//!
+//! [`apply`] takes an opened [`BundleReader`] (signature and policy already
+//! checked), the disk the node booted from, the mounted ESP and the running
+//! root hash, and:
+//!
+//! 1. finds the inactive slot: the one of `root-a`/`root-b` whose PARTUUID is
+//!    not the running root hash's first half;
+//! 2. checks, before writing anything, that the root and verity parts fit
+//!    `root-<x>` and `root-<x>-verity`, and that the ESP has room for the UKI;
+//! 3. removes slot x's old boot entries (see below), then streams the root
+//!    part into `root-<x>`, the verity part into `root-<x>-verity` and the UKI
+//!    into a temporary file on the ESP (`EFI/Linux/.kiln-<profile>-<x>.efi.tmp`,
+//!    which systemd-boot ignores), never holding a part in memory;
+//! 4. once the bundle has been read to its end (every part's size and sha256
+//!    matched the signed manifest), drops the slot's pages from the cache and
+//!    reads it back: recomputes the dm-verity root hash of what is now on
+//!    `root-<x>`, with the salt and size in the superblock now on
+//!    `root-<x>-verity`, compares it with the manifest's `roothash`, and
+//!    compares every hash block on `root-<x>-verity` with the recomputed
+//!    tree (the kernel reads those blocks, so they must be right too);
+//! 5. only then gives the slot its new identity: the PARTUUIDs of `root-<x>`
+//!    and `root-<x>-verity` become the halves of the new root hash (as the
+//!    builder derives them), in the backup GPT first, synced, then the primary,
+//!    synced;
+//! 6. last, renames the UKI into place as `EFI/Linux/kiln-<profile>-<x>+3.efi`
+//!    (BLS type #2 boot counting: three tries) and syncs the directory.
+//!
+//! The running slot's partitions, their GPT entries and its boot entry are
+//! never written.
+//!
+//! # Power loss
+//!
+//! At every instant the running slot's entry still boots the running root:
+//! nothing of it is touched. For slot x:
+//!
+//! - Its old boot entry (an older image, or a failed update) is removed
+//!   before the first byte of its root is overwritten: from then on that
+//!   entry would point at a root that no longer verifies, so it is no longer
+//!   a fallback worth keeping, and booting it would only cost a failed boot.
+//! - While the root and verity are written and checked, slot x still has its
+//!   old PARTUUIDs, which no boot entry names any more; a half-written slot is
+//!   therefore never found by stage 1.
+//! - After the GPT switch but before the rename, slot x has the new identity
+//!   and no boot entry: still not bootable. A cut between the backup and the
+//!   primary GPT write leaves a valid primary (old identity); the next apply
+//!   rewrites both.
+//! - The rename is atomic on the ESP's FAT as far as FAT goes (the new name
+//!   is one directory entry); the UKI's data was synced before it. Only after
+//!   it does a boot entry name the new root, and by then the root, its hash
+//!   tree and the PARTUUIDs that find them are all on disk.
+//!
+//! A leftover `.tmp` from a cut apply is removed by the next one.
+//!
+//! If the read-back fails, [`apply`] returns an error with the GPT and the
+//! boot entries as they were (except slot x's old entry, see above).
+//!
+//! # Not covered yet
+//!
+//! - armv7 boards that boot through u-boot from an MBR card (the bundle has
+//!   `kernel`/`initramfs` parts instead of a UKI): [`ApplyError::Unsupported`].
+//! - Making the new entry the default or a one-shot (systemd-boot picks the
+//!   newest version it finds), marking a boot good, and rollback.
+//! - The kernel's view of the partition table is not re-read after the
+//!   PARTUUID change (the disk is busy); the next boot reads it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::bundle::{hex, BundleError, BundleReader, PartKind};
+use crate::node::gpt::{self, Gpt, Guid, Header, Partition};
+
+/// Tries a new boot entry gets (BLS boot counting, `+3`).
+pub const TRIES: u32 = 3;
+/// Where UKIs live on the ESP (BLS type #2).
+pub const ENTRY_DIR: &str = "EFI/Linux";
+const CHUNK: usize = 1 << 20;
+const VERITY_BLOCK: u64 = 4096;
+const DIGEST: usize = 32;
+const PER_BLOCK: usize = VERITY_BLOCK as usize / DIGEST;
+
+/// A root slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub fn letter(self) -> &'static str {
+        match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        }
+    }
+
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    pub fn root_name(self) -> String {
+        format!("root-{}", self.letter())
+    }
+
+    pub fn verity_name(self) -> String {
+        format!("root-{}-verity", self.letter())
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.letter())
+    }
+}
+
+/// Where to apply an update.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    /// The whole disk the node booted from (a block device, or an image file
+    /// in tests).
+    pub disk: &'a Path,
+    /// The mounted ESP (`/boot` on a node).
+    pub esp: &'a Path,
+    /// The running root hash (`roothash=` on the cmdline).
+    pub running_roothash: [u8; 32],
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The slot written.
+    pub slot: Slot,
+    pub version: String,
+    pub roothash: String,
+    pub root_bytes: u64,
+    pub verity_bytes: u64,
+    pub uki_bytes: u64,
+    /// The boot entry's file name in `EFI/Linux`, `kiln-<profile>-<x>+3.efi`.
+    pub entry: String,
+}
+
+impl Applied {
+    pub fn bytes_written(&self) -> u64 {
+        self.root_bytes + self.verity_bytes + self.uki_bytes
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Bundle(#[from] BundleError),
+    #[error("applying this update is not supported yet: {what}")]
+    Unsupported { what: String },
+    #[error("the update's root hash {roothash} is the running root's: this node already runs that image, nothing to apply")]
+    AlreadyRunning { roothash: String },
+    #[error("{op} {path}: {source}")]
+    Io { op: String, path: PathBuf, source: io::Error },
+    #[error("the partition table of {disk} cannot be used for an update: {reason}")]
+    Gpt { disk: PathBuf, reason: String },
+    #[error("{disk} has no partition named `{name}`: it is not a kiln disk with A/B slots (root-a, root-a-verity, root-b, root-b-verity), or its table was changed; give the disk the node booted from")]
+    MissingPartition { disk: PathBuf, name: String },
+    #[error("neither root-a (PARTUUID {a}) nor root-b (PARTUUID {b}) on {disk} holds the running root (PARTUUID {running}, the first half of the running root hash); give the disk the node booted from")]
+    NotRunningDisk { disk: PathBuf, a: Guid, b: Guid, running: Guid },
+    #[error("part `{part}` is {size} bytes, but partition {partition} on {disk} holds only {capacity}; nothing was written. The new image outgrew the slot: make the root smaller, or reinstall the node with a larger `disk.root_slot_mib`")]
+    TooLarge { part: String, size: u64, partition: String, disk: PathBuf, capacity: u64 },
+    #[error("the ESP at {esp} has {free} bytes free, but the new boot entry needs {need}; nothing was written. Remove files you do not need from the ESP (not EFI/Linux/kiln-*)")]
+    EspFull { esp: PathBuf, free: u64, need: u64 },
+    #[error("the verity part now on {partition} is not a dm-verity hash tree as kiln writes it: {reason}; slot not switched, boot entries left as they were. The bundle was not built by kiln, or is from an incompatible version")]
+    BadVerity { partition: String, reason: String },
+    #[error("reading back slot {slot}: the root now on {partition} has dm-verity root hash {found}, but the update's manifest says {expected}; slot not switched, boot entries left as they were. Either the bundle's root and verity parts do not belong together (a bad build), or the disk did not keep what was written (check it)")]
+    RootHashMismatch { slot: Slot, partition: String, expected: String, found: String },
+    #[error("reading back slot {slot}: hash block {block} on {partition} differs from the tree of the root now on {root}; slot not switched, boot entries left as they were. Either the bundle's verity part is not the tree of its root (a bad build), or the disk did not keep what was written (check it)")]
+    TreeMismatch { slot: Slot, partition: String, root: String, block: u64 },
+}
+
+fn io_err(op: impl Into<String>, path: &Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {
+    let op = op.into();
+    move |source| ApplyError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// A partition's place on the disk, for messages and I/O.
+#[derive(Debug, Clone)]
+struct Region {
+    /// `root-b (partition 4 of /dev/vda)`.
+    label: String,
+    offset: u64,
+    len: u64,
+}
+
+impl Region {
+    fn of(p: &Partition, lba: u64, disk: &Path) -> Region {
+        // Disk::read checked first <= last < the disk's blocks.
+        Region { label: format!("{} (partition {} of {})", p.name, p.number, disk.display()), offset: p.first_lba * lba, len: (p.last_lba + 1 - p.first_lba) * lba }
+    }
+}
+
+/// The disk's GPT, primary and backup, and the slots.
+struct Disk {
+    lba: u64,
+    gpt: Gpt,
+    backup: Header,
+    running: Slot,
+    parts: [Partition; 4], // root-a, root-a-verity, root-b, root-b-verity
+}
+
+impl Disk {
+    fn read(f: &File, path: &Path, running_hash: &[u8; 32]) -> Result<Disk, ApplyError> {
+        let lba = sector_size(f);
+        let bytes = (&*f).seek(SeekFrom::End(0)).map_err(io_err("finding the size of", path))?;
+        let bad = |reason: String| ApplyError::Gpt { disk: path.to_path_buf(), reason };
+        let gpt = Gpt::read(f, lba, bytes).map_err(|e| match e {
+            gpt::GptError::Io(source) => ApplyError::Io { op: "reading the GPT of".into(), path: path.to_path_buf(), source },
+            e => bad(e.to_string()),
+        })?;
+        if gpt.from_backup {
+            return Err(bad("the primary GPT is damaged (only the backup is readable); repair it (`sgdisk -v`, then `sgdisk -e` or a reinstall) before updating".into()));
+        }
+        let h = &gpt.header;
+        if h.my_lba != 1 || h.alternate_lba <= h.last_usable || h.alternate_lba >= bytes / lba {
+            return Err(bad(format!("the primary header's LBAs ({} and backup {}) do not fit a disk of {} blocks", h.my_lba, h.alternate_lba, bytes / lba)));
+        }
+        let mut sector = vec![0u8; lba as usize];
+        f.read_exact_at(&mut sector, h.alternate_lba * lba).map_err(io_err("reading the backup GPT of", path))?;
+        let backup = Gpt::parse(lba, &sector, &read_entries(f, path, &sector, lba)?).map_err(|e| bad(format!("the backup GPT: {e}; repair it (`sgdisk -v`, `sgdisk -e`) before updating")))?;
+        if backup.entries != gpt.entries || backup.header.my_lba != h.alternate_lba {
+            return Err(bad("the backup GPT does not match the primary; repair it (`sgdisk -v`) before updating".into()));
+        }
+        let find = |name: &str| gpt.by_name(name).ok_or_else(|| ApplyError::MissingPartition { disk: path.to_path_buf(), name: name.into() });
+        let parts = [find("root-a")?, find("root-a-verity")?, find("root-b")?, find("root-b-verity")?];
+        // Writing slot x must never reach past the disk or into the other slot.
+        let lbas = bytes / lba;
+        for (i, p) in parts.iter().enumerate() {
+            if p.first_lba > p.last_lba || p.last_lba >= lbas {
+                return Err(bad(format!("partition {} ({}) spans blocks {} to {}, outside a disk of {lbas} blocks", p.number, p.name, p.first_lba, p.last_lba)));
+            }
+            if let Some(q) = parts[..i].iter().find(|q| q.first_lba <= p.last_lba && p.first_lba <= q.last_lba) {
+                return Err(bad(format!("partitions {} ({}) and {} ({}) overlap", q.number, q.name, p.number, p.name)));
+            }
+        }
+        let running_uuid = data_uuid(running_hash);
+        let running = if parts[0].uuid == running_uuid {
+            Slot::A
+        } else if parts[2].uuid == running_uuid {
+            Slot::B
+        } else {
+            return Err(ApplyError::NotRunningDisk { disk: path.to_path_buf(), a: parts[0].uuid, b: parts[2].uuid, running: running_uuid });
+        };
+        Ok(Disk { lba, gpt, backup: backup.header, running, parts })
+    }
+
+    fn slot(&self, s: Slot) -> (&Partition, &Partition) {
+        match s {
+            Slot::A => (&self.parts[0], &self.parts[1]),
+            Slot::B => (&self.parts[2], &self.parts[3]),
+        }
+    }
+
+    /// The writes that give slot `s` the identity of `roothash`: backup
+    /// entries and header, then primary entries and header.
+    fn switch_writes(&self, s: Slot, roothash: &[u8; 32]) -> Vec<(u64, Vec<u8>)> {
+        let (root, verity) = self.slot(s);
+        let size = self.gpt.header.entry_size as usize;
+        let mut entries = self.gpt.entries.clone();
+        for (p, uuid) in [(root, data_uuid(roothash)), (verity, hash_uuid(roothash))] {
+            let off = (p.number as usize - 1) * size;
+            entries[off + 16..off + 32].copy_from_slice(&to_gpt_bytes(uuid));
+        }
+        let crc = gpt::crc32(&entries);
+        let (p, b) = (&self.gpt.header, &self.backup);
+        vec![
+            (b.entries_lba * self.lba, entries.clone()),
+            (b.my_lba * self.lba, b.encode(b.my_lba, b.alternate_lba, b.last_usable, b.entries_lba, crc)),
+            (p.entries_lba * self.lba, entries),
+            (p.my_lba * self.lba, p.encode(p.my_lba, p.alternate_lba, p.last_usable, p.entries_lba, crc)),
+        ]
+    }
+}
+
+fn read_entries(f: &File, path: &Path, sector: &[u8], lba: u64) -> Result<Vec<u8>, ApplyError> {
+    let h = Header::parse(sector).map_err(|e| ApplyError::Gpt { disk: path.to_path_buf(), reason: format!("the backup GPT: {e}; repair it (`sgdisk -v`, `sgdisk -e`) before updating") })?;
+    let mut entries = vec![0u8; h.entries_bytes() as usize];
+    f.read_exact_at(&mut entries, h.entries_lba * lba).map_err(io_err("reading the backup GPT entries of", path))?;
+    Ok(entries)
+}
+
+fn sector_size(f: &File) -> u64 {
+    const BLKSSZGET: libc::c_ulong = 0x1268;
+    let is_block = f.metadata().map(|m| m.file_type().is_block_device()).unwrap_or(false);
+    if !is_block {
+        return 512;
+    }
+    let mut n: libc::c_int = 512;
+    // SAFETY: BLKSSZGET writes one int.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKSSZGET as _, &mut n) } != 0 || n < 512 {
+        return 512;
+    }
+    n as u64
+}
+
+/// PARTUUID of a root partition: the root hash's first 128 bits (as the
+/// builder and stage 1 derive it).
+pub fn data_uuid(roothash: &[u8; 32]) -> Guid {
+    let mut g = [0u8; 16];
+    g.copy_from_slice(&roothash[..16]);
+    Guid(g)
+}
+
+/// PARTUUID of a verity partition: the root hash's last 128 bits.
+pub fn hash_uuid(roothash: &[u8; 32]) -> Guid {
+    let mut g = [0u8; 16];
+    g.copy_from_slice(&roothash[16..]);
+    Guid(g)
+}
+
+fn to_gpt_bytes(g: Guid) -> [u8; 16] {
+    let mut b = g.0;
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    b
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(std::str::from_utf8(&b[2 * i..2 * i + 2]).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The boot entry file name of `slot`: `kiln-<profile>-<x>+3.efi`.
+pub fn entry_name(profile: &str, slot: Slot) -> String {
+    format!("kiln-{profile}-{slot}+{TRIES}.efi")
+}
+
+/// True for a boot entry of `slot`, whatever its counter says:
+/// `kiln-<profile>-<x>.efi`, `…+N.efi`, `…+N-M.efi` (any case: FAT).
+pub fn is_slot_entry(name: &str, profile: &str, slot: Slot) -> bool {
+    let name = name.to_ascii_lowercase();
+    let stem = format!("kiln-{}-{slot}", profile.to_ascii_lowercase());
+    let Some(rest) = name.strip_prefix(&stem).and_then(|r| r.strip_suffix(".efi")) else { return false };
+    if rest.is_empty() {
+        return true;
+    }
+    let Some(counter) = rest.strip_prefix('+') else { return false };
+    let mut it = counter.splitn(2, '-');
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    it.next().is_some_and(digits) && it.next().into_iter().all(digits)
+}
+
+fn temp_name(profile: &str, slot: Slot) -> String {
+    format!(".kiln-{profile}-{slot}.efi.tmp")
+}
+
+/// Writes the bundle to the inactive slot of `target.disk` and installs its
+/// boot entry; see the module docs for the order and why.
+pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Applied, ApplyError> {
+    let m = bundle.manifest().clone();
+    let Some(uki) = m.part(PartKind::Uki).cloned() else {
+        return Err(ApplyError::Unsupported {
+            what: format!("the bundle is for {} (kernel, initramfs and device trees booted by u-boot){}; only bundles with a UKI (amd64, arm64, armv7 on UEFI) can be applied so far", m.board.as_deref().map_or_else(|| m.arch.clone(), |b| format!("the {b} board")), if m.board.is_some() { " from an MBR card" } else { "" }),
+        });
+    };
+    let (root, verity) = (m.part(PartKind::Root).cloned().expect("checked by Manifest::parse"), m.part(PartKind::Verity).cloned().expect("checked by Manifest::parse"));
+    let new_hash = unhex32(&m.roothash).ok_or_else(|| BundleError::BadManifest { reason: format!("key `roothash`: `{}` is not hex", m.roothash) })?;
+    if new_hash == target.running_roothash {
+        return Err(ApplyError::AlreadyRunning { roothash: m.roothash.clone() });
+    }
+
+    // Everything that can be checked before a write.
+    let path = target.disk;
+    let f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err("opening the disk", path))?;
+    let disk = Disk::read(&f, path, &target.running_roothash)?;
+    let x = disk.running.other();
+    let (rp, vp) = disk.slot(x);
+    let (rr, vr) = (Region::of(rp, disk.lba, path), Region::of(vp, disk.lba, path));
+    for (part, region) in [(&root, &rr), (&verity, &vr)] {
+        if part.size > region.len {
+            return Err(ApplyError::TooLarge { part: part.name.clone(), size: part.size, partition: region.label.clone(), disk: path.to_path_buf(), capacity: region.len });
+        }
+    }
+    let dir = target.esp.join(ENTRY_DIR);
+    fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    // Slot x's old entries (and a cut apply's temp file) go first: its root
+    // is about to be overwritten.
+    let tmp_name = temp_name(&m.profile, x);
+    let mut stale = Vec::new();
+    for e in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
+        let e = e.map_err(io_err("listing", &dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_slot_entry(&name, &m.profile, x) || name.eq_ignore_ascii_case(&tmp_name) {
+            let len = e.metadata().map_err(io_err("reading", &e.path()))?.len();
+            stale.push((e.path(), len));
+        }
+    }
+    // Free space counts what the stale entries will free.
+    let free = free_bytes(&dir)? + stale.iter().map(|(_, len)| len).sum::<u64>();
+    // The UKI plus a little for FAT's directory and cluster slack.
+    let need = uki.size + 64 * 1024;
+    if free < need {
+        return Err(ApplyError::EspFull { esp: target.esp.to_path_buf(), free, need });
+    }
+    for (p, _) in &stale {
+        fs::remove_file(p).map_err(io_err("removing the old boot entry", p))?;
+    }
+    if !stale.is_empty() {
+        sync_dir(&dir)?;
+    }
+
+    // Stream the parts.
+    let tmp = dir.join(&tmp_name);
+    let streamed = (|| -> Result<(u64, u64, u64), ApplyError> {
+        let (mut rb, mut vb, mut ub) = (0, 0, 0);
+        while let Some(mut part) = bundle.next_part()? {
+            match part.part().kind {
+                PartKind::Root => rb = write_region(&mut part, &f, &rr)?,
+                PartKind::Verity => vb = write_region(&mut part, &f, &vr)?,
+                PartKind::Uki => ub = write_file(&mut part, &tmp)?,
+                k => return Err(ApplyError::Unsupported { what: format!("a `{k}` part in a bundle with a UKI") }),
+            }
+        }
+        bundle.finish()?;
+        Ok((rb, vb, ub))
+    })();
+    let cleanup = |e: ApplyError| {
+        let _ = fs::remove_file(&tmp);
+        e
+    };
+    let (root_bytes, verity_bytes, uki_bytes) = streamed.map_err(cleanup)?;
+
+    // Read back, then switch, then install.
+    check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
+    for (i, (off, bytes)) in disk.switch_writes(x, &new_hash).iter().enumerate() {
+        f.write_all_at(bytes, *off).map_err(io_err("writing the GPT of", path)).map_err(cleanup)?;
+        if i == 1 {
+            f.sync_data().map_err(io_err("syncing the backup GPT of", path)).map_err(cleanup)?;
+        }
+    }
+    f.sync_all().map_err(io_err("syncing the GPT of", path)).map_err(cleanup)?;
+    let entry = entry_name(&m.profile, x);
+    let dst = dir.join(&entry);
+    fs::rename(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
+    sync_dir(&dir)?;
+    Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes, entry })
+}
+
+/// Reads up to `buf.len()` bytes; fewer only at the end.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, ApplyError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ApplyError::Bundle(BundleError::from_io(e))),
+        }
+    }
+    Ok(n)
+}
+
+fn write_region(part: &mut impl Read, f: &File, r: &Region) -> Result<u64, ApplyError> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    let werr = |source| ApplyError::Io { op: "writing".into(), path: PathBuf::from(&r.label), source };
+    loop {
+        let n = read_full(part, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if at + n as u64 > r.len {
+            // The manifest's size was checked; this is defence in depth.
+            return Err(werr(io::Error::other("the part is larger than the partition")));
+        }
+        f.write_all_at(&buf[..n], r.offset + at).map_err(werr)?;
+        at += n as u64;
+    }
+    f.sync_data().map_err(werr)?;
+    Ok(at)
+}
+
+fn write_file(part: &mut impl Read, path: &Path) -> Result<u64, ApplyError> {
+    let mut out = File::create(path).map_err(io_err("creating", path))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    loop {
+        let n = read_full(part, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(io_err("writing", path))?;
+        at += n as u64;
+    }
+    out.sync_all().map_err(io_err("syncing", path))?;
+    Ok(at)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ApplyError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing the directory", dir))
+}
+
+fn free_bytes(dir: &Path) -> Result<u64, ApplyError> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| ApplyError::Io { op: "checking free space on".into(), path: dir.to_path_buf(), source: io::Error::other("a NUL in the path") })?;
+    // SAFETY: statvfs fills the struct it is given; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(ApplyError::Io { op: "checking free space on".into(), path: dir.to_path_buf(), source: io::Error::last_os_error() });
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// The veritysetup superblock fields the read-back needs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub data_blocks: u64,
+    pub salt: Vec<u8>,
+}
+
+/// Parses a veritysetup superblock as the builder writes it: version 1,
+/// hash type 1, sha256, 4096-byte data and hash blocks.
+pub fn parse_superblock(b: &[u8]) -> Result<Superblock, String> {
+    if b.len() < 512 || &b[0..8] != b"verity\0\0" {
+        return Err("no `verity` superblock at its start".into());
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    if u32_at(8) != 1 || u32_at(12) != 1 {
+        return Err(format!("superblock version {} and hash type {}, not 1 and 1", u32_at(8), u32_at(12)));
+    }
+    let alg_end = b[32..64].iter().position(|&c| c == 0).unwrap_or(32);
+    if &b[32..32 + alg_end] != b"sha256" {
+        return Err(format!("hash algorithm {:?}, not sha256", String::from_utf8_lossy(&b[32..32 + alg_end])));
+    }
+    if u32_at(64) != VERITY_BLOCK as u32 || u32_at(68) != VERITY_BLOCK as u32 {
+        return Err(format!("block sizes {} and {}, not 4096", u32_at(64), u32_at(68)));
+    }
+    let mut db = [0u8; 8];
+    db.copy_from_slice(&b[72..80]);
+    let data_blocks = u64::from_le_bytes(db);
+    let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
+    if salt_len > 256 {
+        return Err(format!("a salt of {salt_len} bytes (at most 256)"));
+    }
+    if data_blocks == 0 {
+        return Err("0 data blocks".into());
+    }
+    Ok(Superblock { data_blocks, salt: b[88..88 + salt_len].to_vec() })
+}
+
+/// Blocks of a hash area for `data_blocks`, superblock included (as the
+/// builder's `verity::hash_blocks`).
+pub fn hash_blocks(data_blocks: u64) -> u64 {
+    let mut total = 1;
+    let mut n = data_blocks;
+    while n > 1 {
+        n = n.div_ceil(PER_BLOCK as u64);
+        total += n;
+    }
+    total
+}
+
+fn pack(ds: &[[u8; DIGEST]], block: &mut [u8; VERITY_BLOCK as usize]) {
+    block.fill(0);
+    for (slot, d) in block.chunks_exact_mut(DIGEST).zip(ds) {
+        slot.copy_from_slice(d);
+    }
+}
+
+/// The read-back: the root hash of the data on `root` with the salt and size
+/// of the superblock on `verity`, and every hash block on `verity` compared
+/// with the recomputed tree. The same format as the builder's
+/// `verity::build` (hash type 1: sha256(salt || block), levels root-most
+/// first after the superblock, 128 digests a block).
+fn check_slot(f: &File, slot: Slot, root: &Region, verity: &Region, root_size: u64, verity_size: u64, expected: &[u8; 32]) -> Result<(), ApplyError> {
+    // What was just written must come from the disk, not the page cache.
+    // SAFETY: plain advice on an open fd.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), root.offset as libc::off_t, root.len as libc::off_t, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(f.as_raw_fd(), verity.offset as libc::off_t, verity.len as libc::off_t, libc::POSIX_FADV_DONTNEED);
+    }
+    let rerr = |r: &Region| {
+        let label = r.label.clone();
+        move |source| ApplyError::Io { op: "reading back".into(), path: PathBuf::from(label), source }
+    };
+    let bad = |reason: String| ApplyError::BadVerity { partition: verity.label.clone(), reason };
+    let mut block = [0u8; VERITY_BLOCK as usize];
+    f.read_exact_at(&mut block, verity.offset).map_err(rerr(verity))?;
+    let sb = parse_superblock(&block).map_err(bad)?;
+    if sb.data_blocks.checked_mul(VERITY_BLOCK) != Some(root_size) {
+        return Err(bad(format!("it covers {} blocks of 4096 bytes, but the root part is {root_size} bytes", sb.data_blocks)));
+    }
+    let hash_len = hash_blocks(sb.data_blocks) * VERITY_BLOCK;
+    if hash_len > verity_size {
+        return Err(bad(format!("its tree needs {hash_len} bytes, but the verity part is {verity_size}")));
+    }
+
+    let salted = Sha256::new().chain_update(&sb.salt);
+    let digest = |data: &[u8]| -> [u8; DIGEST] { salted.clone().chain_update(data).finalize().into() };
+    let mut level0 = Vec::with_capacity(sb.data_blocks.min(1 << 20) as usize);
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < root_size {
+        let n = (root_size - at).min(CHUNK as u64) as usize;
+        f.read_exact_at(&mut buf[..n], root.offset + at).map_err(rerr(root))?;
+        level0.extend(buf[..n].chunks_exact(VERITY_BLOCK as usize).map(digest));
+        at += n as u64;
+    }
+    let mut levels = vec![level0];
+    while let Some(last) = levels.last().filter(|l| l.len() > 1) {
+        let next = last
+            .chunks(PER_BLOCK)
+            .map(|ds| {
+                pack(ds, &mut block);
+                digest(&block)
+            })
+            .collect();
+        levels.push(next);
+    }
+    let found = levels.last().expect("one level at least")[0];
+    if found != *expected {
+        return Err(ApplyError::RootHashMismatch { slot, partition: root.label.clone(), expected: hex(expected), found: hex(&found) });
+    }
+    let mut on_disk = [0u8; VERITY_BLOCK as usize];
+    let mut index = 1u64;
+    for level in levels[..levels.len() - 1].iter().rev() {
+        for ds in level.chunks(PER_BLOCK) {
+            pack(ds, &mut block);
+            f.read_exact_at(&mut on_disk, verity.offset + index * VERITY_BLOCK).map_err(rerr(verity))?;
+            if on_disk != block {
+                return Err(ApplyError::TreeMismatch { slot, partition: verity.label.clone(), root: root.label.clone(), block: index });
+            }
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_entries() {
+        for n in ["kiln-edge-b+3.efi", "kiln-edge-b.efi", "kiln-edge-b+0-3.efi", "KILN-EDGE-B+2-1.EFI", "kiln-edge-b+12.efi"] {
+            assert!(is_slot_entry(n, "edge", Slot::B), "{n}");
+        }
+        for n in ["kiln-edge-a+3.efi", "kiln-edge-b+.efi", "kiln-edge-b+3-.efi", "kiln-edge-bb+3.efi", "kiln-edge-b+3.efi.tmp", "kiln-edge2-b+3.efi", "kiln-edge-b+x.efi", "kiln-edge-b+1-2-3.efi"] {
+            assert!(!is_slot_entry(n, "edge", Slot::B), "{n}");
+        }
+        assert_eq!(entry_name("edge", Slot::A), "kiln-edge-a+3.efi");
+        assert!(!is_slot_entry(&temp_name("edge", Slot::B), "edge", Slot::B));
+    }
+
+    #[test]
+    fn uuids_are_root_hash_halves_in_gpt_order() {
+        let h = unhex32("4f68bce3e8cd4db196e7fbcaf984b7092c7357edebd246d9aec123d437ec2bf5").unwrap();
+        assert_eq!(data_uuid(&h).to_string(), "4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
+        assert_eq!(hash_uuid(&h).to_string(), "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5");
+        let g = to_gpt_bytes(data_uuid(&h));
+        assert_eq!(hex(&g), "e3bc684fcde8b14d96e7fbcaf984b709");
+        assert_eq!(Guid::from_gpt_bytes(&g), data_uuid(&h));
+        assert!(unhex32("zz").is_none());
+    }
+
+    #[test]
+    fn superblocks() {
+        let mut b = [0u8; 4096];
+        b[0..8].copy_from_slice(b"verity\0\0");
+        b[8..16].copy_from_slice(&[1, 0, 0, 0, 1, 0, 0, 0]);
+        b[32..38].copy_from_slice(b"sha256");
+        b[64..72].copy_from_slice(&[0, 0x10, 0, 0, 0, 0x10, 0, 0]);
+        b[72..80].copy_from_slice(&7u64.to_le_bytes());
+        b[80] = 2;
+        b[88..90].copy_from_slice(&[0xab, 0xcd]);
+        assert_eq!(parse_superblock(&b).unwrap(), Superblock { data_blocks: 7, salt: vec![0xab, 0xcd] });
+        let mut sha1 = b;
+        sha1[32..38].copy_from_slice(b"sha1\0\0");
+        assert!(parse_superblock(&sha1).unwrap_err().contains("sha1"));
+        let mut small = b;
+        small[64..66].copy_from_slice(&[0, 2]);
+        assert!(parse_superblock(&small).unwrap_err().contains("block sizes"));
+        assert!(parse_superblock(&[0u8; 4096]).is_err());
+        assert_eq!((hash_blocks(1), hash_blocks(129), hash_blocks(262_144)), (1, 4, 1 + 2048 + 16 + 1));
+    }
+}
