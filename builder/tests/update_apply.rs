@@ -403,3 +403,22 @@ fn refuses_other_disks_and_boards() {
     assert!(matches!(e, ApplyError::Unsupported { .. }), "{e}");
     assert!(e.to_string().contains("beaglebone") && e.to_string().contains("not supported yet"), "{e}");
 }
+
+/// A root of one 4 KiB block has no hash levels: its root hash is the
+/// block's own hash, and the tree is the superblock alone.
+#[test]
+fn a_one_block_root() {
+    if !have_sgdisk() {
+        return;
+    }
+    let key = KeyPair::generate();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = image(tmp.path(), "a", 1, 16 * 4096);
+    let tiny = image(tmp.path(), "tiny", 5, 100);
+    assert_eq!(std::fs::metadata(&tiny.verity).unwrap().len(), 4096);
+    let node = Node::new(&a);
+    let done = node.apply(&bundle(&node.work, &key, &tiny, "1.1", &tiny.roothash), &key, &a).unwrap();
+    assert_eq!((done.slot, done.root_bytes, done.verity_bytes), (Slot::B, 4096, 4096));
+    node.assert_slot_is("b", &tiny);
+    node.assert_verifies();
+}
