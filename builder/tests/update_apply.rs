@@ -276,8 +276,11 @@ fn applies_to_the_inactive_slot_then_back() {
     }
 }
 
+/// The GPT areas at the start and end of the disk, slot a, and the ESP.
+type Snapshot = (Vec<u8>, Vec<u8>, Vec<u8>, BTreeMap<String, Vec<u8>>);
+
 /// Everything that must not change when an apply fails before the switch.
-fn snapshot(node: &Node) -> (Vec<u8>, Vec<u8>, Vec<u8>, BTreeMap<String, Vec<u8>>) {
+fn snapshot(node: &Node) -> Snapshot {
     let f = File::open(&node.disk).unwrap();
     let mut head = vec![0u8; 34 * 512];
     f.read_exact_at(&mut head, 0).unwrap();

@@ -371,7 +371,10 @@ pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
     let m = bundle.manifest().clone();
     let Some(uki) = m.part(PartKind::Uki).cloned() else {
         return Err(ApplyError::Unsupported {
-            what: format!("the bundle is for {} (kernel, initramfs and device trees booted by u-boot){}; only bundles with a UKI (amd64, arm64, armv7 on UEFI) can be applied so far", m.board.as_deref().map_or_else(|| m.arch.clone(), |b| format!("the {b} board")), if m.board.is_some() { " from an MBR card" } else { "" }),
+            what: match &m.board {
+                Some(b) => format!("the bundle is for the {b} board, which boots a kernel, initramfs and device tree through u-boot from an MBR card; so far only bundles with a UKI (amd64, arm64, armv7 on UEFI) can be applied. Reflash the card with the new image instead"),
+                None => format!("the bundle for {} has a kernel and initramfs instead of a UKI; so far only bundles with a UKI can be applied", m.arch),
+            },
         });
     };
     let (root, verity) = (m.part(PartKind::Root).cloned().expect("checked by Manifest::parse"), m.part(PartKind::Verity).cloned().expect("checked by Manifest::parse"));
