@@ -64,6 +64,11 @@
 //!   newest version it finds), marking a boot good, and rollback.
 //! - The kernel's view of the partition table is not re-read after the
 //!   PARTUUID change (the disk is busy); the next boot reads it.
+//! - The read-back's hash tree (`check_slot`) is a second, small
+//!   implementation of the format of the builder's `kiln::verity` (which
+//!   also writes trees and is checked against veritysetup);
+//!   builder/tests/update_apply.rs checks the two agree block for block.
+//!   Moving one tree implementation into kiln-init for both is still to do.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
