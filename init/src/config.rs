@@ -99,6 +99,17 @@ pub const KEYS: &[&str] = &[
     "time",
     "time.ntp",
     "time.wait_seconds",
+    "update",
+    "update.tries",
+    "update.health_seconds",
+    "update.boot_timeout_seconds",
+    "update.allow_downgrade",
+    "update.server",
+    "update.channel",
+    "update.window",
+    "update.window.days",
+    "update.window.start",
+    "update.window.length_minutes",
 ];
 
 /// A whole node.toml.
@@ -122,6 +133,122 @@ pub struct NodeConfig {
     pub storage: Storage,
     #[serde(default)]
     pub time: Time,
+    #[serde(default)]
+    pub update: Update,
+}
+
+/// `[update]`: A/B updates, boot assessment and rollback (docs/updates.md).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// Boots a newly installed image gets to become healthy before the boot
+    /// loader falls back to the previous one (systemd-boot's `+N`).
+    #[serde(default = "default_tries")]
+    pub tries: u32,
+    /// How long the payload must run without exiting, on a new image's
+    /// boot, before the image counts as good.
+    #[serde(default = "default_health")]
+    pub health_seconds: u32,
+    /// A new image not good this long after kiln-init started reboots,
+    /// spending a try.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_seconds: u32,
+    /// Take bundles older than the running image.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// The update server's base URL (http:// or https://): the node polls
+    /// `<server>/<channel>/index.yaml` in its window.
+    #[serde(default)]
+    pub server: Option<String>,
+    #[serde(default)]
+    pub channel: Option<String>,
+    #[serde(default)]
+    pub window: Option<Window>,
+}
+
+/// `[update.window]`: when the node may poll its channel, apply an update
+/// and reboot (UTC).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// Days of the week (`mon` … `sun`); empty or unset: every day.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// Start, `HH:MM` UTC.
+    pub start: String,
+    pub length_minutes: u32,
+}
+
+fn default_tries() -> u32 {
+    3
+}
+fn default_health() -> u32 {
+    120
+}
+fn default_boot_timeout() -> u32 {
+    900
+}
+
+/// Bounds of the `[update]` numbers.
+pub const UPDATE_TRIES_RANGE: std::ops::RangeInclusive<u32> = 1..=9;
+pub const UPDATE_HEALTH_RANGE: std::ops::RangeInclusive<u32> = 5..=3600;
+pub const UPDATE_BOOT_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 30..=7200;
+pub const WINDOW_DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+impl Default for Update {
+    fn default() -> Self {
+        Update { tries: default_tries(), health_seconds: default_health(), boot_timeout_seconds: default_boot_timeout(), allow_downgrade: false, server: None, channel: None, window: None }
+    }
+}
+
+impl Window {
+    /// Minutes after midnight UTC the window opens.
+    pub fn start_minute(&self) -> Option<u32> {
+        let (h, m) = self.start.split_once(':')?;
+        if h.len() != 2 || m.len() != 2 {
+            return None;
+        }
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60).then_some(h * 60 + m)
+    }
+
+    /// Day numbers (0 = Monday) the window opens on.
+    pub fn day_numbers(&self) -> Vec<u32> {
+        if self.days.is_empty() {
+            return (0..7).collect();
+        }
+        self.days.iter().filter_map(|d| WINDOW_DAYS.iter().position(|w| w.eq_ignore_ascii_case(d)).map(|p| p as u32)).collect()
+    }
+
+    /// Whether `unix` (seconds, UTC) is inside the window.
+    pub fn contains(&self, unix: i64) -> bool {
+        self.seconds_until(unix) == 0
+    }
+
+    /// Seconds from `unix` until the window is next open (0: it is open).
+    pub fn seconds_until(&self, unix: i64) -> i64 {
+        let Some(start) = self.start_minute() else { return i64::MAX };
+        let days = self.day_numbers();
+        let day = unix.div_euclid(86_400);
+        // 1970-01-01 was a Thursday (day 3 with Monday = 0).
+        let weekday = |d: i64| ((d + 3).rem_euclid(7)) as u32;
+        let len = i64::from(self.length_minutes) * 60;
+        let mut best = i64::MAX;
+        // A window that opened up to a day before may still be open.
+        for d in day - 1..=day + 7 {
+            if !days.contains(&weekday(d)) {
+                continue;
+            }
+            let open = d * 86_400 + i64::from(start) * 60;
+            if unix >= open && unix < open + len {
+                return 0;
+            }
+            if open > unix {
+                best = best.min(open - unix);
+            }
+        }
+        best
+    }
 }
 
 /// `[install]`: when booted from a kiln ISO, write the image to a disk.
@@ -257,6 +384,57 @@ fn check_dns_name(h: &str) -> Result<(), String> {
     }
     if labels.last().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
         return Err(format!("`{h}` is neither an IPv4 address nor a host name"));
+    }
+    Ok(())
+}
+
+fn check_update(u: &Update) -> Result<(), ConfigError> {
+    let range = |key: &str, v: u32, r: std::ops::RangeInclusive<u32>, what: &str| {
+        if r.contains(&v) {
+            Ok(())
+        } else {
+            Err(err(key, format!("{v} is out of range {}..={} ({what})", r.start(), r.end())))
+        }
+    };
+    range("update.tries", u.tries, UPDATE_TRIES_RANGE, "boots a new image gets before the node falls back to the previous one")?;
+    range("update.health_seconds", u.health_seconds, UPDATE_HEALTH_RANGE, "seconds the payload must run for a new image to count as good")?;
+    range("update.boot_timeout_seconds", u.boot_timeout_seconds, UPDATE_BOOT_TIMEOUT_RANGE, "seconds a new image has to become good before the node reboots")?;
+    if u.boot_timeout_seconds <= u.health_seconds {
+        return Err(err(
+            "update.boot_timeout_seconds",
+            format!("{} is not more than update.health_seconds ({}): a new image could never be marked good; make it longer (several minutes more, for k0s to start)", u.boot_timeout_seconds, u.health_seconds),
+        ));
+    }
+    if let Some(s) = &u.server {
+        let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
+        if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+            return Err(err("update.server", format!("`{s}` is not an http:// or https:// URL, like https://updates.example.com/kiln")));
+        }
+    }
+    if let Some(c) = &u.channel {
+        if c.is_empty() || !c.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || c.starts_with('.') {
+            return Err(err("update.channel", format!("`{c}` is not a channel name: letters, digits, `-`, `_` and `.`, like `stable`")));
+        }
+    }
+    match (&u.server, &u.channel) {
+        (Some(_), None) => return Err(err("update.channel", "update.server is set but update.channel is not: name the channel to follow, like `stable`")),
+        (None, Some(_)) => return Err(err("update.server", "update.channel is set but update.server is not: give the server's URL")),
+        _ => {}
+    }
+    if let Some(w) = &u.window {
+        if w.start_minute().is_none() {
+            return Err(err("update.window.start", format!("`{}` is not a time of day like `02:30` (HH:MM, UTC)", w.start)));
+        }
+        for (i, d) in w.days.iter().enumerate() {
+            if !WINDOW_DAYS.iter().any(|x| x.eq_ignore_ascii_case(d)) {
+                return Err(err(&format!("update.window.days[{i}]"), format!("`{d}` is not a day: use {}", WINDOW_DAYS.join(", "))));
+            }
+        }
+        if !(1..=7 * 24 * 60).contains(&w.length_minutes) {
+            return Err(err("update.window.length_minutes", format!("{} is out of range 1..={} (the window's length in minutes)", w.length_minutes, 7 * 24 * 60)));
+        }
+    } else if u.server.is_some() {
+        return Err(err("update.window", "update.server is set but there is no [update.window]: say when the node may update and reboot (days, start, length_minutes)"));
     }
     Ok(())
 }
@@ -742,6 +920,7 @@ pub fn validate(cfg: &NodeConfig) -> Result<(), ConfigError> {
         return Err(err("log.max_bytes", "must be at least 65536 bytes"));
     }
     check_time(&cfg.time)?;
+    check_update(&cfg.update)?;
     Ok(())
 }
 
@@ -887,6 +1066,64 @@ mod tests {
         let c = parse("role = \"single\"\n").unwrap();
         assert_eq!(c.role, Role::Single);
         assert!(c.network.interfaces.is_empty());
+    }
+
+    #[test]
+    fn update_defaults_and_values() {
+        let c = parse("role = \"single\"\n").unwrap();
+        assert_eq!(c.update, Update::default());
+        assert_eq!((c.update.tries, c.update.health_seconds, c.update.boot_timeout_seconds), (3, 120, 900));
+        let c = parse("role = \"single\"\n[update]\ntries = 2\nhealth_seconds = 10\nboot_timeout_seconds = 60\nallow_downgrade = true\nserver = \"http://10.0.2.2:8080/kiln\"\nchannel = \"stable\"\n[update.window]\ndays = [\"sat\", \"Sun\"]\nstart = \"02:30\"\nlength_minutes = 90\n").unwrap();
+        assert_eq!(c.update.tries, 2);
+        assert!(c.update.allow_downgrade);
+        let w = c.update.window.unwrap();
+        assert_eq!(w.start_minute(), Some(150));
+        assert_eq!(w.day_numbers(), vec![5, 6]);
+    }
+
+    #[test]
+    fn update_errors_name_the_key() {
+        for (body, key, says) in [
+            ("tries = 0", "update.tries", "out of range 1..=9"),
+            ("health_seconds = 1", "update.health_seconds", "out of range"),
+            ("health_seconds = 100\nboot_timeout_seconds = 100", "update.boot_timeout_seconds", "could never be marked good"),
+            ("server = \"ftp://x\"\nchannel = \"s\"", "update.server", "not an http:// or https:// URL"),
+            ("server = \"http://x\"", "update.channel", "name the channel"),
+            ("channel = \"s\"", "update.server", "give the server"),
+            ("server = \"http://x\"\nchannel = \"../x\"", "update.channel", "not a channel name"),
+            ("server = \"http://x\"\nchannel = \"s\"", "update.window", "say when"),
+            ("[update.window]\nstart = \"25:00\"\nlength_minutes = 5", "update.window.start", "HH:MM"),
+            ("[update.window]\nstart = \"2:00\"\nlength_minutes = 5", "update.window.start", "HH:MM"),
+            ("[update.window]\nstart = \"02:00\"\nlength_minutes = 0", "update.window.length_minutes", "out of range"),
+            ("[update.window]\ndays = [\"fri\", \"someday\"]\nstart = \"02:00\"\nlength_minutes = 5", "update.window.days[1]", "not a day"),
+        ] {
+            let e = parse(&format!("role = \"single\"\n[update]\n{body}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{body}: {e}");
+            assert!(e.to_string().contains(says), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn window_opens_on_its_days_and_wraps_midnight() {
+        let w = |days: &[&str], start: &str, len: u32| Window { days: days.iter().map(|d| d.to_string()).collect(), start: start.into(), length_minutes: len };
+        // 2026-12-05 is a Saturday; midnight UTC.
+        let sat = 1_796_428_800;
+        assert_eq!((sat / 86_400 + 3) % 7, 5);
+        let x = w(&["sat"], "02:00", 60);
+        assert!(!x.contains(sat + 3600));
+        assert_eq!(x.seconds_until(sat + 3600), 3600);
+        assert!(x.contains(sat + 2 * 3600));
+        assert!(x.contains(sat + 3 * 3600 - 1));
+        assert!(!x.contains(sat + 3 * 3600));
+        // Next Saturday.
+        assert_eq!(x.seconds_until(sat + 3 * 3600), 7 * 86_400 - 3600);
+        // 23:30 for two hours: still open at 01:00 the next day.
+        let y = w(&["fri"], "23:30", 120);
+        assert!(y.contains(sat + 3600));
+        assert!(!y.contains(sat + 2 * 3600));
+        // No days: every day.
+        let z = w(&[], "00:00", 10);
+        assert!(z.contains(sat + 86_400 * 3 + 60));
     }
 
     #[test]
