@@ -341,6 +341,8 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         c.args(["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]);
     }
     c.args(["-device", "virtio-rng-pci"]);
+    // A watchdog (kiln-init arms it): a hung guest resets, as on hardware.
+    c.args(["-device", "i6300esb", "-action", "watchdog=reset"]);
     if let Some(cfg) = &spec.config {
         if !cfg.is_file() {
             return Err(VmError::Setup(format!("--config {}: no such file", cfg.display())));

@@ -16,8 +16,10 @@ pub mod secureboot;
 pub mod sources;
 pub mod supervisor;
 pub mod sys;
+pub mod updates;
 pub mod vardisk;
 pub mod volume;
+pub mod watchdog;
 
 // Stage 1 (initramfs → verified root); see stage1.rs.
 pub mod gpt;
@@ -139,7 +141,8 @@ impl Events {
         if let Some(p) = payload {
             fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
-        let ms = timeout.as_millis().min(60_000) as libc::c_int;
+        watchdog::pet();
+        let ms = timeout.min(watchdog::PET_EVERY).as_millis() as libc::c_int;
         // SAFETY: valid array of pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         let mut out = Vec::new();
@@ -199,6 +202,8 @@ pub fn run() -> ! {
     console::event("started", &[("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime())), ("secureboot", &secureboot::state())]);
     // SAFETY: plain syscall; Ctrl-Alt-Del then arrives as SIGINT.
     unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) };
+    watchdog::arm();
+    fault_injection();
     let events = match block_signals() {
         Ok(fd) => Events { sigfd: fd, buttons: open_buttons() },
         Err(e) => {
@@ -309,9 +314,14 @@ pub fn run() -> ! {
     }
     let mut shell = Shell::new(cfg.debug.shell);
     shell.spawn();
+    let mut upd = updates::Updates::start(&cfg.update);
 
     loop {
         let now = Instant::now();
+        let payload_since = sup.running.as_ref().map(|r| r.started);
+        if let Some(reason) = upd.tick(payload_since) {
+            shutdown(&events, &mut sup, Action::Reboot, reason);
+        }
         if sup.next_start.is_some_and(|t| t <= now) && sup.running.is_none() {
             sup.start();
         }
@@ -319,7 +329,7 @@ pub fn run() -> ! {
             net.renew_due(&hostname);
         }
         sup.tick();
-        let deadlines = [sup.next_start, net.next_deadline(), sup.note_due()];
+        let deadlines = [sup.next_start, net.next_deadline(), sup.note_due(), upd.next_deadline(sup.running.as_ref().map(|r| r.started))];
         let timeout = deadlines.iter().flatten().map(|t| t.saturating_duration_since(Instant::now())).min().unwrap_or(Duration::from_secs(60));
         let out = sup.running.as_ref().map(|r| &r.out);
         for wake in events.wait(out, timeout) {
@@ -464,15 +474,34 @@ fn install_now(target: &str, why: &str) -> Result<(), String> {
     }
 }
 
-/// After a panic: reap forever.
+/// After a panic: on a trial boot with an image to fall back to, reboot
+/// (spending a try); otherwise reap forever.
 pub fn park() -> ! {
+    if updates::trial_with_fallback() {
+        console::event("boot-failed", &[("reason", &"kiln-init panicked on a trial boot"), ("action", &"reboot")]);
+        console::warn("this image is on trial and kiln-init cannot go on: rebooting in 5 s to spend a try (the previous image boots when they are spent)");
+        std::thread::sleep(Duration::from_secs(5));
+        final_shutdown(Action::Reboot, "trial-boot-failed")
+    }
     idle_forever()
 }
 
 fn idle_forever() -> ! {
     loop {
         reap();
+        watchdog::pet();
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `kiln.fault=panic` on the kernel cmdline makes kiln-init panic here, at
+/// the start of stage 2: a drill for rollback (a bundle built with it must
+/// be rolled back). The cmdline is part of the signed boot entry, so only
+/// whoever builds the image can set it.
+fn fault_injection() {
+    let cmdline = sys::read("/proc/cmdline").unwrap_or_default();
+    if stage1::words(&cmdline).iter().any(|w| w == "kiln.fault=panic") {
+        panic!("kiln.fault=panic on the kernel cmdline: panicking as asked (a rollback drill)");
     }
 }
 

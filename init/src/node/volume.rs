@@ -38,7 +38,7 @@ pub enum Fs {
 }
 
 impl Fs {
-    fn mount_type(self) -> &'static str {
+    pub fn mount_type(self) -> &'static str {
         match self {
             Fs::Fat => "vfat",
             Fs::Iso9660 => "iso9660",
@@ -179,6 +179,18 @@ fn block_devices() -> Vec<String> {
     names.retain(|n| !skipped(n) && std::fs::read_to_string(format!("/sys/class/block/{n}/size")).is_ok_and(|s| s.trim() != "0"));
     names.sort();
     names
+}
+
+/// Devices (`/dev/…`) whose filesystem label is `label` (any case), in name
+/// order, with their filesystem.
+pub fn labelled(label: &str) -> Vec<(String, Fs)> {
+    block_devices()
+        .into_iter()
+        .filter_map(|n| {
+            let dev = format!("/dev/{n}");
+            probe_device(&dev).filter(|p| p.label.trim().eq_ignore_ascii_case(label)).map(|p| (dev, p.fs))
+        })
+        .collect()
 }
 
 fn probe_device(dev: &str) -> Option<Probe> {

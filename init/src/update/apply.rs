@@ -81,7 +81,7 @@ use sha2::{Digest, Sha256};
 use super::bundle::{hex, BundleError, BundleReader, PartKind};
 use crate::node::gpt::{self, Gpt, Guid, Header, Partition};
 
-/// Tries a new boot entry gets (BLS boot counting, `+3`).
+/// Tries a new boot entry gets by default (BLS boot counting, `+3`).
 pub const TRIES: u32 = 3;
 /// Where UKIs live on the ESP (BLS type #2).
 pub const ENTRY_DIR: &str = "EFI/Linux";
@@ -137,6 +137,8 @@ pub struct Target<'a> {
     pub esp: &'a Path,
     /// The running root hash (`roothash=` on the cmdline).
     pub running_roothash: [u8; 32],
+    /// Boots the new entry gets before systemd-boot falls back (`+N`).
+    pub tries: u32,
 }
 
 /// What [`apply`] did.
@@ -346,9 +348,17 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The boot entry file name of `slot`: `kiln-<profile>-<x>+3.efi`.
-pub fn entry_name(profile: &str, slot: Slot) -> String {
-    format!("kiln-{profile}-{slot}+{TRIES}.efi")
+/// The boot entry file name of `slot` with `tries` left:
+/// `kiln-<profile>-<x>+<tries>.efi`.
+pub fn entry_name(profile: &str, slot: Slot, tries: u32) -> String {
+    format!("kiln-{profile}-{slot}+{tries}.efi")
+}
+
+/// The slot the node runs: the one of `root-a`/`root-b` on `disk` whose
+/// PARTUUID is the first half of `roothash`.
+pub fn running_slot(disk: &Path, roothash: &[u8; 32]) -> Result<Slot, ApplyError> {
+    let f = File::open(disk).map_err(io_err("opening the disk", disk))?;
+    Ok(Disk::read(&f, disk, roothash)?.running)
 }
 
 /// True for a boot entry of `slot`, whatever its counter says:
@@ -458,7 +468,7 @@ pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
         }
     }
     f.sync_all().map_err(io_err("syncing the GPT of", path)).map_err(cleanup)?;
-    let entry = entry_name(&m.profile, x);
+    let entry = entry_name(&m.profile, x, target.tries.max(1));
     let dst = dir.join(&entry);
     fs::rename(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
     sync_dir(&dir)?;
@@ -666,7 +676,7 @@ mod tests {
         for n in ["kiln-edge-a+3.efi", "kiln-edge-b+.efi", "kiln-edge-b+3-.efi", "kiln-edge-bb+3.efi", "kiln-edge-b+3.efi.tmp", "kiln-edge2-b+3.efi", "kiln-edge-b+x.efi", "kiln-edge-b+1-2-3.efi"] {
             assert!(!is_slot_entry(n, "edge", Slot::B), "{n}");
         }
-        assert_eq!(entry_name("edge", Slot::A), "kiln-edge-a+3.efi");
+        assert_eq!(entry_name("edge", Slot::A, 3), "kiln-edge-a+3.efi");
         assert!(!is_slot_entry(&temp_name("edge", Slot::B), "edge", Slot::B));
     }
 

@@ -1,0 +1,621 @@
+//! A/B updates on the node: boot assessment, rollback reports, and taking
+//! update bundles from a local drop or a channel.
+//!
+//! **Boot assessment.** A boot entry with a counter (`kiln-<profile>-<x>+N…`,
+//! BLS boot counting) is an image on trial. systemd-boot takes a try each
+//! time it boots one (`+2-1`, `+1-2`, …) and, once none are left (`+0-N`),
+//! sorts it after every other entry, so the firmware's next boot is the
+//! previous image. Nothing here is needed for that fallback: a node that
+//! hangs, panics or loses power on a trial boot spends a try whatever
+//! kiln-init does. kiln-init only:
+//! - marks the running entry good (removes its counter) once the payload
+//!   has run `update.health_seconds` without exiting;
+//! - reboots a trial boot that has not become good within
+//!   `update.boot_timeout_seconds`, or whose kiln-init panicked, so the try
+//!   is spent now rather than at the next power cycle (only when there is
+//!   an image to fall back to);
+//! - after a fallback, reports `rolled-back from=<failed> to=<running>`,
+//!   removes the failed entry and remembers its root hash, so the same
+//!   bundle is not applied again.
+//!
+//! **Bundles** come from `/var/lib/kiln/update/*.kiln` (consumed), from the
+//! root of a volume labelled `KILNUPD` (read-only, looked at once per boot
+//! and whenever it appears), or from the channel in node.toml, in its
+//! window. Only a node whose running image is good takes one: a trial
+//! image's fallback slot is never overwritten. Applying runs in a thread,
+//! so k0s keeps being supervised; a node reboots into the new image when
+//! the apply is done (in `update.window` when one is set).
+
+use super::{console, install, sys, volume};
+use crate::config;
+use crate::minisign::PublicKey;
+use crate::update::apply::{self, Applied, ApplyError, Slot, Target};
+use crate::update::{self, BundleReader, Policy};
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// State kept across boots, and the local drop directory.
+pub const STATE_DIR: &str = "/var/lib/kiln/update";
+/// The label of a volume carrying bundles.
+pub const DROP_LABEL: &str = "KILNUPD";
+const ESP: &str = "/boot";
+const PENDING: &str = "pending";
+const FAILED: &str = "failed";
+const DROP_MOUNT: &str = "/run/kiln/kilnupd";
+const SCAN_EVERY: Duration = Duration::from_secs(30);
+
+/// This build's arch name, as bundles and profiles spell it.
+pub const ARCH: &str = if cfg!(target_arch = "x86_64") {
+    "amd64"
+} else if cfg!(target_arch = "aarch64") {
+    "arm64"
+} else {
+    "armv7"
+};
+
+/// A boot entry of one slot on the ESP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub slot: Slot,
+    /// Tries left; None when the entry has no counter (a good image).
+    pub left: Option<u32>,
+    /// Tries spent.
+    pub done: u32,
+}
+
+impl Entry {
+    /// The name without its counter: `kiln-<profile>-<x>.efi`.
+    pub fn good_name(&self) -> String {
+        match self.name.find('+') {
+            Some(i) => format!("{}.efi", &self.name[..i]),
+            None => self.name.clone(),
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.left == Some(0)
+    }
+}
+
+/// Parses `kiln-<profile>-<x>[+L[-D]].efi`.
+pub fn parse_entry(name: &str, profile: &str) -> Option<Entry> {
+    let slot = [Slot::A, Slot::B].into_iter().find(|s| apply::is_slot_entry(name, profile, *s))?;
+    let stem = format!("kiln-{profile}-{slot}").len();
+    let rest = &name[stem..name.len() - ".efi".len()];
+    let (left, done) = match rest.strip_prefix('+') {
+        None => (None, 0),
+        Some(c) => {
+            let mut it = c.splitn(2, '-');
+            (it.next().and_then(|x| x.parse().ok()), it.next().and_then(|x| x.parse().ok()).unwrap_or(0))
+        }
+    };
+    Some(Entry { name: name.to_string(), slot, left, done })
+}
+
+/// The kiln boot entries of `profile` in `<esp>/EFI/Linux`.
+pub fn entries(esp: &Path, profile: &str) -> Vec<Entry> {
+    let mut out: Vec<Entry> = fs::read_dir(esp.join(apply::ENTRY_DIR))
+        .map(|rd| rd.flatten().filter_map(|e| parse_entry(&e.file_name().to_string_lossy(), profile)).collect())
+        .unwrap_or_default();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// What the running boot is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assessed {
+    /// The running slot's entry has no counter.
+    Good,
+    /// The running slot's entry has a counter. `fallback`: the other slot
+    /// has an entry with tries left to boot instead.
+    Trial { entry: Entry, fallback: bool },
+    /// No rollback here (PXE, an ISO, no entry for the running slot).
+    Unmanaged(String),
+}
+
+/// What the boot entries say about a boot of `running`; and the other
+/// slot's entry when its tries are spent (a fallback happened).
+pub fn assess(entries: &[Entry], running: Slot) -> (Assessed, Option<Entry>) {
+    let own = entries.iter().find(|e| e.slot == running);
+    let other = entries.iter().find(|e| e.slot == running.other());
+    let failed = other.filter(|o| o.spent()).cloned();
+    let a = match own {
+        None => Assessed::Unmanaged(format!("the ESP has no boot entry for slot {running}")),
+        Some(e) if e.left.is_none() => Assessed::Good,
+        Some(e) => Assessed::Trial { entry: e.clone(), fallback: other.is_some_and(|o| !o.spent()) },
+    };
+    (a, failed)
+}
+
+/// What was being applied (written before the apply, read after a fallback).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pending {
+    pub slot: String,
+    pub version: String,
+    pub from: String,
+    pub roothash: String,
+}
+
+impl Pending {
+    pub fn to_text(&self) -> String {
+        format!("slot={}\nversion={}\nfrom={}\nroothash={}\n", self.slot, self.version, self.from, self.roothash)
+    }
+
+    pub fn parse(text: &str) -> Pending {
+        let mut p = Pending::default();
+        for l in text.lines() {
+            match l.split_once('=') {
+                Some(("slot", v)) => p.slot = v.into(),
+                Some(("version", v)) => p.version = v.into(),
+                Some(("from", v)) => p.from = v.into(),
+                Some(("roothash", v)) => p.roothash = v.into(),
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+/// The running node, as updates need it.
+#[derive(Debug, Clone)]
+struct Node {
+    disk: PathBuf,
+    slot: Slot,
+    roothash: [u8; 32],
+    profile: String,
+    version: Option<String>,
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn os_release_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        let v = l.strip_prefix(key)?.strip_prefix('=')?.trim();
+        Some(v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v)).filter(|v| !v.is_empty())
+    })
+}
+
+fn this_node() -> Result<Node, String> {
+    let m = install::read_medium()?;
+    if m.kind != "disk" {
+        return Err(format!("the node booted from {} (not an installed disk with A/B slots)", m.kind));
+    }
+    let disk = PathBuf::from(m.device.ok_or("stage 1 did not say which disk the root is on")?);
+    let cmdline = sys::read("/proc/cmdline").map_err(|e| e.to_string())?;
+    let hash = super::stage1::words(&cmdline).into_iter().rev().find_map(|w| w.strip_prefix("roothash=").map(str::to_string)).ok_or("no roothash= on the kernel cmdline")?;
+    let roothash = unhex32(&hash).ok_or("roothash= on the kernel cmdline is not 64 hex digits")?;
+    let slot = apply::running_slot(&disk, &roothash).map_err(|e| e.to_string())?;
+    let os = sys::read("/etc/os-release").unwrap_or_default();
+    let profile = os_release_value(&os, "IMAGE_ID").ok_or("/etc/os-release has no IMAGE_ID (the profile name)")?.to_string();
+    let version = update::running_version(&os).map(str::to_string);
+    Ok(Node { disk, slot, roothash, profile, version })
+}
+
+fn state(name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(name)
+}
+
+fn failed_hashes() -> Vec<String> {
+    fs::read_to_string(state(FAILED)).unwrap_or_default().lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+}
+
+fn write_state(name: &str, text: &str) -> Result<(), String> {
+    fs::create_dir_all(STATE_DIR).map_err(|e| format!("creating {STATE_DIR}: {e}"))?;
+    let tmp = state(&format!(".{name}.tmp"));
+    let path = state(name);
+    fs::write(&tmp, text).and_then(|()| File::open(&tmp)?.sync_all()).and_then(|()| fs::rename(&tmp, &path)).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// True when this boot is on trial and has an image to fall back to: a
+/// kiln-init that cannot go on should then reboot rather than park.
+pub fn trial_with_fallback() -> bool {
+    let Ok(n) = this_node() else { return false };
+    matches!(assess(&entries(Path::new(ESP), &n.profile), n.slot).0, Assessed::Trial { fallback: true, .. })
+}
+
+/// What a finished apply job found.
+enum JobEnd {
+    Applied(Applied),
+    Nothing,
+}
+
+/// A bundle found in a drop.
+#[derive(Debug, Clone)]
+struct Found {
+    path: PathBuf,
+    /// For events: `/var/lib/kiln/update/x.kiln` or `KILNUPD:/dev/vdb:x.kiln`.
+    source: String,
+    /// Remove (or mark) the file once handled: the /var drop.
+    consume: bool,
+}
+
+struct Trial {
+    entry: Entry,
+    fallback: bool,
+    deadline: Instant,
+    told_no_fallback: bool,
+}
+
+/// Boot assessment and update sources, driven by the main loop.
+pub struct Updates {
+    cfg: config::Update,
+    node: Option<Node>,
+    trial: Option<Trial>,
+    next_scan: Option<Instant>,
+    seen: BTreeSet<String>,
+    job: Option<JoinHandle<JobEnd>>,
+    /// Applied; waiting for the window to reboot.
+    reboot_pending: Option<Applied>,
+    keys: Vec<PublicKey>,
+}
+
+impl Updates {
+    /// Assesses this boot (events: `rolled-back`, `boot-trial`), and
+    /// schedules the first look for bundles.
+    pub fn start(cfg: &config::Update) -> Updates {
+        let mut u = Updates { cfg: cfg.clone(), node: None, trial: None, next_scan: None, seen: BTreeSet::new(), job: None, reboot_pending: None, keys: Vec::new() };
+        let node = match this_node() {
+            Ok(n) => n,
+            Err(e) => {
+                console::info(&format!("updates: not managed here: {e}"));
+                return u;
+            }
+        };
+        let esp = Path::new(ESP);
+        let (assessed, failed) = assess(&entries(esp, &node.profile), node.slot);
+        if let Some(f) = failed {
+            report_rollback(&node, &f, esp);
+        }
+        let running_version = node.version.clone().unwrap_or_else(|| "unknown".into());
+        match assessed {
+            Assessed::Unmanaged(why) => {
+                console::info(&format!("updates: no boot assessment: {why}"));
+                return u;
+            }
+            Assessed::Good => {}
+            Assessed::Trial { entry, fallback } => {
+                console::event(
+                    "boot-trial",
+                    &[("slot", &node.slot), ("version", &running_version), ("entry", &entry.name), ("tries_left", &entry.left.unwrap_or(0)), ("health_seconds", &cfg.health_seconds), ("fallback", &if fallback { "yes" } else { "no" })],
+                );
+                u.trial = Some(Trial { entry, fallback, deadline: Instant::now() + Duration::from_secs(cfg.boot_timeout_seconds.into()), told_no_fallback: false });
+            }
+        }
+        match sys::read(update::KEY_PATH).map_err(|e| e.to_string()).and_then(|t| PublicKey::from_file(&t).map_err(|e| e.to_string())) {
+            Ok(k) => u.keys = vec![k],
+            Err(e) => {
+                console::info(&format!("updates: this image takes no update bundles ({}: {e}); build it with a signing key to update it in place", update::KEY_PATH));
+                u.node = Some(node);
+                return u;
+            }
+        }
+        u.node = Some(node);
+        u.next_scan = Some(Instant::now());
+        u
+    }
+
+    /// When `tick` next has something to do.
+    pub fn next_deadline(&self, payload_since: Option<Instant>) -> Option<Instant> {
+        let mut d: Vec<Instant> = Vec::new();
+        if let Some(t) = &self.trial {
+            d.push(t.deadline);
+            if let Some(s) = payload_since {
+                d.push(s + Duration::from_secs(self.cfg.health_seconds.into()));
+            }
+        } else if let Some(s) = self.next_scan {
+            d.push(s);
+        }
+        if self.job.is_some() {
+            d.push(Instant::now() + Duration::from_secs(1));
+        }
+        if self.reboot_pending.is_some() {
+            d.push(Instant::now() + Duration::from_secs(30));
+        }
+        d.into_iter().min()
+    }
+
+    /// Marks a trial boot good, gives up on one, starts and collects apply
+    /// jobs. Some(reason) asks the caller to stop k0s and reboot.
+    pub fn tick(&mut self, payload_since: Option<Instant>) -> Option<&'static str> {
+        let now = Instant::now();
+        if let Some(t) = &mut self.trial {
+            if payload_since.is_some_and(|s| now.saturating_duration_since(s) >= Duration::from_secs(self.cfg.health_seconds.into())) {
+                let entry = t.entry.clone();
+                self.trial = None;
+                self.mark_good(&entry);
+                self.next_scan = Some(now);
+            } else if now >= t.deadline {
+                if t.fallback {
+                    let n = self.node.as_ref();
+                    console::event(
+                        "boot-unhealthy",
+                        &[("slot", &n.map(|n| n.slot.letter()).unwrap_or("?")), ("seconds", &self.cfg.boot_timeout_seconds), ("tries_left", &t.entry.left.unwrap_or(0)), ("action", &"reboot")],
+                    );
+                    console::warn(&format!("the payload did not run healthy for {} s within {} s of boot: rebooting to spend a try (the previous image boots when they are spent)", self.cfg.health_seconds, self.cfg.boot_timeout_seconds));
+                    return Some("boot-unhealthy");
+                }
+                if !t.told_no_fallback {
+                    t.told_no_fallback = true;
+                    console::warn("the payload is not healthy yet, but there is no previous image to fall back to: staying up");
+                }
+            }
+            return None;
+        }
+        if let Some(j) = self.job.take_if(|j| j.is_finished()) {
+            if let Ok(JobEnd::Applied(a)) = j.join() {
+                self.reboot_pending = Some(a);
+            }
+            let _ = sys::umount(DROP_MOUNT, libc::MNT_DETACH);
+        }
+        if let Some(a) = &self.reboot_pending {
+            match &self.cfg.window {
+                Some(w) if !w.contains(unix_now()) => {}
+                _ => {
+                    console::info(&format!("rebooting into {} (slot {})", a.version, a.slot));
+                    return Some("update-applied");
+                }
+            }
+            return None;
+        }
+        if self.job.is_none() && self.next_scan.is_some_and(|t| t <= now) {
+            self.next_scan = Some(now + SCAN_EVERY);
+            let found = self.scan();
+            if found.is_empty() {
+                let _ = sys::umount(DROP_MOUNT, libc::MNT_DETACH);
+            } else {
+                self.start_job(found);
+            }
+        }
+        None
+    }
+
+    fn mark_good(&self, e: &Entry) {
+        let Some(n) = &self.node else { return };
+        let dir = Path::new(ESP).join(apply::ENTRY_DIR);
+        let good = e.good_name();
+        // A power cut after the rename leaves it good; before, the counter
+        // stays and the next boot is a trial again.
+        let r = fs::rename(dir.join(&e.name), dir.join(&good));
+        sync_dir(&dir);
+        let version = n.version.clone().unwrap_or_else(|| "unknown".into());
+        match r {
+            Ok(()) => {
+                let _ = fs::remove_file(state(PENDING));
+                console::event("boot-good", &[("slot", &n.slot), ("version", &version), ("entry", &good), ("uptime", &format!("{:.1}", sys::uptime()))]);
+            }
+            Err(err) => console::error(&format!("marking the boot good: renaming {} to {good} on the ESP: {err}; the next boot is a trial again", e.name)),
+        }
+    }
+
+    /// Bundles not looked at yet this boot.
+    fn scan(&mut self) -> Vec<Found> {
+        let mut found = Vec::new();
+        if let Ok(rd) = fs::read_dir(STATE_DIR) {
+            let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "kiln")).collect();
+            names.sort();
+            for p in names {
+                found.push(Found { source: p.display().to_string(), path: p, consume: true });
+            }
+        }
+        if let Some((dev, fs_)) = volume::labelled(DROP_LABEL).into_iter().next() {
+            if !self.seen.contains(&format!("volume {dev}")) {
+                self.seen.insert(format!("volume {dev}"));
+                let _ = sys::mkdir_p(DROP_MOUNT);
+                let _ = sys::umount(DROP_MOUNT, libc::MNT_DETACH);
+                match sys::mount(&dev, DROP_MOUNT, fs_.mount_type(), libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None) {
+                    Ok(()) => {
+                        let mut names: Vec<PathBuf> = fs::read_dir(DROP_MOUNT)
+                            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("kiln"))).collect())
+                            .unwrap_or_default();
+                        names.sort();
+                        if names.is_empty() {
+                            console::warn(&format!("{DROP_LABEL} volume {dev} has no *.kiln file at its root"));
+                        }
+                        for p in names {
+                            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                            found.push(Found { source: format!("{DROP_LABEL}:{dev}:{name}"), path: p, consume: false });
+                        }
+                    }
+                    Err(e) => console::warn(&format!("{DROP_LABEL} volume {dev}: mounting it read-only: {e}")),
+                }
+            }
+        } else {
+            self.seen.retain(|s| !s.starts_with("volume "));
+        }
+        found.retain(|f| {
+            let key = fs::metadata(&f.path).map(|m| format!("{} {} {:?}", f.source, m.len(), m.modified().ok())).unwrap_or_default();
+            self.seen.insert(key)
+        });
+        found
+    }
+
+    fn start_job(&mut self, found: Vec<Found>) {
+        let Some(node) = self.node.clone() else { return };
+        let (keys, allow_downgrade, tries) = (self.keys.clone(), self.cfg.allow_downgrade, self.cfg.tries);
+        let spawned = std::thread::Builder::new().name("update".into()).spawn(move || {
+            for f in found {
+                if let Some(a) = take(&node, &keys, allow_downgrade, tries, &f) {
+                    return JobEnd::Applied(a);
+                }
+            }
+            JobEnd::Nothing
+        });
+        match spawned {
+            Ok(j) => self.job = Some(j),
+            Err(e) => console::error(&format!("updates: starting the apply thread: {e}")),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn report_rollback(node: &Node, failed: &Entry, esp: &Path) {
+    let p = Pending::parse(&fs::read_to_string(state(PENDING)).unwrap_or_default());
+    let from = if p.slot == failed.slot.letter() && !p.version.is_empty() { p.version.clone() } else { "unknown".into() };
+    let to = node.version.clone().unwrap_or_else(|| "unknown".into());
+    console::event("rolled-back", &[("from", &from), ("to", &to), ("slot", &failed.slot), ("tries", &failed.done), ("entry", &failed.name)]);
+    console::warn(&format!("image {from} in slot {} never became healthy in {} boots; running {to} from slot {} again. That bundle is not applied again on this node", failed.slot, failed.done, node.slot));
+    if p.slot == failed.slot.letter() && !p.roothash.is_empty() {
+        let mut hashes = failed_hashes();
+        if !hashes.contains(&p.roothash) {
+            hashes.push(p.roothash.clone());
+            if let Err(e) = write_state(FAILED, &(hashes.join("\n") + "\n")) {
+                console::error(&e);
+            }
+        }
+    }
+    let _ = fs::remove_file(state(PENDING));
+    let dir = esp.join(apply::ENTRY_DIR);
+    if let Err(e) = fs::remove_file(dir.join(&failed.name)) {
+        console::error(&format!("removing the failed boot entry {}: {e}", failed.name));
+    }
+    sync_dir(&dir);
+}
+
+/// Verifies and applies one bundle; events say what happened. Some when
+/// the bundle was applied and the node should reboot.
+fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &Found) -> Option<Applied> {
+    let reject = |reason: &str| {
+        console::event("update-rejected", &[("source", &f.source), ("reason", &reason)]);
+        if f.consume {
+            let mut to = f.path.clone().into_os_string();
+            to.push(".rejected");
+            let _ = fs::rename(&f.path, &to);
+        }
+    };
+    let file = match File::open(&f.path) {
+        Ok(x) => x,
+        Err(e) => {
+            reject(&format!("opening it: {e}"));
+            return None;
+        }
+    };
+    let policy = Policy { keys, arch: ARCH, profile: &node.profile, running_version: node.version.as_deref(), allow_downgrade };
+    let reader = match BundleReader::open(std::io::BufReader::with_capacity(1 << 20, file), &policy) {
+        Ok(r) => r,
+        Err(e) => {
+            reject(&e.to_string());
+            return None;
+        }
+    };
+    let m = reader.manifest().clone();
+    let skip = |reason: String| {
+        console::event("update-skipped", &[("source", &f.source), ("version", &m.version), ("reason", &reason)]);
+        if f.consume {
+            let _ = fs::remove_file(&f.path);
+        }
+    };
+    if unhex32(&m.roothash) == Some(node.roothash) {
+        skip("the node already runs this image".into());
+        return None;
+    }
+    if failed_hashes().contains(&m.roothash) {
+        skip("this image was rolled back on this node before".into());
+        return None;
+    }
+    let x = node.slot.other();
+    let from = node.version.clone().unwrap_or_else(|| "unknown".into());
+    if let Err(e) = write_state(PENDING, &Pending { slot: x.letter().into(), version: m.version.clone(), from: from.clone(), roothash: m.roothash.clone() }.to_text()) {
+        reject(&format!("cannot record the update on /var: {e}"));
+        return None;
+    }
+    console::event("update-applying", &[("source", &f.source), ("version", &m.version), ("from", &from), ("slot", &x)]);
+    let t0 = Instant::now();
+    let target = Target { disk: &node.disk, esp: Path::new(ESP), running_roothash: node.roothash, tries };
+    match apply::apply(reader, &target) {
+        Ok(a) => {
+            console::event(
+                "update-applied",
+                &[("source", &f.source), ("version", &a.version), ("from", &from), ("slot", &a.slot), ("entry", &a.entry), ("bytes", &a.bytes_written()), ("seconds", &format!("{:.1}", t0.elapsed().as_secs_f64()))],
+            );
+            if f.consume {
+                let _ = fs::remove_file(&f.path);
+            }
+            Some(a)
+        }
+        Err(ApplyError::AlreadyRunning { .. }) => {
+            let _ = fs::remove_file(state(PENDING));
+            skip("the node already runs this image".into());
+            None
+        }
+        Err(e) => {
+            let _ = fs::remove_file(state(PENDING));
+            reject(&e.to_string());
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(name: &str) -> Entry {
+        parse_entry(name, "edge").unwrap_or_else(|| panic!("{name}"))
+    }
+
+    #[test]
+    fn entries_parse_with_and_without_counters() {
+        assert_eq!(e("kiln-edge-a.efi"), Entry { name: "kiln-edge-a.efi".into(), slot: Slot::A, left: None, done: 0 });
+        assert_eq!(e("kiln-edge-b+3.efi").left, Some(3));
+        let x = e("kiln-edge-b+1-2.efi");
+        assert_eq!((x.slot, x.left, x.done), (Slot::B, Some(1), 2));
+        assert_eq!(x.good_name(), "kiln-edge-b.efi");
+        assert!(e("kiln-edge-a+0-3.efi").spent());
+        assert_eq!(parse_entry("kiln-other-a.efi", "edge"), None);
+        assert_eq!(parse_entry("kiln-edge-c.efi", "edge"), None);
+        assert_eq!(parse_entry(".kiln-edge-a.efi.tmp", "edge"), None);
+    }
+
+    #[test]
+    fn assessment_of_each_boot() {
+        // A fresh image's first boot: on trial, nothing to fall back to.
+        assert_eq!(assess(&[e("kiln-edge-a+2-1.efi")], Slot::A).0, Assessed::Trial { entry: e("kiln-edge-a+2-1.efi"), fallback: false });
+        // After an update: B on trial, A good to fall back to.
+        assert_eq!(assess(&[e("kiln-edge-a.efi"), e("kiln-edge-b+2-1.efi")], Slot::B).0, Assessed::Trial { entry: e("kiln-edge-b+2-1.efi"), fallback: true });
+        // B marked good.
+        assert_eq!(assess(&[e("kiln-edge-a.efi"), e("kiln-edge-b.efi")], Slot::B), (Assessed::Good, None));
+        // Rolled back: A runs, B's tries are spent.
+        assert_eq!(assess(&[e("kiln-edge-a.efi"), e("kiln-edge-b+0-3.efi")], Slot::A), (Assessed::Good, Some(e("kiln-edge-b+0-3.efi"))));
+        // A trial whose fallback is spent too has nothing to fall back to.
+        assert_eq!(assess(&[e("kiln-edge-a+0-3.efi"), e("kiln-edge-b+1-2.efi")], Slot::B).0, Assessed::Trial { entry: e("kiln-edge-b+1-2.efi"), fallback: false });
+        assert!(matches!(assess(&[e("kiln-edge-b.efi")], Slot::A).0, Assessed::Unmanaged(_)));
+    }
+
+    #[test]
+    fn pending_round_trips() {
+        let p = Pending { slot: "b".into(), version: "2.0.0".into(), from: "1.0.0".into(), roothash: "ab".repeat(32) };
+        assert_eq!(Pending::parse(&p.to_text()), p);
+        assert_eq!(Pending::parse("junk\n"), Pending::default());
+    }
+
+    #[test]
+    fn os_release_values() {
+        let os = "NAME=kiln\nIMAGE_ID=\"edge\"\nIMAGE_VERSION=1.2\n";
+        assert_eq!(os_release_value(os, "IMAGE_ID"), Some("edge"));
+        assert_eq!(os_release_value(os, "IMAGE"), None);
+        assert_eq!(unhex32(&"0f".repeat(32)), Some([0x0f; 32]));
+        assert_eq!(unhex32("0f"), None);
+    }
+}
