@@ -4,17 +4,10 @@
 //! the hash area). `veritysetup verify` accepts the result, and for the same
 //! salt and UUID the hash area is byte-identical to veritysetup's.
 //!
-//! Layout of the hash area (cryptsetup `lib/verity/verity_hash.c`):
-//! - block 0: the 512-byte superblock, zero-padded to 4096;
-//! - then the hash levels, the root-most level first. Level 0 holds one
-//!   sha256(salt || block) per data block; level i+1 holds the hashes of the
-//!   blocks of level i. 128 digests per 4096-byte block, zero-padded.
-//! - The tree has the fewest levels L with data_blocks <= 128^L, so the top
-//!   level is one block, and the root hash is sha256(salt || that block).
-//!   With one data block L = 0: no hash blocks at all, and the root hash is
-//!   the hash of the data block itself (the kernel does the same).
-//!
-//! The data is streamed: only the digests are held (32 bytes per 4 KiB).
+//! The tree format itself (levels, digests, packing, the superblock) is
+//! [`kiln_init::verity`], shared with the node's update read-back; this
+//! module adds the builder's side: deriving salt and UUID, streaming a file
+//! through it, the kernel table and the partition UUIDs.
 
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -22,15 +15,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// Data and hash block size, in bytes.
-pub const BLOCK: u64 = 4096;
-/// Size of the on-disk superblock; it is padded to a whole hash block.
-pub const SUPERBLOCK_LEN: usize = 512;
-/// Longest salt the superblock holds.
-pub const MAX_SALT: usize = 256;
+pub use kiln_init::verity::{hash_blocks, BLOCK, MAX_SALT, SUPERBLOCK_LEN};
+use kiln_init::verity::{superblock, TreeBuilder};
 
-const DIGEST: usize = 32;
-const PER_BLOCK: usize = BLOCK as usize / DIGEST;
 /// Blocks read from the data per `read_exact` (1 MiB).
 const READ_CHUNK: usize = 256;
 
@@ -243,18 +230,6 @@ pub fn hash_start_block(hash_offset: u64) -> u64 {
     (hash_offset + SUPERBLOCK_LEN as u64).div_ceil(BLOCK)
 }
 
-/// Blocks of the hash area for `data_blocks` data blocks, superblock
-/// included: to size a verity partition before the tree is built.
-pub fn hash_blocks(data_blocks: u64) -> u64 {
-    let mut total = 1;
-    let mut n = data_blocks;
-    while n > 1 {
-        n = n.div_ceil(PER_BLOCK as u64);
-        total += n;
-    }
-    total
-}
-
 /// The salt for data whose sha256 is `data_sha256`: deterministic, so builds
 /// are reproducible, and different for every image.
 pub fn derive_salt(data_sha256: &[u8; 32]) -> Vec<u8> {
@@ -326,12 +301,7 @@ fn build_named(
     if salt.len() > MAX_SALT {
         return Err(VerityError::SaltTooLong { len: salt.len() });
     }
-    let salted = Sha256::new().chain_update(salt);
-
-    // levels[0]: one digest per data block; levels[i + 1]: one per block of
-    // levels[i]. The last entry is a single digest: the root hash.
-    // Capped: `data_len` is only a promise until the data has been read.
-    let mut level0 = Vec::with_capacity(data_blocks.min(1 << 20) as usize);
+    let mut tree = TreeBuilder::new(salt, data_blocks);
     let mut buf = vec![0u8; READ_CHUNK * BLOCK as usize];
     let mut done = 0u64;
     while done < data_blocks {
@@ -343,87 +313,30 @@ fn build_named(
             blocks: data_blocks,
             source,
         })?;
-        for block in chunk.chunks_exact(BLOCK as usize) {
-            level0.push(digest(&salted, block));
-        }
+        tree.push(chunk);
         done += n as u64;
     }
-    let mut levels = vec![level0];
-    while let Some(last) = levels.last().filter(|l| l.len() > 1) {
-        let mut block = [0u8; BLOCK as usize];
-        let next = last
-            .chunks(PER_BLOCK)
-            .map(|ds| digest(&salted, pack(ds, &mut block)))
-            .collect();
-        levels.push(next);
-    }
-    let root_hash = levels.last().expect("level 0 is never empty")[0];
-    let hashed = &levels[..levels.len() - 1];
+    let tree = tree.finish();
 
     let w = |source| VerityError::Write {
         what: hash_what.into(),
         source,
     };
-    let mut block = [0u8; BLOCK as usize];
     hash_out
-        .write_all(superblock(data_blocks, salt, uuid, &mut block))
+        .write_all(&superblock(data_blocks, salt, uuid))
         .map_err(w)?;
-    for level in hashed.iter().rev() {
-        for ds in level.chunks(PER_BLOCK) {
-            hash_out.write_all(pack(ds, &mut block)).map_err(w)?;
-        }
+    for block in tree.blocks() {
+        hash_out.write_all(&block).map_err(w)?;
     }
     hash_out.flush().map_err(w)?;
 
-    let hash_blocks = 1 + hashed
-        .iter()
-        .map(|l| l.len().div_ceil(PER_BLOCK) as u64)
-        .sum::<u64>();
-    debug_assert_eq!(hash_blocks, self::hash_blocks(data_blocks));
     Ok(Verity {
-        root_hash,
+        root_hash: tree.root_hash(),
         salt: salt.to_vec(),
         data_blocks,
-        hash_blocks,
+        hash_blocks: tree.hash_blocks(),
         uuid,
     })
-}
-
-/// sha256(salt || block), hash type 1; `salted` has the salt fed already.
-fn digest(salted: &Sha256, block: &[u8]) -> [u8; DIGEST] {
-    salted.clone().chain_update(block).finalize().into()
-}
-
-/// Digests packed into one hash block, zero-padded.
-fn pack<'a>(digests: &[[u8; DIGEST]], block: &'a mut [u8; BLOCK as usize]) -> &'a [u8] {
-    block.fill(0);
-    for (slot, d) in block.chunks_exact_mut(DIGEST).zip(digests) {
-        slot.copy_from_slice(d);
-    }
-    &block[..]
-}
-
-/// The veritysetup superblock (`struct verity_sb`, little-endian), padded
-/// to a whole hash block.
-fn superblock<'a>(
-    data_blocks: u64,
-    salt: &[u8],
-    uuid: [u8; 16],
-    block: &'a mut [u8; BLOCK as usize],
-) -> &'a [u8] {
-    block.fill(0);
-    block[0..8].copy_from_slice(b"verity\0\0");
-    block[8..12].copy_from_slice(&1u32.to_le_bytes()); // superblock version
-    block[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type: normal (salt first)
-    block[16..32].copy_from_slice(&uuid);
-    block[32..38].copy_from_slice(b"sha256"); // NUL-padded to 32
-    block[64..68].copy_from_slice(&(BLOCK as u32).to_le_bytes());
-    block[68..72].copy_from_slice(&(BLOCK as u32).to_le_bytes());
-    block[72..80].copy_from_slice(&data_blocks.to_le_bytes());
-    block[80..82].copy_from_slice(&(salt.len() as u16).to_le_bytes());
-    // 6 bytes of padding, then salt[256], then padding up to 512.
-    block[88..88 + salt.len()].copy_from_slice(salt);
-    &block[..]
 }
 
 /// Pads the file at `path` with zeros to a whole number of 4096-byte blocks
@@ -870,19 +783,6 @@ mod tests {
         assert_eq!(out[80..88], [32, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(out[88..120], salt[..]);
         assert!(out[120..BLOCK as usize].iter().all(|&b| b == 0));
-    }
-
-    #[test]
-    fn hash_area_sizes() {
-        // Superblock + levels: ceil(n/128), ceil(n/128^2), … down to one block.
-        assert_eq!(hash_blocks(1), 1);
-        assert_eq!(hash_blocks(2), 2);
-        assert_eq!(hash_blocks(128), 2);
-        assert_eq!(hash_blocks(129), 4);
-        assert_eq!(hash_blocks(128 * 128), 1 + 128 + 1);
-        assert_eq!(hash_blocks(16384 + 5), 1 + 129 + 2 + 1);
-        // A 1 GiB squashfs needs a little over 8 MiB of hash area.
-        assert_eq!(hash_blocks(262_144), 1 + 2048 + 16 + 1);
     }
 
     #[test]

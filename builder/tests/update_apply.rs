@@ -93,6 +93,9 @@ fn guid(hex_half: &str) -> String {
     Guid(hex::decode(hex_half).unwrap().try_into().unwrap()).to_string()
 }
 
+/// A slot's root and verity bytes and partitions.
+type SlotState = (Vec<u8>, Vec<u8>, Partition, Partition);
+
 /// A node's disk and ESP: kiln's six partitions, image `a` in slot a with
 /// its derived PARTUUIDs, slot b empty, and slot a's boot entry.
 struct Node {
@@ -141,6 +144,12 @@ impl Node {
 
     fn part(&self, name: &str) -> Partition {
         self.gpt().by_name(name).unwrap()
+    }
+
+    /// A slot's two partitions: their bytes and their GPT entries.
+    fn slot_state(&self, slot: &str) -> SlotState {
+        let (root, verity) = (format!("root-{slot}"), format!("root-{slot}-verity"));
+        (self.part_bytes(&root), self.part_bytes(&verity), self.part(&root), self.part(&verity))
     }
 
     fn part_bytes(&self, name: &str) -> Vec<u8> {
@@ -224,7 +233,7 @@ fn applies_to_the_inactive_slot_then_back() {
     let linux = node.esp.join("EFI/Linux");
     std::fs::write(linux.join("kiln-edge-b+0-3.efi"), b"old").unwrap();
     std::fs::write(linux.join(".kiln-edge-b.efi.tmp"), b"cut").unwrap();
-    let slot_a = (node.part_bytes("root-a"), node.part_bytes("root-a-verity"), node.part("root-a"), node.part("root-a-verity"));
+    let slot_a = node.slot_state("a");
     let entry_a = std::fs::read(linux.join("kiln-edge-a+3.efi")).unwrap();
 
     let bb = bundle(&node.work, &key, &b, "1.1", &b.roothash);
@@ -237,7 +246,7 @@ fn applies_to_the_inactive_slot_then_back() {
     node.assert_slot_is("b", &b);
     node.assert_slot_holds("b", &b);
     node.assert_verifies();
-    assert_eq!((node.part_bytes("root-a"), node.part_bytes("root-a-verity"), node.part("root-a"), node.part("root-a-verity")), slot_a, "slot a changed");
+    assert_eq!(node.slot_state("a"), slot_a, "slot a changed");
     let files: Vec<String> = node.esp_files().into_keys().collect();
     assert_eq!(files, ["EFI/Linux/kiln-edge-a+3.efi", "EFI/Linux/kiln-edge-b+3.efi", "node.toml"]);
     assert_eq!(std::fs::read(linux.join("kiln-edge-b+3.efi")).unwrap(), std::fs::read(&b.uki).unwrap());
@@ -250,7 +259,7 @@ fn applies_to_the_inactive_slot_then_back() {
     // Now running b (its entry has counted a boot): c goes to slot a, and
     // slot a's old entry is replaced.
     std::fs::rename(linux.join("kiln-edge-b+3.efi"), linux.join("kiln-edge-b+2-1.efi")).unwrap();
-    let slot_b = (node.part_bytes("root-b"), node.part_bytes("root-b-verity"), node.part("root-b"), node.part("root-b-verity"));
+    let slot_b = node.slot_state("b");
     let cb = bundle(&node.work, &key, &c, "1.2", &c.roothash);
     let done = node.apply(&cb, &key, &b).unwrap();
     assert_eq!((done.slot, done.entry.as_str()), (Slot::A, "kiln-edge-a+3.efi"));
@@ -258,7 +267,7 @@ fn applies_to_the_inactive_slot_then_back() {
     node.assert_slot_holds("a", &c);
     node.assert_slot_is("b", &b);
     node.assert_verifies();
-    assert_eq!((node.part_bytes("root-b"), node.part_bytes("root-b-verity"), node.part("root-b"), node.part("root-b-verity")), slot_b, "slot b changed");
+    assert_eq!(node.slot_state("b"), slot_b, "slot b changed");
     let files = node.esp_files();
     assert_eq!(files.keys().cloned().collect::<Vec<_>>(), ["EFI/Linux/kiln-edge-a+3.efi", "EFI/Linux/kiln-edge-b+2-1.efi", "node.toml"]);
     assert_eq!(files["EFI/Linux/kiln-edge-a+3.efi"], std::fs::read(&c.uki).unwrap());
@@ -277,7 +286,7 @@ fn applies_to_the_inactive_slot_then_back() {
 }
 
 /// The GPT areas at the start and end of the disk, slot a, and the ESP.
-type Snapshot = (Vec<u8>, Vec<u8>, Vec<u8>, BTreeMap<String, Vec<u8>>);
+type Snapshot = (Vec<u8>, Vec<u8>, SlotState, BTreeMap<String, Vec<u8>>);
 
 /// Everything that must not change when an apply fails before the switch.
 fn snapshot(node: &Node) -> Snapshot {
@@ -286,8 +295,7 @@ fn snapshot(node: &Node) -> Snapshot {
     f.read_exact_at(&mut head, 0).unwrap();
     let mut tail = vec![0u8; 33 * 512];
     f.read_exact_at(&mut tail, (DISK_MIB << 20) - 33 * 512).unwrap();
-    let slot_a = [node.part_bytes("root-a"), node.part_bytes("root-a-verity")].concat();
-    (head, tail, slot_a, node.esp_files())
+    (head, tail, node.slot_state("a"), node.esp_files())
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! - [`dm`]: device-mapper ioctls, for stage 1's dm-verity root.
 //! - [`date`]: calendar dates of Unix times (UTC).
 //! - [`update`]: reading and verifying signed update bundles.
+//! - [`verity`]: the dm-verity hash-tree format (builder and node).
 
 pub mod config;
 pub mod date;
@@ -20,3 +21,4 @@ pub mod net;
 pub mod node;
 pub mod requirements;
 pub mod update;
+pub mod verity;

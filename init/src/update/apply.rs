@@ -64,11 +64,6 @@
 //!   newest version it finds), marking a boot good, and rollback.
 //! - The kernel's view of the partition table is not re-read after the
 //!   PARTUUID change (the disk is busy); the next boot reads it.
-//! - The read-back's hash tree (`check_slot`) is a second, small
-//!   implementation of the format of the builder's `kiln::verity` (which
-//!   also writes trees and is checked against veritysetup);
-//!   builder/tests/update_apply.rs checks the two agree block for block.
-//!   Moving one tree implementation into kiln-init for both is still to do.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -76,7 +71,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use crate::verity::{hash_blocks, parse_superblock, TreeBuilder, BLOCK as VERITY_BLOCK};
 
 use super::bundle::{hex, BundleError, BundleReader, PartKind};
 use crate::node::gpt::{self, Gpt, Guid, Header, Partition};
@@ -86,9 +81,6 @@ pub const TRIES: u32 = 3;
 /// Where UKIs live on the ESP (BLS type #2).
 pub const ENTRY_DIR: &str = "EFI/Linux";
 const CHUNK: usize = 1 << 20;
-const VERITY_BLOCK: u64 = 4096;
-const DIGEST: usize = 32;
-const PER_BLOCK: usize = VERITY_BLOCK as usize / DIGEST;
 
 /// A root slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -539,67 +531,10 @@ fn free_bytes(dir: &Path) -> Result<u64, ApplyError> {
     Ok(s.f_bavail as u64 * s.f_frsize as u64)
 }
 
-/// The veritysetup superblock fields the read-back needs.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Superblock {
-    pub data_blocks: u64,
-    pub salt: Vec<u8>,
-}
-
-/// Parses a veritysetup superblock as the builder writes it: version 1,
-/// hash type 1, sha256, 4096-byte data and hash blocks.
-pub fn parse_superblock(b: &[u8]) -> Result<Superblock, String> {
-    if b.len() < 512 || &b[0..8] != b"verity\0\0" {
-        return Err("no `verity` superblock at its start".into());
-    }
-    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    if u32_at(8) != 1 || u32_at(12) != 1 {
-        return Err(format!("superblock version {} and hash type {}, not 1 and 1", u32_at(8), u32_at(12)));
-    }
-    let alg_end = b[32..64].iter().position(|&c| c == 0).unwrap_or(32);
-    if &b[32..32 + alg_end] != b"sha256" {
-        return Err(format!("hash algorithm {:?}, not sha256", String::from_utf8_lossy(&b[32..32 + alg_end])));
-    }
-    if u32_at(64) != VERITY_BLOCK as u32 || u32_at(68) != VERITY_BLOCK as u32 {
-        return Err(format!("block sizes {} and {}, not 4096", u32_at(64), u32_at(68)));
-    }
-    let mut db = [0u8; 8];
-    db.copy_from_slice(&b[72..80]);
-    let data_blocks = u64::from_le_bytes(db);
-    let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
-    if salt_len > 256 {
-        return Err(format!("a salt of {salt_len} bytes (at most 256)"));
-    }
-    if data_blocks == 0 {
-        return Err("0 data blocks".into());
-    }
-    Ok(Superblock { data_blocks, salt: b[88..88 + salt_len].to_vec() })
-}
-
-/// Blocks of a hash area for `data_blocks`, superblock included (as the
-/// builder's `verity::hash_blocks`).
-pub fn hash_blocks(data_blocks: u64) -> u64 {
-    let mut total = 1;
-    let mut n = data_blocks;
-    while n > 1 {
-        n = n.div_ceil(PER_BLOCK as u64);
-        total += n;
-    }
-    total
-}
-
-fn pack(ds: &[[u8; DIGEST]], block: &mut [u8; VERITY_BLOCK as usize]) {
-    block.fill(0);
-    for (slot, d) in block.chunks_exact_mut(DIGEST).zip(ds) {
-        slot.copy_from_slice(d);
-    }
-}
-
 /// The read-back: the root hash of the data on `root` with the salt and size
 /// of the superblock on `verity`, and every hash block on `verity` compared
-/// with the recomputed tree. The same format as the builder's
-/// `verity::build` (hash type 1: sha256(salt || block), levels root-most
-/// first after the superblock, 128 digests a block).
+/// with the recomputed tree. The tree is [`crate::verity`]'s, the code the
+/// builder's `kiln::verity::build` writes trees with.
 fn check_slot(f: &File, slot: Slot, root: &Region, verity: &Region, root_size: u64, verity_size: u64, expected: &[u8; 32]) -> Result<(), ApplyError> {
     // What was just written must come from the disk, not the page cache.
     // SAFETY: plain advice on an open fd.
@@ -623,42 +558,24 @@ fn check_slot(f: &File, slot: Slot, root: &Region, verity: &Region, root_size: u
         return Err(bad(format!("its tree needs {hash_len} bytes, but the verity part is {verity_size}")));
     }
 
-    let salted = Sha256::new().chain_update(&sb.salt);
-    let digest = |data: &[u8]| -> [u8; DIGEST] { salted.clone().chain_update(data).finalize().into() };
-    let mut level0 = Vec::with_capacity(sb.data_blocks.min(1 << 20) as usize);
+    let mut tree = TreeBuilder::new(&sb.salt, sb.data_blocks);
     let mut buf = vec![0u8; CHUNK];
     let mut at = 0u64;
     while at < root_size {
         let n = (root_size - at).min(CHUNK as u64) as usize;
         f.read_exact_at(&mut buf[..n], root.offset + at).map_err(rerr(root))?;
-        level0.extend(buf[..n].chunks_exact(VERITY_BLOCK as usize).map(digest));
+        tree.push(&buf[..n]);
         at += n as u64;
     }
-    let mut levels = vec![level0];
-    while let Some(last) = levels.last().filter(|l| l.len() > 1) {
-        let next = last
-            .chunks(PER_BLOCK)
-            .map(|ds| {
-                pack(ds, &mut block);
-                digest(&block)
-            })
-            .collect();
-        levels.push(next);
-    }
-    let found = levels.last().expect("one level at least")[0];
+    let tree = tree.finish();
+    let found = tree.root_hash();
     if found != *expected {
         return Err(ApplyError::RootHashMismatch { slot, partition: root.label.clone(), expected: hex(expected), found: hex(&found) });
     }
-    let mut on_disk = [0u8; VERITY_BLOCK as usize];
-    let mut index = 1u64;
-    for level in levels[..levels.len() - 1].iter().rev() {
-        for ds in level.chunks(PER_BLOCK) {
-            pack(ds, &mut block);
-            f.read_exact_at(&mut on_disk, verity.offset + index * VERITY_BLOCK).map_err(rerr(verity))?;
-            if on_disk != block {
-                return Err(ApplyError::TreeMismatch { slot, partition: verity.label.clone(), root: root.label.clone(), block: index });
-            }
-            index += 1;
+    for (index, want) in (1u64..).zip(tree.blocks()) {
+        f.read_exact_at(&mut block, verity.offset + index * VERITY_BLOCK).map_err(rerr(verity))?;
+        if block != want {
+            return Err(ApplyError::TreeMismatch { slot, partition: verity.label.clone(), root: root.label.clone(), block: index });
         }
     }
     Ok(())
@@ -689,26 +606,5 @@ mod tests {
         assert_eq!(hex(&g), "e3bc684fcde8b14d96e7fbcaf984b709");
         assert_eq!(Guid::from_gpt_bytes(&g), data_uuid(&h));
         assert!(unhex32("zz").is_none());
-    }
-
-    #[test]
-    fn superblocks() {
-        let mut b = [0u8; 4096];
-        b[0..8].copy_from_slice(b"verity\0\0");
-        b[8..16].copy_from_slice(&[1, 0, 0, 0, 1, 0, 0, 0]);
-        b[32..38].copy_from_slice(b"sha256");
-        b[64..72].copy_from_slice(&[0, 0x10, 0, 0, 0, 0x10, 0, 0]);
-        b[72..80].copy_from_slice(&7u64.to_le_bytes());
-        b[80] = 2;
-        b[88..90].copy_from_slice(&[0xab, 0xcd]);
-        assert_eq!(parse_superblock(&b).unwrap(), Superblock { data_blocks: 7, salt: vec![0xab, 0xcd] });
-        let mut sha1 = b;
-        sha1[32..38].copy_from_slice(b"sha1\0\0");
-        assert!(parse_superblock(&sha1).unwrap_err().contains("sha1"));
-        let mut small = b;
-        small[64..66].copy_from_slice(&[0, 2]);
-        assert!(parse_superblock(&small).unwrap_err().contains("block sizes"));
-        assert!(parse_superblock(&[0u8; 4096]).is_err());
-        assert_eq!((hash_blocks(1), hash_blocks(129), hash_blocks(262_144)), (1, 4, 1 + 2048 + 16 + 1));
     }
 }
