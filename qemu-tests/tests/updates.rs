@@ -43,6 +43,8 @@ fn dir() -> PathBuf {
 fn build(tag: &str, version: &str, extra: &str) -> PathBuf {
     let d = dir();
     let ws = workspace();
+    // Outside profiles/: kernel-configs/ is found through this.
+    std::env::set_var("KILN_SOURCE_DIR", &ws);
     let path = d.join(format!("{tag}.toml"));
     std::fs::write(
         &path,
