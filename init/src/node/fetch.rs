@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 /// The largest body accepted: a node config is a small TOML file.
 pub const MAX_BODY: usize = 1 << 20;
 /// The largest status line plus headers accepted.
-const MAX_HEAD: usize = 64 << 10;
-const MAX_REDIRECTS: usize = 5;
+pub(crate) const MAX_HEAD: usize = 64 << 10;
+pub(crate) const MAX_REDIRECTS: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -183,7 +183,7 @@ impl Url {
     }
 
     /// A redirect's Location, absolute or relative to this URL.
-    fn join(&self, location: &str) -> Result<Url, FetchError> {
+    pub(crate) fn join(&self, location: &str) -> Result<Url, FetchError> {
         if location.contains("://") {
             return Url::parse(location);
         }
@@ -307,7 +307,11 @@ fn request(url: &Url, opts: &Options, deadline: Instant) -> Result<Response, Fet
     }
 }
 
-fn connect(url: &Url, opts: &Options, deadline: Instant) -> Result<TcpStream, FetchError> {
+pub(crate) fn connect(
+    url: &Url,
+    opts: &Options,
+    deadline: Instant,
+) -> Result<TcpStream, FetchError> {
     let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port)
         .to_socket_addrs()
         .map_err(|e| FetchError::Resolve {
@@ -351,7 +355,7 @@ fn connect(url: &Url, opts: &Options, deadline: Instant) -> Result<TcpStream, Fe
     }))
 }
 
-fn io_error(doing: &str, e: &std::io::Error, total: u64) -> FetchError {
+pub(crate) fn io_error(doing: &str, e: &std::io::Error, total: u64) -> FetchError {
     match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => FetchError::Timeout(total),
         _ => FetchError::Io(format!("{doing}: {e}")),
@@ -464,7 +468,7 @@ pub fn parse_response(buf: &[u8], max_body: usize, eof: bool) -> Result<Parsed, 
 
 /// The length of the head (status line and headers, without the blank
 /// line) and where the body starts. Bare LF line ends are tolerated.
-fn head_end(buf: &[u8]) -> Option<(usize, usize)> {
+pub(crate) fn head_end(buf: &[u8]) -> Option<(usize, usize)> {
     let mut i = 0;
     while i < buf.len() {
         if buf[i] == b'\n' {
@@ -480,9 +484,9 @@ fn head_end(buf: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-type Head = (u16, String, Vec<(String, String)>);
+pub(crate) type Head = (u16, String, Vec<(String, String)>);
 
-fn parse_head(head: &[u8]) -> Result<Head, FetchError> {
+pub(crate) fn parse_head(head: &[u8]) -> Result<Head, FetchError> {
     let text = String::from_utf8_lossy(head);
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let status = lines.next().unwrap_or_default();
@@ -566,6 +570,73 @@ fn dechunk(mut buf: &[u8], max_body: usize) -> Result<Option<Vec<u8>>, FetchErro
             ));
         }
     }
+}
+
+/// The request [`get`] sends, for clients that read the answer themselves
+/// (`update::channel` streams update bundles).
+pub(crate) fn request_text(url: &Url) -> String {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: kiln-init/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        url.path,
+        url.authority(),
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// How the end of a 2xx answer's body is known, from its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyLength {
+    Chunked,
+    Bytes(u64),
+    /// The server closes the connection.
+    UntilClose,
+}
+
+/// The framing of a body by the rules [`parse_response`] applies (for
+/// clients that read the body themselves: `update::channel`).
+pub(crate) fn body_length(
+    code: u16,
+    headers: &[(String, String)],
+) -> Result<BodyLength, FetchError> {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    if code == 204 || code == 304 {
+        return Ok(BodyLength::Bytes(0));
+    }
+    let te = get("transfer-encoding");
+    if !te.is_empty() {
+        let last = te
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty())
+            .unwrap_or("");
+        if !last.eq_ignore_ascii_case("chunked") {
+            return Err(FetchError::Malformed(format!(
+                "unsupported Transfer-Encoding {last:?}"
+            )));
+        }
+        return Ok(BodyLength::Chunked);
+    }
+    let mut len = None;
+    for v in get("content-length").iter().flat_map(|v| v.split(',')) {
+        let n: u64 = v
+            .trim()
+            .parse()
+            .map_err(|_| FetchError::Malformed(format!("Content-Length {v:?} is not a number")))?;
+        if len.is_some_and(|l| l != n) {
+            return Err(FetchError::Malformed(
+                "conflicting Content-Length headers".into(),
+            ));
+        }
+        len = Some(n);
+    }
+    Ok(len.map_or(BodyLength::UntilClose, BodyLength::Bytes))
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 #[cfg(target_os = "linux")]
 pub mod apply;
 pub mod bundle;
+#[cfg(target_os = "linux")]
+pub mod channel;
 pub mod version;
 
 pub use bundle::{BundleError, BundleReader, Manifest, Part, PartKind, Policy};
