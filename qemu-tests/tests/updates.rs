@@ -96,7 +96,7 @@ fn updates_apply_refuse_and_roll_back() {
     let v4 = build(
         "v4",
         "3.0.1",
-        "\n[payload]\nk0s = { deb = \"busybox-static\", version = \"1:1.35.0-4+deb12u1+b1\", sha256 = \"3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744\", member = \"bin/busybox\" }\n",
+        "\n[payload]\nstand-in = false\nk0s = { deb = \"busybox-static\", version = \"1:1.35.0-4+deb12u1+b1\", sha256 = \"3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744\", member = \"bin/busybox\" }\n",
     );
 
     let other_key = d.join("other-key.kiln");

@@ -262,12 +262,7 @@ pub fn get(url: &str, opts: &Options) -> Result<Vec<u8>, FetchError> {
 
 fn request(url: &Url, opts: &Options, deadline: Instant) -> Result<Response, FetchError> {
     let mut stream = connect(url, opts, deadline)?;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: kiln-init/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        url.path,
-        url.authority(),
-        env!("CARGO_PKG_VERSION")
-    );
+    let req = request_text(url);
     let total = opts.total_timeout.as_secs();
     let left = |d: Duration| {
         deadline
@@ -401,59 +396,24 @@ pub fn parse_response(buf: &[u8], max_body: usize, eof: bool) -> Result<Parsed, 
             headers: headers.clone(),
             body,
         };
-        let get = |name: &str| {
-            headers
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-                .collect::<Vec<_>>()
-        };
-        if code == 204 || code == 304 {
-            return Ok(Parsed::Done(resp(Vec::new())));
-        }
-        let te = get("transfer-encoding");
-        if !te.is_empty() {
-            let last = te
-                .iter()
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .rfind(|t| !t.is_empty())
-                .unwrap_or("");
-            if !last.eq_ignore_ascii_case("chunked") {
-                return Err(FetchError::Malformed(format!(
-                    "unsupported Transfer-Encoding {last:?}"
-                )));
+        match body_length(code, &headers)? {
+            BodyLength::Chunked => {
+                return Ok(match dechunk(body, max_body)? {
+                    Some(b) => Parsed::Done(resp(b)),
+                    None => Parsed::Need("the chunked body has no last chunk".into()),
+                });
             }
-            return Ok(match dechunk(body, max_body)? {
-                Some(b) => Parsed::Done(resp(b)),
-                None => Parsed::Need("the chunked body has no last chunk".into()),
-            });
-        }
-        let cl = get("content-length");
-        if !cl.is_empty() {
-            let mut len = None;
-            for v in cl.iter().flat_map(|v| v.split(',')) {
-                let n: usize = v.trim().parse().map_err(|_| {
-                    FetchError::Malformed(format!("Content-Length {v:?} is not a number"))
-                })?;
-                if len.is_some_and(|l| l != n) {
-                    return Err(FetchError::Malformed(
-                        "conflicting Content-Length headers".into(),
-                    ));
+            BodyLength::Bytes(len) => {
+                if len > max_body as u64 {
+                    return Err(FetchError::TooLarge(max_body));
                 }
-                len = Some(n);
+                let len = len as usize;
+                if body.len() >= len {
+                    return Ok(Parsed::Done(resp(body[..len].to_vec())));
+                }
+                return Ok(Parsed::Need(format!("got {} of the {len} bytes announced", body.len())));
             }
-            let len = len.unwrap_or(0);
-            if len > max_body {
-                return Err(FetchError::TooLarge(max_body));
-            }
-            if body.len() >= len {
-                return Ok(Parsed::Done(resp(body[..len].to_vec())));
-            }
-            return Ok(Parsed::Need(format!(
-                "got {} of the {len} bytes announced",
-                body.len()
-            )));
+            BodyLength::UntilClose => {}
         }
         if body.len() > max_body {
             return Err(FetchError::TooLarge(max_body));
