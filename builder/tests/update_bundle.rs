@@ -151,6 +151,12 @@ fn round_trip() {
     assert_eq!((m.roothash.as_str(), m.source_date_epoch, m.format), (ROOTHASH, 1_700_000_000, 1));
     assert_eq!(m.parts.iter().map(|p| (p.name.as_str(), p.size)).collect::<Vec<_>>(), vec![("root.squashfs", 20_000), ("root.verity", 4096), ("kiln.efi", 1537)]);
     assert_eq!(r.trusted_comment(), "kiln update profile=edge arch=amd64 version=1.2.10");
+    // The length the manifest implies: the archive up to its end blocks
+    // (tar's record padding may follow).
+    let want = r.expected_len() as usize;
+    assert!(want <= bundle.len() && bundle.len() - want < 10240, "{want} of {}", bundle.len());
+    assert_eq!(&bundle[want - 1024..want], &[0u8; 1024][..]);
+    assert_ne!(&bundle[want - 1536..want - 1024], &[0u8; 512][..]);
 
     // The same version again is not a downgrade; no running version at all
     // (an image built without `version`) takes any.

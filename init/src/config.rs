@@ -156,7 +156,7 @@ pub struct Update {
     /// Take bundles older than the running image.
     #[serde(default)]
     pub allow_downgrade: bool,
-    /// The update server's base URL (http:// or https://): the node polls
+    /// The update server's base URL (http://): the node polls
     /// `<server>/<channel>/index.yaml` in its window.
     #[serde(default)]
     pub server: Option<String>,
@@ -406,9 +406,12 @@ fn check_update(u: &Update) -> Result<(), ConfigError> {
         ));
     }
     if let Some(s) = &u.server {
-        let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
+        if s.starts_with("https://") {
+            return Err(err("update.server", format!("`{s}`: kiln-init fetches channels over plain http:// (bundles are protected by their signature, not by TLS); serve the channel over http://")));
+        }
+        let rest = s.strip_prefix("http://");
         if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
-            return Err(err("update.server", format!("`{s}` is not an http:// or https:// URL, like https://updates.example.com/kiln")));
+            return Err(err("update.server", format!("`{s}` is not an http:// URL, like http://updates.example.com/kiln")));
         }
     }
     if let Some(c) = &u.channel {
@@ -1087,7 +1090,8 @@ mod tests {
             ("tries = 0", "update.tries", "out of range 1..=9"),
             ("health_seconds = 1", "update.health_seconds", "out of range"),
             ("health_seconds = 100\nboot_timeout_seconds = 100", "update.boot_timeout_seconds", "could never be marked good"),
-            ("server = \"ftp://x\"\nchannel = \"s\"", "update.server", "not an http:// or https:// URL"),
+            ("server = \"ftp://x\"\nchannel = \"s\"", "update.server", "not an http:// URL"),
+            ("server = \"https://x\"\nchannel = \"s\"", "update.server", "plain http://"),
             ("server = \"http://x\"", "update.channel", "name the channel"),
             ("channel = \"s\"", "update.server", "give the server"),
             ("server = \"http://x\"\nchannel = \"../x\"", "update.channel", "not a channel name"),

@@ -30,8 +30,10 @@ use super::{console, install, sys, volume};
 use crate::config;
 use crate::minisign::PublicKey;
 use crate::update::apply::{self, Applied, ApplyError, Slot, Target};
+use crate::update::channel::{self, Offer};
 use crate::update::{self, BundleReader, Policy};
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -46,15 +48,11 @@ const PENDING: &str = "pending";
 const FAILED: &str = "failed";
 const DROP_MOUNT: &str = "/run/kiln/kilnupd";
 const SCAN_EVERY: Duration = Duration::from_secs(30);
-
-/// This build's arch name, as bundles and profiles spell it.
-pub const ARCH: &str = if cfg!(target_arch = "x86_64") {
-    "amd64"
-} else if cfg!(target_arch = "aarch64") {
-    "arm64"
-} else {
-    "armv7"
-};
+/// How often the channel is polled while the window is open.
+const POLL_EVERY: Duration = Duration::from_secs(600);
+/// Longest sleep before the window's opening is checked again (the clock may
+/// have been set meanwhile).
+const WINDOW_RECHECK: i64 = 600;
 
 /// A boot entry of one slot on the ESP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,16 +234,39 @@ pub fn trial_with_fallback() -> bool {
 enum JobEnd {
     Applied(Applied),
     Nothing,
+    /// A channel's offer that was refused (not fetched again this boot).
+    Refused(String),
 }
 
-/// A bundle found in a drop.
+/// Where a bundle is read from.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// A file; `consume`: remove (or mark) it once handled (the /var drop).
+    File { path: PathBuf, consume: bool },
+    /// A channel's offer, streamed over HTTP.
+    Channel(Offer),
+}
+
+/// A bundle found in a drop or offered by the channel.
 #[derive(Debug, Clone)]
 struct Found {
-    path: PathBuf,
-    /// For events: `/var/lib/kiln/update/x.kiln` or `KILNUPD:/dev/vdb:x.kiln`.
+    /// For events: `/var/lib/kiln/update/x.kiln`, `KILNUPD:/dev/vdb:x.kiln`
+    /// or the bundle's URL.
     source: String,
-    /// Remove (or mark) the file once handled: the /var drop.
-    consume: bool,
+    origin: Origin,
+}
+
+impl Found {
+    fn file(source: String, path: PathBuf, consume: bool) -> Found {
+        Found { source, origin: Origin::File { path, consume } }
+    }
+
+    fn consumed(&self) -> Option<&Path> {
+        match &self.origin {
+            Origin::File { path, consume: true } => Some(path),
+            _ => None,
+        }
+    }
 }
 
 struct Trial {
@@ -266,13 +287,31 @@ pub struct Updates {
     /// Applied; waiting for the window to reboot.
     reboot_pending: Option<Applied>,
     keys: Vec<PublicKey>,
+    /// When the channel is next polled (or the window next checked).
+    next_poll: Option<Instant>,
+    /// Whether the last look found the window open (events on change only).
+    window_open: Option<bool>,
+    /// Channel versions refused this boot.
+    refused: BTreeSet<String>,
 }
 
 impl Updates {
     /// Assesses this boot (events: `rolled-back`, `boot-trial`), and
     /// schedules the first look for bundles.
     pub fn start(cfg: &config::Update) -> Updates {
-        let mut u = Updates { cfg: cfg.clone(), node: None, trial: None, next_scan: None, seen: BTreeSet::new(), job: None, reboot_pending: None, keys: Vec::new() };
+        let mut u = Updates {
+            cfg: cfg.clone(),
+            node: None,
+            trial: None,
+            next_scan: None,
+            seen: BTreeSet::new(),
+            job: None,
+            reboot_pending: None,
+            keys: Vec::new(),
+            next_poll: None,
+            window_open: None,
+            refused: BTreeSet::new(),
+        };
         let node = match this_node() {
             Ok(n) => n,
             Err(e) => {
@@ -310,6 +349,9 @@ impl Updates {
         }
         u.node = Some(node);
         u.next_scan = Some(Instant::now());
+        if cfg.server.is_some() {
+            u.next_poll = Some(Instant::now());
+        }
         u
     }
 
@@ -321,8 +363,9 @@ impl Updates {
             if let Some(s) = payload_since {
                 d.push(s + Duration::from_secs(self.cfg.health_seconds.into()));
             }
-        } else if let Some(s) = self.next_scan {
-            d.push(s);
+        } else {
+            d.extend(self.next_scan);
+            d.extend(self.next_poll);
         }
         if self.job.is_some() {
             d.push(Instant::now() + Duration::from_secs(1));
@@ -361,8 +404,12 @@ impl Updates {
             return None;
         }
         if let Some(j) = self.job.take_if(|j| j.is_finished()) {
-            if let Ok(JobEnd::Applied(a)) = j.join() {
-                self.reboot_pending = Some(a);
+            match j.join() {
+                Ok(JobEnd::Applied(a)) => self.reboot_pending = Some(a),
+                Ok(JobEnd::Refused(v)) => {
+                    self.refused.insert(v);
+                }
+                _ => {}
             }
             let _ = sys::umount(DROP_MOUNT, libc::MNT_DETACH);
         }
@@ -385,7 +432,40 @@ impl Updates {
                 self.start_job(found);
             }
         }
+        if self.job.is_none() && self.next_poll.is_some_and(|t| t <= now) {
+            self.poll(now);
+        }
         None
+    }
+
+    /// In the window: polls the channel (in the apply thread). Outside:
+    /// says when it opens, once, and sleeps until then.
+    fn poll(&mut self, now: Instant) {
+        let (Some(server), Some(ch), Some(w)) = (self.cfg.server.clone(), self.cfg.channel.clone(), self.cfg.window.clone()) else {
+            self.next_poll = None;
+            return;
+        };
+        let unix = unix_now();
+        let wait = w.seconds_until(unix);
+        if wait > 0 {
+            if self.window_open != Some(false) {
+                self.window_open = Some(false);
+                console::event("update-window", &[("state", &"closed"), ("opens_in", &wait), ("start", &w.start), ("time", &unix)]);
+            }
+            self.next_poll = Some(now + Duration::from_secs(wait.clamp(1, WINDOW_RECHECK) as u64));
+            return;
+        }
+        if self.window_open != Some(true) {
+            self.window_open = Some(true);
+            console::event("update-window", &[("state", &"open"), ("start", &w.start), ("length_minutes", &w.length_minutes), ("time", &unix)]);
+        }
+        self.next_poll = Some(now + POLL_EVERY);
+        let Some(node) = self.node.clone() else { return };
+        let refused = self.refused.clone();
+        self.spawn(move |node: &Node| match check_channel(node, &server, &ch, &refused) {
+            Some(f) => vec![f],
+            None => Vec::new(),
+        }, node);
     }
 
     fn mark_good(&self, e: &Entry) {
@@ -413,7 +493,7 @@ impl Updates {
             let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "kiln")).collect();
             names.sort();
             for p in names {
-                found.push(Found { source: p.display().to_string(), path: p, consume: true });
+                found.push(Found::file(p.display().to_string(), p, true));
             }
         }
         if let Some((dev, fs_)) = volume::labelled(DROP_LABEL).into_iter().next() {
@@ -432,7 +512,7 @@ impl Updates {
                         }
                         for p in names {
                             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                            found.push(Found { source: format!("{DROP_LABEL}:{dev}:{name}"), path: p, consume: false });
+                            found.push(Found::file(format!("{DROP_LABEL}:{dev}:{name}"), p, false));
                         }
                     }
                     Err(e) => console::warn(&format!("{DROP_LABEL} volume {dev}: mounting it read-only: {e}")),
@@ -442,7 +522,8 @@ impl Updates {
             self.seen.retain(|s| !s.starts_with("volume "));
         }
         found.retain(|f| {
-            let key = fs::metadata(&f.path).map(|m| format!("{} {} {:?}", f.source, m.len(), m.modified().ok())).unwrap_or_default();
+            let Origin::File { path, .. } = &f.origin else { return true };
+            let key = fs::metadata(path).map(|m| format!("{} {} {:?}", f.source, m.len(), m.modified().ok())).unwrap_or_default();
             self.seen.insert(key)
         });
         found
@@ -450,14 +531,26 @@ impl Updates {
 
     fn start_job(&mut self, found: Vec<Found>) {
         let Some(node) = self.node.clone() else { return };
+        self.spawn(move |_: &Node| found, node);
+    }
+
+    /// Runs `find` and then takes what it found, in the apply thread.
+    fn spawn(&mut self, find: impl FnOnce(&Node) -> Vec<Found> + Send + 'static, node: Node) {
         let (keys, allow_downgrade, tries) = (self.keys.clone(), self.cfg.allow_downgrade, self.cfg.tries);
         let spawned = std::thread::Builder::new().name("update".into()).spawn(move || {
-            for f in found {
-                if let Some(a) = take(&node, &keys, allow_downgrade, tries, &f) {
-                    return JobEnd::Applied(a);
+            let mut end = JobEnd::Nothing;
+            for f in find(&node) {
+                match take(&node, &keys, allow_downgrade, tries, &f) {
+                    Taken::Applied(a) => return JobEnd::Applied(a),
+                    Taken::Refused => {
+                        if let Origin::Channel(o) = &f.origin {
+                            end = JobEnd::Refused(o.version.clone());
+                        }
+                    }
+                    Taken::Skipped => {}
                 }
             }
-            JobEnd::Nothing
+            end
         });
         match spawned {
             Ok(j) => self.job = Some(j),
@@ -493,52 +586,102 @@ fn report_rollback(node: &Node, failed: &Entry, esp: &Path) {
     sync_dir(&dir);
 }
 
-/// Verifies and applies one bundle; events say what happened. Some when
-/// the bundle was applied and the node should reboot.
-fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &Found) -> Option<Applied> {
+/// What the channel offers, when it is newer than the running image and
+/// was not refused or rolled back before (events: `update-checked`).
+fn check_channel(node: &Node, server: &str, ch: &str, refused: &BTreeSet<String>) -> Option<Found> {
+    let url = channel::index_url(server, ch);
+    let offer = channel::fetch_index(server, ch, &fetch_options()).and_then(|i| i.for_arch(channel::this_arch()));
+    let running = node.version.clone().unwrap_or_else(|| "unknown".into());
+    let offer = match offer {
+        Ok(o) => o,
+        Err(e) => {
+            console::event("update-checked", &[("index", &url), ("result", &"error"), ("reason", &e)]);
+            console::info(e.hint());
+            return None;
+        }
+    };
+    let result = if !channel::newer(&offer.version, &running) {
+        "up-to-date"
+    } else if refused.contains(&offer.version) {
+        "refused-before"
+    } else {
+        "newer"
+    };
+    console::event("update-checked", &[("index", &url), ("offered", &offer.version), ("running", &running), ("result", &result)]);
+    (result == "newer").then(|| Found { source: offer.url.clone(), origin: Origin::Channel(offer) })
+}
+
+/// Downloads may be slow; a server that stops sending for a minute is
+/// given up on (the next poll tries again).
+fn fetch_options() -> crate::node::fetch::Options {
+    crate::node::fetch::Options { read_timeout: Duration::from_secs(60), ..Default::default() }
+}
+
+enum Taken {
+    Applied(Applied),
+    Refused,
+    Skipped,
+}
+
+/// Verifies and applies one bundle; events say what happened.
+fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &Found) -> Taken {
     let reject = |reason: &str| {
         console::event("update-rejected", &[("source", &f.source), ("reason", &reason)]);
-        if f.consume {
-            let mut to = f.path.clone().into_os_string();
+        if let Some(path) = f.consumed() {
+            let mut to = path.to_path_buf().into_os_string();
             to.push(".rejected");
-            let _ = fs::rename(&f.path, &to);
+            let _ = fs::rename(path, &to);
         }
+        Taken::Refused
     };
-    let file = match File::open(&f.path) {
-        Ok(x) => x,
-        Err(e) => {
-            reject(&format!("opening it: {e}"));
-            return None;
-        }
+    let mut file_len = None;
+    let input: Box<dyn Read> = match &f.origin {
+        Origin::File { path, .. } => match File::open(path) {
+            Ok(x) => {
+                file_len = x.metadata().ok().map(|m| m.len());
+                Box::new(x)
+            }
+            Err(e) => return reject(&format!("opening it: {e}")),
+        },
+        Origin::Channel(offer) => match channel::open_bundle(offer, &fetch_options()) {
+            Ok(x) => Box::new(x),
+            Err(e) => {
+                // The server's trouble, not the bundle's: tried again at the
+                // next poll.
+                console::event("update-checked", &[("index", &f.source), ("result", &"error"), ("reason", &e)]);
+                return Taken::Skipped;
+            }
+        },
     };
-    let policy = Policy { keys, arch: ARCH, profile: &node.profile, running_version: node.version.as_deref(), allow_downgrade };
-    let reader = match BundleReader::open(std::io::BufReader::with_capacity(1 << 20, file), &policy) {
+    let policy = Policy { keys, arch: channel::this_arch(), profile: &node.profile, running_version: node.version.as_deref(), allow_downgrade };
+    let reader = match BundleReader::open(std::io::BufReader::with_capacity(1 << 20, input), &policy) {
         Ok(r) => r,
-        Err(e) => {
-            reject(&e.to_string());
-            return None;
-        }
+        Err(e) => return reject(&e.to_string()),
     };
+    // A short file is refused before anything is written (a cut download
+    // or copy); a stream cut short fails while the inactive slot is
+    // written, before any switch.
+    if let Some(len) = file_len.filter(|l| *l < reader.expected_len()) {
+        return reject(&format!("the update bundle is truncated: the file is {len} bytes, but its manifest's parts need at least {}; copy or download it again, completely", reader.expected_len()));
+    }
     let m = reader.manifest().clone();
     let skip = |reason: String| {
         console::event("update-skipped", &[("source", &f.source), ("version", &m.version), ("reason", &reason)]);
-        if f.consume {
-            let _ = fs::remove_file(&f.path);
+        if let Some(path) = f.consumed() {
+            let _ = fs::remove_file(path);
         }
+        Taken::Skipped
     };
     if unhex32(&m.roothash) == Some(node.roothash) {
-        skip("the node already runs this image".into());
-        return None;
+        return skip("the node already runs this image".into());
     }
     if failed_hashes().contains(&m.roothash) {
-        skip("this image was rolled back on this node before".into());
-        return None;
+        return skip("this image was rolled back on this node before".into());
     }
     let x = node.slot.other();
     let from = node.version.clone().unwrap_or_else(|| "unknown".into());
     if let Err(e) = write_state(PENDING, &Pending { slot: x.letter().into(), version: m.version.clone(), from: from.clone(), roothash: m.roothash.clone() }.to_text()) {
-        reject(&format!("cannot record the update on /var: {e}"));
-        return None;
+        return reject(&format!("cannot record the update on /var: {e}"));
     }
     console::event("update-applying", &[("source", &f.source), ("version", &m.version), ("from", &from), ("slot", &x)]);
     let t0 = Instant::now();
@@ -549,20 +692,18 @@ fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &
                 "update-applied",
                 &[("source", &f.source), ("version", &a.version), ("from", &from), ("slot", &a.slot), ("entry", &a.entry), ("bytes", &a.bytes_written()), ("seconds", &format!("{:.1}", t0.elapsed().as_secs_f64()))],
             );
-            if f.consume {
-                let _ = fs::remove_file(&f.path);
+            if let Some(path) = f.consumed() {
+                let _ = fs::remove_file(path);
             }
-            Some(a)
+            Taken::Applied(a)
         }
         Err(ApplyError::AlreadyRunning { .. }) => {
             let _ = fs::remove_file(state(PENDING));
-            skip("the node already runs this image".into());
-            None
+            skip("the node already runs this image".into())
         }
         Err(e) => {
             let _ = fs::remove_file(state(PENDING));
-            reject(&e.to_string());
-            None
+            reject(&e.to_string())
         }
     }
 }

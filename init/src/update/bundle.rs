@@ -344,6 +344,14 @@ impl<R: Read> BundleReader<R> {
         Ok(r)
     }
 
+    /// The least length the whole bundle can have, from its manifest: what
+    /// was read so far, each part's header, data and padding, and the two
+    /// end-of-archive blocks. Known once opened, so a file shorter than this
+    /// is refused before anything is written.
+    pub fn expected_len(&self) -> u64 {
+        self.offset + self.manifest.parts.iter().map(|p| BLOCK as u64 + p.size + padding(p.size)).sum::<u64>() + 2 * BLOCK as u64
+    }
+
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
