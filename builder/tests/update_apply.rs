@@ -187,7 +187,7 @@ impl Node {
     fn apply_hash(&self, bundle: &Path, key: &KeyPair, running: [u8; 32]) -> Result<apply::Applied, ApplyError> {
         let keys = [key.public()];
         let r = BundleReader::open(std::io::BufReader::new(File::open(bundle).unwrap()), &policy(&keys))?;
-        apply::apply(r, &Target { disk: &self.disk, esp: &self.esp, running_roothash: running, tries: apply::TRIES })
+        apply::apply(r, &Target { disk: &self.disk, esp: &self.esp, running_roothash: running, tries: apply::TRIES, progress: None })
     }
 
     fn assert_verifies(&self) {
@@ -410,7 +410,7 @@ fn refuses_other_disks_and_boards() {
     update::write(&out, &spec, &parts, &key).unwrap();
     let keys = [key.public()];
     let r = BundleReader::open(File::open(&out).unwrap(), &Policy { arch: "armv7", ..policy(&keys) }).unwrap();
-    let e = apply::apply(r, &Target { disk: &node.disk, esp: &node.esp, running_roothash: a.hash(), tries: 2 }).unwrap_err();
+    let e = apply::apply(r, &Target { disk: &node.disk, esp: &node.esp, running_roothash: a.hash(), tries: 2, progress: None }).unwrap_err();
     assert!(matches!(e, ApplyError::Unsupported { .. }), "{e}");
     assert!(e.to_string().contains("beaglebone") && e.to_string().contains("not supported yet"), "{e}");
 }

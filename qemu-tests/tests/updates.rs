@@ -68,8 +68,8 @@ fn crafted(key: &KeyPair, arch: kiln::profile::Arch, version: &str, to: &Path) {
 }
 
 /// A FAT volume labelled KILNUPD holding `files`.
-fn stick(files: &[(&str, &Path)]) -> PathBuf {
-    let p = dir().join("kilnupd.img");
+fn stick(name: &str, files: &[(&str, &Path)]) -> PathBuf {
+    let p = dir().join(name);
     let _ = std::fs::remove_file(&p);
     let bytes: u64 = files.iter().map(|(_, f)| std::fs::metadata(f).unwrap().len()).sum();
     let kib = bytes / 1024 + 16 * 1024;
@@ -95,8 +95,18 @@ fn expect(e: &Event, key: &str, want: &str) {
     assert_eq!(e.get(key), Some(want), "{e:?}");
 }
 
-#[test]
-fn updates_apply_refuse_and_roll_back() {
+/// The key and the four builds, once per test binary.
+struct Builds {
+    key: KeyPair,
+    v1: PathBuf,
+    v2: PathBuf,
+    v3: PathBuf,
+    v4: PathBuf,
+}
+
+fn builds() -> &'static Builds {
+    static B: std::sync::OnceLock<Builds> = std::sync::OnceLock::new();
+    B.get_or_init(|| {
     let d = dir();
     let key = KeyPair::generate();
     std::fs::write(d.join("kiln.key"), key.to_secret_file()).unwrap();
@@ -109,17 +119,25 @@ fn updates_apply_refuse_and_roll_back() {
         "3.0.1",
         "\n[payload]\nstand-in = false\nk0s = { deb = \"busybox-static\", version = \"1:1.35.0-4+deb12u1+b1\", sha256 = \"3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744\", member = \"bin/busybox\" }\n",
     );
+    Builds { key, v1, v2, v3, v4 }
+    })
+}
+
+#[test]
+fn updates_apply_refuse_and_roll_back() {
+    let d = dir();
+    let Builds { key, v1, v2, v3, v4 } = builds();
 
     let other_key = d.join("other-key.kiln");
     crafted(&KeyPair::generate(), kiln::profile::Arch::Amd64, "2.0.0", &other_key);
     let arm64 = d.join("arm64.kiln");
-    crafted(&key, kiln::profile::Arch::Arm64, "2.0.0", &arm64);
+    crafted(key, kiln::profile::Arch::Arm64, "2.0.0", &arm64);
     let downgrade = d.join("downgrade.kiln");
-    crafted(&key, kiln::profile::Arch::Amd64, "0.9.0", &downgrade);
+    crafted(key, kiln::profile::Arch::Amd64, "0.9.0", &downgrade);
     let truncated = d.join("truncated.kiln");
     let full = std::fs::read(v2.join("update.kiln")).unwrap();
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
-    let stick = stick(&[
+    let stick = stick("kilnupd.img", &[
         ("a-other-key.kiln", &other_key),
         ("b-arm64.kiln", &arm64),
         ("c-downgrade.kiln", &downgrade),
@@ -129,8 +147,8 @@ fn updates_apply_refuse_and_roll_back() {
         ("g-3.0.1-unhealthy.kiln", &v4.join("update.kiln")),
     ]);
 
-    let disk = common::copy_disk(&v1, "updates");
-    let mut n = boot_with("updates", &v1, Some(CONFIG), |s| {
+    let disk = common::copy_disk(v1, "updates");
+    let mut n = boot_with("updates", v1, Some(CONFIG), |s| {
         s.boot = BootFrom::Disk;
         s.disk = Some(disk.clone());
         s.extra_disk = Some(stick.clone());
@@ -182,10 +200,13 @@ fn updates_apply_refuse_and_roll_back() {
     let applied = n.event("update-applied", long);
     expect(&applied, "version", "3.0.0");
     expect(&applied, "slot", "a");
-    for _ in 0..TRIES {
-        let t = n.event("boot-trial", long);
-        expect(&t, "version", "3.0.0");
-        n.event("boot-failed", long);
+    // It panics before it assesses the boot; the panic handler says which
+    // try this was.
+    for left in (0..TRIES).rev() {
+        let f = n.event("boot-failed", long);
+        expect(&f, "version", "3.0.0");
+        expect(&f, "tries_left", &left.to_string());
+        expect(&f, "action", "reboot");
     }
     let rb = n.event("rolled-back", long);
     expect(&rb, "from", "3.0.0");
@@ -197,9 +218,10 @@ fn updates_apply_refuse_and_roll_back() {
     // 3.0.1: the payload never runs 10 s; two tries, then 2.0.0 again.
     let applied = n.event("update-applied", long);
     expect(&applied, "version", "3.0.1");
-    for _ in 0..TRIES {
+    for left in (0..TRIES).rev() {
         let t = n.event("boot-trial", long);
         expect(&t, "version", "3.0.1");
+        expect(&t, "tries_left", &left.to_string());
         expect(&n.event("boot-unhealthy", long), "action", "reboot");
     }
     let rb = n.event("rolled-back", long);
@@ -212,4 +234,134 @@ fn updates_apply_refuse_and_roll_back() {
     skipped(&mut n, "g-3.0.1-unhealthy.kiln", "rolled back");
     n.vm.send("\nls /boot/EFI/Linux/\n").unwrap();
     n.line("the ESP's entries", Duration::from_secs(60), |l| l.contains("kiln-upd-b.efi"));
+}
+
+/// A plain HTTP/1.1 server on 127.0.0.1 (the guest's 10.0.2.2) serving
+/// `files` by path; returns its port and the log of (unix time, path)
+/// requested.
+/// (unix time, path) of each request a test server answered.
+type Requests = std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>;
+
+fn serve(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let mut r = BufReader::new(c);
+            let mut first = String::new();
+            if r.read_line(&mut first).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).map(|n| n == 0).unwrap_or(true) || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+            log2.lock().unwrap().push((unix_now(), path.clone()));
+            let mut c = r.into_inner();
+            match files.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => {
+                    let _ = write!(c, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = c.write_all(body);
+                }
+                None => {
+                    let _ = write!(c, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                }
+            }
+        }
+    });
+    (port, log)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[test]
+fn a_channel_update_waits_for_its_window() {
+    let Builds { v1, v2, .. } = builds();
+    let bundle = std::fs::read(v2.join("update.kiln")).unwrap();
+    let sha = kiln_init::install_image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
+    let index = format!("# kiln test channel\nversion: 2.0.0\nplatforms:\n  linux-amd64:\n    url: 2.0.0/update.kiln\n    sha256: {sha}\n  linux-arm:\n    url: 2.0.0/armv7/update.kiln\n    sha256: \"{}\"\n", "0".repeat(64));
+    let (port, requests) = serve(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/update.kiln".into(), bundle)]);
+    // The window opens at the start of a minute at least 150 s from now
+    // (the node is good by then), every day, for 30 minutes.
+    let opens = (unix_now() + 150).div_ceil(60) * 60;
+    let start = format!("{:02}:{:02}", opens / 3600 % 24, opens / 60 % 60);
+    let config = format!(
+        "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 10\nboot_timeout_seconds = 45\nserver = \"http://10.0.2.2:{port}/kiln\"\nchannel = \"stable\"\n\n[update.window]\nstart = \"{start}\"\nlength_minutes = 30\n"
+    );
+    let disk = common::copy_disk(v1, "updates-channel");
+    let mut n = boot_with("updates_channel", v1, Some(&config), |s| {
+        s.boot = BootFrom::Disk;
+        s.disk = Some(disk.clone());
+    });
+    let long = BOOT_TIMEOUT;
+    expect(&n.event("boot-good", long), "version", "1.0.0");
+    let closed = n.event("update-window", long);
+    expect(&closed, "state", "closed");
+    let opens_in: u64 = closed.get("opens_in").and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert!(opens_in > 0, "{closed:?}");
+    let open = n.event("update-window", Duration::from_secs(opens_in + 120));
+    expect(&open, "state", "open");
+    let checked = n.event("update-checked", long);
+    expect(&checked, "result", "newer");
+    expect(&checked, "offered", "2.0.0");
+    let applied = n.event("update-applied", long);
+    expect(&applied, "version", "2.0.0");
+    assert_eq!(applied.get("source"), Some(format!("http://10.0.2.2:{port}/kiln/stable/2.0.0/update.kiln").as_str()), "{applied:?}");
+    expect(&n.event("shutdown", long), "reason", "update-applied");
+    let t = n.event("boot-trial", long);
+    expect(&t, "version", "2.0.0");
+    expect(&n.event("boot-good", long), "version", "2.0.0");
+    // Nothing was asked of the server before the window opened.
+    let seen = requests.lock().unwrap().clone();
+    assert!(!seen.is_empty() && seen.iter().all(|(t, _)| *t >= opens), "window opened at {opens}; requests: {seen:?}");
+    assert_eq!(seen.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>()[..2], ["/kiln/stable/index.yaml", "/kiln/stable/2.0.0/update.kiln"]);
+}
+
+#[test]
+fn power_loss_during_an_update_leaves_a_node_that_boots() {
+    let Builds { v1, v2, .. } = builds();
+    let stick = stick("kilnupd-power.img", &[("e-2.0.0.kiln", &v2.join("update.kiln"))]);
+    let long = BOOT_TIMEOUT;
+    // Where QEMU is killed: a step of the apply as kiln-init announces it,
+    // and how long after.
+    for (i, (step, delay_ms)) in [("writing slot b", 300), ("switching slot b", 0), ("installing slot b", 0)].into_iter().enumerate() {
+        let name = format!("updates_power{i}");
+        let disk = common::copy_disk(v1, &name);
+        let overlay = scratch().join(format!("{name}.qcow2"));
+        let _ = std::fs::remove_file(&overlay);
+        let spec = |s: &mut kiln::qemu::VmSpec| {
+            s.boot = BootFrom::Disk;
+            s.disk = Some(disk.clone());
+            s.overlay = Some(overlay.clone());
+            s.extra_disk = Some(stick.clone());
+        };
+        let mut n = boot_with(&name, v1, Some(CONFIG), spec);
+        n.line(step, long, |l| l.contains(&format!("update: {step}")));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        n.vm.kill();
+        drop(n);
+        // Power back: a good slot boots to the payload, whichever it is,
+        // and the update completes.
+        let mut n = boot_with(&format!("{name}-after"), v1, Some(CONFIG), spec);
+        let started = n.event("payload-started", long);
+        let log = n.vm.log();
+        assert!(!log.iter().any(|l| l.contains("root-failed") || l.contains("maintenance")), "cut at `{step}` +{delay_ms} ms: {started:?}");
+        let good = n.event("boot-good", long);
+        if good.get("version") == Some("1.0.0") {
+            // The cut update is applied again, from the start.
+            expect(&n.event("update-applied", long), "version", "2.0.0");
+            expect(&n.event("boot-good", long), "version", "2.0.0");
+        } else {
+            expect(&good, "version", "2.0.0");
+        }
+        eprintln!("cut at `{step}` +{delay_ms} ms: booted {}", log.iter().find(|l| l.contains("boot-trial") || l.contains("boot-good")).cloned().unwrap_or_default());
+    }
 }

@@ -477,8 +477,11 @@ fn install_now(target: &str, why: &str) -> Result<(), String> {
 /// After a panic: on a trial boot with an image to fall back to, reboot
 /// (spending a try); otherwise reap forever.
 pub fn park() -> ! {
-    if updates::trial_with_fallback() {
-        console::event("boot-failed", &[("reason", &"kiln-init panicked on a trial boot"), ("action", &"reboot")]);
+    if let Some((slot, version, entry)) = updates::trial_with_fallback() {
+        console::event(
+            "boot-failed",
+            &[("slot", &slot), ("version", &version), ("entry", &entry.name), ("tries_left", &entry.left.unwrap_or(0)), ("reason", &"kiln-init panicked on a trial boot"), ("action", &"reboot")],
+        );
         console::warn("this image is on trial and kiln-init cannot go on: rebooting in 5 s to spend a try (the previous image boots when they are spent)");
         std::thread::sleep(Duration::from_secs(5));
         final_shutdown(Action::Reboot, "trial-boot-failed")

@@ -223,11 +223,14 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// True when this boot is on trial and has an image to fall back to: a
-/// kiln-init that cannot go on should then reboot rather than park.
-pub fn trial_with_fallback() -> bool {
-    let Ok(n) = this_node() else { return false };
-    matches!(assess(&entries(Path::new(ESP), &n.profile), n.slot).0, Assessed::Trial { fallback: true, .. })
+/// A trial boot with an image to fall back to, as (slot, version, entry):
+/// a kiln-init that cannot go on should then reboot rather than park.
+pub fn trial_with_fallback() -> Option<(Slot, String, Entry)> {
+    let n = this_node().ok()?;
+    match assess(&entries(Path::new(ESP), &n.profile), n.slot).0 {
+        Assessed::Trial { entry, fallback: true } => Some((n.slot, n.version.unwrap_or_else(|| "unknown".into()), entry)),
+        _ => None,
+    }
 }
 
 /// What a finished apply job found.
@@ -685,7 +688,8 @@ fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &
     }
     console::event("update-applying", &[("source", &f.source), ("version", &m.version), ("from", &from), ("slot", &x)]);
     let t0 = Instant::now();
-    let target = Target { disk: &node.disk, esp: Path::new(ESP), running_roothash: node.roothash, tries };
+    let progress = |s: apply::Step| console::info(&format!("update: {s}"));
+    let target = Target { disk: &node.disk, esp: Path::new(ESP), running_roothash: node.roothash, tries, progress: Some(&progress) };
     match apply::apply(reader, &target) {
         Ok(a) => {
             console::event(

@@ -120,7 +120,7 @@ impl std::fmt::Display for Slot {
 }
 
 /// Where to apply an update.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target<'a> {
     /// The whole disk the node booted from (a block device, or an image file
     /// in tests).
@@ -131,6 +131,38 @@ pub struct Target<'a> {
     pub running_roothash: [u8; 32],
     /// Boots the new entry gets before systemd-boot falls back (`+N`).
     pub tries: u32,
+    /// Told each step as it begins (for the console).
+    pub progress: Option<&'a (dyn Fn(Step) + Sync)>,
+}
+
+impl std::fmt::Debug for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("disk", &self.disk).field("esp", &self.esp).field("running_roothash", &hex(&self.running_roothash)).field("tries", &self.tries).finish_non_exhaustive()
+    }
+}
+
+/// The steps of [`apply`], in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Streaming the parts onto the inactive slot.
+    Writing(Slot),
+    /// Reading the slot back against the root hash.
+    Verifying(Slot),
+    /// Writing the slot's new PARTUUIDs (backup GPT, then primary).
+    Switching(Slot),
+    /// Renaming the UKI into place as the slot's boot entry.
+    Installing(Slot),
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Writing(x) => write!(f, "writing slot {x}"),
+            Step::Verifying(x) => write!(f, "reading slot {x} back"),
+            Step::Switching(x) => write!(f, "switching slot {x}'s partition UUIDs"),
+            Step::Installing(x) => write!(f, "installing slot {x}'s boot entry"),
+        }
+    }
 }
 
 /// What [`apply`] did.
@@ -430,7 +462,13 @@ pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
         sync_dir(&dir)?;
     }
 
+    let step = |s: Step| {
+        if let Some(p) = target.progress {
+            p(s)
+        }
+    };
     // Stream the parts.
+    step(Step::Writing(x));
     let tmp = dir.join(&tmp_name);
     let streamed = (|| -> Result<(u64, u64, u64), ApplyError> {
         let (mut rb, mut vb, mut ub) = (0, 0, 0);
@@ -452,7 +490,9 @@ pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
     let (root_bytes, verity_bytes, uki_bytes) = streamed.map_err(cleanup)?;
 
     // Read back, then switch, then install.
+    step(Step::Verifying(x));
     check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
+    step(Step::Switching(x));
     for (i, (off, bytes)) in disk.switch_writes(x, &new_hash).iter().enumerate() {
         f.write_all_at(bytes, *off).map_err(io_err("writing the GPT of", path)).map_err(cleanup)?;
         if i == 1 {
@@ -460,6 +500,7 @@ pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
         }
     }
     f.sync_all().map_err(io_err("syncing the GPT of", path)).map_err(cleanup)?;
+    step(Step::Installing(x));
     let entry = entry_name(&m.profile, x, target.tries.max(1));
     let dst = dir.join(&entry);
     fs::rename(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
