@@ -681,6 +681,11 @@ fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &
     if failed_hashes().contains(&m.roothash) {
         return skip("this image was rolled back on this node before".into());
     }
+    // systemd-boot orders entries by version: a different image with the
+    // running version might never be booted, or never be left.
+    if node.version.as_deref() == Some(m.version.as_str()) {
+        return reject(&format!("the bundle is a different image with the running version {}; give every build its own version (the boot loader orders images by it)", m.version));
+    }
     let x = node.slot.other();
     let from = node.version.clone().unwrap_or_else(|| "unknown".into());
     if let Err(e) = write_state(PENDING, &Pending { slot: x.letter().into(), version: m.version.clone(), from: from.clone(), roothash: m.roothash.clone() }.to_text()) {
