@@ -80,6 +80,15 @@ fn stick(name: &str, files: &[(&str, &Path)]) -> PathBuf {
     p
 }
 
+/// Waits for a `boot-trial` event and checks it.
+fn trial(n: &mut common::Node, slot: &str, version: &str, fallback: &str) -> Event {
+    let t = n.event("boot-trial", BOOT_TIMEOUT);
+    expect(&t, "slot", slot);
+    expect(&t, "version", version);
+    expect(&t, "fallback", fallback);
+    t
+}
+
 /// Waits for the `update-skipped` event of `file` (others may come first).
 fn skipped(n: &mut common::Node, file: &str, why: &str) {
     loop {
@@ -157,10 +166,7 @@ fn updates_apply_refuse_and_roll_back() {
 
     // Boot 1: the first image, on trial until its payload has run 10 s.
     n.event("watchdog-armed", long);
-    let t = n.event("boot-trial", long);
-    expect(&t, "slot", "a");
-    expect(&t, "version", "1.0.0");
-    expect(&t, "fallback", "no");
+    trial(&mut n, "a", "1.0.0", "no");
     n.event("payload-started", long);
     n.vm.send("\necho kiln-var-$((6*7)) > /var/lib/k0s/update-test; sync\n").unwrap();
     let good = n.event("boot-good", long);
@@ -186,10 +192,7 @@ fn updates_apply_refuse_and_roll_back() {
     expect(&n.event("shutdown", long), "reason", "update-applied");
 
     // Boot 2: systemd-boot picks 2.0.0, which is marked good and has /var.
-    let t = n.event("boot-trial", long);
-    expect(&t, "slot", "b");
-    expect(&t, "version", "2.0.0");
-    expect(&t, "fallback", "yes");
+    trial(&mut n, "b", "2.0.0", "yes");
     n.event("payload-started", long);
     n.vm.send("\ncat /var/lib/k0s/update-test\n").unwrap();
     n.line("/var kept across the update", Duration::from_secs(60), |l| l.trim() == "kiln-var-42");

@@ -260,35 +260,44 @@ pub fn get(url: &str, opts: &Options) -> Result<Vec<u8>, FetchError> {
     Err(FetchError::TooManyRedirects)
 }
 
-fn request(url: &Url, opts: &Options, deadline: Instant) -> Result<Response, FetchError> {
+/// How long to wait for one step: `d`, but not past the deadline.
+fn left(deadline: Instant, d: Duration) -> Duration {
+    deadline.saturating_duration_since(Instant::now()).min(d).max(Duration::from_millis(1))
+}
+
+/// Connects and sends the GET for `url`; the answer then comes on the stream.
+pub(crate) fn send_request(url: &Url, opts: &Options, deadline: Instant) -> Result<TcpStream, FetchError> {
     let mut stream = connect(url, opts, deadline)?;
-    let req = request_text(url);
+    let _ = stream.set_write_timeout(Some(left(deadline, opts.read_timeout)));
+    stream.write_all(request_text(url).as_bytes()).map_err(|e| io_error("sending the request", &e, opts.total_timeout.as_secs()))?;
+    Ok(stream)
+}
+
+/// One read of the answer (0 at its end), within the request's deadline.
+pub(crate) fn read_answer(stream: &mut TcpStream, chunk: &mut [u8], opts: &Options, deadline: Instant) -> Result<usize, FetchError> {
     let total = opts.total_timeout.as_secs();
-    let left = |d: Duration| {
-        deadline
-            .saturating_duration_since(Instant::now())
-            .min(d)
-            .max(Duration::from_millis(1))
-    };
-    let _ = stream.set_write_timeout(Some(left(opts.read_timeout)));
-    stream
-        .write_all(req.as_bytes())
-        .map_err(|e| io_error("sending the request", &e, total))?;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(FetchError::Timeout(total));
+        }
+        let _ = stream.set_read_timeout(Some(left(deadline, opts.read_timeout)));
+        match stream.read(chunk) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error("reading the answer", &e, total)),
+        }
+    }
+}
+
+fn request(url: &Url, opts: &Options, deadline: Instant) -> Result<Response, FetchError> {
+    let mut stream = send_request(url, opts, deadline)?;
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 << 10];
     // Chunk framing can add a little to the body; tiny chunks beyond that are
     // refused as oversize.
     let raw_cap = MAX_HEAD + opts.max_body + opts.max_body / 2 + 1024;
     loop {
-        if Instant::now() >= deadline {
-            return Err(FetchError::Timeout(total));
-        }
-        let _ = stream.set_read_timeout(Some(left(opts.read_timeout)));
-        let n = match stream.read(&mut chunk) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_error("reading the answer", &e, total)),
-        };
+        let n = read_answer(&mut stream, &mut chunk, opts, deadline)?;
         buf.extend_from_slice(&chunk[..n]);
         let eof = n == 0;
         match parse_response(&buf, opts.max_body, eof)? {

@@ -477,8 +477,7 @@ impl Updates {
         let good = e.good_name();
         // A power cut after the rename leaves it good; before, the counter
         // stays and the next boot is a trial again.
-        let r = fs::rename(dir.join(&e.name), dir.join(&good));
-        sync_dir(&dir);
+        let r = apply::rename_synced(&dir.join(&e.name), &dir.join(&good));
         let version = n.version.clone().unwrap_or_else(|| "unknown".into());
         match r {
             Ok(()) => {

@@ -51,7 +51,7 @@
 //! [`super::BundleReader`] fails before anything is switched.
 
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Cursor, ErrorKind, Read, Write};
+use std::io::{self, BufRead, BufReader, Cursor, ErrorKind, Read};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -717,18 +717,7 @@ fn answer_head(
     opts: &fetch::Options,
     deadline: Instant,
 ) -> Result<(TcpStream, fetch::Head, Vec<u8>), FetchError> {
-    let total = opts.total_timeout.as_secs();
-    let left = |d: Duration| {
-        deadline
-            .saturating_duration_since(Instant::now())
-            .min(d)
-            .max(Duration::from_millis(1))
-    };
-    let mut stream = fetch::connect(url, opts, deadline)?;
-    let _ = stream.set_write_timeout(Some(left(opts.read_timeout)));
-    stream
-        .write_all(fetch::request_text(url).as_bytes())
-        .map_err(|e| fetch::io_error("sending the request", &e, total))?;
+    let mut stream = fetch::send_request(url, opts, deadline)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -750,15 +739,7 @@ fn answer_head(
                 fetch::MAX_HEAD >> 10
             )));
         }
-        if Instant::now() >= deadline {
-            return Err(FetchError::Timeout(total));
-        }
-        let _ = stream.set_read_timeout(Some(left(opts.read_timeout)));
-        let n = match stream.read(&mut chunk) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(fetch::io_error("reading the answer", &e, total)),
-        };
+        let n = fetch::read_answer(&mut stream, &mut chunk, opts, deadline)?;
         if n == 0 {
             return Err(FetchError::Truncated(if buf.is_empty() {
                 "no answer at all (connection closed)".into()
@@ -952,6 +933,7 @@ impl Read for BundleStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::net::TcpListener;
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
