@@ -21,6 +21,8 @@ packages=(
   dnsmasq-base iproute2
   # external checkers for the formats kiln writes
   squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools openssl
+  # u-boot script images (boot.scr): mkimage checks the ones kiln writes
+  u-boot-tools
   # UEFI boot: firmware and systemd-boot/stub
   ovmf seabios ipxe-qemu systemd-boot-efi sbsigntool binutils xorriso
   # Secure Boot signing: sbsign's signing time pinned by faketime; openssl

@@ -5,6 +5,7 @@
 
 pub mod appliance;
 pub mod board;
+pub mod bootscr;
 pub mod cache;
 pub mod cluster;
 pub mod crates;

@@ -180,7 +180,8 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         }
         if let (Some(key), true) = (&signer, profile.outputs.contains(&Output::Update)) {
             let dtb = sdcard::dtb_file(board, Some(&kernel.dtbs_dir))?.zip(board.dtb.as_deref()).map(|(file, name)| (name, file));
-            update::write_build(staging.path(), &profile, key, &root, &update::Boot::Board { zimage: &kernel.image, dtb }).context("writing the update bundle")?;
+            let cmdline = sdcard::bundle_cmdline(board, &root);
+            update::write_build(staging.path(), &profile, key, &root, &update::Boot::Board { zimage: &kernel.image, dtb, cmdline: &cmdline }).context("writing the update bundle")?;
         }
         // The QEMU board's firmware, for `kiln run` (not part of the card).
         if let Some(bios) = &bi.bios {

@@ -1,7 +1,13 @@
 //! The armv7 SD-card image (`sdcard.img`): a board's partition table and raw
-//! bootloader blobs, a FAT32 boot partition for u-boot's distro boot
-//! (`extlinux/extlinux.conf`, zImage, dtb, initramfs, node.toml), the A/B
-//! root slots and a data partition.
+//! bootloader blobs, a FAT32 boot partition for u-boot's distro boot, the
+//! A/B root slots and a data partition.
+//!
+//! The boot FAT holds `/boot.scr` (the A/B choice and its boot counter, see
+//! [`crate::bootscr`]), `/kiln/state`, and per slot `/kiln/<x>/` with
+//! `extlinux.conf`, `zImage`, `initramfs.cpio.zst` and `dtbs/<dtb>`; slot b's
+//! directory appears with the first update. There is no
+//! `/extlinux/extlinux.conf`: u-boot's distro boot would take it before
+//! boot.scr.
 //!
 //! GPT boards get disk.rs's layout, with the boot FAT as `esp` marked legacy
 //! BIOS bootable (what u-boot's `part list -bootable` looks for), so
@@ -15,6 +21,7 @@
 //! place, so a failed build never leaves a half-written card image.
 
 use crate::board::{Board, BoardInputs, PartitionTable, Region};
+use crate::bootscr;
 use crate::disk::{self, RootImage, MIB};
 use crate::fat::{FatBuilder, FileContent};
 use crate::gpt::{self, Mbr, MbrPartition, SECTOR};
@@ -23,11 +30,8 @@ use anyhow::{Context, Result};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
-/// FAT paths u-boot's extlinux entry points at.
-pub const KERNEL: &str = "/zImage";
-pub const INITRD: &str = "/initramfs.cpio.zst";
-pub const DTB_DIR: &str = "/dtbs";
-pub const EXTLINUX: &str = "/extlinux/extlinux.conf";
+pub use kiln_init::update::uboot::{extlinux_conf, DTB_DIR, EXTLINUX, INITRD, KERNEL};
+use kiln_init::update::{apply::Slot, uboot};
 
 /// The sizes and names of the card.
 #[derive(Debug, Clone)]
@@ -132,14 +136,10 @@ fn plan(board: &Board, spec: &SdSpec, root: &RootImage, slot: u64) -> Result<Pla
     }
 }
 
-/// extlinux.conf for u-boot's distro boot.
-pub fn extlinux_conf(board: &Board, cmdline: &str) -> String {
-    let mut s = format!("# Written by kiln for the {} board; u-boot's distro boot reads it.\ndefault kiln\ntimeout 0\n\nlabel kiln\n    kernel {KERNEL}\n", board.name);
-    if let Some(d) = &board.dtb {
-        s.push_str(&format!("    fdt {DTB_DIR}/{d}\n"));
-    }
-    s.push_str(&format!("    initrd {INITRD}\n    append {cmdline}\n"));
-    s
+/// The cmdline a board bundle carries: the card's without the slot's
+/// `kiln.slot=` (the node sets it, with `kiln.mbr=` on MBR cards).
+pub fn bundle_cmdline(board: &Board, root: &RootImage) -> String {
+    card_cmdline(board, root, None).split_whitespace().filter(|w| !w.starts_with("kiln.slot=")).collect::<Vec<_>>().join(" ")
 }
 
 /// The kernel cmdline on the card: the root's (with `roothash=`), the
@@ -167,12 +167,15 @@ pub fn write(path: &Path, work: &Path, spec: &SdSpec, board: &Board, inputs: &Bo
     for (f, r) in board.files.iter().zip(&inputs.files) {
         fat.add_file(&f.path, FileContent::Host(r.path.clone())).with_context(|| format!("{}: file {}", board.path.display(), f.path))?;
     }
-    fat.add_file(KERNEL, FileContent::Host(kernel.zimage.to_path_buf())).context("the kernel zImage")?;
+    let a = format!("/{}", uboot::slot_dir(Slot::A));
+    fat.add_file(&format!("{a}/{KERNEL}"), FileContent::Host(kernel.zimage.to_path_buf())).context("the kernel zImage")?;
     if let (Some(d), Some(host)) = (&board.dtb, dtb) {
-        fat.add_file(&format!("{DTB_DIR}/{d}"), FileContent::Host(host))?;
+        fat.add_file(&format!("{a}/{DTB_DIR}/{d}"), FileContent::Host(host))?;
     }
-    fat.add_file(INITRD, FileContent::Bytes(root.initrd.clone()))?;
-    fat.add_file(EXTLINUX, FileContent::Bytes(extlinux_conf(board, &cmdline).into_bytes()))?;
+    fat.add_file(&format!("{a}/{INITRD}"), FileContent::Bytes(root.initrd.clone()))?;
+    fat.add_file(&format!("{a}/{EXTLINUX}"), FileContent::Bytes(extlinux_conf(&board.name, Slot::A, board.dtb.as_deref(), &cmdline).into_bytes()))?;
+    fat.add_file(&format!("/{}", uboot::STATE), FileContent::Bytes(uboot::State::initial().to_text().into_bytes()))?;
+    fat.add_file(bootscr::PATH, FileContent::Bytes(bootscr::image(&bootscr::script(), "kiln A/B", u32::try_from(spec.epoch).unwrap_or(u32::MAX))))?;
     fat.add_file("/node.toml", FileContent::Bytes(disk::NODE_TOML_TEMPLATE.as_bytes().to_vec()))?;
 
     let data_path = work.join("sdcard-data.ext4");
@@ -283,9 +286,9 @@ mod tests {
         let b = board(PartitionTable::Mbr, Some("am335x-boneblack.dtb"));
         let cmd = card_cmdline(&b, &root(), Some("kiln.mbr=1,2,3"));
         assert_eq!(cmd, "roothash=07 kiln.slot=a quiet console=ttyS0,115200 kiln.mbr=1,2,3");
-        let c = extlinux_conf(&b, &cmd);
-        assert!(c.contains("label kiln\n    kernel /zImage\n    fdt /dtbs/am335x-boneblack.dtb\n    initrd /initramfs.cpio.zst\n    append roothash=07"), "{c}");
-        let c = extlinux_conf(&board(PartitionTable::Mbr, None), "x");
+        let c = extlinux_conf(&b.name, Slot::A, b.dtb.as_deref(), &cmd);
+        assert!(c.contains("label kiln\n    kernel /kiln/a/zImage\n    fdt /kiln/a/dtbs/am335x-boneblack.dtb\n    initrd /kiln/a/initramfs.cpio.zst\n    append roothash=07"), "{c}");
+        let c = extlinux_conf("t", Slot::B, None, "x");
         assert!(!c.contains("fdt"), "{c}");
     }
 

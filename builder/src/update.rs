@@ -61,6 +61,8 @@ pub struct Spec<'a> {
     pub profile: &'a str,
     pub board: Option<&'a str>,
     pub roothash: &'a str,
+    /// u-boot boards: the kernel cmdline (see `Manifest::cmdline`).
+    pub cmdline: Option<&'a str>,
     pub source_date_epoch: u64,
 }
 
@@ -70,7 +72,7 @@ pub enum Boot<'a> {
     Uki(&'a Path),
     /// armv7 boards (u-boot): the zImage, the stage-1 initramfs, the dtb
     /// (its name under the kernel's dts directory, and the file).
-    Board { zimage: &'a Path, dtb: Option<(&'a str, PathBuf)> },
+    Board { zimage: &'a Path, dtb: Option<(&'a str, PathBuf)>, cmdline: &'a str },
 }
 
 /// The parts of a build, in bundle order.
@@ -79,7 +81,7 @@ pub fn parts(root: &RootImage, boot: &Boot) -> Vec<PartSource> {
     let mut v = vec![part("root.squashfs", PartKind::Root, Content::Host(root.squashfs.clone())), part("root.verity", PartKind::Verity, Content::Host(root.verity_path.clone()))];
     match boot {
         Boot::Uki(p) => v.push(part("kiln.efi", PartKind::Uki, Content::Host(p.to_path_buf()))),
-        Boot::Board { zimage, dtb } => {
+        Boot::Board { zimage, dtb, .. } => {
             v.push(part("zImage", PartKind::Kernel, Content::Host(zimage.to_path_buf())));
             v.push(part("initramfs.cpio.zst", PartKind::Initramfs, Content::Bytes(root.initrd.clone())));
             if let Some((name, file)) = dtb {
@@ -93,7 +95,11 @@ pub fn parts(root: &RootImage, boot: &Boot) -> Vec<PartSource> {
 /// Writes the bundle of a build to `dir/update.kiln`.
 pub fn write_build(dir: &Path, profile: &Profile, key: &KeyPair, root: &RootImage, boot: &Boot) -> Result<Manifest> {
     let Some(version) = &profile.version else { bail!("{}: the `update` output needs `version = \"…\"`", profile.path.display()) };
-    let spec = Spec { version, arch: profile.arch, profile: &profile.name, board: profile.board.as_ref().map(|b| b.name.as_str()), roothash: &root.verity.root_hex(), source_date_epoch: profile.source_date_epoch };
+    let cmdline = match boot {
+        Boot::Board { cmdline, .. } => Some(*cmdline),
+        Boot::Uki(_) => None,
+    };
+    let spec = Spec { version, arch: profile.arch, profile: &profile.name, board: profile.board.as_ref().map(|b| b.name.as_str()), roothash: &root.verity.root_hex(), cmdline, source_date_epoch: profile.source_date_epoch };
     write(&dir.join(FILE), &spec, &parts(root, boot), key)
 }
 
@@ -113,6 +119,7 @@ pub fn write(out: &Path, spec: &Spec, parts: &[PartSource], key: &KeyPair) -> Re
         profile: spec.profile.into(),
         board: spec.board.map(Into::into),
         roothash: spec.roothash.into(),
+        cmdline: spec.cmdline.map(Into::into),
         source_date_epoch: spec.source_date_epoch,
         parts: listed,
     };
@@ -198,7 +205,7 @@ mod tests {
     use super::*;
 
     fn spec() -> Spec<'static> {
-        Spec { version: "1.0.0", arch: Arch::Arm64, profile: "edge", board: None, roothash: "00", source_date_epoch: 1_700_000_000 }
+        Spec { version: "1.0.0", arch: Arch::Arm64, profile: "edge", board: None, roothash: "00", cmdline: None, source_date_epoch: 1_700_000_000 }
     }
 
     #[test]
@@ -225,11 +232,11 @@ mod tests {
         let names = |b: &Boot| parts(&root, b).iter().map(|p| (p.name.clone(), p.kind)).collect::<Vec<_>>();
         let uki = names(&Boot::Uki(Path::new("/w/kiln.efi")));
         assert_eq!(uki, [("root.squashfs".into(), PartKind::Root), ("root.verity".into(), PartKind::Verity), ("kiln.efi".into(), PartKind::Uki)]);
-        let board = names(&Boot::Board { zimage: Path::new("/k/zImage"), dtb: Some(("am335x-boneblack.dtb", "/k/dtbs/am335x-boneblack.dtb".into())) });
+        let board = names(&Boot::Board { zimage: Path::new("/k/zImage"), dtb: Some(("am335x-boneblack.dtb", "/k/dtbs/am335x-boneblack.dtb".into())), cmdline: "roothash=00" });
         let want: Vec<(String, PartKind)> = vec![("root.squashfs".into(), PartKind::Root), ("root.verity".into(), PartKind::Verity), ("zImage".into(), PartKind::Kernel), ("initramfs.cpio.zst".into(), PartKind::Initramfs), ("dtbs/am335x-boneblack.dtb".into(), PartKind::Dtb)];
         assert_eq!(board, want);
         // The stage-1 initramfs is the one the build holds in memory.
-        let p = parts(&root, &Boot::Board { zimage: Path::new("/k/zImage"), dtb: None });
+        let p = parts(&root, &Boot::Board { zimage: Path::new("/k/zImage"), dtb: None, cmdline: "roothash=00" });
         assert_eq!(p.len(), 4);
         assert!(matches!(&p[3].content, Content::Bytes(b) if b == &[9; 3]));
     }

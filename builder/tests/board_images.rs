@@ -91,18 +91,30 @@ fn sfdisk_verify(img: &Path) {
 /// Checks shared by every board: the table, the FAT and what u-boot reads.
 fn check_common(f: &Fixture, b: &Board, img: &Path, built: &sdcard::SdBuilt) -> PathBuf {
     let fat = boot_fat(img, built, f.dir.path());
-    let conf = String::from_utf8(mtype(&fat, "/extlinux/extlinux.conf")).unwrap();
-    assert!(conf.contains("kernel /zImage") && conf.contains("initrd /initramfs.cpio.zst"), "{conf}");
+    // u-boot's distro boot runs /boot.scr (a legacy script image that
+    // `mkimage -l` reads), which boots slot a's extlinux.conf from
+    // /kiln/state; there is no /extlinux/extlinux.conf to take first.
+    let scr = mtype(&fat, "/boot.scr");
+    assert_eq!(scr, kiln::bootscr::image(&kiln::bootscr::script(), "kiln A/B", 1_700_000_000));
+    let scr_path = fat.with_extension("scr");
+    std::fs::write(&scr_path, &scr).unwrap();
+    let (ok, listing) = run("mkimage", &["-l", scr_path.to_str().unwrap()]);
+    assert!(ok && listing.contains("kiln A/B") && listing.contains("Script"), "mkimage -l boot.scr:\n{listing}");
+    assert_eq!(String::from_utf8(mtype(&fat, "/kiln/state")).unwrap(), kiln_init::update::uboot::State::initial().to_text());
+    let (ok, listing) = run("mdir", &["-b", "-i", fat.to_str().unwrap(), "::/extlinux"]);
+    assert!(!ok, "no /extlinux on the card: {listing}");
+    let conf = String::from_utf8(mtype(&fat, "/kiln/a/extlinux.conf")).unwrap();
+    assert!(conf.contains("kernel /kiln/a/zImage") && conf.contains("initrd /kiln/a/initramfs.cpio.zst"), "{conf}");
     assert!(conf.contains(&format!("append {}", built.cmdline)), "{conf}");
     assert!(built.cmdline.contains(&format!("roothash={}", f.root.verity.root_hex())));
     assert!(built.cmdline.contains(&format!("console={}", b.console.as_deref().unwrap())), "{}", built.cmdline);
-    assert_eq!(mtype(&fat, "/zImage"), std::fs::read(&f.zimage).unwrap());
-    assert_eq!(mtype(&fat, "/initramfs.cpio.zst"), f.root.initrd);
+    assert_eq!(mtype(&fat, "/kiln/a/zImage"), std::fs::read(&f.zimage).unwrap());
+    assert_eq!(mtype(&fat, "/kiln/a/initramfs.cpio.zst"), f.root.initrd);
     assert!(String::from_utf8(mtype(&fat, "/node.toml")).unwrap().starts_with("# kiln node config."));
     match &b.dtb {
         Some(d) => {
-            assert!(conf.contains(&format!("fdt /dtbs/{d}\n")), "{conf}");
-            assert_eq!(mtype(&fat, &format!("/dtbs/{d}")), std::fs::read(f.dtbs.join(d)).unwrap());
+            assert!(conf.contains(&format!("fdt /kiln/a/dtbs/{d}\n")), "{conf}");
+            assert_eq!(mtype(&fat, &format!("/kiln/a/dtbs/{d}")), std::fs::read(f.dtbs.join(d)).unwrap());
         }
         None => assert!(!conf.contains("fdt"), "{conf}"),
     }

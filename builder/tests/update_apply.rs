@@ -10,7 +10,9 @@ use kiln::sign::{KeyPair, PublicKey};
 use kiln::update::{self, Content, PartSource, Spec};
 use kiln::verity;
 use kiln_init::node::gpt::{Gpt, Guid, Partition};
+use kiln_init::node::stage1::MbrRoot;
 use kiln_init::update::apply::{self, ApplyError, Slot, Target};
+use kiln_init::update::uboot::{self, State};
 use kiln_init::update::{BundleError, BundleReader, PartKind, Policy};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -80,7 +82,7 @@ fn bundle(dir: &Path, key: &KeyPair, img: &Image, version: &str, roothash: &str)
         PartSource { name: "root.verity".into(), kind: PartKind::Verity, content: Content::Host(img.verity.clone()) },
         PartSource { name: "kiln.efi".into(), kind: PartKind::Uki, content: Content::Host(img.uki.clone()) },
     ];
-    let spec = Spec { version, arch: Arch::Amd64, profile: "edge", board: None, roothash, source_date_epoch: 1_700_000_000 };
+    let spec = Spec { version, arch: Arch::Amd64, profile: "edge", board: None, roothash, cmdline: None, source_date_epoch: 1_700_000_000 };
     update::write(&out, &spec, &parts, key).unwrap();
     out
 }
@@ -187,7 +189,7 @@ impl Node {
     fn apply_hash(&self, bundle: &Path, key: &KeyPair, running: [u8; 32]) -> Result<apply::Applied, ApplyError> {
         let keys = [key.public()];
         let r = BundleReader::open(std::io::BufReader::new(File::open(bundle).unwrap()), &policy(&keys))?;
-        apply::apply(r, &Target { disk: &self.disk, esp: &self.esp, running_roothash: running, tries: apply::TRIES, progress: None })
+        apply::apply(r, &Target { disk: &self.disk, esp: &self.esp, running_roothash: running, tries: apply::TRIES, progress: None, mbr: None })
     }
 
     fn assert_verifies(&self) {
@@ -396,7 +398,7 @@ fn refuses_other_disks_and_boards() {
     let e = node.apply(&bb, &key, &a).unwrap_err();
     assert!(matches!(&e, ApplyError::MissingPartition { name, .. } if name == "root-b"), "{e}");
 
-    // armv7 boards (u-boot, MBR): not yet.
+    // A u-boot board's bundle on a GPT node with UKIs.
     let zimage = node.work.join("zImage");
     std::fs::write(&zimage, b"zImage").unwrap();
     let out = node.work.join("board.kiln");
@@ -406,13 +408,14 @@ fn refuses_other_disks_and_boards() {
         PartSource { name: "zImage".into(), kind: PartKind::Kernel, content: Content::Host(zimage) },
         PartSource { name: "initramfs.cpio.zst".into(), kind: PartKind::Initramfs, content: Content::Bytes(vec![1, 2, 3]) },
     ];
-    let spec = Spec { version: "1.1", arch: Arch::Armv7, profile: "edge", board: Some("beaglebone"), roothash: &b.roothash, source_date_epoch: 1 };
+    let cmdline = format!("roothash={} console=ttyS0", b.roothash);
+    let spec = Spec { version: "1.1", arch: Arch::Armv7, profile: "edge", board: Some("beaglebone"), roothash: &b.roothash, cmdline: Some(&cmdline), source_date_epoch: 1 };
     update::write(&out, &spec, &parts, &key).unwrap();
     let keys = [key.public()];
     let r = BundleReader::open(File::open(&out).unwrap(), &Policy { arch: "armv7", ..policy(&keys) }).unwrap();
-    let e = apply::apply(r, &Target { disk: &node.disk, esp: &node.esp, running_roothash: a.hash(), tries: 2, progress: None }).unwrap_err();
+    let e = apply::apply(r, &Target { disk: &node.disk, esp: &node.esp, running_roothash: a.hash(), tries: 2, progress: None, mbr: None }).unwrap_err();
     assert!(matches!(e, ApplyError::Unsupported { .. }), "{e}");
-    assert!(e.to_string().contains("beaglebone") && e.to_string().contains("not supported yet"), "{e}");
+    assert!(e.to_string().contains("beaglebone") && e.to_string().contains("GPT disk"), "{e}");
 }
 
 /// A root of one 4 KiB block has no hash levels: its root hash is the
@@ -432,4 +435,202 @@ fn a_one_block_root() {
     assert_eq!((done.slot, done.root_bytes, done.verity_bytes), (Slot::B, 4096, 4096));
     node.assert_slot_is("b", &tiny);
     node.assert_verifies();
+}
+
+// ---- u-boot boards: an MBR card (made with sfdisk) and its boot FAT ----
+
+const SIG: u32 = 0x1a2b_3c4d;
+const HASH_OFFSET: u64 = ROOT_MIB << 20;
+
+/// An armv7 card as sdcard.rs lays it out: boot FAT, root-a and root-b
+/// (squashfs, then the verity tree at `HASH_OFFSET`), data; image `a` in
+/// slot a, and the boot FAT's files as a directory.
+struct Card {
+    _dir: tempfile::TempDir,
+    disk: PathBuf,
+    boot: PathBuf,
+    work: PathBuf,
+}
+
+impl Card {
+    fn new(a: &Image) -> Card {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("card.img");
+        File::create(&disk).unwrap().set_len(DISK_MIB << 20).unwrap();
+        let slot = (ROOT_MIB + 1) * 2048;
+        let script = format!("label: dos\nlabel-id: 0x{SIG:08x}\n2048,16384,c,*\n,{slot},83\n,{slot},83\n,,83\n");
+        let mut c = Command::new("sfdisk").arg("--no-reread").arg("--no-tell-kernel").arg(&disk).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(c.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "sfdisk: {}", String::from_utf8_lossy(&out.stderr));
+        let card = Card { boot: dir.path().join("boot"), work: dir.path().join("work"), disk, _dir: dir };
+        std::fs::create_dir_all(&card.work).unwrap();
+        let (start, _) = card.part(2);
+        let f = std::fs::OpenOptions::new().write(true).open(&card.disk).unwrap();
+        f.write_all_at(&std::fs::read(&a.root).unwrap(), start).unwrap();
+        f.write_all_at(&std::fs::read(&a.verity).unwrap(), start + HASH_OFFSET).unwrap();
+        let sa = card.boot.join("kiln/a");
+        std::fs::create_dir_all(sa.join("dtbs")).unwrap();
+        std::fs::write(sa.join("zImage"), b"zImage a").unwrap();
+        std::fs::write(sa.join("extlinux.conf"), b"a's").unwrap();
+        uboot::write_state(&card.boot, &State::initial()).unwrap();
+        card
+    }
+
+    /// Partition `n`'s byte offset and length, as sfdisk reads them.
+    fn part(&self, n: u32) -> (u64, u64) {
+        let out = Command::new("sfdisk").arg("-J").arg(&self.disk).output().unwrap();
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let p = &j["partitiontable"]["partitions"][n as usize - 1];
+        (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
+    }
+
+    fn bytes(&self, at: u64, len: u64) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        File::open(&self.disk).unwrap().read_exact_at(&mut b, at).unwrap();
+        b
+    }
+
+    fn state(&self) -> Option<State> {
+        uboot::read_state(&self.boot).unwrap()
+    }
+
+    fn target<'a>(&'a self, running: &Image, partition: u32, progress: Option<&'a (dyn Fn(apply::Step) + Sync)>) -> Target<'a> {
+        Target { disk: &self.disk, esp: &self.boot, running_roothash: running.hash(), tries: 2, progress, mbr: Some(MbrRoot { signature: SIG, partition, hash_offset: HASH_OFFSET }) }
+    }
+
+    fn apply(&self, bundle: &Path, key: &KeyPair, running: &Image, partition: u32) -> Result<apply::Applied, ApplyError> {
+        let keys = [key.public()];
+        let r = BundleReader::open(std::io::BufReader::new(File::open(bundle).unwrap()), &Policy { arch: "armv7", ..policy(&keys) })?;
+        apply::apply(r, &self.target(running, partition, None))
+    }
+}
+
+/// A bundle for a u-boot board: root, verity, zImage, initramfs, a dtb.
+fn board_bundle(dir: &Path, key: &KeyPair, img: &Image, version: &str, roothash: &str) -> PathBuf {
+    let out = dir.join(format!("board-{version}-{}.kiln", &roothash[..8]));
+    let parts = vec![
+        PartSource { name: "root.squashfs".into(), kind: PartKind::Root, content: Content::Host(img.root.clone()) },
+        PartSource { name: "root.verity".into(), kind: PartKind::Verity, content: Content::Host(img.verity.clone()) },
+        PartSource { name: "zImage".into(), kind: PartKind::Kernel, content: Content::Bytes(format!("zImage {version}").into_bytes()) },
+        PartSource { name: "initramfs.cpio.zst".into(), kind: PartKind::Initramfs, content: Content::Bytes(noise(7, 5000)) },
+        PartSource { name: "dtbs/am335x-boneblack.dtb".into(), kind: PartKind::Dtb, content: Content::Bytes(b"dtb".to_vec()) },
+    ];
+    let cmdline = format!("roothash={roothash} quiet console=ttyS0,115200");
+    let spec = Spec { version, arch: Arch::Armv7, profile: "edge", board: Some("beaglebone-black"), roothash, cmdline: Some(&cmdline), source_date_epoch: 1_700_000_000 };
+    update::write(&out, &spec, &parts, key).unwrap();
+    out
+}
+
+#[test]
+fn a_uboot_card_takes_the_update_in_the_other_slot_then_back() {
+    if Command::new("sfdisk").arg("--version").output().is_err() {
+        eprintln!("skipped: no sfdisk (apt-get install fdisk)");
+        return;
+    }
+    let key = KeyPair::generate();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = image(tmp.path(), "a", 1, 300 * 4096);
+    let b = image(tmp.path(), "b", 2, 700 * 4096);
+    let card = Card::new(&a);
+    let (pa, la) = card.part(2);
+    let (pb, _) = card.part(3);
+    let slot_a = card.bytes(pa, la);
+    let table = card.bytes(0, 512);
+
+    let bb = board_bundle(&card.work, &key, &b, "1.1", &b.roothash);
+    let steps = std::sync::Mutex::new(Vec::new());
+    let progress = |s: apply::Step| steps.lock().unwrap().push(s);
+    let keys = [key.public()];
+    let r = BundleReader::open(File::open(&bb).unwrap(), &Policy { arch: "armv7", ..policy(&keys) }).unwrap();
+    let done = apply::apply(r, &card.target(&a, 2, Some(&progress))).unwrap();
+    assert_eq!((done.slot, done.entry.as_str()), (Slot::B, "kiln/b/extlinux.conf"));
+    use apply::Step::*;
+    assert_eq!(*steps.lock().unwrap(), [Writing(Slot::B), Verifying(Slot::B), Installing(Slot::B), Trial(Slot::B)]);
+
+    // Slot b holds b's root and tree; slot a and the table are untouched.
+    let root = std::fs::read(&b.root).unwrap();
+    assert_eq!(card.bytes(pb, root.len() as u64), root);
+    let tree = std::fs::read(&b.verity).unwrap();
+    assert_eq!(card.bytes(pb + HASH_OFFSET, tree.len() as u64), tree);
+    assert_eq!(card.bytes(pa, la), slot_a);
+    assert_eq!(card.bytes(0, 512), table);
+    // b's files and boot entry, and b on trial with two tries.
+    let sb = card.boot.join("kiln/b");
+    assert_eq!(std::fs::read(sb.join("zImage")).unwrap(), b"zImage 1.1");
+    assert_eq!(std::fs::read(sb.join("dtbs/am335x-boneblack.dtb")).unwrap(), b"dtb");
+    assert_eq!(std::fs::read(sb.join("initramfs.cpio.zst")).unwrap(), noise(7, 5000));
+    let conf = std::fs::read_to_string(sb.join("extlinux.conf")).unwrap();
+    let want = format!("    kernel /kiln/b/zImage\n    fdt /kiln/b/dtbs/am335x-boneblack.dtb\n    initrd /kiln/b/initramfs.cpio.zst\n    append roothash={} quiet console=ttyS0,115200 kiln.slot=b kiln.mbr={SIG:08x},3,{HASH_OFFSET}\n", b.roothash);
+    assert!(conf.contains(&want), "{conf}");
+    assert_eq!(card.state(), Some(State { good: Slot::A, trial: Some((Slot::B, 2)) }));
+    assert_eq!(std::fs::read(card.boot.join("kiln/a/extlinux.conf")).unwrap(), b"a's");
+
+    // Running b (marked good), an update goes back to slot a.
+    uboot::write_state(&card.boot, &State { good: Slot::B, trial: None }).unwrap();
+    let c = image(tmp.path(), "c", 3, 200 * 4096);
+    let cb = board_bundle(&card.work, &key, &c, "1.2", &c.roothash);
+    let done = card.apply(&cb, &key, &b, 3).unwrap();
+    assert_eq!(done.slot, Slot::A);
+    assert_eq!(card.state(), Some(State { good: Slot::B, trial: Some((Slot::A, 2)) }));
+    let conf = std::fs::read_to_string(card.boot.join("kiln/a/extlinux.conf")).unwrap();
+    assert!(conf.contains(&format!("kiln.slot=a kiln.mbr={SIG:08x},2,{HASH_OFFSET}")), "{conf}");
+    assert_eq!(card.bytes(pb, root.len() as u64), root, "the running slot b is untouched");
+}
+
+#[test]
+fn a_uboot_card_refuses_bad_writes_without_putting_anything_on_trial() {
+    if Command::new("sfdisk").arg("--version").output().is_err() {
+        return;
+    }
+    let key = KeyPair::generate();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = image(tmp.path(), "a", 1, 300 * 4096);
+    let b = image(tmp.path(), "b", 2, 300 * 4096);
+    let card = Card::new(&a);
+    let (pa, la) = card.part(2);
+    let slot_a = card.bytes(pa, la);
+
+    // An earlier apply left b on trial; then a bundle whose root is not its
+    // tree's: the read-back fails, and b is neither on trial nor has files.
+    uboot::write_state(&card.boot, &State { good: Slot::A, trial: Some((Slot::B, 3)) }).unwrap();
+    let other = image(tmp.path(), "other", 9, 300 * 4096);
+    let bad = board_bundle(&card.work, &key, &b, "1.1", &other.roothash);
+    let e = card.apply(&bad, &key, &a, 2).unwrap_err();
+    assert!(matches!(e, ApplyError::RootHashMismatch { slot: Slot::B, .. }), "{e}");
+    assert_eq!(card.state(), Some(State::initial()));
+    assert!(!card.boot.join("kiln/b").exists());
+
+    // A card with another disk signature than kiln.mbr= says.
+    let keys = [key.public()];
+    let good = board_bundle(&card.work, &key, &b, "1.1", &b.roothash);
+    let r = BundleReader::open(File::open(&good).unwrap(), &Policy { arch: "armv7", ..policy(&keys) }).unwrap();
+    let t = Target { mbr: Some(MbrRoot { signature: 0x0bad_0bad, partition: 2, hash_offset: HASH_OFFSET }), ..card.target(&a, 2, None) };
+    let e = apply::apply(r, &t).unwrap_err();
+    assert!(e.to_string().contains("1a2b3c4d") && e.to_string().contains("0bad0bad"), "{e}");
+
+    // A root too big for the slot (the tree's offset) is refused up front.
+    let big = image(tmp.path(), "big", 4, (HASH_OFFSET as usize) + 4096);
+    let bigb = board_bundle(&card.work, &key, &big, "1.1", &big.roothash);
+    let e = card.apply(&bigb, &key, &a, 2).unwrap_err();
+    assert!(matches!(e, ApplyError::TooLarge { .. }), "{e}");
+
+    // A UKI bundle is not for this card.
+    let uki = bundle(&card.work, &key, &b, "1.1", &b.roothash);
+    let r = BundleReader::open(File::open(&uki).unwrap(), &Policy { arch: "amd64", ..policy(&keys) }).unwrap();
+    let e = apply::apply(r, &card.target(&a, 2, None)).unwrap_err();
+    assert!(matches!(e, ApplyError::Unsupported { .. }) && e.to_string().contains("u-boot"), "{e}");
+
+    // A bundle cut short: nothing on trial.
+    let cut = card.work.join("cut.kiln");
+    let full = std::fs::read(&good).unwrap();
+    std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+    assert!(card.apply(&cut, &key, &a, 2).is_err());
+    assert_eq!(card.state(), Some(State::initial()));
+    assert!(!card.boot.join("kiln/b").exists());
+    assert_eq!(card.bytes(pa, la), slot_a, "the running slot is never written");
+
+    // And then the good one.
+    card.apply(&good, &key, &a, 2).unwrap();
+    assert_eq!(card.state(), Some(State { good: Slot::A, trial: Some((Slot::B, 2)) }));
 }

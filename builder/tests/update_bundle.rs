@@ -40,7 +40,7 @@ fn armv7_contents() -> Vec<(&'static str, PartKind, Vec<u8>)> {
 }
 
 fn spec(version: &str) -> Spec<'_> {
-    Spec { version, arch: Arch::Amd64, profile: "edge", board: None, roothash: ROOTHASH, source_date_epoch: 1_700_000_000 }
+    Spec { version, arch: Arch::Amd64, profile: "edge", board: None, roothash: ROOTHASH, cmdline: None, source_date_epoch: 1_700_000_000 }
 }
 
 /// The parts as the pipeline gives them: files on disk (and one in memory).
@@ -171,7 +171,8 @@ fn round_trip() {
 #[test]
 fn armv7_board_bundle_round_trips() {
     let key = KeyPair::generate();
-    let s = Spec { arch: Arch::Armv7, board: Some("beaglebone-black"), ..spec("3") };
+    let cmdline = format!("roothash={ROOTHASH} quiet console=ttyS0,115200");
+    let s = Spec { arch: Arch::Armv7, board: Some("beaglebone-black"), cmdline: Some(&cmdline), ..spec("3") };
     let bundle = write_bundle(&key, &s, &armv7_contents());
     let keys = [key.public()];
     let p = Policy { arch: "armv7", ..policy(&keys) };

@@ -55,11 +55,13 @@ fn outputs_are_armv7_and_pass_the_format_checkers() {
     let boot = common::scratch().join("armv7-boot.img");
     sh(&format!("dd if={} of={} bs=512 skip={} count={} status=none", img.display(), boot.display(), off / 512, size / 512));
     sh(&format!("fsck.vfat -n {} >/dev/null", boot.display()));
-    let conf = sh(&format!("MTOOLS_SKIP_CHECK=1 mtype -i {} ::/extlinux/extlinux.conf", boot.display()));
+    let conf = sh(&format!("MTOOLS_SKIP_CHECK=1 mtype -i {} ::/kiln/a/extlinux.conf", boot.display()));
     let root = m["disk"]["roothash"].as_str().unwrap();
-    assert!(conf.contains("/zImage") && conf.contains("/initramfs.cpio.zst") && conf.contains(&format!("roothash={root}")) && conf.contains("console=ttyAMA0"), "{conf}");
-    let files = sh(&format!("MTOOLS_SKIP_CHECK=1 mdir -b -i {} ::/", boot.display()));
+    assert!(conf.contains("/kiln/a/zImage") && conf.contains("/kiln/a/initramfs.cpio.zst") && conf.contains(&format!("roothash={root}")) && conf.contains("console=ttyAMA0"), "{conf}");
+    let files = sh(&format!("MTOOLS_SKIP_CHECK=1 mdir -b -i {} ::/kiln/a", boot.display()));
     assert!(files.contains("zImage") && files.contains("initramfs.cpio.zst"), "{files}");
+    let files = sh(&format!("MTOOLS_SKIP_CHECK=1 mdir -b -i {} ::/", boot.display()));
+    assert!(files.contains("boot.scr") && !files.contains("extlinux"), "{files}");
     let f = sh(&format!("file -b {}", out.join("pxe/vmlinuz").display()));
     assert!(f.contains("ARM") && f.contains("zImage"), "pxe/vmlinuz: {f}");
     // The QEMU board's firmware sits beside the card, not in it.
@@ -71,7 +73,7 @@ fn sd_card_boots_through_u_boot_with_512_mib_and_one_cpu() {
     let out = built(PROFILE);
     let cfg = "role = \"single\"\nhostname = \"armv7-card\"\n";
     let mut n = boot_with("armv7_card", &out, Some(cfg), card(None));
-    n.line("u-boot reads extlinux.conf", BOOT_TIMEOUT, |l| l.contains("extlinux.conf"));
+    n.line("boot.scr picks slot a", BOOT_TIMEOUT, |l| l.contains("kiln: slot a (good a"));
     let v = n.event("root-verified", BOOT_TIMEOUT);
     assert_eq!(v.get("hash"), manifest(&out)["disk"]["roothash"].as_str());
     // The data partition (MBR partition 4) grows to fill the 2 GiB card.

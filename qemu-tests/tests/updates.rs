@@ -63,7 +63,7 @@ fn build(tag: &str, version: &str, extra: &str) -> PathBuf {
 fn crafted(key: &KeyPair, arch: kiln::profile::Arch, version: &str, to: &Path) {
     let part = |name: &str, kind, n: usize| PartSource { name: name.into(), kind, content: Content::Bytes(vec![0x5a; n]) };
     let parts = [part("root.squashfs", PartKind::Root, 8192), part("root.verity", PartKind::Verity, 4096), part("kiln.efi", PartKind::Uki, 4096)];
-    let spec = Spec { version, arch, profile: NAME, board: None, roothash: &"ab".repeat(32), source_date_epoch: 1 };
+    let spec = Spec { version, arch, profile: NAME, board: None, roothash: &"ab".repeat(32), cmdline: None, source_date_epoch: 1 };
     kiln::update::write(to, &spec, &parts, key).unwrap();
 }
 

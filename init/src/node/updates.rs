@@ -18,6 +18,14 @@
 //!   removes the failed entry and remembers its root hash, so the same
 //!   bundle is not applied again.
 //!
+//! **u-boot boards** (armv7 MBR cards) have no boot entries with counters:
+//! `/boot.scr` keeps the trial and its tries in `/boot/kiln/state`
+//! ([`crate::update::uboot`]), takes a try each boot and boots the good slot
+//! once they are spent. kiln-init reads the same file: the running slot on
+//! trial is a trial boot; the running slot good with a spent trial of the
+//! other slot is a fallback (reported, and the trial cleared). Marking good
+//! writes `kiln_good=<running>` with no trial.
+//!
 //! **Bundles** come from `/var/lib/kiln/update/*.kiln` (consumed), from the
 //! root of a volume labelled `KILNUPD` (read-only, looked at once per boot
 //! and whenever it appears), or from the channel in node.toml, in its
@@ -30,6 +38,8 @@ use super::{console, install, sys, volume};
 use crate::config;
 use crate::minisign::PublicKey;
 use crate::update::apply::{self, Applied, ApplyError, Slot, Target};
+use crate::update::uboot::{self, State};
+use super::stage1::{self, MbrRoot};
 use crate::update::channel::{self, Offer};
 use crate::update::{self, BundleReader, Policy};
 use std::collections::BTreeSet;
@@ -115,6 +125,19 @@ pub enum Assessed {
     Unmanaged(String),
 }
 
+/// What `/boot/kiln/state` on a u-boot card says about a boot of `running`
+/// (as [`assess`] for boot entries). `tries`: what a trial started with, for
+/// the report.
+pub fn assess_uboot(state: Option<State>, running: Slot, tries: u32) -> (Assessed, Option<Entry>) {
+    let Some(s) = state else { return (Assessed::Unmanaged(format!("the boot partition has no readable /{}", uboot::STATE)), None) };
+    let entry = |t: Slot, n: u32| Entry { name: format!("/{}", uboot::slot_dir(t)), slot: t, left: Some(n), done: tries.saturating_sub(n) };
+    match s.trial {
+        Some((t, n)) if t == running => (Assessed::Trial { entry: entry(t, n), fallback: s.good != running }, None),
+        _ if s.good == running => (Assessed::Good, s.trial.filter(|(_, n)| *n == 0).map(|(t, n)| entry(t, n))),
+        _ => (Assessed::Unmanaged(format!("slot {running} booted, but /{} says slot {} is the good one and slot {running} is not on trial", uboot::STATE, s.good)), None),
+    }
+}
+
 /// What the boot entries say about a boot of `running`; and the other
 /// slot's entry when its tries are spent (a fallback happened).
 pub fn assess(entries: &[Entry], running: Slot) -> (Assessed, Option<Entry>) {
@@ -166,6 +189,23 @@ struct Node {
     roothash: [u8; 32],
     profile: String,
     version: Option<String>,
+    /// An MBR card booted by u-boot (`kiln.mbr=`); None: a GPT disk with
+    /// BLS boot entries.
+    mbr: Option<MbrRoot>,
+}
+
+impl Node {
+    /// This boot's assessment (see [`assess`] and [`assess_uboot`]).
+    fn assess(&self, tries: u32) -> (Assessed, Option<Entry>) {
+        let esp = Path::new(ESP);
+        match self.mbr {
+            None => assess(&entries(esp, &self.profile), self.slot),
+            Some(_) => match uboot::read_state(esp) {
+                Ok(s) => assess_uboot(s, self.slot, tries),
+                Err(e) => (Assessed::Unmanaged(format!("reading /boot/{}: {e}", uboot::STATE)), None),
+            },
+        }
+    }
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
@@ -193,13 +233,16 @@ fn this_node() -> Result<Node, String> {
     }
     let disk = PathBuf::from(m.device.ok_or("stage 1 did not say which disk the root is on")?);
     let cmdline = sys::read("/proc/cmdline").map_err(|e| e.to_string())?;
-    let hash = super::stage1::words(&cmdline).into_iter().rev().find_map(|w| w.strip_prefix("roothash=").map(str::to_string)).ok_or("no roothash= on the kernel cmdline")?;
-    let roothash = unhex32(&hash).ok_or("roothash= on the kernel cmdline is not 64 hex digits")?;
-    let slot = apply::running_slot(&disk, &roothash).map_err(|e| e.to_string())?;
+    let c = stage1::parse_cmdline(&cmdline)?;
+    let roothash = c.roothash;
+    let slot = match c.mbr {
+        Some(m) => apply::mbr_slot(m.partition).ok_or_else(|| format!("kiln.mbr= names partition {}, which is not a root slot (2 or 3)", m.partition))?,
+        None => apply::running_slot(&disk, &roothash).map_err(|e| e.to_string())?,
+    };
     let os = sys::read("/etc/os-release").unwrap_or_default();
     let profile = os_release_value(&os, "IMAGE_ID").ok_or("/etc/os-release has no IMAGE_ID (the profile name)")?.to_string();
     let version = update::running_version(&os).map(str::to_string);
-    Ok(Node { disk, slot, roothash, profile, version })
+    Ok(Node { disk, slot, roothash, profile, version, mbr: c.mbr })
 }
 
 fn state(name: &str) -> PathBuf {
@@ -227,7 +270,7 @@ fn sync_dir(dir: &Path) {
 /// a kiln-init that cannot go on should then reboot rather than park.
 pub fn trial_with_fallback() -> Option<(Slot, String, Entry)> {
     let n = this_node().ok()?;
-    match assess(&entries(Path::new(ESP), &n.profile), n.slot).0 {
+    match n.assess(0).0 {
         Assessed::Trial { entry, fallback: true } => Some((n.slot, n.version.unwrap_or_else(|| "unknown".into()), entry)),
         _ => None,
     }
@@ -322,10 +365,9 @@ impl Updates {
                 return u;
             }
         };
-        let esp = Path::new(ESP);
-        let (assessed, failed) = assess(&entries(esp, &node.profile), node.slot);
+        let (assessed, failed) = node.assess(cfg.tries);
         if let Some(f) = failed {
-            report_rollback(&node, &f, esp);
+            report_rollback(&node, &f);
         }
         let running_version = node.version.clone().unwrap_or_else(|| "unknown".into());
         match assessed {
@@ -473,17 +515,24 @@ impl Updates {
 
     fn mark_good(&self, e: &Entry) {
         let Some(n) = &self.node else { return };
-        let dir = Path::new(ESP).join(apply::ENTRY_DIR);
-        let good = e.good_name();
-        // A power cut after the rename leaves it good; before, the counter
-        // stays and the next boot is a trial again.
-        let r = apply::rename_synced(&dir.join(&e.name), &dir.join(&good));
+        // A power cut after the rename (or the state's one-sector write)
+        // leaves it good; before, the next boot is a trial again.
+        let (good, r) = match n.mbr {
+            None => {
+                let dir = Path::new(ESP).join(apply::ENTRY_DIR);
+                let good = e.good_name();
+                let r = apply::rename_synced(&dir.join(&e.name), &dir.join(&good));
+                (good, r)
+            }
+            Some(_) => (format!("/{}", uboot::slot_dir(n.slot)), uboot::write_state(Path::new(ESP), &State { good: n.slot, trial: None })),
+        };
         let version = n.version.clone().unwrap_or_else(|| "unknown".into());
         match r {
             Ok(()) => {
                 let _ = fs::remove_file(state(PENDING));
                 console::event("boot-good", &[("slot", &n.slot), ("version", &version), ("entry", &good), ("uptime", &format!("{:.1}", sys::uptime()))]);
             }
+            Err(err) if n.mbr.is_some() => console::error(&format!("marking the boot good: writing /boot/{}: {err}; the next boot is a trial again", uboot::STATE)),
             Err(err) => console::error(&format!("marking the boot good: renaming {} to {good} on the ESP: {err}; the next boot is a trial again", e.name)),
         }
     }
@@ -565,7 +614,7 @@ fn unix_now() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-fn report_rollback(node: &Node, failed: &Entry, esp: &Path) {
+fn report_rollback(node: &Node, failed: &Entry) {
     let p = Pending::parse(&fs::read_to_string(state(PENDING)).unwrap_or_default());
     let from = if p.slot == failed.slot.letter() && !p.version.is_empty() { p.version.clone() } else { "unknown".into() };
     let to = node.version.clone().unwrap_or_else(|| "unknown".into());
@@ -581,6 +630,13 @@ fn report_rollback(node: &Node, failed: &Entry, esp: &Path) {
         }
     }
     let _ = fs::remove_file(state(PENDING));
+    let esp = Path::new(ESP);
+    if node.mbr.is_some() {
+        if let Err(e) = uboot::write_state(esp, &State { good: node.slot, trial: None }) {
+            console::error(&format!("clearing the spent trial of slot {} in /boot/{}: {e}", failed.slot, uboot::STATE));
+        }
+        return;
+    }
     let dir = esp.join(apply::ENTRY_DIR);
     if let Err(e) = fs::remove_file(dir.join(&failed.name)) {
         console::error(&format!("removing the failed boot entry {}: {e}", failed.name));
@@ -693,7 +749,7 @@ fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &
     console::event("update-applying", &[("source", &f.source), ("version", &m.version), ("from", &from), ("slot", &x)]);
     let t0 = Instant::now();
     let progress = |s: apply::Step| console::info(&format!("update: {s}"));
-    let target = Target { disk: &node.disk, esp: Path::new(ESP), running_roothash: node.roothash, tries, progress: Some(&progress) };
+    let target = Target { disk: &node.disk, esp: Path::new(ESP), running_roothash: node.roothash, tries, progress: Some(&progress), mbr: node.mbr };
     match apply::apply(reader, &target) {
         Ok(a) => {
             console::event(
@@ -750,6 +806,27 @@ mod tests {
         // A trial whose fallback is spent too has nothing to fall back to.
         assert_eq!(assess(&[e("kiln-edge-a+0-3.efi"), e("kiln-edge-b+1-2.efi")], Slot::B).0, Assessed::Trial { entry: e("kiln-edge-b+1-2.efi"), fallback: false });
         assert!(matches!(assess(&[e("kiln-edge-b.efi")], Slot::A).0, Assessed::Unmanaged(_)));
+    }
+
+    #[test]
+    fn assessment_of_each_uboot_boot() {
+        let st = |good, trial| Some(State { good, trial });
+        let entry = |slot, left, done| Entry { name: format!("/kiln/{slot}"), slot, left: Some(left), done };
+        // A fresh card: slot a good.
+        assert_eq!(assess_uboot(st(Slot::A, None), Slot::A, 3), (Assessed::Good, None));
+        // After an update, boot.scr took one of three tries: b on trial.
+        assert_eq!(assess_uboot(st(Slot::A, Some((Slot::B, 2))), Slot::B, 3).0, Assessed::Trial { entry: entry(Slot::B, 2, 1), fallback: true });
+        // The last try.
+        assert_eq!(assess_uboot(st(Slot::A, Some((Slot::B, 0))), Slot::B, 3).0, Assessed::Trial { entry: entry(Slot::B, 0, 3), fallback: true });
+        // Tries spent, boot.scr booted a: a rollback to report.
+        assert_eq!(assess_uboot(st(Slot::A, Some((Slot::B, 0))), Slot::A, 3), (Assessed::Good, Some(entry(Slot::B, 0, 3))));
+        // b's files did not load and boot.scr fell through to a with tries
+        // left: not a rollback yet (the next boot tries b again).
+        assert_eq!(assess_uboot(st(Slot::A, Some((Slot::B, 1))), Slot::A, 3), (Assessed::Good, None));
+        // b marked good.
+        assert_eq!(assess_uboot(st(Slot::B, None), Slot::B, 3), (Assessed::Good, None));
+        assert!(matches!(assess_uboot(st(Slot::B, None), Slot::A, 3).0, Assessed::Unmanaged(_)));
+        assert!(matches!(assess_uboot(None, Slot::A, 3).0, Assessed::Unmanaged(_)));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Applying a verified update bundle to the inactive A/B slot of a GPT disk
-//! (library only: nothing on the node calls this yet).
+//! Applying a verified update bundle to the inactive A/B slot of a GPT disk,
+//! or of an MBR card booted by u-boot (see "u-boot boards" below).
 //!
 //! [`apply`] takes an opened [`BundleReader`] (signature and policy already
 //! checked), the disk the node booted from, the mounted ESP and the running
@@ -56,10 +56,36 @@
 //! If the read-back fails, [`apply`] returns an error with the GPT and the
 //! boot entries as they were (except slot x's old entry, see above).
 //!
+//! # u-boot boards (MBR cards)
+//!
+//! An armv7 card has no GPT and no UKIs: partition 2 is slot a, 3 is slot b,
+//! each holding its squashfs and, `hash_offset` bytes in (`kiln.mbr=`), its
+//! verity tree; the boot FAT holds each slot's kernel, initramfs, dtbs and
+//! extlinux.conf in `kiln/<x>/`, and `kiln/state` says which slot is good
+//! and which is on trial ([`super::uboot`]; `/boot.scr` reads it). With
+//! [`Target::mbr`] set, [`apply`]:
+//!
+//! 1. checks the MBR's disk signature against `kiln.mbr=`, that the parts
+//!    fit slot x's partition and the files fit the boot FAT;
+//! 2. writes `kiln/state` with the running slot good and nothing on trial
+//!    (a trial of x left from an earlier apply ends here), then removes
+//!    `kiln/<x>/`;
+//! 3. streams the root to the start of slot x's partition, the verity tree
+//!    to `hash_offset` in it, the kernel, initramfs and dtbs to `kiln/<x>/`
+//!    (each synced);
+//! 4. reads the slot back against the root hash, as on GPT;
+//! 5. writes `kiln/<x>/extlinux.conf` with the manifest's cmdline plus
+//!    `kiln.slot=<x> kiln.mbr=<signature>,<x's partition>,<hash_offset>`;
+//! 6. last, puts x on trial in `kiln/state` (one in-place sector write).
+//!
+//! Until step 6, no state names slot x, so a cut anywhere before it boots
+//! the running slot; after it, boot.scr counts x's tries and falls back to
+//! the running slot when they are spent (or when x's files do not load).
+//!
 //! # Not covered yet
 //!
-//! - armv7 boards that boot through u-boot from an MBR card (the bundle has
-//!   `kernel`/`initramfs` parts instead of a UKI): [`ApplyError::Unsupported`].
+//! - u-boot boards with a GPT card ([`ApplyError::Unsupported`]: no kiln
+//!   board has one yet).
 //! - Making the new entry the default or a one-shot (systemd-boot picks the
 //!   newest version it finds), marking a boot good, and rollback.
 //! - The kernel's view of the partition table is not re-read after the
@@ -74,7 +100,9 @@ use std::path::{Path, PathBuf};
 use crate::verity::{hash_blocks, parse_superblock, TreeBuilder, BLOCK as VERITY_BLOCK};
 
 use super::bundle::{hex, BundleError, BundleReader, PartKind};
+use super::uboot::{self, State};
 use crate::node::gpt::{self, Gpt, Guid, Header, Partition};
+use crate::node::stage1::{mbr_signature, MbrRoot};
 
 /// Tries a new boot entry gets by default (BLS boot counting, `+3`).
 pub const TRIES: u32 = 3;
@@ -131,6 +159,12 @@ pub struct Target<'a> {
     pub running_roothash: [u8; 32],
     /// Boots the new entry gets before systemd-boot falls back (`+N`).
     pub tries: u32,
+    /// An MBR card booted by u-boot: `kiln.mbr=` of the running root (the
+    /// disk signature, the running slot's partition, the verity offset).
+    /// The update then goes to the other slot's partition, its files to
+    /// `<esp>/kiln/<x>/` and its trial to `<esp>/kiln/state`; see
+    /// [`apply`]'s module docs, "u-boot boards".
+    pub mbr: Option<MbrRoot>,
     /// Told each step as it begins (for the console).
     pub progress: Option<&'a (dyn Fn(Step) + Sync)>,
 }
@@ -150,8 +184,11 @@ pub enum Step {
     Verifying(Slot),
     /// Writing the slot's new PARTUUIDs (backup GPT, then primary).
     Switching(Slot),
-    /// Renaming the UKI into place as the slot's boot entry.
+    /// Renaming the UKI into place as the slot's boot entry (u-boot
+    /// boards: writing the slot's extlinux.conf).
     Installing(Slot),
+    /// u-boot boards: putting the slot on trial in `/kiln/state`.
+    Trial(Slot),
 }
 
 impl std::fmt::Display for Step {
@@ -161,6 +198,7 @@ impl std::fmt::Display for Step {
             Step::Verifying(x) => write!(f, "reading slot {x} back"),
             Step::Switching(x) => write!(f, "switching slot {x}'s partition UUIDs"),
             Step::Installing(x) => write!(f, "installing slot {x}'s boot entry"),
+            Step::Trial(x) => write!(f, "switching the boot to slot {x} on trial"),
         }
     }
 }
@@ -406,16 +444,24 @@ fn temp_name(profile: &str, slot: Slot) -> String {
 
 /// Writes the bundle to the inactive slot of `target.disk` and installs its
 /// boot entry; see the module docs for the order and why.
-pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Applied, ApplyError> {
-    let m = bundle.manifest().clone();
-    let Some(uki) = m.part(PartKind::Uki).cloned() else {
-        return Err(ApplyError::Unsupported {
+pub fn apply<R: Read>(bundle: BundleReader<R>, target: &Target) -> Result<Applied, ApplyError> {
+    let m = bundle.manifest();
+    match (m.part(PartKind::Uki).is_some(), target.mbr) {
+        (true, None) => apply_uki(bundle, target),
+        (false, Some(mbr)) => apply_board(bundle, target, mbr),
+        (true, Some(_)) => Err(ApplyError::Unsupported { what: format!("the bundle for {} has a UKI, but this node boots through u-boot from an MBR card, which needs a bundle with a kernel and initramfs (build the update for the card's board profile)", m.arch) }),
+        (false, None) => Err(ApplyError::Unsupported {
             what: match &m.board {
-                Some(b) => format!("the bundle is for the {b} board, which boots a kernel, initramfs and device tree through u-boot from an MBR card; so far only bundles with a UKI (amd64, arm64, armv7 on UEFI) can be applied. Reflash the card with the new image instead"),
-                None => format!("the bundle for {} has a kernel and initramfs instead of a UKI; so far only bundles with a UKI can be applied", m.arch),
+                Some(b) => format!("the bundle is for the {b} board, which boots a kernel, initramfs and device tree through u-boot from an MBR card, but this node boots from a GPT disk with UKIs; give it a bundle built for its own profile"),
+                None => format!("the bundle for {} has a kernel and initramfs instead of a UKI, but this node boots UKIs from a GPT disk; give it a bundle built for its own profile", m.arch),
             },
-        });
-    };
+        }),
+    }
+}
+
+fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Applied, ApplyError> {
+    let m = bundle.manifest().clone();
+    let uki = m.part(PartKind::Uki).cloned().expect("checked by apply");
     let (root, verity) = (m.part(PartKind::Root).cloned().expect("checked by Manifest::parse"), m.part(PartKind::Verity).cloned().expect("checked by Manifest::parse"));
     let new_hash = unhex32(&m.roothash).ok_or_else(|| BundleError::BadManifest { reason: format!("key `roothash`: `{}` is not hex", m.roothash) })?;
     if new_hash == target.running_roothash {
@@ -505,6 +551,172 @@ pub fn apply<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
     let dst = dir.join(&entry);
     rename_synced(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
     Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes, entry })
+}
+
+/// An MBR card's root slots: partition 2 is slot a, 3 is slot b (as the
+/// builder lays them out, see kiln's sdcard.rs).
+pub fn mbr_slot(partition: u32) -> Option<Slot> {
+    match partition {
+        2 => Some(Slot::A),
+        3 => Some(Slot::B),
+        _ => None,
+    }
+}
+
+fn mbr_partition(slot: Slot) -> u32 {
+    match slot {
+        Slot::A => 2,
+        Slot::B => 3,
+    }
+}
+
+/// The root and verity regions of `slot` on an MBR card: the partition's
+/// first `hash_offset` bytes, then the rest.
+fn mbr_slot_regions(f: &File, path: &Path, mbr: MbrRoot, slot: Slot) -> Result<(Region, Region), ApplyError> {
+    let bad = |reason: String| ApplyError::Gpt { disk: path.to_path_buf(), reason };
+    let mut s0 = [0u8; 512];
+    f.read_exact_at(&mut s0, 0).map_err(io_err("reading the MBR of", path))?;
+    match mbr_signature(&s0) {
+        Some(sig) if sig == mbr.signature => {}
+        Some(sig) => return Err(bad(format!("its MBR disk signature is {sig:08x}, but the running root's kiln.mbr= names {:08x}; give the disk the node booted from", mbr.signature))),
+        None => return Err(bad("it has no MBR (or a GPT's protective one), but the running root's kiln.mbr= says it booted from an MBR card".into())),
+    }
+    let bytes = (&*f).seek(SeekFrom::End(0)).map_err(io_err("finding the size of", path))?;
+    let lba = sector_size(f);
+    let entry = |n: u32| {
+        let e = &s0[446 + 16 * (n as usize - 1)..][..16];
+        let first = u64::from(u32::from_le_bytes([e[8], e[9], e[10], e[11]])) * lba;
+        let len = u64::from(u32::from_le_bytes([e[12], e[13], e[14], e[15]])) * lba;
+        (e[4], first, len)
+    };
+    let (kind, first, len) = entry(mbr_partition(slot));
+    let n = mbr_partition(slot);
+    if kind == 0 || len == 0 {
+        return Err(ApplyError::MissingPartition { disk: path.to_path_buf(), name: format!("root-{slot} (MBR partition {n})") });
+    }
+    if first + len > bytes {
+        return Err(bad(format!("partition {n} (root-{slot}) ends at byte {}, past the disk's {bytes}", first + len)));
+    }
+    let (_, of, ol) = entry(mbr_partition(slot.other()));
+    if of < first + len && first < of + ol {
+        return Err(bad(format!("partitions 2 and 3 (root-a and root-b) overlap")));
+    }
+    if mbr.hash_offset >= len {
+        return Err(bad(format!("kiln.mbr= puts the verity tree {} bytes into partition {n}, which holds only {len}", mbr.hash_offset)));
+    }
+    let label = format!("root-{slot} (partition {n} of {})", path.display());
+    Ok((Region { label: label.clone(), offset: first, len: mbr.hash_offset }, Region { label: format!("the verity tree of {label}"), offset: first + mbr.hash_offset, len: len - mbr.hash_offset }))
+}
+
+/// A file name for a `dtb` part in the slot's `dtbs/` (its last component).
+fn dtb_name(part: &str) -> &str {
+    part.rsplit('/').next().unwrap_or(part)
+}
+
+/// u-boot boards on an MBR card (see the module docs, "u-boot boards").
+fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRoot) -> Result<Applied, ApplyError> {
+    let m = bundle.manifest().clone();
+    let (root, verity) = (m.part(PartKind::Root).cloned().expect("checked by Manifest::parse"), m.part(PartKind::Verity).cloned().expect("checked by Manifest::parse"));
+    let cmdline = m.cmdline.clone().ok_or_else(|| BundleError::BadManifest { reason: "a bundle with a `kernel` part needs `cmdline`".into() })?;
+    let new_hash = unhex32(&m.roothash).ok_or_else(|| BundleError::BadManifest { reason: format!("key `roothash`: `{}` is not hex", m.roothash) })?;
+    if new_hash == target.running_roothash {
+        return Err(ApplyError::AlreadyRunning { roothash: m.roothash.clone() });
+    }
+    let running = mbr_slot(mbr.partition).ok_or_else(|| ApplyError::Gpt { disk: target.disk.to_path_buf(), reason: format!("the running root is on partition {} (kiln.mbr=), which is not a root slot (2 or 3)", mbr.partition) })?;
+    let x = running.other();
+
+    // Everything that can be checked before a write.
+    let path = target.disk;
+    let f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err("opening the disk", path))?;
+    let (rr, vr) = mbr_slot_regions(&f, path, mbr, x)?;
+    for (part, region) in [(&root, &rr), (&verity, &vr)] {
+        if part.size > region.len {
+            return Err(ApplyError::TooLarge { part: part.name.clone(), size: part.size, partition: region.label.clone(), disk: path.to_path_buf(), capacity: region.len });
+        }
+    }
+    let boot = target.esp;
+    let dir = boot.join(uboot::slot_dir(x));
+    let old: u64 = walk_sizes(&dir);
+    let files: u64 = m.parts.iter().filter(|p| matches!(p.kind, PartKind::Kernel | PartKind::Initramfs | PartKind::Dtb)).map(|p| p.size).sum();
+    let free = free_bytes(boot)? + old;
+    let need = files + 64 * 1024;
+    if free < need {
+        return Err(ApplyError::EspFull { esp: boot.to_path_buf(), free, need });
+    }
+
+    // Slot x is not booted from here on: no trial names it, and its
+    // files go before its root is overwritten.
+    let state = uboot::read_state(boot).map_err(io_err("reading", &boot.join(uboot::STATE)))?;
+    let keep = State { good: running, trial: None };
+    if state != Some(keep) {
+        uboot::write_state(boot, &keep).map_err(io_err("writing", &boot.join(uboot::STATE)))?;
+    }
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(io_err("removing the old slot files", &dir))?;
+    }
+    let dtbs = dir.join(uboot::DTB_DIR);
+    fs::create_dir_all(&dtbs).map_err(io_err("creating", &dtbs))?;
+
+    let step = |s: Step| {
+        if let Some(p) = target.progress {
+            p(s)
+        }
+    };
+    step(Step::Writing(x));
+    let mut dtb = None;
+    let streamed = (|| -> Result<(u64, u64, u64), ApplyError> {
+        let (mut rb, mut vb, mut fb) = (0, 0, 0);
+        while let Some(mut part) = bundle.next_part()? {
+            let p = part.part().clone();
+            match p.kind {
+                PartKind::Root => rb = write_region(&mut part, &f, &rr)?,
+                PartKind::Verity => vb = write_region(&mut part, &f, &vr)?,
+                PartKind::Kernel => fb += write_file(&mut part, &dir.join(uboot::KERNEL))?,
+                PartKind::Initramfs => fb += write_file(&mut part, &dir.join(uboot::INITRD))?,
+                PartKind::Dtb => {
+                    let name = dtb_name(&p.name).to_string();
+                    fb += write_file(&mut part, &dtbs.join(&name))?;
+                    dtb.get_or_insert(name);
+                }
+                k => return Err(ApplyError::Unsupported { what: format!("a `{k}` part in a bundle for a u-boot board") }),
+            }
+        }
+        bundle.finish()?;
+        Ok((rb, vb, fb))
+    })();
+    let cleanup = |e: ApplyError| {
+        let _ = fs::remove_dir_all(&dir);
+        e
+    };
+    let (root_bytes, verity_bytes, file_bytes) = streamed.map_err(cleanup)?;
+    sync_dir(&dtbs).map_err(cleanup)?;
+    sync_dir(&dir).map_err(cleanup)?;
+
+    step(Step::Verifying(x));
+    check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
+
+    step(Step::Installing(x));
+    let slot_cmdline = format!("{cmdline} kiln.slot={x} kiln.mbr={:08x},{},{}", mbr.signature, mbr_partition(x), mbr.hash_offset);
+    let conf = uboot::extlinux_conf(m.board.as_deref().unwrap_or(&m.profile), x, dtb.as_deref(), &slot_cmdline);
+    let conf_path = dir.join(uboot::EXTLINUX);
+    write_file(&mut conf.as_bytes(), &conf_path).map_err(cleanup)?;
+    sync_dir(&dir).map_err(cleanup)?;
+
+    step(Step::Trial(x));
+    let trial = State { good: running, trial: Some((x, target.tries.clamp(1, 9))) };
+    uboot::write_state(boot, &trial).map_err(io_err("writing", &boot.join(uboot::STATE)))?;
+    Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes: file_bytes, entry: format!("{}/{}", uboot::slot_dir(x), uboot::EXTLINUX) })
+}
+
+/// The bytes of the files under `dir` (0 when it is missing).
+fn walk_sizes(dir: &Path) -> u64 {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walk_sizes(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
 }
 
 /// Reads up to `buf.len()` bytes; fewer only at the end.

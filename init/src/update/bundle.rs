@@ -86,6 +86,11 @@ pub struct Manifest {
     pub board: Option<String>,
     /// The dm-verity root hash of the root part, in hex.
     pub roothash: String,
+    /// Bundles with a kernel and initramfs (u-boot boards): the kernel
+    /// command line, with `roothash=` but without the slot's `kiln.slot=`
+    /// and `kiln.mbr=`, which the node adds for the slot it writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
     pub source_date_epoch: u64,
     #[serde(rename = "part")]
     pub parts: Vec<Part>,
@@ -167,6 +172,17 @@ impl Manifest {
         };
         if !ok {
             return bad("it needs either one `uki` part, or one `kernel` and one `initramfs` part (and any `dtb` parts)".into());
+        }
+        match (&self.cmdline, uki) {
+            (None, 0) => return bad("a bundle with a `kernel` part needs `cmdline`".into()),
+            (Some(_), 1) => return bad("a bundle with a `uki` part has its cmdline inside the UKI, not in `cmdline`".into()),
+            (Some(c), _) if !c.split_whitespace().any(|w| w == format!("roothash={}", self.roothash)) => {
+                return bad(format!("key `cmdline` does not carry roothash={}", self.roothash))
+            }
+            (Some(c), _) if c.split_whitespace().any(|w| w.starts_with("kiln.mbr=") || w.starts_with("kiln.slot=")) => {
+                return bad("key `cmdline` has `kiln.mbr=` or `kiln.slot=`, which the node sets for the slot it writes".into())
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -326,7 +342,7 @@ impl<R: Read> BundleReader<R> {
         let mut r = BundleReader {
             inner,
             offset: 0,
-            manifest: Manifest { format: FORMAT, version: String::new(), arch: String::new(), profile: String::new(), board: None, roothash: String::new(), source_date_epoch: 0, parts: Vec::new() },
+            manifest: Manifest { format: FORMAT, version: String::new(), arch: String::new(), profile: String::new(), board: None, roothash: String::new(), cmdline: None, source_date_epoch: 0, parts: Vec::new() },
             trusted_comment: String::new(),
             next: 0,
             current: None,
@@ -701,6 +717,7 @@ mod tests {
             profile: "edge".into(),
             board: None,
             roothash: "ab".repeat(32),
+            cmdline: None,
             source_date_epoch: 1_700_000_000,
             parts: parts.iter().map(|(n, k, d)| Part { name: n.to_string(), kind: *k, size: d.len() as u64, sha256: sha(d) }).collect(),
         }
@@ -726,8 +743,23 @@ mod tests {
         let e = Manifest::parse(&text.replace("1.2.10", "1.2-rc")).unwrap_err().to_string();
         assert!(e.contains("key `version`"), "{e}");
 
-        let arm = manifest(&[("root.squashfs", PartKind::Root, b"r"), ("root.verity", PartKind::Verity, b"v"), ("zImage", PartKind::Kernel, b"k"), ("initramfs.cpio.zst", PartKind::Initramfs, b"i"), ("dtbs/am335x-boneblack.dtb", PartKind::Dtb, b"d")]);
+        let mut arm = manifest(&[("root.squashfs", PartKind::Root, b"r"), ("root.verity", PartKind::Verity, b"v"), ("zImage", PartKind::Kernel, b"k"), ("initramfs.cpio.zst", PartKind::Initramfs, b"i"), ("dtbs/am335x-boneblack.dtb", PartKind::Dtb, b"d")]);
+        let e = Manifest::parse(&arm.to_toml().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("needs `cmdline`"), "{e}");
+        arm.cmdline = Some(format!("roothash={} quiet", arm.roothash));
         assert_eq!(Manifest::parse(&arm.to_toml().unwrap()).unwrap(), arm);
+        for (bad, why) in [("quiet", "does not carry roothash"), ("roothash=ab kiln.slot=b", "does not carry roothash")] {
+            arm.cmdline = Some(bad.into());
+            let e = Manifest::parse(&arm.to_toml().unwrap()).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        arm.cmdline = Some(format!("roothash={} kiln.mbr=1,2,3", arm.roothash));
+        let e = Manifest::parse(&arm.to_toml().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("which the node sets"), "{e}");
+        let mut uki = m.clone();
+        uki.cmdline = Some(format!("roothash={}", uki.roothash));
+        let e = Manifest::parse(&uki.to_toml().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("inside the UKI"), "{e}");
     }
 
     #[test]

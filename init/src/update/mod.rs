@@ -7,6 +7,8 @@
 pub mod apply;
 pub mod bundle;
 #[cfg(target_os = "linux")]
+pub mod uboot;
+#[cfg(target_os = "linux")]
 pub mod channel;
 pub mod version;
 
