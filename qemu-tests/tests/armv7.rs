@@ -149,3 +149,145 @@ fn two_builds_are_byte_identical() {
         assert!(std::fs::read(out.join(n)).unwrap() == std::fs::read(again.out.join(n)).unwrap(), "{n} differs between two armv7 builds");
     }
 }
+
+/// An armv7 profile `upd7` at `version`, signed, with a card and a bundle.
+fn build_update(key_dir: &Path, tag: &str, version: &str, extra: &str) -> PathBuf {
+    let ws = common::workspace();
+    std::env::set_var("KILN_SOURCE_DIR", &ws);
+    let path = key_dir.join(format!("{tag}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "extends = \"{}\"\nname = \"upd7\"\nversion = \"{version}\"\noutputs = [\"sdcard\", \"update\"]\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
+            ws.join("profiles/qemu-armv7.toml").display()
+        ),
+    )
+    .unwrap();
+    let out = kiln::pipeline::build(&path, &key_dir.join(format!("out-{tag}")), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
+    out.out
+}
+
+/// A/B updates on the card, through u-boot's boot.scr and /kiln/state: a
+/// refused bundle of each kind, a good update that keeps /var, an image
+/// whose kiln-init panics and one whose payload never becomes healthy, each
+/// rolled back by boot.scr once its two tries are spent. The bundles come
+/// on a KILNUPD stick, taken in name order (see tests/updates.rs, the same
+/// on amd64).
+#[test]
+fn card_updates_apply_refuse_and_roll_back() {
+    use common::expect;
+    use kiln::update::{Content, PartSource, Spec};
+    let d = common::scratch().join("armv7-updates");
+    std::fs::create_dir_all(&d).unwrap();
+    let key = kiln::sign::KeyPair::generate();
+    std::fs::write(d.join("kiln.key"), key.to_secret_file()).unwrap();
+    let v1 = build_update(&d, "v1", "1.0.0", "");
+    let v2 = build_update(&d, "v2", "2.0.0", "");
+    let v3 = build_update(&d, "v3", "3.0.0", "\n[kernel]\ncmdline = [\"panic=10\", \"kiln.fault=panic\"]\n");
+    // busybox as `k0s`: "applet not found", exit 127, at every start.
+    let v4 = build_update(
+        &d,
+        "v4",
+        "3.0.1",
+        "\n[payload]\nstand-in = false\nk0s = { deb = \"busybox-static\", version = \"1:1.35.0-4+deb12u1+b1\", sha256 = \"2f68dbeaebeda49f3cde34ac421d5add85fb1c837ff7c4a4971945340d9d66ff\", member = \"bin/busybox\" }\n",
+    );
+    let crafted = |key: &kiln::sign::KeyPair, arch, version: &str, name: &str| {
+        let to = d.join(name);
+        let part = |name: &str, kind, n: usize| PartSource { name: name.into(), kind, content: Content::Bytes(vec![0x5a; n]) };
+        let cmdline = format!("roothash={}", "ab".repeat(32));
+        let parts = [part("root.squashfs", kiln_init::update::PartKind::Root, 8192), part("root.verity", kiln_init::update::PartKind::Verity, 4096), part("zImage", kiln_init::update::PartKind::Kernel, 4096), part("initramfs.cpio.zst", kiln_init::update::PartKind::Initramfs, 4096)];
+        let spec = Spec { version, arch, profile: "upd7", board: Some("qemu-armv7"), roothash: &"ab".repeat(32), cmdline: Some(&cmdline), source_date_epoch: 1 };
+        kiln::update::write(&to, &spec, &parts, key).unwrap();
+        to
+    };
+    let other_key = crafted(&kiln::sign::KeyPair::generate(), kiln::profile::Arch::Armv7, "2.0.0", "other-key.kiln");
+    let arm64 = crafted(&key, kiln::profile::Arch::Arm64, "2.0.0", "arm64.kiln");
+    let downgrade = crafted(&key, kiln::profile::Arch::Armv7, "0.9.0", "downgrade.kiln");
+    let truncated = d.join("truncated.kiln");
+    let full = std::fs::read(v2.join("update.kiln")).unwrap();
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    let stick = common::kilnupd_stick(&d.join("kilnupd.img"), &[
+        ("a-other-key.kiln", &other_key),
+        ("b-arm64.kiln", &arm64),
+        ("c-downgrade.kiln", &downgrade),
+        ("d-truncated.kiln", &truncated),
+        ("e-2.0.0.kiln", &v2.join("update.kiln")),
+        ("f-3.0.0-panic.kiln", &v3.join("update.kiln")),
+        ("g-3.0.1-unhealthy.kiln", &v4.join("update.kiln")),
+    ]);
+    let cfg = "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 5\nboot_timeout_seconds = 30\n\n[debug]\nshell = true\n";
+    let mut n = boot_with("armv7_updates", &v1, Some(cfg), move |s| {
+        card(None)(s);
+        s.extra_disk = Some(stick);
+    });
+    let long = BOOT_TIMEOUT;
+    let skipped = |n: &mut common::Node, file: &str, why: &str| loop {
+        let e = n.event("update-skipped", long);
+        if e.get("source").is_some_and(|s| s.ends_with(file)) {
+            assert!(e.get("reason").is_some_and(|r| r.contains(why)), "{e:?}");
+            return;
+        }
+    };
+
+    // Boot 1: the card as flashed, slot a good; the SoC-style watchdog is
+    // QEMU's i6300esb here.
+    n.line("boot.scr boots slot a", long, |l| l.contains("kiln: slot a (good a"));
+    n.event("watchdog-armed", long);
+    n.event("payload-started", long);
+    n.vm.send("\necho kiln-var-$((6*7)) > /var/lib/k0s/update-test; sync\n").unwrap();
+    for (file, why) in [("a-other-key.kiln", "key"), ("b-arm64.kiln", "arm64"), ("c-downgrade.kiln", "0.9.0"), ("d-truncated.kiln", "trunc")] {
+        let r = n.event("update-rejected", long);
+        assert!(r.get("source").unwrap_or_default().ends_with(file), "{r:?}");
+        assert!(r.get("reason").unwrap_or_default().to_lowercase().contains(why), "{file}: {r:?}");
+    }
+    let applied = n.event("update-applied", long);
+    expect(&applied, "version", "2.0.0");
+    expect(&applied, "slot", "b");
+    expect(&applied, "entry", "kiln/b/extlinux.conf");
+    expect(&n.event("shutdown", long), "reason", "update-applied");
+
+    // Boot 2: boot.scr takes a try of b; 2.0.0 runs, keeps /var, is good.
+    n.line("boot.scr tries slot b", long, |l| l.contains("kiln: slot b (good a, trying b with 1 tries left)"));
+    let t = n.event("boot-trial", long);
+    expect(&t, "slot", "b");
+    expect(&t, "version", "2.0.0");
+    expect(&t, "fallback", "yes");
+    n.event("payload-started", long);
+    n.vm.send("\ncat /var/lib/k0s/update-test\n").unwrap();
+    n.line("/var kept across the update", std::time::Duration::from_secs(60), |l| l.trim() == "kiln-var-42");
+    expect(&n.event("boot-good", long), "version", "2.0.0");
+    skipped(&mut n, "e-2.0.0.kiln", "already runs");
+
+    // 3.0.0 panics in kiln-init: two tries, then boot.scr boots b again.
+    let applied = n.event("update-applied", long);
+    expect(&applied, "version", "3.0.0");
+    expect(&applied, "slot", "a");
+    for left in [1, 0] {
+        let f = n.event("boot-failed", long);
+        expect(&f, "version", "3.0.0");
+        expect(&f, "tries_left", &left.to_string());
+    }
+    n.line("boot.scr falls back to b", long, |l| l.contains("kiln: slot b (good b"));
+    let rb = n.event("rolled-back", long);
+    expect(&rb, "from", "3.0.0");
+    expect(&rb, "to", "2.0.0");
+    expect(&rb, "slot", "a");
+    skipped(&mut n, "f-3.0.0-panic.kiln", "rolled back");
+
+    // 3.0.1: the payload never runs 5 s; two tries, then 2.0.0 again.
+    let applied = n.event("update-applied", long);
+    expect(&applied, "version", "3.0.1");
+    for left in [1, 0] {
+        let t = n.event("boot-trial", long);
+        expect(&t, "version", "3.0.1");
+        expect(&t, "tries_left", &left.to_string());
+        expect(&n.event("boot-unhealthy", long), "action", "reboot");
+    }
+    let rb = n.event("rolled-back", long);
+    expect(&rb, "from", "3.0.1");
+    expect(&rb, "to", "2.0.0");
+    n.event("payload-started", long);
+    skipped(&mut n, "g-3.0.1-unhealthy.kiln", "rolled back");
+    n.vm.send("\ncat /boot/kiln/state\n").unwrap();
+    n.line("the state names b good, nothing on trial", std::time::Duration::from_secs(60), |l| l.trim() == "kiln_try=-");
+}

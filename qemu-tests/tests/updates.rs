@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{boot_with, scratch, workspace, BOOT_TIMEOUT};
+use common::{boot_with, expect, scratch, workspace, BOOT_TIMEOUT};
 use kiln::qemu::BootFrom;
 use kiln::sign::KeyPair;
 use kiln::update::{Content, PartSource, Spec};
@@ -67,17 +67,9 @@ fn crafted(key: &KeyPair, arch: kiln::profile::Arch, version: &str, to: &Path) {
     kiln::update::write(to, &spec, &parts, key).unwrap();
 }
 
-/// A FAT volume labelled KILNUPD holding `files`.
+/// A KILNUPD stick in this test's scratch directory.
 fn stick(name: &str, files: &[(&str, &Path)]) -> PathBuf {
-    let p = dir().join(name);
-    let _ = std::fs::remove_file(&p);
-    let bytes: u64 = files.iter().map(|(_, f)| std::fs::metadata(f).unwrap().len()).sum();
-    let kib = bytes / 1024 + 16 * 1024;
-    common::sh(&format!("mkfs.vfat -C -n KILNUPD {} {kib} >/dev/null", p.display()));
-    for (name, f) in files {
-        common::sh(&format!("MTOOLS_SKIP_CHECK=1 mcopy -i {} {} ::/{name}", p.display(), f.display()));
-    }
-    p
+    common::kilnupd_stick(&dir().join(name), files)
 }
 
 /// Waits for a `boot-trial` event and checks it.
@@ -100,9 +92,6 @@ fn skipped(n: &mut common::Node, file: &str, why: &str) {
     }
 }
 
-fn expect(e: &Event, key: &str, want: &str) {
-    assert_eq!(e.get(key), Some(want), "{e:?}");
-}
 
 /// The key and the four builds, once per test binary.
 struct Builds {

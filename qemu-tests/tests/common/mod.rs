@@ -222,6 +222,25 @@ pub fn config_stick(name: &str, label: &str, node_toml: &str) -> PathBuf {
     p
 }
 
+/// A FAT volume labelled KILNUPD holding `files` (name on the stick,
+/// host file), as a USB stick would carry update bundles.
+pub fn kilnupd_stick(path: &Path, files: &[(&str, &Path)]) -> PathBuf {
+    let _ = std::fs::remove_file(path);
+    let bytes: u64 = files.iter().map(|(_, f)| std::fs::metadata(f).unwrap().len()).sum();
+    let kib = bytes / 1024 + 16 * 1024;
+    sh(&format!("mkfs.vfat -C -n KILNUPD {} {kib} >/dev/null", path.display()));
+    for (name, f) in files {
+        sh(&format!("MTOOLS_SKIP_CHECK=1 mcopy -i {} {} ::/{name}", path.display(), f.display()));
+    }
+    path.to_path_buf()
+}
+
+/// Asserts an event's field.
+#[track_caller]
+pub fn expect(e: &kiln_init::event::Event, key: &str, want: &str) {
+    assert_eq!(e.get(key), Some(want), "{e:?}");
+}
+
 /// Every file under a build output, as sorted paths relative to it.
 pub fn files(out: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, names: &mut Vec<String>) {
