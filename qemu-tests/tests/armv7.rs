@@ -1,7 +1,9 @@
 //! armv7 (`profiles/qemu-armv7.toml`): the SD-card image booted by u-boot
 //! (`qemu_arm` as `-bios`) on QEMU virt with 512 MiB and one CPU, the PXE
 //! kernel directly, a tampered root that must stop at the verity check, the
-//! memory the OS uses, and two byte-identical builds.
+//! memory the OS uses, two byte-identical builds, and A/B updates on the
+//! card (u-boot's boot.scr counting tries): a good update, refused bundles,
+//! two rollbacks, power cuts during the apply, and a channel's window.
 
 mod common;
 
@@ -158,14 +160,49 @@ fn build_update(key_dir: &Path, tag: &str, version: &str, extra: &str) -> PathBu
     std::fs::write(
         &path,
         format!(
-            "extends = \"{}\"\nname = \"upd7\"\nversion = \"{version}\"\noutputs = [\"sdcard\", \"update\"]\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
-            ws.join("profiles/qemu-armv7.toml").display()
+            "extends = \"{}\"\nname = \"upd7\"\nversion = \"{version}\"\noutputs = [\"sdcard\", \"update\"]\n\n[node]\nconfig = \"{}\"\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
+            ws.join("profiles/qemu-armv7.toml").display(),
+            ws.join("profiles/nodes/single.toml").display()
         ),
     )
     .unwrap();
     let out = kiln::pipeline::build(&path, &key_dir.join(format!("out-{tag}")), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
     out.out
 }
+
+/// The signing key and the four builds of `upd7`, once per test binary:
+/// 1.0.0, 2.0.0, 3.0.0 (kiln-init panics), 3.0.1 (the payload exits).
+struct UpdateBuilds {
+    dir: PathBuf,
+    key: kiln::sign::KeyPair,
+    v1: PathBuf,
+    v2: PathBuf,
+    v3: PathBuf,
+    v4: PathBuf,
+}
+
+fn update_builds() -> &'static UpdateBuilds {
+    static B: std::sync::OnceLock<UpdateBuilds> = std::sync::OnceLock::new();
+    B.get_or_init(|| {
+        let d = common::scratch().join("armv7-updates");
+        std::fs::create_dir_all(&d).unwrap();
+        let key = kiln::sign::KeyPair::generate();
+        std::fs::write(d.join("kiln.key"), key.to_secret_file()).unwrap();
+        let v1 = build_update(&d, "v1", "1.0.0", "");
+        let v2 = build_update(&d, "v2", "2.0.0", "");
+        let v3 = build_update(&d, "v3", "3.0.0", "\n[kernel]\ncmdline = [\"panic=10\", \"kiln.fault=panic\"]\n");
+        // busybox as `k0s`: "applet not found", exit 127, at every start.
+        let v4 = build_update(
+            &d,
+            "v4",
+            "3.0.1",
+            "\n[payload]\nstand-in = false\nk0s = { deb = \"busybox-static\", version = \"1:1.35.0-4+deb12u1+b1\", sha256 = \"2f68dbeaebeda49f3cde34ac421d5add85fb1c837ff7c4a4971945340d9d66ff\", member = \"bin/busybox\" }\n",
+        );
+        UpdateBuilds { dir: d, key, v1, v2, v3, v4 }
+    })
+}
+
+const UPDATE_CONFIG: &str = "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 5\nboot_timeout_seconds = 30\n\n[debug]\nshell = true\n";
 
 /// A/B updates on the card, through u-boot's boot.scr and /kiln/state: a
 /// refused bundle of each kind, a good update that keeps /var, an image
@@ -177,20 +214,7 @@ fn build_update(key_dir: &Path, tag: &str, version: &str, extra: &str) -> PathBu
 fn card_updates_apply_refuse_and_roll_back() {
     use common::expect;
     use kiln::update::{Content, PartSource, Spec};
-    let d = common::scratch().join("armv7-updates");
-    std::fs::create_dir_all(&d).unwrap();
-    let key = kiln::sign::KeyPair::generate();
-    std::fs::write(d.join("kiln.key"), key.to_secret_file()).unwrap();
-    let v1 = build_update(&d, "v1", "1.0.0", "");
-    let v2 = build_update(&d, "v2", "2.0.0", "");
-    let v3 = build_update(&d, "v3", "3.0.0", "\n[kernel]\ncmdline = [\"panic=10\", \"kiln.fault=panic\"]\n");
-    // busybox as `k0s`: "applet not found", exit 127, at every start.
-    let v4 = build_update(
-        &d,
-        "v4",
-        "3.0.1",
-        "\n[payload]\nstand-in = false\nk0s = { deb = \"busybox-static\", version = \"1:1.35.0-4+deb12u1+b1\", sha256 = \"2f68dbeaebeda49f3cde34ac421d5add85fb1c837ff7c4a4971945340d9d66ff\", member = \"bin/busybox\" }\n",
-    );
+    let UpdateBuilds { dir: d, key, v1, v2, v3, v4 } = update_builds();
     let crafted = |key: &kiln::sign::KeyPair, arch, version: &str, name: &str| {
         let to = d.join(name);
         let part = |name: &str, kind, n: usize| PartSource { name: name.into(), kind, content: Content::Bytes(vec![0x5a; n]) };
@@ -201,8 +225,8 @@ fn card_updates_apply_refuse_and_roll_back() {
         to
     };
     let other_key = crafted(&kiln::sign::KeyPair::generate(), kiln::profile::Arch::Armv7, "2.0.0", "other-key.kiln");
-    let arm64 = crafted(&key, kiln::profile::Arch::Arm64, "2.0.0", "arm64.kiln");
-    let downgrade = crafted(&key, kiln::profile::Arch::Armv7, "0.9.0", "downgrade.kiln");
+    let arm64 = crafted(key, kiln::profile::Arch::Arm64, "2.0.0", "arm64.kiln");
+    let downgrade = crafted(key, kiln::profile::Arch::Armv7, "0.9.0", "downgrade.kiln");
     let truncated = d.join("truncated.kiln");
     let full = std::fs::read(v2.join("update.kiln")).unwrap();
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
@@ -215,8 +239,7 @@ fn card_updates_apply_refuse_and_roll_back() {
         ("f-3.0.0-panic.kiln", &v3.join("update.kiln")),
         ("g-3.0.1-unhealthy.kiln", &v4.join("update.kiln")),
     ]);
-    let cfg = "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 5\nboot_timeout_seconds = 30\n\n[debug]\nshell = true\n";
-    let mut n = boot_with("armv7_updates", &v1, Some(cfg), move |s| {
+    let mut n = boot_with("armv7_updates", v1, Some(UPDATE_CONFIG), move |s| {
         card(None)(s);
         s.extra_disk = Some(stick);
     });
@@ -235,12 +258,15 @@ fn card_updates_apply_refuse_and_roll_back() {
     n.event("watchdog-armed", long);
     n.event("payload-started", long);
     n.vm.send("\necho kiln-var-$((6*7)) > /var/lib/k0s/update-test; sync\n").unwrap();
-    for (file, why) in [("a-other-key.kiln", "key"), ("b-arm64.kiln", "arm64"), ("c-downgrade.kiln", "0.9.0"), ("d-truncated.kiln", "trunc")] {
-        let r = n.event("update-rejected", long);
+    let applied = n.event("update-applied", long);
+    // The card is good from its first boot, so the stick is read at once:
+    // the refusals may come before payload-started. Each, in name order.
+    let rejected: Vec<_> = n.vm.log().iter().filter_map(|l| kiln_init::event::parse(l)).filter(|e| e.name == "update-rejected").collect();
+    assert_eq!(rejected.len(), 4, "{rejected:#?}");
+    for (r, (file, why)) in rejected.iter().zip([("a-other-key.kiln", "key"), ("b-arm64.kiln", "arm64"), ("c-downgrade.kiln", "0.9.0"), ("d-truncated.kiln", "trunc")]) {
         assert!(r.get("source").unwrap_or_default().ends_with(file), "{r:?}");
         assert!(r.get("reason").unwrap_or_default().to_lowercase().contains(why), "{file}: {r:?}");
     }
-    let applied = n.event("update-applied", long);
     expect(&applied, "version", "2.0.0");
     expect(&applied, "slot", "b");
     expect(&applied, "entry", "kiln/b/extlinux.conf");
@@ -290,4 +316,78 @@ fn card_updates_apply_refuse_and_roll_back() {
     skipped(&mut n, "g-3.0.1-unhealthy.kiln", "rolled back");
     n.vm.send("\ncat /boot/kiln/state\n").unwrap();
     n.line("the state names b good, nothing on trial", std::time::Duration::from_secs(60), |l| l.trim() == "kiln_try=-");
+}
+
+/// Power cuts while the card takes an update: while slot b is written,
+/// while its extlinux.conf is installed, and at the switch to the trial.
+/// Each time the card boots a good slot to the payload, and the update
+/// then completes.
+#[test]
+fn power_loss_during_a_card_update_leaves_a_card_that_boots() {
+    use common::expect;
+    let UpdateBuilds { dir, v1, v2, .. } = update_builds();
+    let stick = common::kilnupd_stick(&dir.join("kilnupd-power.img"), &[("e-2.0.0.kiln", &v2.join("update.kiln"))]);
+    let long = BOOT_TIMEOUT;
+    for (i, (step, delay_ms)) in [("writing slot b", 300), ("installing slot b", 0), ("switching the boot to slot b", 0)].into_iter().enumerate() {
+        let name = format!("armv7_power{i}");
+        let overlay = common::scratch().join(format!("{name}.qcow2"));
+        let _ = std::fs::remove_file(&overlay);
+        let spec = |s: &mut kiln::qemu::VmSpec| {
+            card(None)(s);
+            s.overlay = Some(overlay.clone());
+            s.extra_disk = Some(stick.clone());
+        };
+        let mut n = boot_with(&name, v1, Some(UPDATE_CONFIG), spec);
+        n.line(step, long, |l| l.contains(&format!("update: {step}")));
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        n.vm.kill();
+        drop(n);
+        let mut n = boot_with(&format!("{name}-after"), v1, Some(UPDATE_CONFIG), spec);
+        let chosen = n.line("boot.scr's choice", long, |l| l.starts_with("kiln: slot "));
+        let started = n.event("payload-started", long);
+        let log = n.vm.log();
+        assert!(!log.iter().any(|l| l.contains("root-failed") || l.contains("maintenance")), "cut at `{step}` +{delay_ms} ms: {started:?}");
+        let next = n.line("update-applied or boot-trial", long, |l| kiln_init::event::parse(l).is_some_and(|e| e.name == "update-applied" || e.name == "boot-trial"));
+        let next = kiln_init::event::parse(&next).expect("an event line");
+        expect(&next, "version", "2.0.0");
+        expect(&n.event("boot-good", long), "version", "2.0.0");
+        eprintln!("cut at `{step}` +{delay_ms} ms: boot.scr said `{chosen}`; {}", if next.name == "update-applied" { "1.0.0 booted and applied the bundle again" } else { "2.0.0 booted on trial" });
+    }
+}
+
+/// A channel drives the card's update in its maintenance window: a
+/// loopback HTTP server serves index.yaml with a `linux-arm` bundle, and
+/// nothing is asked of it before the window opens.
+#[test]
+fn a_card_takes_a_channel_update_in_its_window() {
+    use common::expect;
+    let UpdateBuilds { v1, v2, .. } = update_builds();
+    let bundle = std::fs::read(v2.join("update.kiln")).unwrap();
+    let sha = kiln_init::install_image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
+    let index = format!("version: 2.0.0\nplatforms:\n  linux-amd64:\n    url: 2.0.0/amd64/update.kiln\n    sha256: \"{}\"\n  linux-arm:\n    url: 2.0.0/armv7/update.kiln\n    sha256: {sha}\n", "0".repeat(64));
+    let (port, requests) = common::serve(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/armv7/update.kiln".into(), bundle)]);
+    let opens = (common::unix_now() + 100).div_ceil(60) * 60;
+    let start = format!("{:02}:{:02}", opens / 3600 % 24, opens / 60 % 60);
+    let config = format!(
+        "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 5\nboot_timeout_seconds = 30\nserver = \"http://10.0.2.2:{port}/kiln\"\nchannel = \"stable\"\n\n[update.window]\nstart = \"{start}\"\nlength_minutes = 30\n"
+    );
+    let mut n = boot_with("armv7_channel", v1, Some(&config), card(None));
+    let long = BOOT_TIMEOUT;
+    let closed = n.event("update-window", long);
+    expect(&closed, "state", "closed");
+    let opens_in: u64 = closed.get("opens_in").and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert!(opens_in > 0, "{closed:?}");
+    expect(&n.event("update-window", std::time::Duration::from_secs(opens_in + 120)), "state", "open");
+    let checked = n.event("update-checked", long);
+    expect(&checked, "result", "newer");
+    let applied = n.event("update-applied", long);
+    expect(&applied, "version", "2.0.0");
+    expect(&applied, "slot", "b");
+    assert_eq!(applied.get("source"), Some(format!("http://10.0.2.2:{port}/kiln/stable/2.0.0/armv7/update.kiln").as_str()), "{applied:?}");
+    n.line("boot.scr tries slot b", long, |l| l.contains("kiln: slot b (good a, trying b"));
+    expect(&n.event("boot-trial", long), "version", "2.0.0");
+    expect(&n.event("boot-good", long), "version", "2.0.0");
+    let seen = requests.lock().unwrap().clone();
+    assert!(!seen.is_empty() && seen.iter().all(|(t, _)| *t >= opens), "window opened at {opens}; requests: {seen:?}");
+    assert_eq!(seen.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>()[..2], ["/kiln/stable/index.yaml", "/kiln/stable/2.0.0/armv7/update.kiln"]);
 }

@@ -228,62 +228,16 @@ fn updates_apply_refuse_and_roll_back() {
     n.line("the ESP's entries", Duration::from_secs(60), |l| l.contains("kiln-upd-b.efi"));
 }
 
-/// A plain HTTP/1.1 server on 127.0.0.1 (the guest's 10.0.2.2) serving
-/// `files` by path; returns its port and the log of (unix time, path)
-/// requested.
-/// (unix time, path) of each request a test server answered.
-type Requests = std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>;
-
-fn serve(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
-    use std::io::{BufRead, BufReader, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let mut r = BufReader::new(c);
-            let mut first = String::new();
-            if r.read_line(&mut first).is_err() {
-                continue;
-            }
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).map(|n| n == 0).unwrap_or(true) || h.trim().is_empty() {
-                    break;
-                }
-            }
-            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
-            log2.lock().unwrap().push((unix_now(), path.clone()));
-            let mut c = r.into_inner();
-            match files.iter().find(|(p, _)| *p == path) {
-                Some((_, body)) => {
-                    let _ = write!(c, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                    let _ = c.write_all(body);
-                }
-                None => {
-                    let _ = write!(c, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                }
-            }
-        }
-    });
-    (port, log)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
 #[test]
 fn a_channel_update_waits_for_its_window() {
     let Builds { v1, v2, .. } = builds();
     let bundle = std::fs::read(v2.join("update.kiln")).unwrap();
     let sha = kiln_init::install_image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
     let index = format!("# kiln test channel\nversion: 2.0.0\nplatforms:\n  linux-amd64:\n    url: 2.0.0/update.kiln\n    sha256: {sha}\n  linux-arm:\n    url: 2.0.0/armv7/update.kiln\n    sha256: \"{}\"\n", "0".repeat(64));
-    let (port, requests) = serve(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/update.kiln".into(), bundle)]);
+    let (port, requests) = common::serve(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/update.kiln".into(), bundle)]);
     // The window opens at the start of a minute at least 100 s from now
     // (the node is good by then), every day, for 30 minutes.
-    let opens = (unix_now() + 100).div_ceil(60) * 60;
+    let opens = (common::unix_now() + 100).div_ceil(60) * 60;
     let start = format!("{:02}:{:02}", opens / 3600 % 24, opens / 60 % 60);
     let config = format!(
         "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 5\nboot_timeout_seconds = 30\nserver = \"http://10.0.2.2:{port}/kiln\"\nchannel = \"stable\"\n\n[update.window]\nstart = \"{start}\"\nlength_minutes = 30\n"

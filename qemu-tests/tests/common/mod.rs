@@ -241,6 +241,51 @@ pub fn expect(e: &kiln_init::event::Event, key: &str, want: &str) {
     assert_eq!(e.get(key), Some(want), "{e:?}");
 }
 
+/// (unix time, path) of each request a test server answered.
+pub type Requests = std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>;
+
+/// A plain HTTP/1.1 server on 127.0.0.1 (the guest's 10.0.2.2) serving
+/// `files` by path; returns its port and the log of requests.
+pub fn serve(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let mut r = BufReader::new(c);
+            let mut first = String::new();
+            if r.read_line(&mut first).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).map(|n| n == 0).unwrap_or(true) || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+            log2.lock().unwrap().push((unix_now(), path.clone()));
+            let mut c = r.into_inner();
+            match files.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => {
+                    let _ = write!(c, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = c.write_all(body);
+                }
+                None => {
+                    let _ = write!(c, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                }
+            }
+        }
+    });
+    (port, log)
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
 /// Every file under a build output, as sorted paths relative to it.
 pub fn files(out: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, names: &mut Vec<String>) {
