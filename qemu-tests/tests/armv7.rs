@@ -153,21 +153,8 @@ fn two_builds_are_byte_identical() {
 }
 
 /// An armv7 profile `upd7` at `version`, signed, with a card and a bundle.
-fn build_update(key_dir: &Path, tag: &str, version: &str, extra: &str) -> PathBuf {
-    let ws = common::workspace();
-    std::env::set_var("KILN_SOURCE_DIR", &ws);
-    let path = key_dir.join(format!("{tag}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "extends = \"{}\"\nname = \"upd7\"\nversion = \"{version}\"\noutputs = [\"sdcard\", \"update\"]\n\n[node]\nconfig = \"{}\"\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
-            ws.join("profiles/qemu-armv7.toml").display(),
-            ws.join("profiles/nodes/single.toml").display()
-        ),
-    )
-    .unwrap();
-    let out = kiln::pipeline::build(&path, &key_dir.join(format!("out-{tag}")), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
-    out.out
+fn build_update(dir: &Path, tag: &str, version: &str, extra: &str) -> PathBuf {
+    common::build_versioned(dir, "qemu-armv7", "upd7", tag, version, "[\"sdcard\", \"update\"]", extra)
 }
 
 /// The signing key and the four builds of `upd7`, once per test binary:

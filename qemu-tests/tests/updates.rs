@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{boot_with, expect, scratch, workspace, BOOT_TIMEOUT};
+use common::{boot_with, expect, scratch, BOOT_TIMEOUT};
 use kiln::qemu::BootFrom;
 use kiln::sign::KeyPair;
 use kiln::update::{Content, PartSource, Spec};
@@ -41,22 +41,7 @@ fn dir() -> PathBuf {
 
 /// A profile `upd` at `version`, signed with `key`, with `extra` appended.
 fn build(tag: &str, version: &str, extra: &str) -> PathBuf {
-    let d = dir();
-    let ws = workspace();
-    // Outside profiles/: kernel-configs/ is found through this.
-    std::env::set_var("KILN_SOURCE_DIR", &ws);
-    let path = d.join(format!("{tag}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "extends = \"{}\"\nname = \"{NAME}\"\nversion = \"{version}\"\noutputs = [\"disk\", \"update\"]\n\n[node]\nconfig = \"{}\"\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
-            ws.join("profiles/qemu-amd64.toml").display(),
-            ws.join("profiles/nodes/single.toml").display()
-        ),
-    )
-    .unwrap();
-    let out = kiln::pipeline::build(&path, &d.join(format!("out-{tag}")), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
-    out.out
+    common::build_versioned(&dir(), "qemu-amd64", NAME, tag, version, "[\"disk\", \"update\"]", extra)
 }
 
 /// A well-formed bundle of `upd` with small stand-in parts, signed by `key`.

@@ -222,6 +222,28 @@ pub fn config_stick(name: &str, label: &str, node_toml: &str) -> PathBuf {
     p
 }
 
+/// Builds a signed, versioned variant of `profiles/<base>.toml` for update
+/// tests: profile `name` at `version` with `outputs`, the single-node
+/// config, the key `dir/kiln.key`, and `extra` TOML appended; written as
+/// `dir/<tag>.toml`, built into `dir/out-<tag>`.
+pub fn build_versioned(dir: &Path, base: &str, name: &str, tag: &str, version: &str, outputs: &str, extra: &str) -> PathBuf {
+    let ws = workspace();
+    // Outside profiles/: kernel-configs/ is found through this.
+    std::env::set_var("KILN_SOURCE_DIR", &ws);
+    let path = dir.join(format!("{tag}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "extends = \"{}\"\nname = \"{name}\"\nversion = \"{version}\"\noutputs = {outputs}\n\n[node]\nconfig = \"{}\"\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
+            ws.join(format!("profiles/{base}.toml")).display(),
+            ws.join("profiles/nodes/single.toml").display()
+        ),
+    )
+    .unwrap();
+    let out = kiln::pipeline::build(&path, &dir.join(format!("out-{tag}")), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
+    out.out
+}
+
 /// A FAT volume labelled KILNUPD holding `files` (name on the stick,
 /// host file), as a USB stick would carry update bundles.
 pub fn kilnupd_stick(path: &Path, files: &[(&str, &Path)]) -> PathBuf {
