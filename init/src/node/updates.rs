@@ -524,7 +524,7 @@ impl Updates {
                 let r = apply::rename_synced(&dir.join(&e.name), &dir.join(&good));
                 (good, r)
             }
-            Some(_) => (format!("/{}", uboot::slot_dir(n.slot)), uboot::write_state(Path::new(ESP), &State { good: n.slot, trial: None })),
+            Some(_) => (e.name.clone(), uboot::write_state(Path::new(ESP), &State { good: n.slot, trial: None })),
         };
         let version = n.version.clone().unwrap_or_else(|| "unknown".into());
         match r {

@@ -99,7 +99,7 @@ use std::path::{Path, PathBuf};
 
 use crate::verity::{hash_blocks, parse_superblock, TreeBuilder, BLOCK as VERITY_BLOCK};
 
-use super::bundle::{hex, BundleError, BundleReader, PartKind};
+use super::bundle::{hex, BundleError, BundleReader, Manifest, Part, PartKind};
 use super::uboot::{self, State};
 use crate::node::gpt::{self, Gpt, Guid, Header, Partition};
 use crate::node::stage1::{mbr_signature, MbrRoot};
@@ -167,6 +167,15 @@ pub struct Target<'a> {
     pub mbr: Option<MbrRoot>,
     /// Told each step as it begins (for the console).
     pub progress: Option<&'a (dyn Fn(Step) + Sync)>,
+}
+
+impl Target<'_> {
+    /// Tells `progress` that step `s` begins.
+    fn step(&self, s: Step) {
+        if let Some(p) = self.progress {
+            p(s)
+        }
+    }
 }
 
 impl std::fmt::Debug for Target<'_> {
@@ -459,14 +468,31 @@ pub fn apply<R: Read>(bundle: BundleReader<R>, target: &Target) -> Result<Applie
     }
 }
 
-fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Applied, ApplyError> {
-    let m = bundle.manifest().clone();
-    let uki = m.part(PartKind::Uki).cloned().expect("checked by apply");
+/// The bundle's root and verity parts and its root hash, which must not be
+/// the running one.
+fn new_root(m: &Manifest, target: &Target) -> Result<(Part, Part, [u8; 32]), ApplyError> {
     let (root, verity) = (m.part(PartKind::Root).cloned().expect("checked by Manifest::parse"), m.part(PartKind::Verity).cloned().expect("checked by Manifest::parse"));
     let new_hash = unhex32(&m.roothash).ok_or_else(|| BundleError::BadManifest { reason: format!("key `roothash`: `{}` is not hex", m.roothash) })?;
     if new_hash == target.running_roothash {
         return Err(ApplyError::AlreadyRunning { roothash: m.roothash.clone() });
     }
+    Ok((root, verity, new_hash))
+}
+
+/// The root and verity parts fit the slot's regions on `disk`.
+fn check_fit(root: &Part, verity: &Part, rr: &Region, vr: &Region, disk: &Path) -> Result<(), ApplyError> {
+    for (part, region) in [(root, rr), (verity, vr)] {
+        if part.size > region.len {
+            return Err(ApplyError::TooLarge { part: part.name.clone(), size: part.size, partition: region.label.clone(), disk: disk.to_path_buf(), capacity: region.len });
+        }
+    }
+    Ok(())
+}
+
+fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Applied, ApplyError> {
+    let m = bundle.manifest().clone();
+    let uki = m.part(PartKind::Uki).cloned().expect("checked by apply");
+    let (root, verity, new_hash) = new_root(&m, target)?;
 
     // Everything that can be checked before a write.
     let path = target.disk;
@@ -475,11 +501,7 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
     let x = disk.running.other();
     let (rp, vp) = disk.slot(x);
     let (rr, vr) = (Region::of(rp, disk.lba, path), Region::of(vp, disk.lba, path));
-    for (part, region) in [(&root, &rr), (&verity, &vr)] {
-        if part.size > region.len {
-            return Err(ApplyError::TooLarge { part: part.name.clone(), size: part.size, partition: region.label.clone(), disk: path.to_path_buf(), capacity: region.len });
-        }
-    }
+    check_fit(&root, &verity, &rr, &vr, path)?;
     let dir = target.esp.join(ENTRY_DIR);
     fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
     // Slot x's old entries (and a cut apply's temp file) go first: its root
@@ -508,13 +530,8 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
         sync_dir(&dir)?;
     }
 
-    let step = |s: Step| {
-        if let Some(p) = target.progress {
-            p(s)
-        }
-    };
     // Stream the parts.
-    step(Step::Writing(x));
+    target.step(Step::Writing(x));
     let tmp = dir.join(&tmp_name);
     let streamed = (|| -> Result<(u64, u64, u64), ApplyError> {
         let (mut rb, mut vb, mut ub) = (0, 0, 0);
@@ -536,9 +553,9 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
     let (root_bytes, verity_bytes, uki_bytes) = streamed.map_err(cleanup)?;
 
     // Read back, then switch, then install.
-    step(Step::Verifying(x));
+    target.step(Step::Verifying(x));
     check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
-    step(Step::Switching(x));
+    target.step(Step::Switching(x));
     for (i, (off, bytes)) in disk.switch_writes(x, &new_hash).iter().enumerate() {
         f.write_all_at(bytes, *off).map_err(io_err("writing the GPT of", path)).map_err(cleanup)?;
         if i == 1 {
@@ -546,7 +563,7 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
         }
     }
     f.sync_all().map_err(io_err("syncing the GPT of", path)).map_err(cleanup)?;
-    step(Step::Installing(x));
+    target.step(Step::Installing(x));
     let entry = entry_name(&m.profile, x, target.tries.max(1));
     let dst = dir.join(&entry);
     rename_synced(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
@@ -589,8 +606,8 @@ fn mbr_slot_regions(f: &File, path: &Path, mbr: MbrRoot, slot: Slot) -> Result<(
         let len = u64::from(u32::from_le_bytes([e[12], e[13], e[14], e[15]])) * lba;
         (e[4], first, len)
     };
-    let (kind, first, len) = entry(mbr_partition(slot));
     let n = mbr_partition(slot);
+    let (kind, first, len) = entry(n);
     if kind == 0 || len == 0 {
         return Err(ApplyError::MissingPartition { disk: path.to_path_buf(), name: format!("root-{slot} (MBR partition {n})") });
     }
@@ -616,12 +633,8 @@ fn dtb_name(part: &str) -> &str {
 /// u-boot boards on an MBR card (see the module docs, "u-boot boards").
 fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRoot) -> Result<Applied, ApplyError> {
     let m = bundle.manifest().clone();
-    let (root, verity) = (m.part(PartKind::Root).cloned().expect("checked by Manifest::parse"), m.part(PartKind::Verity).cloned().expect("checked by Manifest::parse"));
+    let (root, verity, new_hash) = new_root(&m, target)?;
     let cmdline = m.cmdline.clone().ok_or_else(|| BundleError::BadManifest { reason: "a bundle with a `kernel` part needs `cmdline`".into() })?;
-    let new_hash = unhex32(&m.roothash).ok_or_else(|| BundleError::BadManifest { reason: format!("key `roothash`: `{}` is not hex", m.roothash) })?;
-    if new_hash == target.running_roothash {
-        return Err(ApplyError::AlreadyRunning { roothash: m.roothash.clone() });
-    }
     let running = mbr_slot(mbr.partition).ok_or_else(|| ApplyError::Gpt { disk: target.disk.to_path_buf(), reason: format!("the running root is on partition {} (kiln.mbr=), which is not a root slot (2 or 3)", mbr.partition) })?;
     let x = running.other();
 
@@ -629,11 +642,7 @@ fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRo
     let path = target.disk;
     let f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err("opening the disk", path))?;
     let (rr, vr) = mbr_slot_regions(&f, path, mbr, x)?;
-    for (part, region) in [(&root, &rr), (&verity, &vr)] {
-        if part.size > region.len {
-            return Err(ApplyError::TooLarge { part: part.name.clone(), size: part.size, partition: region.label.clone(), disk: path.to_path_buf(), capacity: region.len });
-        }
-    }
+    check_fit(&root, &verity, &rr, &vr, path)?;
     let boot = target.esp;
     let dir = boot.join(uboot::slot_dir(x));
     let old: u64 = walk_sizes(&dir);
@@ -657,12 +666,7 @@ fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRo
     let dtbs = dir.join(uboot::DTB_DIR);
     fs::create_dir_all(&dtbs).map_err(io_err("creating", &dtbs))?;
 
-    let step = |s: Step| {
-        if let Some(p) = target.progress {
-            p(s)
-        }
-    };
-    step(Step::Writing(x));
+    target.step(Step::Writing(x));
     let mut dtb = None;
     let streamed = (|| -> Result<(u64, u64, u64), ApplyError> {
         let (mut rb, mut vb, mut fb) = (0, 0, 0);
@@ -692,17 +696,17 @@ fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRo
     sync_dir(&dtbs).map_err(cleanup)?;
     sync_dir(&dir).map_err(cleanup)?;
 
-    step(Step::Verifying(x));
+    target.step(Step::Verifying(x));
     check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
 
-    step(Step::Installing(x));
+    target.step(Step::Installing(x));
     let slot_cmdline = format!("{cmdline} kiln.slot={x} kiln.mbr={:08x},{},{}", mbr.signature, mbr_partition(x), mbr.hash_offset);
     let conf = uboot::extlinux_conf(m.board.as_deref().unwrap_or(&m.profile), x, dtb.as_deref(), &slot_cmdline);
     let conf_path = dir.join(uboot::EXTLINUX);
     write_file(&mut conf.as_bytes(), &conf_path).map_err(cleanup)?;
     sync_dir(&dir).map_err(cleanup)?;
 
-    step(Step::Trial(x));
+    target.step(Step::Trial(x));
     let trial = State { good: running, trial: Some((x, target.tries.clamp(1, 9))) };
     uboot::write_state(boot, &trial).map_err(io_err("writing", &boot.join(uboot::STATE)))?;
     Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes: file_bytes, entry: format!("{}/{}", uboot::slot_dir(x), uboot::EXTLINUX) })
