@@ -304,6 +304,32 @@ pub fn serve(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
     (port, log)
 }
 
+/// How far the guest's clock may stray from the host's during a channel
+/// test. The node's clock comes from the RTC at boot (whole seconds) and
+/// then runs on a TSC or timer that TCG only approximates: a CI run saw
+/// the node open its window a second or two before the host's clock said
+/// so, a few minutes after boot.
+pub const CLOCK_SKEW: u64 = 10;
+
+/// Asserts that the channel was asked nothing before the window opened at
+/// `opens` (unix time), and that the first requests were `paths`, in
+/// order. The window is the node's: the `update-window state=open` event
+/// `open` must carry a node time in it. The server's log is in the host's
+/// time, so it is held to the same line less [`CLOCK_SKEW`]: the window
+/// opened at least 100 s after boot, so a request while it was closed
+/// would still be seen.
+#[track_caller]
+pub fn asked_nothing_before(opens: u64, open: &kiln_init::event::Event, requests: &Requests, paths: &[&str]) {
+    let node_time: u64 = open.get("time").and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("no time in {open:?}"));
+    assert!(node_time >= opens, "the node opened its window at {node_time} by its own clock, before {opens}: {open:?}");
+    let seen = requests.lock().unwrap().clone();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|(t, _)| *t + CLOCK_SKEW >= opens),
+        "window opened at {opens} (host clock, allowing {CLOCK_SKEW} s of guest clock skew); requests: {seen:?}"
+    );
+    assert_eq!(seen.iter().map(|(_, p)| p.as_str()).take(paths.len()).collect::<Vec<_>>(), paths, "{seen:?}");
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
