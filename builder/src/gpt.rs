@@ -835,32 +835,9 @@ fn chs(lba: u64) -> [u8; 3] {
     ]
 }
 
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
-/// CRC-32 (IEEE 802.3, reflected, as GPT uses).
-pub fn crc32(data: &[u8]) -> u32 {
-    !data.iter().fold(!0u32, |c, &b| {
-        CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8)
-    })
-}
+/// CRC-32 (IEEE 802.3, reflected, as GPT uses): the one kiln-init checks
+/// GPTs with.
+pub use kiln_init::node::gpt::crc32;
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@
 //! digests (32 bytes per 4 KiB block).
 
 use sha2::{Digest, Sha256};
+use crate::install_image::hex;
 
 /// Data and hash block size, in bytes.
 pub const BLOCK: u64 = 4096;
@@ -171,41 +172,91 @@ pub fn superblock(data_blocks: u64, salt: &[u8], uuid: [u8; 16]) -> Block {
     block
 }
 
-/// The superblock fields a tree is recomputed with.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Superblock {
+/// The superblock `veritysetup format` writes at the start of the hash
+/// device (`struct verity_sb`, little-endian).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VeritySuperblock {
+    pub uuid: [u8; 16],
+    pub data_block_size: u32,
+    pub hash_block_size: u32,
     pub data_blocks: u64,
     pub salt: Vec<u8>,
 }
 
-/// Parses a veritysetup superblock as [`superblock`] writes it: version 1,
-/// hash type 1, sha256, 4096-byte data and hash blocks.
-pub fn parse_superblock(b: &[u8]) -> Result<Superblock, String> {
-    if b.len() < SUPERBLOCK_LEN || &b[0..8] != b"verity\0\0" {
-        return Err("no `verity` superblock at its start".into());
+impl VeritySuperblock {
+    pub fn parse(b: &[u8]) -> Result<VeritySuperblock, String> {
+        if b.len() < SUPERBLOCK_LEN {
+            return Err(format!("shorter than the {SUPERBLOCK_LEN}-byte superblock"));
+        }
+        if &b[0..8] != b"verity\0\0" {
+            return Err("no dm-verity superblock (magic \"verity\") at its start".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let version = u32_at(8);
+        if version != 1 {
+            return Err(format!("superblock version {version}; only version 1 is known"));
+        }
+        let hash_type = u32_at(12);
+        if hash_type != 1 {
+            return Err(format!("hash type {hash_type}; kiln uses type 1 (veritysetup's default)"));
+        }
+        let alg: Vec<u8> = b[32..64].iter().copied().take_while(|c| *c != 0).collect();
+        if alg != b"sha256" {
+            return Err(format!("hash algorithm {:?}; the root hash on the cmdline is sha256", String::from_utf8_lossy(&alg)));
+        }
+        let (dbs, hbs) = (u32_at(64), u32_at(68));
+        for (what, s) in [("data", dbs), ("hash", hbs)] {
+            if !s.is_power_of_two() || !(512..=4096).contains(&s) {
+                return Err(format!("{what} block size {s}; dm-verity needs a power of two from 512 to 4096"));
+            }
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&b[72..80]);
+        let data_blocks = u64::from_le_bytes(n);
+        if data_blocks == 0 {
+            return Err("0 data blocks".into());
+        }
+        let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
+        if salt_len > MAX_SALT {
+            return Err(format!("salt of {salt_len} bytes; at most {MAX_SALT} fit"));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[16..32]);
+        Ok(VeritySuperblock { uuid, data_block_size: dbs, hash_block_size: hbs, data_blocks, salt: b[88..88 + salt_len].to_vec() })
     }
-    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    if u32_at(8) != 1 || u32_at(12) != 1 {
-        return Err(format!("superblock version {} and hash type {}, not 1 and 1", u32_at(8), u32_at(12)));
+
+    pub fn data_bytes(&self) -> u64 {
+        self.data_blocks * self.data_block_size as u64
     }
-    let alg_end = b[32..64].iter().position(|&c| c == 0).unwrap_or(32);
-    if &b[32..32 + alg_end] != b"sha256" {
-        return Err(format!("hash algorithm {:?}, not sha256", String::from_utf8_lossy(&b[32..32 + alg_end])));
+
+    /// Bytes of the hash device used: the superblock block and the tree.
+    pub fn hash_bytes(&self) -> u64 {
+        let per = (self.hash_block_size / 32) as u64;
+        let (mut total, mut n) = (1u64, self.data_blocks);
+        while n > 1 {
+            n = n.div_ceil(per);
+            total += n;
+        }
+        total * self.hash_block_size as u64
     }
-    if u32_at(64) != BLOCK as u32 || u32_at(68) != BLOCK as u32 {
-        return Err(format!("block sizes {} and {}, not 4096", u32_at(64), u32_at(68)));
+
+    pub fn salt_hex(&self) -> String {
+        if self.salt.is_empty() {
+            "-".into()
+        } else {
+            hex(&self.salt)
+        }
     }
-    let mut db = [0u8; 8];
-    db.copy_from_slice(&b[72..80]);
-    let data_blocks = u64::from_le_bytes(db);
-    let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
-    if salt_len > MAX_SALT {
-        return Err(format!("a salt of {salt_len} bytes (at most {MAX_SALT})"));
+}
+
+/// A superblock as [`superblock`] writes it, with 4096-byte data and hash
+/// blocks: what the updater recomputes a tree with.
+pub fn parse_superblock(b: &[u8]) -> Result<VeritySuperblock, String> {
+    let sb = VeritySuperblock::parse(b)?;
+    if sb.data_block_size != BLOCK as u32 || sb.hash_block_size != BLOCK as u32 {
+        return Err(format!("block sizes {} and {}, not {BLOCK}", sb.data_block_size, sb.hash_block_size));
     }
-    if data_blocks == 0 {
-        return Err("0 data blocks".into());
-    }
-    Ok(Superblock { data_blocks, salt: b[88..88 + salt_len].to_vec() })
+    Ok(sb)
 }
 
 #[cfg(test)]
@@ -275,7 +326,8 @@ mod tests {
         assert_eq!(b[8..16], [1, 0, 0, 0, 1, 0, 0, 0]);
         assert_eq!(b[16..32], [0x11; 16]);
         assert_eq!(b[64..72], [0, 0x10, 0, 0, 0, 0x10, 0, 0]);
-        assert_eq!(parse_superblock(&b).unwrap(), Superblock { data_blocks: 7, salt: vec![0xab, 0xcd] });
+        let sb = parse_superblock(&b).unwrap();
+        assert_eq!((sb.data_blocks, sb.salt.as_slice(), sb.uuid), (7, &[0xab, 0xcd][..], [0x11; 16]));
         let big = superblock(1, &[9; MAX_SALT], [0; 16]);
         assert_eq!(parse_superblock(&big).unwrap().salt, [9; MAX_SALT]);
         let mut sha1 = b;

@@ -3,7 +3,8 @@
 //! kernel directly, a tampered root that must stop at the verity check, the
 //! memory the OS uses, two byte-identical builds, and A/B updates on the
 //! card (u-boot's boot.scr counting tries): a good update, refused bundles,
-//! two rollbacks, power cuts during the apply, and a channel's window.
+//! two rollbacks, a new slot that fails in stage 1, power cuts during the
+//! apply, and a channel's window.
 
 mod common;
 
@@ -340,6 +341,52 @@ fn power_loss_during_a_card_update_leaves_a_card_that_boots() {
         expect(&n.event("boot-good", long), "version", "2.0.0");
         eprintln!("cut at `{step}` +{delay_ms} ms: boot.scr said `{chosen}`; {}", if next.name == "update-applied" { "1.0.0 booted and applied the bundle again" } else { "2.0.0 booted on trial" });
     }
+}
+
+/// A card whose new slot fails in stage 1 (a block of slot b's root
+/// damaged after the update was written, so the verity check stops it):
+/// stage 1 sees on the boot FAT that b is on trial with a good a to fall
+/// back to, reports `boot-failed stage=1` and reboots rather than wait in
+/// maintenance; after the two tries boot.scr boots a, which reports the
+/// rollback.
+#[test]
+fn a_trial_slot_that_fails_in_stage_1_rolls_back() {
+    use common::expect;
+    let UpdateBuilds { dir, v1, v2, .. } = update_builds();
+    let stick = common::kilnupd_stick(&dir.join("kilnupd-stage1.img"), &[("e-2.0.0.kiln", &v2.join("update.kiln"))]);
+    let long = BOOT_TIMEOUT;
+    let overlay = common::scratch().join("armv7_stage1.qcow2");
+    let _ = std::fs::remove_file(&overlay);
+    let mut n = boot_with("armv7_stage1", v1, Some(UPDATE_CONFIG), |s| {
+        card(None)(s);
+        s.overlay = Some(overlay.clone());
+        s.extra_disk = Some(stick);
+    });
+    expect(&n.event("update-applied", long), "slot", "b");
+    expect(&n.event("shutdown", long), "reason", "update-applied");
+    // Linux is down once u-boot starts again: everything is on the card.
+    n.line("u-boot again", long, |l| l.contains("U-Boot "));
+    n.vm.kill();
+    drop(n);
+    // 4 KiB in the middle of slot b's squashfs (partition 3).
+    let (off, _) = mbr_part(&v1.join("sdcard.img"), 3);
+    let at = (off + manifest(v2)["disk"]["squashfs_bytes"].as_u64().unwrap() / 2) & !4095;
+    sh(&format!("qemu-io -f qcow2 -c 'write -P 0x5a {at} 4096' {}", overlay.display()));
+
+    let mut n = boot_with("armv7_stage1-after", v1, Some(UPDATE_CONFIG), |s| {
+        card(None)(s);
+        s.overlay = Some(overlay.clone());
+    });
+    for left in [1, 0] {
+        n.line("boot.scr tries slot b", long, |l| l.contains(&format!("kiln: slot b (good a, trying b with {left} tries left)")));
+        let failed = n.event("root-failed", long);
+        assert!(failed.get("reason").unwrap_or("").contains("verity"), "{failed:?}");
+        common::expect_all(&n.event("boot-failed", long), &[("stage", "1"), ("slot", "b"), ("tries_left", &left.to_string()), ("action", "reboot")]);
+    }
+    n.line("boot.scr falls back to a", long, |l| l.contains("kiln: slot a (good a"));
+    common::expect_all(&n.event("rolled-back", long), &[("from", "2.0.0"), ("to", "1.0.0"), ("slot", "b")]);
+    n.event("payload-started", long);
+    assert!(!n.vm.log().iter().filter_map(|l| kiln_init::event::parse(l)).any(|e| e.name == "maintenance"), "stage 1 parked instead of rebooting");
 }
 
 /// A channel drives the card's update in its maintenance window: a

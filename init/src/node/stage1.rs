@@ -8,8 +8,10 @@
 
 use super::gpt::{self, Gpt, Guid};
 use super::grow::{self, Ext4Super};
-use super::{console, sys};
+use super::{console, sys, updates};
+use crate::update::apply::Slot;
 use crate::dm;
+use crate::verity::VeritySuperblock;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -209,88 +211,7 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-// ---- the veritysetup superblock --------------------------------------------
-
-/// The superblock `veritysetup format` writes at the start of the hash
-/// device (`struct verity_sb`, little-endian).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VeritySuperblock {
-    pub uuid: [u8; 16],
-    pub data_block_size: u32,
-    pub hash_block_size: u32,
-    pub data_blocks: u64,
-    pub salt: Vec<u8>,
-}
-
-impl VeritySuperblock {
-    pub fn parse(b: &[u8]) -> Result<VeritySuperblock, String> {
-        if b.len() < 512 {
-            return Err("shorter than the 512-byte superblock".into());
-        }
-        if &b[0..8] != b"verity\0\0" {
-            return Err("no dm-verity superblock (magic \"verity\") at its start".into());
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let version = u32_at(8);
-        if version != 1 {
-            return Err(format!("superblock version {version}; only version 1 is known"));
-        }
-        let hash_type = u32_at(12);
-        if hash_type != 1 {
-            return Err(format!("hash type {hash_type}; kiln uses type 1 (veritysetup's default)"));
-        }
-        let alg: Vec<u8> = b[32..64].iter().copied().take_while(|c| *c != 0).collect();
-        if alg != b"sha256" {
-            return Err(format!("hash algorithm {:?}; the root hash on the cmdline is sha256", String::from_utf8_lossy(&alg)));
-        }
-        let (dbs, hbs) = (u32_at(64), u32_at(68));
-        for (what, s) in [("data", dbs), ("hash", hbs)] {
-            if !s.is_power_of_two() || !(512..=4096).contains(&s) {
-                return Err(format!("{what} block size {s}; dm-verity needs a power of two from 512 to 4096"));
-            }
-        }
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&b[72..80]);
-        let data_blocks = u64::from_le_bytes(n);
-        if data_blocks == 0 {
-            return Err("0 data blocks".into());
-        }
-        let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
-        if salt_len > 256 {
-            return Err(format!("salt of {salt_len} bytes; at most 256 fit"));
-        }
-        let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(&b[16..32]);
-        Ok(VeritySuperblock { uuid, data_block_size: dbs, hash_block_size: hbs, data_blocks, salt: b[88..88 + salt_len].to_vec() })
-    }
-
-    pub fn data_bytes(&self) -> u64 {
-        self.data_blocks * self.data_block_size as u64
-    }
-
-    /// Bytes of the hash device used: the superblock block and the tree.
-    pub fn hash_bytes(&self) -> u64 {
-        let per = (self.hash_block_size / 32) as u64;
-        let (mut total, mut n) = (1u64, self.data_blocks);
-        while n > 1 {
-            n = n.div_ceil(per);
-            total += n;
-        }
-        total * self.hash_block_size as u64
-    }
-
-    pub fn salt_hex(&self) -> String {
-        if self.salt.is_empty() {
-            "-".into()
-        } else {
-            hex(&self.salt)
-        }
-    }
-}
+use crate::install_image::hex;
 
 // ---- block devices ----------------------------------------------------------
 
@@ -687,10 +608,7 @@ pub fn run() -> ! {
     let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
     console::open_kmsg();
     console::event("started", &[("stage", &1), ("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime()))]);
-    let fail = match boot() {
-        Ok(()) => exec_stage2(),
-        Err(f) => f,
-    };
+    let (fail, found) = boot();
     console::error(&fail.reason);
     for d in &fail.detail {
         console::error(d);
@@ -698,7 +616,49 @@ pub fn run() -> ! {
     if let Some(ev) = fail.event {
         console::event(ev, &[("reason", &fail.reason)]);
     }
+    if let Some((cmd, root)) = found {
+        reboot_if_on_trial(&cmd, &root, &fail.reason);
+    }
     maintenance(&fail.reason)
+}
+
+/// Where stage 1 mounts the boot partition, read-only, to see whether a
+/// failed boot was a trial.
+const TRIAL_CHECK_MOUNT: &str = "/run/kiln/boot-check";
+
+/// A boot that failed in stage 1 while its slot was on trial, with a good
+/// slot to fall back to, reboots: the bootloader spent the try when it
+/// started this boot (systemd-boot renamed the entry; boot.scr wrote the
+/// state), so the next boot is the next try or the good slot. Otherwise
+/// (no trial, no fallback, or the boot partition unreadable) the node stays
+/// in maintenance, as a reboot would only boot the same root again.
+fn reboot_if_on_trial(cmd: &Cmdline, root: &Root, reason: &str) {
+    let Some(disk) = root.disk.as_ref().filter(|_| root.medium == Medium::Disk) else { return };
+    let slot = if cmd.slot == "b" { Slot::B } else { Slot::A };
+    let part = match boot_partition(disk) {
+        Ok(p) => p,
+        Err(e) => {
+            console::info(&format!("cannot tell whether this boot is a trial: {e}"));
+            return;
+        }
+    };
+    let _ = sys::mkdir_p(TRIAL_CHECK_MOUNT);
+    if let Err(e) = sys::mount(&part.node, TRIAL_CHECK_MOUNT, "vfat", libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, Some("umask=0077")) {
+        console::info(&format!("cannot tell whether this boot is a trial: mounting {}: {e}", part.node));
+        return;
+    }
+    let trial = updates::trial_in(Path::new(TRIAL_CHECK_MOUNT), slot, cmd.mbr.is_some());
+    let _ = sys::umount(TRIAL_CHECK_MOUNT, 0);
+    let Some(entry) = trial else { return };
+    console::event(
+        "boot-failed",
+        &[("slot", &slot), ("stage", &1), ("entry", &entry.name), ("tries_left", &entry.left.unwrap_or(0)), ("reason", &reason), ("action", &"reboot")],
+    );
+    console::warn("this image is on trial and cannot mount its root: rebooting in 5 s to spend a try (the previous image boots when they are spent)");
+    std::thread::sleep(Duration::from_secs(5));
+    sys::sync();
+    let e = sys::reboot(libc::RB_AUTOBOOT);
+    console::error(&format!("reboot: {e}"));
 }
 
 /// Says why, then reaps forever. Ctrl-Alt-Del still reboots (stage 1 leaves
@@ -730,7 +690,21 @@ fn mount_early() {
     }
 }
 
-fn boot() -> Result<(), Fail> {
+/// Finds the root and boots it (never returns then). Returns why not, and
+/// the cmdline and root if the root was found.
+fn boot() -> (Fail, Option<(Cmdline, Root)>) {
+    let (cmd, root) = match find() {
+        Ok(x) => x,
+        Err(f) => return (f, None),
+    };
+    match mount_and_switch(&cmd, &root) {
+        Ok(()) => exec_stage2(),
+        Err(f) => (f, Some((cmd, root))),
+    }
+}
+
+/// The cmdline, and the root it names.
+fn find() -> Result<(Cmdline, Root), Fail> {
     let text = sys::read("/proc/cmdline").map_err(|e| Fail::root(format!("cmdline: {e}")))?;
     let cmd = parse_cmdline(&text).map_err(|e| Fail::root(format!("cmdline: {e}")))?;
 
@@ -747,9 +721,14 @@ fn boot() -> Result<(), Fail> {
             root
         }
     };
-    let sb = read_superblock(&root)?;
-    let dm_node = setup_verity(&cmd, &root, &sb)?;
-    verify(&cmd, &dm_node)?;
+    Ok((cmd, root))
+}
+
+/// Verifies and mounts the root, prepares it, and makes it `/`.
+fn mount_and_switch(cmd: &Cmdline, root: &Root) -> Result<(), Fail> {
+    let sb = read_superblock(root)?;
+    let dm_node = setup_verity(cmd, root, &sb)?;
+    verify(cmd, &dm_node)?;
 
     sys::mount(&dm_node, SYSROOT, "squashfs", libc::MS_RDONLY, None).map_err(|e| Fail::root(format!("mounting the verified root: {e}")).detail("the root passed verity but is not a squashfs the kernel can mount (CONFIG_SQUASHFS, its compressor)"))?;
     console::info(&format!("root mounted read-only at {SYSROOT}"));
@@ -757,10 +736,10 @@ fn boot() -> Result<(), Fail> {
     if let Err(e) = setup_etc() {
         console::error(&format!("/etc on tmpfs: {e}; /etc stays read-only and stage 2 cannot write hostname, hosts or resolv.conf"));
     }
-    setup_var(&root);
+    setup_var(root);
     writable_binds(SYSROOT);
-    let esp = mount_esp(&root);
-    if let Err(e) = write_medium(&root, &dm_node, &sb, esp.as_ref()) {
+    let esp = mount_esp(root);
+    if let Err(e) = write_medium(root, &dm_node, &sb, esp.as_ref()) {
         console::warn(&format!("{MEDIUM_FILE}: {e}; installing from this medium is not possible"));
     }
     switch_root().map_err(|e| Fail { event: None, reason: format!("switch_root: {e}"), detail: Vec::new() })
@@ -1136,23 +1115,25 @@ pub fn writable_binds(root: &str) {
 /// ISO). Returns its device.
 fn mount_esp(root: &Root) -> Option<Blk> {
     let disk = root.disk.as_ref()?;
-    let Ok(gpt) = &disk.gpt else {
-        // An MBR card: the boot FAT is partition 1.
-        let p = disk.part(MBR_BOOT).filter(|_| disk_mbr_signature(disk).is_some())?;
-        return mount_boot_fat(root, Blk { node: ensure_node(&p.sysname, p.dev), dev: p.dev, bytes: p.bytes });
-    };
-    let Some(esp) = gpt.by_name("esp").or_else(|| gpt.partitions().into_iter().find(|p| p.type_guid == gpt::ESP_TYPE)) else {
-        console::warn(&format!("no ESP on {}; /boot/node.toml is not a config source", disk.node()));
-        return None;
-    };
-    let blk = match entry_blk(disk, &esp) {
-        Ok(b) => b,
+    match boot_partition(disk) {
+        Ok(blk) => mount_boot_fat(root, blk),
+        // An MBR disk that is not a kiln card has nothing to say.
+        Err(_) if disk.gpt.is_err() => None,
         Err(e) => {
-            console::warn(&format!("ESP: {e}; /boot/node.toml is not a config source"));
-            return None;
+            console::warn(&format!("{e}; /boot/node.toml is not a config source"));
+            None
         }
+    }
+}
+
+/// The root disk's ESP (GPT) or boot FAT (partition 1 of an MBR card).
+fn boot_partition(disk: &Disk) -> Result<Blk, String> {
+    let Ok(gpt) = &disk.gpt else {
+        let p = disk.part(MBR_BOOT).filter(|_| disk_mbr_signature(disk).is_some()).ok_or_else(|| format!("{} has no boot partition {MBR_BOOT}", disk.node()))?;
+        return Ok(Blk { node: ensure_node(&p.sysname, p.dev), dev: p.dev, bytes: p.bytes });
     };
-    mount_boot_fat(root, blk)
+    let esp = gpt.by_name("esp").or_else(|| gpt.partitions().into_iter().find(|p| p.type_guid == gpt::ESP_TYPE)).ok_or_else(|| format!("no ESP on {}", disk.node()))?;
+    entry_blk(disk, &esp).map_err(|e| format!("ESP: {e}"))
 }
 
 /// Mounts the ESP or boot FAT at /boot.

@@ -276,6 +276,34 @@ pub fn trial_with_fallback() -> Option<(Slot, String, Entry)> {
     }
 }
 
+/// As [`trial_with_fallback`], in stage 1, which has no root (so no
+/// /etc/os-release): the boot partition is mounted at `esp`; `card`: a
+/// u-boot card (`/kiln/state`), else the ESP's boot entries, whose profile is
+/// read off the running slot's entry name.
+pub fn trial_in(esp: &Path, slot: Slot, card: bool) -> Option<Entry> {
+    let assessed = if card {
+        assess_uboot(uboot::read_state(esp).ok()?, slot, 0).0
+    } else {
+        let names: Vec<String> = fs::read_dir(esp.join(apply::ENTRY_DIR)).ok()?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut profiles: Vec<&str> = names.iter().filter_map(|n| entry_profile(n, slot)).collect();
+        profiles.sort_unstable();
+        profiles.dedup();
+        let [profile] = profiles[..] else { return None };
+        assess(&entries(esp, profile), slot).0
+    };
+    match assessed {
+        Assessed::Trial { entry, fallback: true } => Some(entry),
+        _ => None,
+    }
+}
+
+/// The profile in `kiln-<profile>-<slot>[+L[-D]].efi`.
+fn entry_profile(name: &str, slot: Slot) -> Option<&str> {
+    let stem = name.strip_prefix("kiln-")?.strip_suffix(".efi")?;
+    let stem = stem.split_once('+').map_or(stem, |(s, _)| s);
+    stem.strip_suffix(slot.letter())?.strip_suffix('-').filter(|p| !p.is_empty())
+}
+
 /// What a finished apply job found.
 enum JobEnd {
     Applied(Applied),
@@ -827,6 +855,44 @@ mod tests {
         assert_eq!(assess_uboot(st(Slot::B, None), Slot::B, 3), (Assessed::Good, None));
         assert!(matches!(assess_uboot(st(Slot::B, None), Slot::A, 3).0, Assessed::Unmanaged(_)));
         assert!(matches!(assess_uboot(None, Slot::A, 3).0, Assessed::Unmanaged(_)));
+    }
+
+    #[test]
+    fn stage1_sees_a_trial_from_the_boot_partition_alone() {
+        let esp = tempfile::tempdir().unwrap();
+        let dir = esp.path().join(apply::ENTRY_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        let put = |names: &[&str]| {
+            for e in fs::read_dir(&dir).unwrap().flatten() {
+                fs::remove_file(e.path()).unwrap();
+            }
+            for n in names {
+                fs::write(dir.join(n), b"").unwrap();
+            }
+        };
+        // The profile comes from the running slot's entry ("my-edge-b").
+        put(&["kiln-my-edge-b-a.efi", "kiln-my-edge-b-b+1-1.efi", "other.efi"]);
+        assert_eq!(trial_in(esp.path(), Slot::B, false).map(|e| e.name), Some("kiln-my-edge-b-b+1-1.efi".into()));
+        assert_eq!(trial_in(esp.path(), Slot::A, false), None);
+        // A fresh image's first boot has nothing to fall back to.
+        put(&["kiln-edge-a+2-1.efi"]);
+        assert_eq!(trial_in(esp.path(), Slot::A, false), None);
+        // Good, or no entries at all.
+        put(&["kiln-edge-a.efi", "kiln-edge-b.efi"]);
+        assert_eq!(trial_in(esp.path(), Slot::B, false), None);
+        put(&[]);
+        assert_eq!(trial_in(esp.path(), Slot::B, false), None);
+        // Two profiles with an entry for the slot: not ours to guess.
+        put(&["kiln-x-a.efi", "kiln-x-b+1-1.efi", "kiln-y-b+1-1.efi"]);
+        assert_eq!(trial_in(esp.path(), Slot::B, false), None);
+        // A card: /kiln/state.
+        assert_eq!(trial_in(esp.path(), Slot::B, true), None);
+        fs::create_dir_all(esp.path().join("kiln")).unwrap();
+        uboot::write_state(esp.path(), &State { good: Slot::A, trial: Some((Slot::B, 1)) }).unwrap();
+        assert_eq!(trial_in(esp.path(), Slot::B, true).map(|e| (e.slot, e.left)), Some((Slot::B, Some(1))));
+        assert_eq!(trial_in(esp.path(), Slot::A, true), None);
+        uboot::write_state(esp.path(), &State { good: Slot::A, trial: None }).unwrap();
+        assert_eq!(trial_in(esp.path(), Slot::A, true), None);
     }
 
     #[test]

@@ -616,7 +616,7 @@ fn mbr_slot_regions(f: &File, path: &Path, mbr: MbrRoot, slot: Slot) -> Result<(
     }
     let (_, of, ol) = entry(mbr_partition(slot.other()));
     if of < first + len && first < of + ol {
-        return Err(bad(format!("partitions 2 and 3 (root-a and root-b) overlap")));
+        return Err(bad("partitions 2 and 3 (root-a and root-b) overlap".to_string()));
     }
     if mbr.hash_offset >= len {
         return Err(bad(format!("kiln.mbr= puts the verity tree {} bytes into partition {n}, which holds only {len}", mbr.hash_offset)));

@@ -263,6 +263,14 @@ pub fn expect(e: &kiln_init::event::Event, key: &str, want: &str) {
     assert_eq!(e.get(key), Some(want), "{e:?}");
 }
 
+/// Asserts several of an event's fields.
+#[track_caller]
+pub fn expect_all(e: &kiln_init::event::Event, fields: &[(&str, &str)]) {
+    for (k, v) in fields {
+        assert_eq!(e.get(k), Some(*v), "{k}: {e:?}");
+    }
+}
+
 /// (unix time, path) of each request a test server answered.
 pub type Requests = std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>;
 
