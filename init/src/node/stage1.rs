@@ -9,8 +9,9 @@
 use super::gpt::{self, Gpt, Guid};
 use super::grow::{self, Ext4Super};
 use super::{console, sys, updates};
-use crate::update::apply::Slot;
 use crate::dm;
+use crate::install_image::hex;
+use crate::update::apply::Slot;
 use crate::verity::VeritySuperblock;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -210,8 +211,6 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
-
-use crate::install_image::hex;
 
 // ---- block devices ----------------------------------------------------------
 

@@ -143,6 +143,20 @@ impl Node {
         panic!("{what}\n(serial log: {})", self.log.display())
     }
 
+    /// After a power cut during an update, once the node is back up: how
+    /// the update went on. Either the new image booted on trial (its
+    /// `boot-trial` comes before `payload-started`, so it may be in the log
+    /// already: the cut came after the entry was in place), or the old
+    /// image applies the bundle again (`update-applied`, later). `version`:
+    /// the new image's.
+    pub fn update_resumed(&mut self, version: &str, timeout: Duration) -> kiln_init::event::Event {
+        if let Some(t) = self.vm.log().iter().filter_map(|l| kiln_init::event::parse(l)).find(|e| e.name == "boot-trial" && e.get("version") == Some(version)) {
+            return t;
+        }
+        let l = self.line("update-applied or boot-trial", timeout, |l| kiln_init::event::parse(l).is_some_and(|e| e.name == "update-applied" || e.name == "boot-trial"));
+        kiln_init::event::parse(&l).expect("an event line")
+    }
+
     pub fn event(&mut self, name: &str, timeout: Duration) -> kiln_init::event::Event {
         match self.vm.wait_event(name, timeout) {
             Ok(e) => e,
