@@ -2,7 +2,7 @@
 //! manifests in named stacks, and Helm charts, baked into the read-only
 //! root under `/usr/lib/kiln/appliance`. kiln-init links them into
 //! `/var/lib/k0s/images/` and `/var/lib/k0s/manifests/<stack>/` at every
-//! boot (init/src/node/appliance.rs), where k0s imports and applies them.
+//! boot (kiln-init's node/appliance.rs; the path is kiln_contract::layout::APPLIANCE_SOURCE), where k0s imports and applies them.
 //!
 //! A chart becomes a k0s `helm.k0sproject.io/v1beta1` `Chart` manifest in
 //! the `kiln-charts` stack whose `chartName` is the archive's path in the
@@ -12,7 +12,7 @@
 
 use crate::cache::Cache;
 use crate::input::{self, Input, InputError, Resolved};
-use crate::profile::Arch;
+use crate::arch::Arch;
 use crate::rootfs::{Tree, TreeError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -20,7 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Where the payloads live in the root.
-pub const ROOT: &str = kiln_init::node::appliance::SOURCE;
+pub const ROOT: &str = kiln_contract::layout::APPLIANCE_SOURCE;
 /// The stack that holds the charts' `Chart` manifests.
 pub const CHART_STACK: &str = "kiln-charts";
 /// Stacks k0s writes itself; a vendor's files there would fight with it.

@@ -191,7 +191,7 @@ pub fn load(dir: &Path) -> Result<Board, ProfileError> {
 }
 
 fn line_of(src: &str, key: &str) -> usize {
-    key.rsplit_once('.').and_then(|(t, leaf)| line_in_table(src, t, leaf)).or_else(|| kiln_init::config::line_of_key(src, key)).unwrap_or(1)
+    key.rsplit_once('.').and_then(|(t, leaf)| line_in_table(src, t, leaf)).or_else(|| kiln_contract::config::line_of_key(src, key)).unwrap_or(1)
 }
 
 impl Board {

@@ -10,7 +10,7 @@
 //! slot in the same boot. So the
 //! fallback needs nothing from the new image, as systemd-boot's counting on
 //! UEFI. kiln-init marks a trial good (`kiln_good=<slot>`, no try) and
-//! installs new trials; see kiln_init::node::updates.
+//! installs new trials; see kiln_contract::node::updates.
 //!
 //! It uses only commands Debian's u-boot builds have (`load`, `env
 //! import`/`export`, `itest`, `setexpr`, `fatwrite`, `sysboot`); u-boot's
@@ -111,7 +111,7 @@ mod tests {
     #[test]
     fn the_script_reads_and_writes_the_state_it_boots_by() {
         let s = script();
-        let state = format!("/{}", kiln_init::update::uboot::STATE);
+        let state = format!("/{}", kiln_contract::uboot::STATE);
         assert!(s.contains(&state) && s.contains("fatwrite") && s.contains("/kiln/${kiln_slot}/extlinux.conf"));
     }
 }

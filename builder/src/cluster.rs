@@ -11,7 +11,7 @@
 //! - `controller.toml` (CA and Secret inline, for kiln-init to put in place)
 //!   and `worker.toml` (the token inline).
 
-use kiln_init::minisign::b64_encode;
+use kiln_contract::minisign::b64_encode;
 use rand_core::{OsRng, RngCore};
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::pkcs8::EncodePrivateKey;
@@ -283,13 +283,13 @@ pub struct InitReport {
 }
 
 fn check_options(o: &InitOptions) -> Result<String, ClusterError> {
-    kiln_init::config::check_hostname(&o.name).map_err(|e| ClusterError::Usage(format!("--name: {e}")))?;
+    kiln_contract::config::check_hostname(&o.name).map_err(|e| ClusterError::Usage(format!("--name: {e}")))?;
     if o.name.len() > 40 {
         return usage(format!("--name `{}` is longer than 40 characters; node names are built from it", o.name));
     }
     for (flag, a) in [("--controller-address", &o.controller_address), ("--worker-address", &o.worker_address)] {
         if let Some(a) = a {
-            kiln_init::config::parse_cidr(a).map_err(|e| ClusterError::Usage(format!("{flag}: {e}")))?;
+            kiln_contract::config::parse_cidr(a).map_err(|e| ClusterError::Usage(format!("{flag}: {e}")))?;
         }
     }
     if o.gateway.is_some() && o.controller_address.is_none() && o.worker_address.is_none() {
@@ -305,7 +305,7 @@ fn check_options(o: &InitOptions) -> Result<String, ClusterError> {
             return usage("give --api ADDR (the controller's address, as workers will reach it) or --controller-address ADDR/PREFIX; the worker's join token points at https://ADDR:6443")
         }
     };
-    if api.parse::<IpAddr>().is_err() && kiln_init::config::check_hostname(&api).is_err() {
+    if api.parse::<IpAddr>().is_err() && kiln_contract::config::check_hostname(&api).is_err() {
         return usage(format!("--api `{api}` is not an IP address or a DNS name (give the host only: the port is {API_PORT})"));
     }
     Ok(api)
@@ -402,7 +402,7 @@ token = \"{join}\"
         net = network_toml(o, &o.worker_address),
     );
     for (what, text) in [("controller", &controller_toml), ("worker", &worker_toml)] {
-        kiln_init::config::parse(text).map_err(|e| ClusterError::Usage(format!("the generated {what} config does not validate ({e}); this is a bug in kiln")))?;
+        kiln_contract::config::parse(text).map_err(|e| ClusterError::Usage(format!("the generated {what} config does not validate ({e}); this is a bug in kiln")))?;
     }
     Ok(Cluster { api, server, ca, token, join_token: join, secret_yaml, controller_toml, worker_toml })
 }
@@ -468,7 +468,7 @@ mod tests {
     use std::io::Read;
 
     fn gunzip_b64(t: &str) -> String {
-        let gz = kiln_init::minisign::b64_decode(t.trim()).unwrap();
+        let gz = kiln_contract::minisign::b64_decode(t.trim()).unwrap();
         let mut s = String::new();
         flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut s).unwrap();
         s
@@ -572,10 +572,10 @@ mod tests {
         let r = init(&o).unwrap();
         assert_eq!(r.server, "https://10.0.0.10:6443");
         let read = |n: &str| std::fs::read_to_string(d.path().join(n)).unwrap();
-        let ctl = kiln_init::config::parse(&read("controller.toml")).unwrap();
-        let wrk = kiln_init::config::parse(&read("worker.toml")).unwrap();
-        assert_eq!(ctl.role, kiln_init::config::Role::Controller);
-        assert_eq!(wrk.role, kiln_init::config::Role::Worker);
+        let ctl = kiln_contract::config::parse(&read("controller.toml")).unwrap();
+        let wrk = kiln_contract::config::parse(&read("worker.toml")).unwrap();
+        assert_eq!(ctl.role, kiln_contract::config::Role::Controller);
+        assert_eq!(wrk.role, kiln_contract::config::Role::Worker);
         assert_eq!(ctl.network.interfaces[0].addresses, ["10.0.0.10/24"]);
         assert_eq!(wrk.network.interfaces[0].addresses, ["10.0.0.11/24"]);
         assert_eq!(wrk.network.interfaces[0].gateway, o.gateway);
@@ -619,7 +619,7 @@ mod tests {
         let mut o = InitOptions::new(d.path());
         o.api = Some("k8s.example.net".into());
         let c = generate(&o, OffsetDateTime::now_utc()).unwrap();
-        let ctl = kiln_init::config::parse(&c.controller_toml).unwrap();
+        let ctl = kiln_contract::config::parse(&c.controller_toml).unwrap();
         assert!(ctl.network.interfaces.is_empty(), "DHCP without addresses");
         assert!(ctl.k0s.config.unwrap().contains("sans:\n    - k8s.example.net"));
         assert!(gunzip_b64(&c.join_token).contains("server: https://k8s.example.net:6443"));
@@ -635,7 +635,7 @@ mod tests {
         std::fs::write(&crt, &ca.cert_pem).unwrap();
         std::fs::write(&key, &ca.key_pem).unwrap();
         assert!(ca.key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
-        kiln_init::config::check_pem(&ca.cert_pem, &["CERTIFICATE"]).unwrap();
+        kiln_contract::config::check_pem(&ca.cert_pem, &["CERTIFICATE"]).unwrap();
         let run = |args: &[&str]| {
             let o = std::process::Command::new("openssl").args(args).output().expect("openssl (apt-get install openssl)");
             assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));

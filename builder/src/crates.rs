@@ -92,7 +92,7 @@ pub fn graph(tree: &Path, package: &str, target: &str, cache: &Cache) -> Result<
     };
     match text {
         Some(t) => Ok(from_tree(&t, &lock)),
-        None => from_lock(&lock, package, &dev_dependencies(tree, package)).ok_or(CratesError::NoPackage { path: lock_path, package: package.into() }),
+        None => from_lock(&lock, package, &dev_dependencies(tree)).ok_or(CratesError::NoPackage { path: lock_path, package: package.into() }),
     }
 }
 
@@ -171,7 +171,7 @@ fn from_tree(text: &str, lock: &[LockEntry]) -> Graph {
 }
 
 /// The closure of `package` in Cargo.lock, without its dev-dependencies.
-fn from_lock(lock: &[LockEntry], package: &str, dev: &BTreeSet<String>) -> Option<Graph> {
+fn from_lock(lock: &[LockEntry], package: &str, dev: &BTreeMap<String, BTreeSet<String>>) -> Option<Graph> {
     let root = lock.iter().position(|e| e.name == package && e.source.is_none())?;
     let find = |dep: &str| -> Option<usize> {
         let mut w = dep.split_whitespace();
@@ -187,7 +187,8 @@ fn from_lock(lock: &[LockEntry], package: &str, dev: &BTreeSet<String>) -> Optio
         let at = order[next];
         next += 1;
         for dep in &lock[at].deps {
-            if at == root && dep.split_whitespace().next().is_some_and(|n| dev.contains(n)) {
+            let member_dev = lock[at].source.is_none().then(|| dev.get(&lock[at].name)).flatten();
+            if member_dev.is_some_and(|d| dep.split_whitespace().next().is_some_and(|n| d.contains(n))) {
                 continue;
             }
             let Some(d) = find(dep) else { continue };
@@ -237,22 +238,24 @@ fn member_manifests(tree: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The names (in Cargo.lock terms) of a member's dev-dependencies.
-fn dev_dependencies(tree: &Path, package: &str) -> BTreeSet<String> {
+/// Each workspace member's dev-dependencies (names in Cargo.lock terms),
+/// by package name. Cargo.lock does not mark dev edges, so the closure from
+/// it leaves these out for every member it passes through.
+fn dev_dependencies(tree: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out = BTreeMap::new();
     for m in member_manifests(tree).into_iter().skip(1) {
         let Some(v) = std::fs::read_to_string(&m).ok().and_then(|t| toml::from_str::<toml::Value>(&t).ok()) else { continue };
-        if v.get("package").and_then(|p| p.get("name")).and_then(|n| n.as_str()) != Some(package) {
-            continue;
-        }
-        let Some(dev) = v.get("dev-dependencies").and_then(|d| d.as_table()) else { return BTreeSet::new() };
+        let Some(name) = v.get("package").and_then(|p| p.get("name")).and_then(|n| n.as_str()) else { continue };
         let normal = v.get("dependencies").and_then(|d| d.as_table());
-        return dev
-            .iter()
-            .filter(|(k, _)| normal.is_none_or(|n| !n.contains_key(*k)))
-            .map(|(k, spec)| spec.get("package").and_then(|p| p.as_str()).unwrap_or(k).to_string())
-            .collect();
+        let dev = v.get("dev-dependencies").and_then(|d| d.as_table()).map(|dev| {
+            dev.iter()
+                .filter(|(k, _)| normal.is_none_or(|n| !n.contains_key(*k)))
+                .map(|(k, spec)| spec.get("package").and_then(|p| p.as_str()).unwrap_or(k).to_string())
+                .collect()
+        });
+        out.insert(name.to_string(), dev.unwrap_or_default());
     }
-    BTreeSet::new()
+    out
 }
 
 #[cfg(test)]
@@ -280,8 +283,11 @@ mod tests {
         for not in ["proptest", "windows-sys", "wasi"] {
             assert!(!names.contains(not), "{not} listed: {names:?}");
         }
+        // Through the contract crate, a workspace member like kiln-init.
+        let contract = g.crates.iter().position(|c| c.name == "kiln-contract").unwrap();
+        assert!(g.edges.contains(&(0, contract)) && g.crates[contract].source.is_none());
         let serde = g.crates.iter().position(|c| c.name == "serde").unwrap();
-        assert!(g.edges.contains(&(0, serde)));
+        assert!(g.edges.contains(&(contract, serde)));
         let c = &g.crates[serde];
         assert!(c.from_crates_io() && c.checksum.as_ref().is_some_and(|s| s.len() == 64), "{c:?}");
         assert!(c.license.as_deref().is_some_and(|l| l.contains("MIT")), "{c:?}");
@@ -309,8 +315,8 @@ mod tests {
     fn cargo_lock_alone_gives_a_marked_superset() {
         let ws = workspace();
         let lock = parse_lock(&std::fs::read_to_string(ws.join("Cargo.lock")).unwrap()).unwrap();
-        let dev = dev_dependencies(&ws, "kiln-init");
-        assert!(dev.contains("proptest"), "{dev:?}");
+        let dev = dev_dependencies(&ws);
+        assert!(dev["kiln-init"].contains("proptest") && dev["kiln-contract"].contains("proptest"), "{dev:?}");
         let g = from_lock(&lock, "kiln-init", &dev).unwrap();
         assert!(!g.exact);
         let names: BTreeSet<&str> = g.crates.iter().map(|c| c.name.as_str()).collect();

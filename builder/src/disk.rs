@@ -7,7 +7,7 @@
 
 use crate::fat::{FatBuilder, FileContent};
 use crate::gpt::{self, deterministic_guid, Guid, Layout, PartSize};
-use crate::profile::Arch;
+use crate::arch::Arch;
 use crate::rootfs::Tree;
 use crate::verity::{self, OnCorruption, Verity};
 use crate::{initramfs, squashfs, uki};

@@ -1055,7 +1055,7 @@ fn dos_datetime(unix_seconds: u64) -> (u16, u16) {
     const MAX: u64 = 4_354_819_199; // 2107-12-31T23:59:59Z
     let t = unix_seconds.clamp(MIN, MAX);
     let secs = t % 86_400;
-    let (year, month, day) = kiln_init::date::civil_from_days((t / 86_400) as i64);
+    let (year, month, day) = kiln_contract::date::civil_from_days((t / 86_400) as i64);
     let date = (((year - 1980) as u16) << 9) | ((month as u16) << 5) | day as u16;
     let time =
         (((secs / 3600) as u16) << 11) | (((secs / 60 % 60) as u16) << 5) | (secs % 60 / 2) as u16;

@@ -837,7 +837,7 @@ fn chs(lba: u64) -> [u8; 3] {
 
 /// CRC-32 (IEEE 802.3, reflected, as GPT uses): the one kiln-init checks
 /// GPTs with.
-pub use kiln_init::node::gpt::crc32;
+pub use kiln_contract::digest::crc32;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 //! static executables for the target.
 
 use crate::elf;
-use crate::profile::Arch;
+use crate::arch::Arch;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

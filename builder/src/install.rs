@@ -1,4 +1,4 @@
-//! The install image (`KILNIMG1`, format in `kiln_init::install_image`):
+//! The install image (`KILNIMG1`, format in `kiln_contract::install_image`):
 //! `disk.raw` without root-a and root-a-verity, whose contents the ISO
 //! carries anyway. The installer on the node rebuilds the disk from it and
 //! those two.
@@ -10,7 +10,7 @@
 //! one reads what is not written by an update.
 
 use anyhow::{bail, Context, Result};
-use kiln_init::install_image::{Header, Run, Source, BACKUP_GPT_BYTES};
+use kiln_contract::install_image::{Header, Run, Source, BACKUP_GPT_BYTES};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};

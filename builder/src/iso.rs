@@ -1000,7 +1000,7 @@ fn check_volume_id(id: &str) -> Result<(), IsoError> {
 /// (year, month, day, hour, minute, second) of a Unix time, UTC.
 pub(crate) fn civil(epoch: u64) -> (u64, u32, u32, u32, u32, u32) {
     let secs = epoch % 86400;
-    let (year, month, day) = kiln_init::date::civil_from_days((epoch / 86400) as i64);
+    let (year, month, day) = kiln_contract::date::civil_from_days((epoch / 86400) as i64);
     let year = year as u64;
     (
         year,

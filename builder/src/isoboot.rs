@@ -89,7 +89,7 @@ pub fn write(out: &Path, work: &Path, root: &RootImage, b: &BootInputs, disk_raw
         HybridPartition { name: "esp".into(), type_guid: gpt::types::ESP, uuid: g("iso-esp"), file: "/BOOT/EFI.IMG".into() },
         HybridPartition { name: "root-a".into(), type_guid: root_t, uuid: Guid::from_bytes_rfc4122(v.data_partition_uuid().0), file: "/KILN/ROOT.SQFS".into() },
         HybridPartition { name: "root-a-verity".into(), type_guid: verity_t, uuid: Guid::from_bytes_rfc4122(v.hash_partition_uuid().0), file: "/KILN/ROOT.VRT".into() },
-        HybridPartition { name: kiln_init::node::stage1::INSTALL_PART.into(), type_guid: gpt::types::LINUX_DATA, uuid: g("iso-install"), file: "/KILN/INSTALL.IMG".into() },
+        HybridPartition { name: kiln_contract::layout::INSTALL_PART.into(), type_guid: gpt::types::LINUX_DATA, uuid: g("iso-install"), file: "/KILN/INSTALL.IMG".into() },
     ];
     let spec = IsoSpec { volume_id: volume_id(b.profile), epoch: b.epoch, files, efi_image: Some("/BOOT/EFI.IMG".into()), bios, partitions, disk_guid: g("iso-disk") };
     let tmp = out.with_extension("iso.part");

@@ -7,7 +7,8 @@
 
 use crate::cache::Cache;
 use crate::input::{self, Resolved};
-use crate::profile::{Arch, KernelSpec};
+use crate::arch::Arch;
+use crate::profile::KernelSpec;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -74,7 +75,7 @@ pub fn parse_fragments(files: &[PathBuf]) -> Result<BTreeMap<String, Request>, K
 
 /// Requests whose final value differs, as (request, final value).
 pub fn mismatches<'a>(requests: &'a BTreeMap<String, Request>, final_config: &str) -> Vec<(&'a Request, Option<String>)> {
-    let fin = kiln_init::requirements::KernelConfig::parse(final_config).values;
+    let fin = kiln_contract::requirements::KernelConfig::parse(final_config).values;
     requests
         .values()
         .filter_map(|r| {

@@ -4,6 +4,7 @@
 //! strings them together in the order of ARCHITECTURE.md.
 
 pub mod appliance;
+pub mod arch;
 pub mod board;
 pub mod bootscr;
 pub mod cache;

@@ -291,7 +291,7 @@ fn run(cli: Cli) -> Result<i32> {
             let res = vm.wait_for(&what, deadline, |l| {
                 println!("{l}");
                 match (&until, &until_text) {
-                    (Some(e), _) => kiln_init::event::parse(l).is_some_and(|ev| &ev.name == e),
+                    (Some(e), _) => kiln_contract::event::parse(l).is_some_and(|ev| &ev.name == e),
                     (_, Some(t)) => l.contains(t.as_str()),
                     _ => false,
                 }
@@ -348,7 +348,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Profile { cmd: ProfileCmd::Check { profile } } => {
             let p = kiln::profile::load(&profile)?;
             let node = std::fs::read_to_string(&p.node_config).with_context(|| format!("reading {} (key `node.config`)", p.node_config.display()))?;
-            kiln_init::config::parse(&node).map_err(|e| anyhow::anyhow!("{}: {e}", p.node_config.display()))?;
+            kiln_contract::config::parse(&node).map_err(|e| anyhow::anyhow!("{}: {e}", p.node_config.display()))?;
             if let Some(sb) = &p.secureboot {
                 kiln::secureboot::Signer::load(sb, &p.path, p.source_date_epoch)?;
             }
@@ -365,9 +365,9 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Kernel { cmd: KernelCmd::Check { config, role } } => {
             let text = read_config(&config)?;
-            let cfg = kiln_init::requirements::KernelConfig::parse(&text);
-            let needs = kiln_init::requirements::Needs { worker: matches!(role, RoleArg::Worker) };
-            let report = kiln_init::requirements::check(&cfg, needs);
+            let cfg = kiln_contract::requirements::KernelConfig::parse(&text);
+            let needs = kiln_contract::requirements::Needs { worker: matches!(role, RoleArg::Worker) };
+            let report = kiln_contract::requirements::check(&cfg, needs);
             print!("{report}");
             Ok(if report.ok() { 0 } else { 1 })
         }
@@ -379,7 +379,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let kp = kiln::sign::KeyPair::from_secret_file(&text).with_context(|| format!("loading the signing key from {from}"))?;
             let data = std::fs::read(&node_toml).with_context(|| format!("reading {}", node_toml.display()))?;
-            let parsed = std::str::from_utf8(&data).map_err(|e| anyhow::anyhow!("{e}")).and_then(|t| kiln_init::config::parse(t).map_err(|e| anyhow::anyhow!("{e}")));
+            let parsed = std::str::from_utf8(&data).map_err(|e| anyhow::anyhow!("{e}")).and_then(|t| kiln_contract::config::parse(t).map_err(|e| anyhow::anyhow!("{e}")));
             if let Err(e) = parsed {
                 bail!("{}: {e}; not signing an invalid config (check it with `kiln config check`)", node_toml.display());
             }
@@ -413,7 +413,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Config { cmd: ConfigCmd::Check { node_toml } } => {
             let text = std::fs::read_to_string(&node_toml).with_context(|| format!("reading {}", node_toml.display()))?;
-            match kiln_init::config::parse(&text) {
+            match kiln_contract::config::parse(&text) {
                 Ok(c) => {
                     println!("{}: ok (role {})", node_toml.display(), c.role);
                     Ok(0)

@@ -12,7 +12,7 @@ use crate::appliance::KeyError;
 use crate::cache::Cache;
 use crate::elf;
 use crate::input::{self, Input, InputError, Resolved};
-use crate::profile::Arch;
+use crate::arch::Arch;
 use crate::rootfs::{Content, Kind, Tree, TreeError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

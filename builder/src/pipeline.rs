@@ -26,7 +26,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let profile = profile::load(profile_path)?;
     // Check the baked node config now, not on the node.
     let node_toml = std::fs::read_to_string(&profile.node_config).with_context(|| format!("reading the default node config {} (key `node.config` in {})", profile.node_config.display(), profile.path.display()))?;
-    let node = kiln_init::config::parse(&node_toml).map_err(|e| anyhow::anyhow!("{}: {e}", profile.node_config.display()))?;
+    let node = kiln_contract::config::parse(&node_toml).map_err(|e| anyhow::anyhow!("{}: {e}", profile.node_config.display()))?;
 
     // The signing key, loaded first so a bad key fails before any work. The
     // private key never goes into an output; the public key goes into the
@@ -78,8 +78,8 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
 
     // 3. Kernel, checked against the requirement table for the default role.
     let kernel = kernel::build(profile.arch, &kernel_src, &profile.kernel, cache)?;
-    let kconfig = kiln_init::requirements::KernelConfig::parse(&std::fs::read_to_string(&kernel.config)?);
-    let report = kiln_init::requirements::check(&kconfig, kiln_init::requirements::Needs::for_role(node.role));
+    let kconfig = kiln_contract::requirements::KernelConfig::parse(&std::fs::read_to_string(&kernel.config)?);
+    let report = kiln_contract::requirements::check(&kconfig, kiln_contract::requirements::Needs::for_role(node.role));
     if !report.ok() {
         bail!("the kernel does not meet the requirements for role {}:\n{report}", node.role);
     }
@@ -283,7 +283,7 @@ fn rootfs_tree(profile: &Profile, kernel: &Kernel, init_bin: &Path, busybox: &Re
     t.file("/etc/nsswitch.conf", "hosts: files dns\n", 0o644)?;
     // Module metadata (modules.builtin) and any modules, under /lib/modules.
     add_host_dir(&mut t, &kernel.modules_dir.join("lib/modules"), "/lib/modules")?;
-    t.file(kiln_init::node::vardisk::TEMPLATE, var_template(profile)?, 0o644)?;
+    t.file(kiln_contract::layout::VAR_TEMPLATE, var_template(profile)?, 0o644)?;
     Ok(t)
 }
 
@@ -333,7 +333,7 @@ pub(crate) fn add_host_dir(t: &mut Tree, src: &Path, dst: &str) -> Result<()> {
 
 /// An EFI program from a profile input must be for the profile's arch: the
 /// firmware would refuse another one only at boot, on the device.
-fn check_efi_arch(key: &str, path: &std::path::Path, arch: profile::Arch) -> Result<()> {
+fn check_efi_arch(key: &str, path: &std::path::Path, arch: crate::arch::Arch) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("{key}: reading {}", path.display()))?;
     let want = arch.pe_machine();
     match crate::uki::pe_machine(&bytes) {

@@ -32,86 +32,7 @@ pub fn source_date_epoch_from_env(value: Option<&str>) -> Result<Option<u64>, Pr
     }
 }
 
-/// Target architectures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Arch {
-    Amd64,
-    Arm64,
-    Armv7,
-}
-
-impl Arch {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "amd64",
-            Arch::Arm64 => "arm64",
-            Arch::Armv7 => "armv7",
-        }
-    }
-    /// Debian's architecture name.
-    pub fn debian(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "amd64",
-            Arch::Arm64 => "arm64",
-            Arch::Armv7 => "armhf",
-        }
-    }
-    pub fn rust_target(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "x86_64-unknown-linux-musl",
-            Arch::Arm64 => "aarch64-unknown-linux-musl",
-            Arch::Armv7 => "armv7-unknown-linux-gnueabihf",
-        }
-    }
-    /// Kernel `ARCH=`.
-    pub fn kernel_arch(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "x86_64",
-            Arch::Arm64 => "arm64",
-            Arch::Armv7 => "arm",
-        }
-    }
-    /// Kernel `CROSS_COMPILE=` on an x86_64 host.
-    pub fn cross_compile(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "",
-            Arch::Arm64 => "aarch64-linux-gnu-",
-            Arch::Armv7 => "arm-linux-gnueabihf-",
-        }
-    }
-    /// The kernel image make target and where it lands.
-    pub fn kernel_image(self) -> (&'static str, &'static str) {
-        match self {
-            Arch::Amd64 => ("bzImage", "arch/x86/boot/bzImage"),
-            Arch::Arm64 => ("Image", "arch/arm64/boot/Image"),
-            Arch::Armv7 => ("zImage", "arch/arm/boot/zImage"),
-        }
-    }
-    /// PE/COFF Machine of EFI programs for this arch (x64, AA64, ARMv7
-    /// Thumb-2).
-    pub fn pe_machine(self) -> u16 {
-        match self {
-            Arch::Amd64 => 0x8664,
-            Arch::Arm64 => 0xaa64,
-            Arch::Armv7 => 0x01c2,
-        }
-    }
-    /// ELF e_machine.
-    pub fn elf_machine(self) -> u16 {
-        match self {
-            Arch::Amd64 => 62,
-            Arch::Arm64 => 183,
-            Arch::Armv7 => 40,
-        }
-    }
-}
-
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::arch::Arch;
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -457,7 +378,7 @@ fn line_of(path: &Path, key: &str) -> usize {
     // (`appliance.charts[1].name`) first, then plain ones.
     key.match_indices('.')
         .find_map(|(i, _)| line_in_table(&src, &key[..i], &key[i + 1..]))
-        .or_else(|| kiln_init::config::line_of_key(&src, key))
+        .or_else(|| kiln_contract::config::line_of_key(&src, key))
         .unwrap_or(1)
 }
 
@@ -503,13 +424,13 @@ pub fn parse_str(path: &Path, src: &str) -> Result<ProfileFile, ProfileError> {
 /// line and the key, as every kiln TOML file's do (profiles, board overlays).
 pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, src: &str) -> Result<T, ProfileError> {
     toml::from_str(src).map_err(|e| {
-        let line = e.span().map(|s| kiln_init::config::line_at(src, s.start)).unwrap_or(1);
+        let line = e.span().map(|s| kiln_contract::config::line_at(src, s.start)).unwrap_or(1);
         let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
         let key = message
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
             .map(str::to_string)
-            .or_else(|| kiln_init::config::key_at_line(src, Some(line)))
+            .or_else(|| kiln_contract::config::key_at_line(src, Some(line)))
             .unwrap_or_else(|| "?".into());
         ProfileError::Invalid { path: path.to_path_buf(), line, key, message }
     })
@@ -568,7 +489,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     // An update bundle carries a UKI, unless the image is for an armv7 board.
     let wants_disk = outputs.iter().any(|o| o.needs_disk()) || (outputs.contains(&Output::Update) && f.board.is_none());
     let version = match &f.version {
-        Some(v) => Some(kiln_init::update::Version::parse(v).map(|_| v.clone()).map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "version"), key: "version".into(), message: m })?),
+        Some(v) => Some(kiln_contract::update::Version::parse(v).map(|_| v.clone()).map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "version"), key: "version".into(), message: m })?),
         None if outputs.contains(&Output::Update) => {
             return Err(ProfileError::Invalid {
                 path: path.to_path_buf(),

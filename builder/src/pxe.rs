@@ -10,7 +10,7 @@ use crate::disk::RootImage;
 use crate::initramfs;
 use crate::rootfs::Tree;
 use anyhow::{Context, Result};
-use kiln_init::node::stage1::{RAM_ROOT, RAM_VERITY};
+use kiln_contract::layout::{RAM_ROOT, RAM_VERITY};
 use std::path::Path;
 
 /// The line `kiln serve` rewrites; behind another server, edit it.

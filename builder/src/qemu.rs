@@ -2,8 +2,8 @@
 //! pipe, so callers (the CLI, qemu-tests) can wait for console events, type
 //! into the console, and press the ACPI power button through QMP.
 
-use crate::profile::Arch;
-use kiln_init::event::{self, Event};
+use crate::arch::Arch;
+use kiln_contract::event::{self, Event};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -316,7 +316,7 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         c.arg("-drive").arg(format!("if=none,id=x0,format=raw,file={}", x.display()));
         c.args(["-device", "virtio-blk-pci,drive=x0,bootindex=2"]);
     }
-    if kiln_init::config::parse_mac(&spec.mac).is_none() {
+    if kiln_contract::config::parse_mac(&spec.mac).is_none() {
         return Err(VmError::Setup(format!("`{}` is not a MAC address like 52:54:00:12:34:56", spec.mac)));
     }
     let mac = &spec.mac;

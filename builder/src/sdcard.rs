@@ -25,13 +25,15 @@ use crate::bootscr;
 use crate::disk::{self, RootImage, MIB};
 use crate::fat::{FatBuilder, FileContent};
 use crate::gpt::{self, Mbr, MbrPartition, SECTOR};
-use crate::profile::{Arch, ProfileError};
+use crate::arch::Arch;
+use crate::profile::ProfileError;
 use anyhow::{Context, Result};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
-pub use kiln_init::update::uboot::{extlinux_conf, DTB_DIR, EXTLINUX, INITRD, KERNEL};
-use kiln_init::update::{apply::Slot, uboot};
+pub use kiln_contract::uboot::{extlinux_conf, DTB_DIR, EXTLINUX, INITRD, KERNEL};
+use kiln_contract::layout::Slot;
+use kiln_contract::uboot;
 
 /// The sizes and names of the card.
 #[derive(Debug, Clone)]
@@ -219,7 +221,7 @@ pub(crate) fn dtb_file(board: &Board, dtbs: Option<&Path>) -> Result<Option<std:
 
 fn line_of_dtb(board: &Board) -> usize {
     let src = std::fs::read_to_string(&board.path).unwrap_or_default();
-    kiln_init::config::line_of_key(&src, "dtb").unwrap_or(1)
+    kiln_contract::config::line_of_key(&src, "dtb").unwrap_or(1)
 }
 
 #[cfg(test)]

@@ -2,18 +2,18 @@
 //! that a plain `minisign -Vm FILE -p kiln.pub` accepts them.
 //!
 //! The public half of the format (key files, `.minisig` parsing, verifying)
-//! is [`kiln_init::minisign`], shared with the node; this module adds secret
+//! is [`kiln_contract::minisign`], shared with the node; this module adds secret
 //! key files and signing. Reading and writing the files is the caller's job,
 //! which also names the path in its error context.
 
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Blake2b512, Digest};
 use ed25519_dalek::{Signer, SigningKey};
-use kiln_init::minisign::{
+use kiln_contract::minisign::{
     b64_encode, decode_line, expect_untrusted_comment, file_lines, to_array, unsupported,
     SIGNATURE_LEN, SIG_ALG_HASHED, SIG_ALG_LEGACY, TRUSTED_PREFIX, UNTRUSTED_PREFIX,
 };
-pub use kiln_init::minisign::{KeyId, PublicKey, SignError};
+pub use kiln_contract::minisign::{KeyId, PublicKey, SignError};
 use rand_core::{OsRng, RngCore};
 use std::fmt;
 
@@ -171,7 +171,7 @@ fn one_line(comment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_init::minisign::b64_decode;
+    use kiln_contract::minisign::b64_decode;
     use proptest::prelude::*;
     use std::path::Path;
     use std::process::{Command, Output, Stdio};

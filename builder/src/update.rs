@@ -2,7 +2,7 @@
 //!
 //! A ustar stream of the manifest (`kiln-update.toml`), its minisign
 //! signature, then the parts in the manifest's order; the node reads it with
-//! `kiln_init::update::BundleReader`, which holds the format's rules. Users'
+//! `kiln_contract::update::BundleReader`, which holds the format's rules. Users'
 //! description: docs/updates.md.
 //!
 //! Deterministic: entries have mode 0644, uid and gid 0, no user names and
@@ -12,10 +12,11 @@
 //! is renamed into place it is read back with the node's reader.
 
 use crate::disk::RootImage;
-use crate::profile::{Arch, Profile};
+use crate::arch::Arch;
+use crate::profile::Profile;
 use crate::sign::KeyPair;
 use anyhow::{bail, Context, Result};
-use kiln_init::update::bundle::{self, Manifest, Part, PartKind, FORMAT, MANIFEST_NAME, SIGNATURE_NAME};
+use kiln_contract::update::bundle::{self, Manifest, Part, PartKind, FORMAT, MANIFEST_NAME, SIGNATURE_NAME};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

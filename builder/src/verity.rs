@@ -5,7 +5,7 @@
 //! salt and UUID the hash area is byte-identical to veritysetup's.
 //!
 //! The tree format itself (levels, digests, packing, the superblock) is
-//! [`kiln_init::verity`], shared with the node's update read-back; this
+//! [`kiln_contract::verity`], shared with the node's update read-back; this
 //! module adds the builder's side: deriving salt and UUID, streaming a file
 //! through it, the kernel table and the partition UUIDs.
 
@@ -15,8 +15,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-pub use kiln_init::verity::{hash_blocks, BLOCK, MAX_SALT, SUPERBLOCK_LEN};
-use kiln_init::verity::{superblock, TreeBuilder};
+pub use kiln_contract::verity::{hash_blocks, BLOCK, MAX_SALT, SUPERBLOCK_LEN};
+use kiln_contract::verity::{superblock, TreeBuilder};
 
 /// Blocks read from the data per `read_exact` (1 MiB).
 const READ_CHUNK: usize = 256;

@@ -100,7 +100,7 @@ fn check_common(f: &Fixture, b: &Board, img: &Path, built: &sdcard::SdBuilt) -> 
     std::fs::write(&scr_path, &scr).unwrap();
     let (ok, listing) = run("mkimage", &["-l", scr_path.to_str().unwrap()]);
     assert!(ok && listing.contains("kiln A/B") && listing.contains("Script"), "mkimage -l boot.scr:\n{listing}");
-    assert_eq!(String::from_utf8(mtype(&fat, "/kiln/state")).unwrap(), kiln_init::update::uboot::State::initial().to_text());
+    assert_eq!(String::from_utf8(mtype(&fat, "/kiln/state")).unwrap(), kiln_contract::uboot::State::initial().to_text());
     let (ok, listing) = run("mdir", &["-b", "-i", fat.to_str().unwrap(), "::/extlinux"]);
     assert!(!ok, "no /extlinux on the card: {listing}");
     let conf = String::from_utf8(mtype(&fat, "/kiln/a/extlinux.conf")).unwrap();

@@ -20,13 +20,13 @@
 //! checked merged into the minimal config `role = "single"` (so a fragment
 //! that needs another role must be written as a whole config).
 //!
-//! Key coverage: each key in `kiln_init::config::KEYS` (the list kept next
+//! Key coverage: each key in `kiln_contract::config::KEYS` (the list kept next
 //! to the schema's structs, itself checked against them) must appear in
 //! docs/node-config.md, either defined in one of its ```toml blocks (as a
 //! key of a table, an array of tables or an inline table) or written out in
 //! backticks as its full dotted name (`` `hostname.from` ``).
 
-use kiln_init::config::{NodeConfig, KEYS};
+use kiln_contract::config::{NodeConfig, KEYS};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -6,7 +6,7 @@
 
 use kiln::cache::Cache;
 use kiln::packages::{self, Package, PackageFile};
-use kiln::profile::Arch;
+use kiln::arch::Arch;
 use kiln::rootfs::{Kind, Tree};
 
 const RUNC: (&str, &str, &str) = ("runc", "1.1.5+ds1-1+deb12u1", "a00351f8c0318de0b424ecf5cd0fdb69880a89f3511cae4f6fff7de3e57881c5");

@@ -1,8 +1,8 @@
 //! `kiln serve` as a user runs it: the real binary on a free port, with a
 //! temporary PXE bundle and configs directory. Checks files, MAC spellings,
 //! traversal refusal, the boot.ipxe rewrite and the log lines; then a signed
-//! config made by `kiln config sign`, fetched by the node's own client and
-//! checked by Debian's minisign and by kiln_init::minisign.
+//! config made by `kiln config sign`, served and checked by Debian's
+//! minisign and by kiln_contract::minisign.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -319,15 +319,17 @@ fn signed_config_round_trip() {
         ),
     }
 
-    // Served by kiln serve, fetched by the node's client, checked by the
-    // node's verifier; one flipped byte is refused.
+    // Served by kiln serve, checked by the node's verifier (the contract's);
+    // one flipped byte is refused. (The node's HTTP client against kiln
+    // serve: qemu-tests' pxe_net boots.)
     let s = Serve::start(&t.join("pxe"), Some(&t.join("configs")));
-    let opts = kiln_init::node::fetch::Options::default();
-    let url = format!("http://{}/configs/52-54-00-12-34-56.toml", s.addr);
-    let data = kiln_init::node::fetch::get(&url, &opts).unwrap();
-    let sig = kiln_init::node::fetch::get(&format!("{url}.minisig"), &opts).unwrap();
+    let path = "/configs/52-54-00-12-34-56.toml";
+    let (code, _, data) = s.get(path);
+    assert_eq!(code, 200);
+    let (code, _, sig) = s.get(&format!("{path}.minisig"));
+    assert_eq!(code, 200);
     let sig = String::from_utf8(sig).unwrap();
-    let pk = kiln_init::minisign::PublicKey::from_file(&std::fs::read_to_string(&public).unwrap())
+    let pk = kiln_contract::minisign::PublicKey::from_file(&std::fs::read_to_string(&public).unwrap())
         .unwrap();
     assert_eq!(
         pk.verify(&data, &sig).unwrap(),
@@ -339,7 +341,7 @@ fn signed_config_round_trip() {
         assert!(
             matches!(
                 pk.verify(&flipped, &sig),
-                Err(kiln_init::minisign::SignError::BadSignature)
+                Err(kiln_contract::minisign::SignError::BadSignature)
             ),
             "byte {i}"
         );

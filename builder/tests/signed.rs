@@ -107,9 +107,9 @@ fn signed_output_verifies_and_every_flipped_byte_is_named() {
     // the image carries: its manifest names this build, and every part
     // checks. An older node takes it; a newer one, or another arch, does not.
     {
-        use kiln_init::update::{BundleReader, PartKind, Policy};
+        use kiln_contract::update::{BundleReader, PartKind, Policy};
         use std::io::Read;
-        let keys = [kiln_init::minisign::PublicKey::from_file(&std::fs::read_to_string(&public).unwrap()).unwrap()];
+        let keys = [kiln_contract::minisign::PublicKey::from_file(&std::fs::read_to_string(&public).unwrap()).unwrap()];
         let policy = |arch, running| Policy { keys: &keys, arch, profile: "signed", running_version: running, allow_downgrade: false };
         let open = |p: &Policy| BundleReader::open(std::fs::File::open(o.join("update.kiln")).unwrap(), p);
         let mut b = open(&policy("amd64", Some("1.3.9"))).unwrap_or_else(|e| panic!("{e}"));
@@ -156,7 +156,7 @@ fn signed_output_verifies_and_every_flipped_byte_is_named() {
     // initramfs carries); the secret key is in no output, compressed or not.
     let key_text = std::fs::read_to_string(t.join("kiln.key")).unwrap();
     let secret_line = key_text.lines().nth(1).unwrap().to_string();
-    let raw = kiln_init::minisign::b64_decode(&secret_line).unwrap();
+    let raw = kiln_contract::minisign::b64_decode(&secret_line).unwrap();
     let seed = raw[62..94].to_vec(); // after algorithms, salt, KDF limits and key id
     let root = t.join("root");
     let (ok, out) = sh(&format!(

@@ -1,16 +1,16 @@
 //! Update bundles, both halves: `kiln::update` writes one from small fake
-//! parts with a fresh key, and the node's reader (`kiln_init::update`) takes
+//! parts with a fresh key, and the node's reader (`kiln_contract::update`) takes
 //! it back. Every way the node must refuse a bundle is tried: a changed
 //! part, manifest or signature, another key, another arch or profile, an
 //! older version, entries out of order or added, and the bundle cut at any
 //! byte. None may panic, and none may hand out a part the builder did not
 //! put in.
 
-use kiln::profile::Arch;
+use kiln::arch::Arch;
 use kiln::sign::{KeyPair, PublicKey, SignError};
 use kiln::update::{self, Content, PartSource, Spec};
-use kiln_init::update::bundle::{MANIFEST_NAME, SIGNATURE_NAME};
-use kiln_init::update::{BundleError, BundleReader, PartKind, Policy};
+use kiln_contract::update::bundle::{MANIFEST_NAME, SIGNATURE_NAME};
+use kiln_contract::update::{BundleError, BundleReader, PartKind, Policy};
 use proptest::prelude::*;
 use std::io::Read;
 use std::path::Path;

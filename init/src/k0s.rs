@@ -1,7 +1,7 @@
 //! Role → k0s command line, environment, limits and restart timing, as
 //! K0S-CONTRACT.md says.
 
-use crate::config::{NodeConfig, Role};
+use kiln_contract::config::{NodeConfig, Role};
 use std::time::Duration;
 
 pub const BINARY: &str = "/usr/bin/k0s";
@@ -139,7 +139,7 @@ pub fn invocation(cfg: &NodeConfig, armv7: bool) -> Invocation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use kiln_contract::config::parse;
 
     fn inv(toml: &str, armv7: bool) -> Invocation {
         invocation(&parse(toml).unwrap_or_else(|e| panic!("{e}")), armv7)

@@ -1,24 +1,18 @@
-//! kiln-init's library: what the node and the builder share.
+//! kiln-init: PID 1 of a kiln node. What it shares with the builder (the
+//! node-config schema, events, the requirement table, the disk layout, the
+//! update bundle…) is in `kiln-contract`; this crate is the node itself.
 //!
-//! - [`config`]: the node.toml schema and its validation.
-//! - [`requirements`]: the kernel/host requirement table for k0s.
-//! - [`event`]: the stable console event format.
-//! - [`net`]: netlink and DHCPv4, used by PID 1.
+//! - [`node`]: stage 1 (initramfs → verified root), then stage 2: config,
+//!   network, clock, preflight, the supervised payload, shutdown.
+//! - [`update`]: node-side A/B updates: applying a bundle to the other slot,
+//!   the channel, and u-boot cards' state file.
+//! - [`net`]: netlink, DHCPv4, SNTP and the HTTP client's sockets.
 //! - [`dm`]: device-mapper ioctls, for stage 1's dm-verity root.
-//! - [`date`]: calendar dates of Unix times (UTC).
-//! - [`update`]: reading and verifying signed update bundles.
-//! - [`verity`]: the dm-verity hash-tree format (builder and node).
+//! - [`k0s`]: the payload's command line, environment and limits by role.
 
-pub mod config;
-pub mod date;
 pub mod dm;
-pub mod event;
-pub mod install_image;
 pub mod k0s;
-pub mod minisign;
 pub mod net;
 #[cfg(target_os = "linux")]
 pub mod node;
-pub mod requirements;
 pub mod update;
-pub mod verity;

@@ -112,7 +112,7 @@ fn a_tampered_root_stops_at_the_verity_check() {
     let failed = n.event("root-failed", BOOT_TIMEOUT);
     assert!(failed.get("reason").unwrap_or("").contains("verity"), "{failed:?}");
     let r = n.vm.wait_for("payload-started (must not happen)", std::time::Duration::from_secs(20), |l| {
-        kiln_init::event::parse(l).is_some_and(|e| e.name == "payload-started" || e.name == "switch-root")
+        kiln_contract::event::parse(l).is_some_and(|e| e.name == "payload-started" || e.name == "switch-root")
     });
     if let Ok(l) = r {
         n.fail(format!("the node went on after a failed root check: {l}"));
@@ -207,14 +207,14 @@ fn card_updates_apply_refuse_and_roll_back() {
         let to = d.join(name);
         let part = |name: &str, kind, n: usize| PartSource { name: name.into(), kind, content: Content::Bytes(vec![0x5a; n]) };
         let cmdline = format!("roothash={}", "ab".repeat(32));
-        let parts = [part("root.squashfs", kiln_init::update::PartKind::Root, 8192), part("root.verity", kiln_init::update::PartKind::Verity, 4096), part("zImage", kiln_init::update::PartKind::Kernel, 4096), part("initramfs.cpio.zst", kiln_init::update::PartKind::Initramfs, 4096)];
+        let parts = [part("root.squashfs", kiln_contract::update::PartKind::Root, 8192), part("root.verity", kiln_contract::update::PartKind::Verity, 4096), part("zImage", kiln_contract::update::PartKind::Kernel, 4096), part("initramfs.cpio.zst", kiln_contract::update::PartKind::Initramfs, 4096)];
         let spec = Spec { version, arch, profile: "upd7", board: Some("qemu-armv7"), roothash: &"ab".repeat(32), cmdline: Some(&cmdline), source_date_epoch: 1 };
         kiln::update::write(&to, &spec, &parts, key).unwrap();
         to
     };
-    let other_key = crafted(&kiln::sign::KeyPair::generate(), kiln::profile::Arch::Armv7, "2.0.0", "other-key.kiln");
-    let arm64 = crafted(key, kiln::profile::Arch::Arm64, "2.0.0", "arm64.kiln");
-    let downgrade = crafted(key, kiln::profile::Arch::Armv7, "0.9.0", "downgrade.kiln");
+    let other_key = crafted(&kiln::sign::KeyPair::generate(), kiln::arch::Arch::Armv7, "2.0.0", "other-key.kiln");
+    let arm64 = crafted(key, kiln::arch::Arch::Arm64, "2.0.0", "arm64.kiln");
+    let downgrade = crafted(key, kiln::arch::Arch::Armv7, "0.9.0", "downgrade.kiln");
     let truncated = d.join("truncated.kiln");
     let full = std::fs::read(v2.join("update.kiln")).unwrap();
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
@@ -249,7 +249,7 @@ fn card_updates_apply_refuse_and_roll_back() {
     let applied = n.event("update-applied", long);
     // The card is good from its first boot, so the stick is read at once:
     // the refusals may come before payload-started. Each, in name order.
-    let rejected: Vec<_> = n.vm.log().iter().filter_map(|l| kiln_init::event::parse(l)).filter(|e| e.name == "update-rejected").collect();
+    let rejected: Vec<_> = n.vm.log().iter().filter_map(|l| kiln_contract::event::parse(l)).filter(|e| e.name == "update-rejected").collect();
     assert_eq!(rejected.len(), 4, "{rejected:#?}");
     for (r, (file, why)) in rejected.iter().zip([("a-other-key.kiln", "key"), ("b-arm64.kiln", "arm64"), ("c-downgrade.kiln", "0.9.0"), ("d-truncated.kiln", "trunc")]) {
         assert!(r.get("source").unwrap_or_default().ends_with(file), "{r:?}");
@@ -385,7 +385,7 @@ fn a_trial_slot_that_fails_in_stage_1_rolls_back() {
     n.line("boot.scr falls back to a", long, |l| l.contains("kiln: slot a (good a"));
     common::expect_all(&n.event("rolled-back", long), &[("from", "2.0.0"), ("to", "1.0.0"), ("slot", "b")]);
     n.event("payload-started", long);
-    assert!(!n.vm.log().iter().filter_map(|l| kiln_init::event::parse(l)).any(|e| e.name == "maintenance"), "stage 1 parked instead of rebooting");
+    assert!(!n.vm.log().iter().filter_map(|l| kiln_contract::event::parse(l)).any(|e| e.name == "maintenance"), "stage 1 parked instead of rebooting");
 }
 
 /// A channel drives the card's update in its maintenance window: a
@@ -396,7 +396,7 @@ fn a_card_takes_a_channel_update_in_its_window() {
     use common::expect;
     let UpdateBuilds { v1, v2, .. } = update_builds();
     let bundle = std::fs::read(v2.join("update.kiln")).unwrap();
-    let sha = kiln_init::install_image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
+    let sha = kiln_contract::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
     let index = format!("version: 2.0.0\nplatforms:\n  linux-amd64:\n    url: 2.0.0/amd64/update.kiln\n    sha256: \"{}\"\n  linux-arm:\n    url: 2.0.0/armv7/update.kiln\n    sha256: {sha}\n", "0".repeat(64));
     let (port, requests) = common::serve(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/armv7/update.kiln".into(), bundle)]);
     let opens = (common::unix_now() + 100).div_ceil(60) * 60;

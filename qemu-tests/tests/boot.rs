@@ -108,7 +108,7 @@ fn malformed_node_config_gives_maintenance_not_a_crash_loop() {
     assert!(reason.contains("fw_cfg") && reason.contains("lables") && reason.contains("line 3"), "reason names source, key and line: {reason}");
     // It stays in maintenance: no payload, no restart of init, no repeat.
     let r = n.vm.wait_for("anything after maintenance", Duration::from_secs(20), |l| {
-        kiln_init::event::parse(l).is_some_and(|e| matches!(e.name.as_str(), "payload-started" | "started" | "maintenance"))
+        kiln_contract::event::parse(l).is_some_and(|e| matches!(e.name.as_str(), "payload-started" | "started" | "maintenance"))
     });
     assert!(r.is_err(), "expected quiet maintenance, got {r:?}");
     let log = n.vm.log();

@@ -77,7 +77,7 @@ fn ntp_timestamp(unix: f64) -> u64 {
     ((secs as u64 + NTP_TO_UNIX) << 32) | frac
 }
 
-fn num<T: std::str::FromStr>(e: &kiln_init::event::Event, key: &str) -> T {
+fn num<T: std::str::FromStr>(e: &kiln_contract::event::Event, key: &str) -> T {
     e.get(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("event {} has no numeric `{key}`: {e:?}", e.name))
 }
 

@@ -16,7 +16,7 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(660);
 
 /// The `<id>.<secret>` inside a join token.
 fn token_of(join_token: &str) -> (String, String) {
-    let gz = kiln_init::minisign::b64_decode(join_token.trim()).expect("the join token is base64");
+    let gz = kiln_contract::minisign::b64_decode(join_token.trim()).expect("the join token is base64");
     let mut kc = String::new();
     flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut kc).expect("the join token is gzip");
     let t = kc.lines().find_map(|l| l.trim().strip_prefix("token: ")).expect("a user token in the kubeconfig");
@@ -82,6 +82,6 @@ fn cluster_init_pair_joins() {
     let join = ctl.line("the join on the controller", Duration::from_secs(60), |l| l.contains("stand-in: join from"));
     assert!(join.contains("join from 10.0.0.11:") && join.contains(&format!("on port 6443 id={id} answer=ok")), "{join}");
     let secret_yaml = read(&format!("bootstrap-token-{id}.yaml"));
-    let b64 = |s: &str| kiln_init::minisign::b64_encode(s.as_bytes());
+    let b64 = |s: &str| kiln_contract::minisign::b64_encode(s.as_bytes());
     assert!(secret_yaml.contains(&format!("token-secret: {}", b64(&secret))), "the worker's secret is the Secret's");
 }

@@ -14,9 +14,9 @@
 mod common;
 
 use common::{boot_with, scratch, workspace, BOOT_TIMEOUT};
-use kiln::profile::Arch;
+use kiln::arch::Arch;
 use kiln::qemu::BootFrom;
-use kiln_init::install_image::hex;
+use kiln_contract::digest::hex;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

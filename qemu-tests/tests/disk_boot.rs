@@ -26,7 +26,7 @@ fn disk_spec(disk: Option<PathBuf>, size: u64, overlay: Option<PathBuf>) -> impl
 
 fn stays_down(n: &mut common::Node, secs: u64) {
     let r = n.vm.wait_for("payload-started (must not happen)", Duration::from_secs(secs), |l| {
-        kiln_init::event::parse(l).is_some_and(|e| e.name == "payload-started" || e.name == "switch-root")
+        kiln_contract::event::parse(l).is_some_and(|e| e.name == "payload-started" || e.name == "switch-root")
     });
     if let Ok(l) = r {
         n.fail(format!("the node went on after a failed root check: {l}"));

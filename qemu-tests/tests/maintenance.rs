@@ -116,7 +116,7 @@ fn invalid_fw_cfg_then_a_valid_one_on_the_next_boot() {
     maintenance_naming(&mut n, &["fw_cfg", "network.interfaces[0].vlan", "line 5", "4094"]);
     // Quiet while waiting: the same problem is not announced again.
     let again = n.vm.wait_for("a repeated maintenance event", Duration::from_secs(20), |l| {
-        kiln_init::event::parse(l).is_some_and(|e| matches!(e.name.as_str(), "maintenance" | "payload-started"))
+        kiln_contract::event::parse(l).is_some_and(|e| matches!(e.name.as_str(), "maintenance" | "payload-started"))
     });
     assert!(again.is_err(), "expected quiet maintenance, got {again:?}");
     power_off(&mut n);
@@ -154,7 +154,7 @@ fn preflight_failure_waits_for_a_changed_config() {
     maintenance_naming(&mut n, &["preflight failed for role single", "memory"]);
     // Waiting quietly: the refused config is not loaded again.
     let again = n.vm.wait_for("the refused config loaded again", Duration::from_secs(15), |l| {
-        kiln_init::event::parse(l).is_some_and(|e| matches!(e.name.as_str(), "config-loaded" | "maintenance" | "payload-started"))
+        kiln_contract::event::parse(l).is_some_and(|e| matches!(e.name.as_str(), "config-loaded" | "maintenance" | "payload-started"))
     });
     assert!(again.is_err(), "expected a quiet wait, got {again:?}");
     plug(&n, "stick1", &stick);

@@ -127,7 +127,7 @@ fn a_missing_config_is_a_clear_error_and_is_retried_until_it_appears() {
     // line, and the node keeps fetching.
     std::fs::write(configs.join(format!("{MAC}.toml")), "role = \"single\"\nhostname = \"Bad_Name\"\n").unwrap();
     let m = n.line("maintenance for the invalid config", Duration::from_secs(120), |l| {
-        kiln_init::event::parse(l).is_some_and(|e| e.name == "maintenance" && e.get("reason").is_some_and(|r| r.contains("url") && r.contains("hostname")))
+        kiln_contract::event::parse(l).is_some_and(|e| e.name == "maintenance" && e.get("reason").is_some_and(|r| r.contains("url") && r.contains("hostname")))
     });
     assert!(m.contains("line 2"), "the reason names the line: {m}");
     // The operator puts a valid config in place; the node comes up.
@@ -175,7 +175,7 @@ fn a_bundle_with_a_tampered_squashfs_stops_at_the_verity_check() {
     let failed = n.event("root-failed", BOOT_TIMEOUT);
     assert!(failed.get("reason").unwrap_or("").contains("verity"), "{failed:?}");
     n.event("maintenance", Duration::from_secs(30));
-    let r = n.vm.wait_for("payload-started (must not happen)", Duration::from_secs(20), |l| kiln_init::event::parse(l).is_some_and(|e| e.name == "payload-started"));
+    let r = n.vm.wait_for("payload-started (must not happen)", Duration::from_secs(20), |l| kiln_contract::event::parse(l).is_some_and(|e| e.name == "payload-started"));
     if let Ok(l) = r {
         n.fail(format!("the node went on after a failed root check: {l}"));
     }

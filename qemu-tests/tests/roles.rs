@@ -13,8 +13,8 @@
 
 mod common;
 use common::{boot, built, Node, BOOT_TIMEOUT};
-use kiln_init::install_image::hex;
-use kiln_init::minisign::b64_encode;
+use kiln_contract::digest::hex;
+use kiln_contract::minisign::b64_encode;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

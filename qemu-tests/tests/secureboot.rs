@@ -102,9 +102,9 @@ fn signed_boots_enforcing_unsigned_and_tampered_are_refused() {
     {
         let mut n = boot_with("secureboot_signed", &signed, None, secure(None));
         let started = n.line("stage 2 `started` with secureboot=", BOOT_TIMEOUT, |l| {
-            kiln_init::event::parse(l).is_some_and(|e| e.name == "started" && e.get("secureboot").is_some())
+            kiln_contract::event::parse(l).is_some_and(|e| e.name == "started" && e.get("secureboot").is_some())
         });
-        let e = kiln_init::event::parse(&started).unwrap();
+        let e = kiln_contract::event::parse(&started).unwrap();
         assert_eq!(e.get("secureboot"), Some("on"), "{started}");
         n.event("payload-started", BOOT_TIMEOUT);
     }

@@ -23,8 +23,8 @@ use common::{boot_with, expect, scratch, BOOT_TIMEOUT};
 use kiln::qemu::BootFrom;
 use kiln::sign::KeyPair;
 use kiln::update::{Content, PartSource, Spec};
-use kiln_init::event::Event;
-use kiln_init::update::PartKind;
+use kiln_contract::event::Event;
+use kiln_contract::update::PartKind;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ fn build(tag: &str, version: &str, extra: &str) -> PathBuf {
 }
 
 /// A well-formed bundle of `upd` with small stand-in parts, signed by `key`.
-fn crafted(key: &KeyPair, arch: kiln::profile::Arch, version: &str, to: &Path) {
+fn crafted(key: &KeyPair, arch: kiln::arch::Arch, version: &str, to: &Path) {
     let part = |name: &str, kind, n: usize| PartSource { name: name.into(), kind, content: Content::Bytes(vec![0x5a; n]) };
     let parts = [part("root.squashfs", PartKind::Root, 8192), part("root.verity", PartKind::Verity, 4096), part("kiln.efi", PartKind::Uki, 4096)];
     let spec = Spec { version, arch, profile: NAME, board: None, roothash: &"ab".repeat(32), cmdline: None, source_date_epoch: 1 };
@@ -112,11 +112,11 @@ fn updates_apply_refuse_and_roll_back() {
     let Builds { key, v1, v2, v3, v4 } = builds();
 
     let other_key = d.join("other-key.kiln");
-    crafted(&KeyPair::generate(), kiln::profile::Arch::Amd64, "2.0.0", &other_key);
+    crafted(&KeyPair::generate(), kiln::arch::Arch::Amd64, "2.0.0", &other_key);
     let arm64 = d.join("arm64.kiln");
-    crafted(key, kiln::profile::Arch::Arm64, "2.0.0", &arm64);
+    crafted(key, kiln::arch::Arch::Arm64, "2.0.0", &arm64);
     let downgrade = d.join("downgrade.kiln");
-    crafted(key, kiln::profile::Arch::Amd64, "0.9.0", &downgrade);
+    crafted(key, kiln::arch::Arch::Amd64, "0.9.0", &downgrade);
     let truncated = d.join("truncated.kiln");
     let full = std::fs::read(v2.join("update.kiln")).unwrap();
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
@@ -217,7 +217,7 @@ fn updates_apply_refuse_and_roll_back() {
 fn a_channel_update_waits_for_its_window() {
     let Builds { v1, v2, .. } = builds();
     let bundle = std::fs::read(v2.join("update.kiln")).unwrap();
-    let sha = kiln_init::install_image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
+    let sha = kiln_contract::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
     let index = format!("# kiln test channel\nversion: 2.0.0\nplatforms:\n  linux-amd64:\n    url: 2.0.0/update.kiln\n    sha256: {sha}\n  linux-arm:\n    url: 2.0.0/armv7/update.kiln\n    sha256: \"{}\"\n", "0".repeat(64));
     let (port, requests) = common::serve(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/update.kiln".into(), bundle)]);
     // The window opens at the start of a minute at least 100 s from now

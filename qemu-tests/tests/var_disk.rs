@@ -34,7 +34,7 @@ fn pxe_with(disk: &Path) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
     }
 }
 
-fn size_of(e: &kiln_init::event::Event) -> u64 {
+fn size_of(e: &kiln_contract::event::Event) -> u64 {
     e.get("size").and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
@@ -89,7 +89,7 @@ fn a_blank_var_disk_is_prepared_and_keeps_var_across_reboot() {
     let log = n.vm.log();
     let count = |ev: &str| {
         log.iter()
-            .filter(|l| kiln_init::event::parse(l).is_some_and(|e| e.name == ev))
+            .filter(|l| kiln_contract::event::parse(l).is_some_and(|e| e.name == ev))
             .count()
     };
     assert_eq!(
@@ -100,7 +100,7 @@ fn a_blank_var_disk_is_prepared_and_keeps_var_across_reboot() {
     assert_eq!(count("data-grown"), 1, "grown once, on the first boot");
     let refusals = log
         .iter()
-        .filter_map(|l| kiln_init::event::parse(l))
+        .filter_map(|l| kiln_contract::event::parse(l))
         .filter(|e| {
             e.name == "data-ephemeral"
                 && e.get("reason")

@@ -15,7 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// Where the builder puts the payloads in the root.
-pub const SOURCE: &str = "/usr/lib/kiln/appliance";
+pub use kiln_contract::layout::APPLIANCE_SOURCE as SOURCE;
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]

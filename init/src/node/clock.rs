@@ -7,8 +7,8 @@
 
 use super::console;
 use super::netup::NetState;
-use crate::config::{self, NtpHost, NtpServer, Time};
-use crate::date::civil_from_days;
+use kiln_contract::config::{self, NtpHost, NtpServer, Time};
+use kiln_contract::date::civil_from_days;
 use crate::net::sntp::{self, Sample};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};

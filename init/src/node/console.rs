@@ -1,7 +1,7 @@
 //! Console output: events, errors and payload lines, to the console and to
 //! /dev/kmsg.
 
-use crate::event;
+use kiln_contract::event;
 use std::io::Write;
 use std::sync::Mutex;
 

@@ -248,12 +248,7 @@ impl Gpt {
     }
 }
 
-/// CRC-32 (IEEE, as zlib), which GPT uses for headers and entries.
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut c = flate2::Crc::new();
-    c.update(data);
-    c.sum()
-}
+pub use kiln_contract::digest::crc32;
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -3,7 +3,7 @@
 
 use super::console;
 use super::sys::{self, Result};
-use crate::config::{Hostname, HostnameSource, NodeConfig};
+use kiln_contract::config::{Hostname, HostnameSource, NodeConfig};
 
 const MS_NOSUID: libc::c_ulong = libc::MS_NOSUID;
 const MS_NODEV: libc::c_ulong = libc::MS_NODEV;

@@ -8,7 +8,7 @@
 //! Manifests follow the config: written when absent or changed.
 
 use super::console;
-use crate::config::K0s;
+use kiln_contract::config::K0s;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -123,7 +123,7 @@ pub fn apply(k: &K0s) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ClusterCa, Manifest};
+    use kiln_contract::config::{ClusterCa, Manifest};
     use std::os::unix::fs::MetadataExt;
 
     fn cfg() -> K0s {

@@ -7,7 +7,7 @@
 //! waiting (answering the power button and shutdown signals meanwhile).
 
 use super::sources::{self, Found};
-use crate::config::NodeConfig;
+use kiln_contract::config::NodeConfig;
 
 /// A valid config, and where it came from.
 pub struct Loaded {
@@ -119,7 +119,7 @@ mod tests {
     use super::*;
 
     fn valid(text: &str) -> Found {
-        Found::Valid { source: "esp".into(), config: Box::new(crate::config::parse(text).unwrap()), text: text.into(), dev: None }
+        Found::Valid { source: "esp".into(), config: Box::new(kiln_contract::config::parse(text).unwrap()), text: text.into(), dev: None }
     }
 
     #[test]
@@ -130,7 +130,7 @@ mod tests {
         assert_eq!(p, refused_again(&refused));
         assert!(p.reason.contains("preflight failed"), "{p:?}");
         let Verdict::Use(l) = judge(valid("role = \"controller\"\n"), Some(&refused)) else { panic!("a changed config was not used") };
-        assert_eq!(l.config.role, crate::config::Role::Controller);
+        assert_eq!(l.config.role, kiln_contract::config::Role::Controller);
         assert!(matches!(judge(valid(worker), None), Verdict::Use(_)));
     }
 

@@ -2,7 +2,7 @@
 //! carrier (the default) or the static settings asked for.
 
 use super::console;
-use crate::config::{self, Interface, NodeConfig};
+use kiln_contract::config::{self, Interface, NodeConfig};
 use crate::net::{self, Lease, Link};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

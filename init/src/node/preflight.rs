@@ -4,8 +4,8 @@
 //! set up) and the disk (`var_space`, once /var is in place).
 
 use super::console;
-use crate::config::Role;
-use crate::requirements::{self, KernelConfig, Level, Needs};
+use kiln_contract::config::Role;
+use kiln_contract::requirements::{self, KernelConfig, Level, Needs};
 use std::io::Read;
 
 pub struct Outcome {

@@ -17,8 +17,8 @@
 
 use super::netup::{self, NetState};
 use super::{console, fetch, host, sys, volume};
-use crate::config::{self, NodeConfig};
-use crate::minisign::PublicKey;
+use kiln_contract::config::{self, NodeConfig};
+use kiln_contract::minisign::PublicKey;
 use std::time::Duration;
 
 pub const FW_CFG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/kiln/node.toml/raw";
@@ -552,7 +552,7 @@ mod tests {
         assert_eq!(c.network.wait_seconds, 30);
     }
 
-    use crate::minisign::vectors::{VEC_DATA as DATA, VEC_PUB as PUB, VEC_SIG as SIG};
+    use kiln_contract::minisign::vectors::{VEC_DATA as DATA, VEC_PUB as PUB, VEC_SIG as SIG};
 
     #[test]
     fn trust_decides() {

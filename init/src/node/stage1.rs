@@ -6,13 +6,15 @@
 //! Every failure is a console error plus an event, then maintenance: never a
 //! hang without a word, never a boot on an unverified root.
 
+use kiln_contract::digest::unhex32;
+use kiln_contract::layout::{INSTALL_PART, MBR_BOOT, MBR_DATA, RAM_ROOT, RAM_VERITY};
 use super::gpt::{self, Gpt, Guid};
 use super::grow::{self, Ext4Super};
 use super::{console, sys, updates};
 use crate::dm;
-use crate::install_image::hex;
+use kiln_contract::digest::hex;
 use crate::update::apply::Slot;
-use crate::verity::VeritySuperblock;
+use kiln_contract::verity::VeritySuperblock;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -199,18 +201,6 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Cmdline, String> {
     Ok(Cmdline { roothash, slot, on_corruption, ram, mbr })
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in b.chunks_exact(2).enumerate() {
-        let d = |c: u8| (c as char).to_digit(16);
-        out[i] = (d(pair[0])? * 16 + d(pair[1])?) as u8;
-    }
-    Some(out)
-}
 
 // ---- block devices ----------------------------------------------------------
 
@@ -348,12 +338,6 @@ impl Medium {
     }
 }
 
-/// The GPT name of the ISO's install-image partition; its presence marks a
-/// kiln ISO.
-pub const INSTALL_PART: &str = "kiln-install";
-/// Where a PXE initramfs (or `kiln.root=ram`) holds the root and its tree.
-pub const RAM_ROOT: &str = "/kiln/root.squashfs";
-pub const RAM_VERITY: &str = "/kiln/root.verity";
 /// What stage 1 tells stage 2 about the boot medium (key=value lines).
 pub const MEDIUM_FILE: &str = "/run/kiln/medium";
 
@@ -396,10 +380,6 @@ fn find_mbr_root(disks: Vec<Disk>, m: MbrRoot) -> Result<(Disk, Part), Vec<Disk>
     Err(rest)
 }
 
-/// Partitions of the builder's MBR card layout: boot FAT, root-a, root-b,
-/// data.
-pub const MBR_BOOT: u32 = 1;
-pub const MBR_DATA: u32 = 4;
 
 /// The MBR disk signature of `disk`, when it has an MBR and no GPT.
 fn disk_mbr_signature(disk: &Disk) -> Option<u32> {

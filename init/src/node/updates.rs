@@ -34,14 +34,15 @@
 //! so k0s keeps being supervised; a node reboots into the new image when
 //! the apply is done (in `update.window` when one is set).
 
+use kiln_contract::digest::unhex32;
 use super::{console, install, sys, volume};
-use crate::config;
-use crate::minisign::PublicKey;
+use kiln_contract::config;
+use kiln_contract::minisign::PublicKey;
 use crate::update::apply::{self, Applied, ApplyError, Slot, Target};
 use crate::update::uboot::{self, State};
 use super::stage1::{self, MbrRoot};
 use crate::update::channel::{self, Offer};
-use crate::update::{self, BundleReader, Policy};
+use kiln_contract::update::{self, BundleReader, Policy};
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::fs::{self, File};
@@ -208,16 +209,6 @@ impl Node {
     }
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
 
 fn os_release_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|l| {

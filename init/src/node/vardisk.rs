@@ -18,7 +18,7 @@
 use super::gpt::{self, Gpt, Guid};
 use super::grow::{self, Ext4Super};
 use super::{console, install, stage1, sys};
-use crate::config::NodeConfig;
+use kiln_contract::config::NodeConfig;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 pub const PART_NAME: &str = "kiln-var";
 /// The empty ext4 the builder bakes into the root; written to a blank
 /// disk and grown online.
-pub const TEMPLATE: &str = "/usr/lib/kiln/var.ext4";
+pub use kiln_contract::layout::VAR_TEMPLATE as TEMPLATE;
 /// Linux filesystem data, 0FC63DAF-8483-4772-8E79-3D69D8477DE4.
 pub const LINUX_DATA: Guid = Guid([
     0x0f, 0xc6, 0x3d, 0xaf, 0x84, 0x83, 0x47, 0x72, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47, 0x7d, 0xe4,

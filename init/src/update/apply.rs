@@ -97,55 +97,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use crate::verity::{hash_blocks, parse_superblock, TreeBuilder, BLOCK as VERITY_BLOCK};
+use kiln_contract::verity::{hash_blocks, parse_superblock, TreeBuilder, BLOCK as VERITY_BLOCK};
 
-use super::bundle::{hex, BundleError, BundleReader, Manifest, Part, PartKind};
+use kiln_contract::update::bundle::{hex, BundleError, BundleReader, Manifest, Part, PartKind};
 use super::uboot::{self, State};
 use crate::node::gpt::{self, Gpt, Guid, Header, Partition};
 use crate::node::stage1::{mbr_signature, MbrRoot};
 
-/// Tries a new boot entry gets by default (BLS boot counting, `+3`).
-pub const TRIES: u32 = 3;
-/// Where UKIs live on the ESP (BLS type #2).
-pub const ENTRY_DIR: &str = "EFI/Linux";
+pub use kiln_contract::layout::{entry_name, Slot, ENTRY_DIR, TRIES};
+use kiln_contract::digest::unhex32;
 const CHUNK: usize = 1 << 20;
-
-/// A root slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub fn letter(self) -> &'static str {
-        match self {
-            Slot::A => "a",
-            Slot::B => "b",
-        }
-    }
-
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-
-    pub fn root_name(self) -> String {
-        format!("root-{}", self.letter())
-    }
-
-    pub fn verity_name(self) -> String {
-        format!("root-{}-verity", self.letter())
-    }
-}
-
-impl std::fmt::Display for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.letter())
-    }
-}
 
 /// Where to apply an update.
 #[derive(Clone)]
@@ -387,16 +348,12 @@ fn sector_size(f: &File) -> u64 {
 /// PARTUUID of a root partition: the root hash's first 128 bits (as the
 /// builder and stage 1 derive it).
 pub fn data_uuid(roothash: &[u8; 32]) -> Guid {
-    let mut g = [0u8; 16];
-    g.copy_from_slice(&roothash[..16]);
-    Guid(g)
+    Guid(kiln_contract::layout::root_uuid(roothash))
 }
 
 /// PARTUUID of a verity partition: the root hash's last 128 bits.
 pub fn hash_uuid(roothash: &[u8; 32]) -> Guid {
-    let mut g = [0u8; 16];
-    g.copy_from_slice(&roothash[16..]);
-    Guid(g)
+    Guid(kiln_contract::layout::verity_uuid(roothash))
 }
 
 fn to_gpt_bytes(g: Guid) -> [u8; 16] {
@@ -407,23 +364,7 @@ fn to_gpt_bytes(g: Guid) -> [u8; 16] {
     b
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(std::str::from_utf8(&b[2 * i..2 * i + 2]).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
 
-/// The boot entry file name of `slot` with `tries` left:
-/// `kiln-<profile>-<x>+<tries>.efi`.
-pub fn entry_name(profile: &str, slot: Slot, tries: u32) -> String {
-    format!("kiln-{profile}-{slot}+{tries}.efi")
-}
 
 /// The slot the node runs: the one of `root-a`/`root-b` on `disk` whose
 /// PARTUUID is the first half of `roothash`.
@@ -573,18 +514,7 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
 /// An MBR card's root slots: partition 2 is slot a, 3 is slot b (as the
 /// builder lays them out, see kiln's sdcard.rs).
 pub fn mbr_slot(partition: u32) -> Option<Slot> {
-    match partition {
-        2 => Some(Slot::A),
-        3 => Some(Slot::B),
-        _ => None,
-    }
-}
-
-fn mbr_partition(slot: Slot) -> u32 {
-    match slot {
-        Slot::A => 2,
-        Slot::B => 3,
-    }
+    Slot::of_mbr_partition(partition)
 }
 
 /// The root and verity regions of `slot` on an MBR card: the partition's
@@ -606,7 +536,7 @@ fn mbr_slot_regions(f: &File, path: &Path, mbr: MbrRoot, slot: Slot) -> Result<(
         let len = u64::from(u32::from_le_bytes([e[12], e[13], e[14], e[15]])) * lba;
         (e[4], first, len)
     };
-    let n = mbr_partition(slot);
+    let n = slot.mbr_partition();
     let (kind, first, len) = entry(n);
     if kind == 0 || len == 0 {
         return Err(ApplyError::MissingPartition { disk: path.to_path_buf(), name: format!("root-{slot} (MBR partition {n})") });
@@ -614,7 +544,7 @@ fn mbr_slot_regions(f: &File, path: &Path, mbr: MbrRoot, slot: Slot) -> Result<(
     if first + len > bytes {
         return Err(bad(format!("partition {n} (root-{slot}) ends at byte {}, past the disk's {bytes}", first + len)));
     }
-    let (_, of, ol) = entry(mbr_partition(slot.other()));
+    let (_, of, ol) = entry(slot.other().mbr_partition());
     if of < first + len && first < of + ol {
         return Err(bad("partitions 2 and 3 (root-a and root-b) overlap".to_string()));
     }
@@ -700,7 +630,7 @@ fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRo
     check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
 
     target.step(Step::Installing(x));
-    let slot_cmdline = format!("{cmdline} kiln.slot={x} kiln.mbr={:08x},{},{}", mbr.signature, mbr_partition(x), mbr.hash_offset);
+    let slot_cmdline = format!("{cmdline} kiln.slot={x} kiln.mbr={:08x},{},{}", mbr.signature, x.mbr_partition(), mbr.hash_offset);
     let conf = uboot::extlinux_conf(m.board.as_deref().unwrap_or(&m.profile), x, dtb.as_deref(), &slot_cmdline);
     let conf_path = dir.join(uboot::EXTLINUX);
     write_file(&mut conf.as_bytes(), &conf_path).map_err(cleanup)?;
@@ -807,7 +737,7 @@ fn free_bytes(dir: &Path) -> Result<u64, ApplyError> {
 
 /// The read-back: the root hash of the data on `root` with the salt and size
 /// of the superblock on `verity`, and every hash block on `verity` compared
-/// with the recomputed tree. The tree is [`crate::verity`]'s, the code the
+/// with the recomputed tree. The tree is [`kiln_contract::verity`]'s, the code the
 /// builder's `kiln::verity::build` writes trees with.
 fn check_slot(f: &File, slot: Slot, root: &Region, verity: &Region, root_size: u64, verity_size: u64, expected: &[u8; 32]) -> Result<(), ApplyError> {
     // What was just written must come from the disk, not the page cache.

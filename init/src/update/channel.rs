@@ -24,7 +24,7 @@
 //! ```
 //!
 //! - `version` (required): the image version the channel offers,
-//!   dot-separated whole numbers (see [`super::version`]).
+//!   dot-separated whole numbers (see `kiln_contract::update::version`).
 //! - `platforms` (required): one entry a platform; kiln's architectures map
 //!   to k0s's platform names: `amd64` → `linux-amd64`, `arm64` →
 //!   `linux-arm64`, `armv7` → `linux-arm`. Other platform names are allowed
@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::version::Version;
+use kiln_contract::update::Version;
 use crate::node::fetch::{self, BodyLength, FetchError, Url};
 
 /// The channel index's file name inside the channel's folder.

@@ -1,42 +1,11 @@
-//! A/B updates, node side. So far: reading and verifying update bundles
-//! ([`bundle`]), comparing image versions ([`version`]) and, as a library
-//! the node does not call yet, writing a bundle to the other slot
-//! ([`apply`]).
+//! A/B updates, node side: applying a verified bundle to the other slot
+//! ([`apply`]), the update channel ([`channel`]) and a u-boot card's state
+//! file ([`uboot`]). The bundle format, its signature check and image
+//! versions are `kiln_contract::update`; `node::updates` decides when.
 
 #[cfg(target_os = "linux")]
 pub mod apply;
-pub mod bundle;
-#[cfg(target_os = "linux")]
-pub mod uboot;
 #[cfg(target_os = "linux")]
 pub mod channel;
-pub mod version;
-
-pub use bundle::{BundleError, BundleReader, Manifest, Part, PartKind, Policy};
-pub use version::Version;
-
-/// Where a signed image keeps the public half of its signing key, which
-/// update bundles must be signed with.
-pub const KEY_PATH: &str = "/etc/kiln/update.pub";
-
-/// The image's own version, `IMAGE_VERSION=` in /etc/os-release (set when
-/// the profile has `version`).
-pub fn running_version(os_release: &str) -> Option<&str> {
-    os_release.lines().find_map(|l| {
-        let v = l.strip_prefix("IMAGE_VERSION=")?.trim();
-        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
-        Some(v).filter(|v| !v.is_empty())
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn running_version_from_os_release() {
-        let os = "NAME=kiln\nIMAGE_ID=edge\nIMAGE_VERSION=1.2.10\n";
-        assert_eq!(super::running_version(os), Some("1.2.10"));
-        assert_eq!(super::running_version("IMAGE_VERSION=\"3\"\n"), Some("3"));
-        assert_eq!(super::running_version("NAME=kiln\nIMAGE_VERSION=\n"), None);
-        assert_eq!(super::running_version("NAME=kiln\n"), None);
-    }
-}
+#[cfg(target_os = "linux")]
+pub mod uboot;

@@ -149,15 +149,15 @@ impl Node {
     /// already: the cut came after the entry was in place), or the old
     /// image applies the bundle again (`update-applied`, later). `version`:
     /// the new image's.
-    pub fn update_resumed(&mut self, version: &str, timeout: Duration) -> kiln_init::event::Event {
-        if let Some(t) = self.vm.log().iter().filter_map(|l| kiln_init::event::parse(l)).find(|e| e.name == "boot-trial" && e.get("version") == Some(version)) {
+    pub fn update_resumed(&mut self, version: &str, timeout: Duration) -> kiln_contract::event::Event {
+        if let Some(t) = self.vm.log().iter().filter_map(|l| kiln_contract::event::parse(l)).find(|e| e.name == "boot-trial" && e.get("version") == Some(version)) {
             return t;
         }
-        let l = self.line("update-applied or boot-trial", timeout, |l| kiln_init::event::parse(l).is_some_and(|e| e.name == "update-applied" || e.name == "boot-trial"));
-        kiln_init::event::parse(&l).expect("an event line")
+        let l = self.line("update-applied or boot-trial", timeout, |l| kiln_contract::event::parse(l).is_some_and(|e| e.name == "update-applied" || e.name == "boot-trial"));
+        kiln_contract::event::parse(&l).expect("an event line")
     }
 
-    pub fn event(&mut self, name: &str, timeout: Duration) -> kiln_init::event::Event {
+    pub fn event(&mut self, name: &str, timeout: Duration) -> kiln_contract::event::Event {
         match self.vm.wait_event(name, timeout) {
             Ok(e) => e,
             Err(e) => self.fail(e),
@@ -273,13 +273,13 @@ pub fn kilnupd_stick(path: &Path, files: &[(&str, &Path)]) -> PathBuf {
 
 /// Asserts an event's field.
 #[track_caller]
-pub fn expect(e: &kiln_init::event::Event, key: &str, want: &str) {
+pub fn expect(e: &kiln_contract::event::Event, key: &str, want: &str) {
     assert_eq!(e.get(key), Some(want), "{e:?}");
 }
 
 /// Asserts several of an event's fields.
 #[track_caller]
-pub fn expect_all(e: &kiln_init::event::Event, fields: &[(&str, &str)]) {
+pub fn expect_all(e: &kiln_contract::event::Event, fields: &[(&str, &str)]) {
     for (k, v) in fields {
         assert_eq!(e.get(k), Some(*v), "{k}: {e:?}");
     }
@@ -341,7 +341,7 @@ pub const CLOCK_SKEW: u64 = 10;
 /// opened at least 100 s after boot, so a request while it was closed
 /// would still be seen.
 #[track_caller]
-pub fn asked_nothing_before(opens: u64, open: &kiln_init::event::Event, requests: &Requests, paths: &[&str]) {
+pub fn asked_nothing_before(opens: u64, open: &kiln_contract::event::Event, requests: &Requests, paths: &[&str]) {
     let node_time: u64 = open.get("time").and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("no time in {open:?}"));
     assert!(node_time >= opens, "the node opened its window at {node_time} by its own clock, before {opens}: {open:?}");
     let seen = requests.lock().unwrap().clone();
@@ -388,7 +388,7 @@ pub fn flip_byte(path: &Path, at: u64) {
 /// worker (the stricter role): what `kiln kernel check` reports on its
 /// .config, found in the cache by the manifest's key.
 pub fn kernel_check_is_clean(manifest: &serde_json::Value) {
-    use kiln_init::requirements::{check, KernelConfig, Level, Needs};
+    use kiln_contract::requirements::{check, KernelConfig, Level, Needs};
     let key = manifest["kernel"]["cache_key"].as_str().expect("the manifest's kernel cache_key");
     let config = kiln::cache::Cache::default_location().entry("kernel", key).join("config");
     let cfg = KernelConfig::parse(&std::fs::read_to_string(&config).expect("the cached kernel .config"));

@@ -669,9 +669,7 @@ fn octal(f: &[u8]) -> Option<u64> {
     any.then_some(n)
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::digest::hex;
 
 #[cfg(test)]
 mod tests {

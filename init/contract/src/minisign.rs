@@ -336,8 +336,8 @@ pub fn b64_decode(text: &str) -> Result<Vec<u8>, String> {
 
 /// A signature made by minisign itself, for tests here and of the node's
 /// config sources.
-#[cfg(test)]
-pub(crate) mod vectors {
+#[doc(hidden)]
+pub mod vectors {
     /// Made by Debian's minisign 0.11 (`minisign -G -W`, then
     /// `minisign -S -m node.toml -t "kiln test vector"`), so the node's
     /// verifier is checked against minisign itself without running it. The

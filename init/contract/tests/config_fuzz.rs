@@ -13,9 +13,9 @@
 //!   points at the line that holds that key.
 //!
 //! A failing case is shrunk by proptest and printed; add it to the
-//! regression tests in init/src/config.rs when fixing it.
+//! regression tests in init/contract/src/config.rs when fixing it.
 
-use kiln_init::config::{self, NodeConfig, KEYS};
+use kiln_contract::config::{self, NodeConfig, KEYS};
 use proptest::prelude::*;
 
 /// The input's lines as an error can name them: 1..=max(lines, 1).

@@ -4,7 +4,8 @@
 //! good day and on bad ones.
 
 use kiln::gpt::{self, deterministic_guid, Gpt, Layout, PartSize};
-use kiln_init::install_image::{self, apply, InstallError, Progress, Target};
+use kiln_contract::install_image;
+use kiln_init::node::install::write::{apply, InstallError, Progress, Report, Target};
 use proptest::prelude::*;
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
@@ -290,7 +291,7 @@ fn install<T: Target + ?Sized>(
     image: &Path,
     target: &T,
     target_bytes: u64,
-) -> Result<install_image::Report, InstallError> {
+) -> Result<Report, InstallError> {
     apply(
         &mut File::open(image).unwrap(),
         &mut File::open(&s.root).unwrap(),
@@ -732,8 +733,8 @@ proptest! {
     fn init_sha256_agrees_with_sha2(data in proptest::collection::vec(any::<u8>(), 0..3000), split in 0usize..3000) {
         use sha2::Digest;
         let want: [u8; 32] = sha2::Sha256::digest(&data).into();
-        prop_assert_eq!(install_image::sha256(&data), want);
-        let mut h = install_image::Sha256::new();
+        prop_assert_eq!(kiln_contract::digest::sha256(&data), want);
+        let mut h = kiln_contract::digest::Sha256::new();
         let at = split.min(data.len());
         h.update(&data[..at]);
         h.update(&data[at..]);

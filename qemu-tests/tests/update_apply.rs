@@ -5,7 +5,7 @@
 //! them are genuine; the bundles are written by `kiln::update` with a fresh
 //! key, as in tests/update_bundle.rs.
 
-use kiln::profile::Arch;
+use kiln::arch::Arch;
 use kiln::sign::{KeyPair, PublicKey};
 use kiln::update::{self, Content, PartSource, Spec};
 use kiln::verity;
@@ -13,7 +13,7 @@ use kiln_init::node::gpt::{Gpt, Guid, Partition};
 use kiln_init::node::stage1::MbrRoot;
 use kiln_init::update::apply::{self, ApplyError, Slot, Target};
 use kiln_init::update::uboot::{self, State};
-use kiln_init::update::{BundleError, BundleReader, PartKind, Policy};
+use kiln_contract::update::{BundleError, BundleReader, PartKind, Policy};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -58,7 +58,7 @@ struct Image {
 
 impl Image {
     fn hash(&self) -> [u8; 32] {
-        hex::decode(&self.roothash).unwrap().try_into().unwrap()
+        kiln_contract::digest::unhex32(&self.roothash).unwrap()
     }
 }
 
@@ -92,7 +92,7 @@ fn policy(keys: &[PublicKey]) -> Policy<'_> {
 }
 
 fn guid(hex_half: &str) -> String {
-    Guid(hex::decode(hex_half).unwrap().try_into().unwrap()).to_string()
+    Guid(std::array::from_fn(|i| u8::from_str_radix(&hex_half[2 * i..2 * i + 2], 16).unwrap())).to_string()
 }
 
 /// A slot's root and verity bytes and partitions.
@@ -179,7 +179,7 @@ impl Node {
     }
 
     fn disk_sha(&self) -> String {
-        hex::encode(Sha256::digest(std::fs::read(&self.disk).unwrap()))
+        kiln_contract::digest::hex(&Sha256::digest(std::fs::read(&self.disk).unwrap()))
     }
 
     fn apply(&self, bundle: &Path, key: &KeyPair, running: &Image) -> Result<apply::Applied, ApplyError> {

@@ -6,11 +6,14 @@
 //! The disk image is rebuilt from the ISO: the verified root (read through
 //! dm-verity), its hash tree, and the install image (`/KILN/INSTALL.IMG`:
 //! the GPT, the ESP and the data partition). See
-//! [`crate::install_image`] for the format and the write order that keeps an
+//! `kiln_contract::install_image` for the format, and [`write`] for the
+//! write order that keeps an
 //! interrupted install from leaving a half-bootable disk.
 
+pub mod write;
+
 use super::{console, stage1};
-use crate::install_image;
+use write as install_image;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;

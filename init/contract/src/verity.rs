@@ -20,7 +20,7 @@
 //! digests (32 bytes per 4 KiB block).
 
 use sha2::{Digest, Sha256};
-use crate::install_image::hex;
+use crate::digest::hex;
 
 /// Data and hash block size, in bytes.
 pub const BLOCK: u64 = 4096;
