@@ -1,4 +1,4 @@
-//! Applying update bundles (`kiln_init::update::apply`) to a disk image laid
+//! Applying update bundles (`kiln_init::node::update::apply`) to a disk image laid
 //! out as kiln lays out its disks (made with sgdisk), with an ESP directory
 //! beside it. The roots are arbitrary data with real dm-verity trees from the
 //! builder's `verity` code, so the root hashes and the PARTUUIDs derived from
@@ -10,9 +10,9 @@ use kiln::sign::{KeyPair, PublicKey};
 use kiln::update::{self, Content, PartSource, Spec};
 use kiln::verity;
 use kiln_init::node::gpt::{Gpt, Guid, Partition};
-use kiln_init::node::stage1::MbrRoot;
-use kiln_init::update::apply::{self, ApplyError, Slot, Target};
-use kiln_init::update::uboot::{self, State};
+use kiln_init::cmdline::MbrRoot;
+use kiln_init::node::update::apply::{self, ApplyError, Slot, Target};
+use kiln_init::node::update::uboot::{self, State};
 use kiln_contract::update::{BundleError, BundleReader, PartKind, Policy};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;

@@ -248,6 +248,15 @@ impl Gpt {
     }
 }
 
+/// The disk signature of an MBR (sector 0); none for a protective MBR
+/// (GPT) or no table.
+pub fn mbr_signature(sector0: &[u8]) -> Option<u32> {
+    if sector0.len() < 512 || sector0[510..512] != [0x55, 0xAA] || sector0[450] == 0xEE {
+        return None;
+    }
+    Some(u32::from_le_bytes([sector0[440], sector0[441], sector0[442], sector0[443]]))
+}
+
 pub use kiln_contract::digest::crc32;
 
 #[cfg(test)]
@@ -255,6 +264,21 @@ pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
     use std::process::Command;
+
+    #[test]
+    fn mbr_signature_of_sector_zero() {
+        let mut s = [0u8; 512];
+        assert_eq!(mbr_signature(&s), None);
+        s[440..444].copy_from_slice(&0x1a2b_3c4du32.to_le_bytes());
+        s[510] = 0x55;
+        s[511] = 0xAA;
+        s[450] = 0x0c;
+        assert_eq!(mbr_signature(&s), Some(0x1a2b_3c4d));
+        assert_eq!(mbr_signature(&s[..100]), None);
+        // A GPT's protective MBR is not an MBR card.
+        s[450] = 0xEE;
+        assert_eq!(mbr_signature(&s), None);
+    }
 
     pub fn have(tool: &str) -> bool {
         Command::new(tool).arg("--version").output().is_ok()

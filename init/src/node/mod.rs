@@ -16,7 +16,7 @@ pub mod secureboot;
 pub mod sources;
 pub mod supervisor;
 pub mod sys;
-pub mod updates;
+pub mod update;
 pub mod vardisk;
 pub mod volume;
 pub mod watchdog;
@@ -314,7 +314,7 @@ pub fn run() -> ! {
     }
     let mut shell = Shell::new(cfg.debug.shell);
     shell.spawn();
-    let mut upd = updates::Updates::start(&cfg.update);
+    let mut upd = update::Updates::start(&cfg.update);
 
     loop {
         let now = Instant::now();
@@ -477,7 +477,7 @@ fn install_now(target: &str, why: &str) -> Result<(), String> {
 /// After a panic: on a trial boot with an image to fall back to, reboot
 /// (spending a try); otherwise reap forever.
 pub fn park() -> ! {
-    if let Some((slot, version, entry)) = updates::trial_with_fallback() {
+    if let Some((slot, version, entry)) = update::trial_with_fallback() {
         console::event(
             "boot-failed",
             &[("slot", &slot), ("version", &version), ("entry", &entry.name), ("tries_left", &entry.left.unwrap_or(0)), ("reason", &"kiln-init panicked on a trial boot"), ("action", &"reboot")],
@@ -503,7 +503,7 @@ fn idle_forever() -> ! {
 /// whoever builds the image can set it.
 fn fault_injection() {
     let cmdline = sys::read("/proc/cmdline").unwrap_or_default();
-    if stage1::words(&cmdline).iter().any(|w| w == "kiln.fault=panic") {
+    if crate::cmdline::words(&cmdline).iter().any(|w| w == "kiln.fault=panic") {
         panic!("kiln.fault=panic on the kernel cmdline: panicking as asked (a rollback drill)");
     }
 }

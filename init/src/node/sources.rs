@@ -205,7 +205,7 @@ fn parse(source: &str, text: String, location: &str) -> Found {
 /// `kiln.config=` from a kernel cmdline, when set and not empty.
 pub fn cmdline_url(cmdline: &str) -> Option<String> {
     // The last one wins, as the kernel does with repeated parameters.
-    super::stage1::words(cmdline)
+    crate::cmdline::words(cmdline)
         .into_iter()
         .rev()
         .find_map(|w| {

@@ -54,7 +54,7 @@ pub fn read_medium() -> Result<Medium, String> {
 /// `kiln.install=/dev/X` on the kernel cmdline.
 pub fn requested_on_cmdline() -> Option<String> {
     let c = std::fs::read_to_string("/proc/cmdline").ok()?;
-    stage1::words(&c).into_iter().rev().find_map(|w| w.strip_prefix("kiln.install=").map(str::to_string)).filter(|s| !s.is_empty())
+    crate::cmdline::words(&c).into_iter().rev().find_map(|w| w.strip_prefix("kiln.install=").map(str::to_string)).filter(|s| !s.is_empty())
 }
 
 pub enum Outcome {
@@ -95,7 +95,7 @@ fn sector_size(f: &File) -> u32 {
 /// header the ISO was built with.
 fn install_pin() -> Result<[u8; 32], String> {
     let c = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let hex = stage1::words(&c).into_iter().rev().find_map(|w| w.strip_prefix("kiln.install_sha256=").map(str::to_string));
+    let hex = crate::cmdline::words(&c).into_iter().rev().find_map(|w| w.strip_prefix("kiln.install_sha256=").map(str::to_string));
     let hex = hex.ok_or("the cmdline has no kiln.install_sha256= (the ISO's boot entry pins its install image); rebuild the ISO with a current kiln")?;
     let b = hex.as_bytes();
     let mut out = [0u8; 32];
@@ -149,7 +149,7 @@ pub fn run(target: &str, why: &str) -> Result<Outcome, String> {
 
     // A disk already holding this root: the ISO was left in after the
     // install. Do not install again.
-    let cmd = stage1::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())?;
+    let cmd = crate::cmdline::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())?;
     if let Ok(f) = File::open(&node) {
         let bytes = size_of(&f).unwrap_or(0);
         if let Ok(g) = super::gpt::Gpt::read(&f, 512, bytes) {

@@ -102,7 +102,8 @@ use kiln_contract::verity::{hash_blocks, parse_superblock, TreeBuilder, BLOCK as
 use kiln_contract::update::bundle::{hex, BundleError, BundleReader, Manifest, Part, PartKind};
 use super::uboot::{self, State};
 use crate::node::gpt::{self, Gpt, Guid, Header, Partition};
-use crate::node::stage1::{mbr_signature, MbrRoot};
+use crate::cmdline::MbrRoot;
+use crate::node::gpt::mbr_signature;
 
 pub use kiln_contract::layout::{entry_name, Slot, ENTRY_DIR, TRIES};
 use kiln_contract::digest::unhex32;

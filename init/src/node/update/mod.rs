@@ -1,5 +1,8 @@
 //! A/B updates on the node: boot assessment, rollback reports, and taking
-//! update bundles from a local drop or a channel.
+//! update bundles from a local drop or a channel. Writing a bundle to the
+//! other slot is [`apply`]; the channel's index is [`channel`]; a u-boot
+//! card's state file is [`uboot`]. The bundle format and its checks are
+//! `kiln_contract::update`.
 //!
 //! **Boot assessment.** A boot entry with a counter (`kiln-<profile>-<x>+N…`,
 //! BLS boot counting) is an image on trial. systemd-boot takes a try each
@@ -20,7 +23,7 @@
 //!
 //! **u-boot boards** (armv7 MBR cards) have no boot entries with counters:
 //! `/boot.scr` keeps the trial and its tries in `/boot/kiln/state`
-//! ([`crate::update::uboot`]), takes a try each boot and boots the good slot
+//! ([`crate::node::update::uboot`]), takes a try each boot and boots the good slot
 //! once they are spent. kiln-init reads the same file: the running slot on
 //! trial is a trial boot; the running slot good with a spent trial of the
 //! other slot is a fallback (reported, and the trial cleared). Marking good
@@ -34,14 +37,18 @@
 //! so k0s keeps being supervised; a node reboots into the new image when
 //! the apply is done (in `update.window` when one is set).
 
+pub mod apply;
+pub mod channel;
+pub mod uboot;
+
 use kiln_contract::digest::unhex32;
 use super::{console, install, sys, volume};
 use kiln_contract::config;
 use kiln_contract::minisign::PublicKey;
-use crate::update::apply::{self, Applied, ApplyError, Slot, Target};
-use crate::update::uboot::{self, State};
-use super::stage1::{self, MbrRoot};
-use crate::update::channel::{self, Offer};
+use apply::{Applied, ApplyError, Slot, Target};
+use uboot::State;
+use crate::cmdline::{self, MbrRoot};
+use channel::Offer;
 use kiln_contract::update::{self, BundleReader, Policy};
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -224,7 +231,7 @@ fn this_node() -> Result<Node, String> {
     }
     let disk = PathBuf::from(m.device.ok_or("stage 1 did not say which disk the root is on")?);
     let cmdline = sys::read("/proc/cmdline").map_err(|e| e.to_string())?;
-    let c = stage1::parse_cmdline(&cmdline)?;
+    let c = cmdline::parse_cmdline(&cmdline)?;
     let roothash = c.roothash;
     let slot = match c.mbr {
         Some(m) => apply::mbr_slot(m.partition).ok_or_else(|| format!("kiln.mbr= names partition {}, which is not a root slot (2 or 3)", m.partition))?,

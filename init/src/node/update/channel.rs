@@ -50,7 +50,6 @@
 //! the body if the sha256 differs from the index's or the body is short, so
 //! [`super::BundleReader`] fails before anything is switched.
 
-use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Cursor, ErrorKind, Read};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -245,14 +244,7 @@ pub fn newer(offer_version: &str, running_version: &str) -> bool {
     }
 }
 
-/// Lower-case hex, for messages.
-pub fn hex(d: &[u8]) -> String {
-    let mut s = String::with_capacity(d.len() * 2);
-    for b in d {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+pub use kiln_contract::digest::hex;
 
 // ---------------------------------------------------------------------------
 // index.yaml
