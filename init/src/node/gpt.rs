@@ -259,11 +259,6 @@ pub fn crc32(data: &[u8]) -> u32 {
 pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
-
-    pub fn have(tool: &str) -> bool {
-        Command::new(tool).arg("--version").output().is_ok()
-    }
 
     pub fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kiln-init-{tag}-{}-{:?}", std::process::id(), std::thread::current().id()));
@@ -273,7 +268,7 @@ pub(crate) mod tests {
     }
 
     pub fn sgdisk(args: &[&str], disk: &Path) -> String {
-        let out = Command::new("sgdisk").args(args).arg(disk).output().unwrap();
+        let out = kiln_testkit::command("sgdisk").args(args).arg(disk).output().unwrap();
         assert!(out.status.success(), "sgdisk {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -299,8 +294,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reads_what_sgdisk_writes() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("gpt-read");
