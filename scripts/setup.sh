@@ -20,7 +20,7 @@ packages=(
   # the DHCP client's tests run dnsmasq in network namespaces
   dnsmasq-base iproute2
   # external checkers for the formats kiln writes
-  squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools openssl
+  squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools openssl tar
   # u-boot script images (boot.scr): mkimage checks the ones kiln writes
   u-boot-tools
   # UEFI boot: firmware and systemd-boot/stub

@@ -85,17 +85,20 @@ mod tests {
 
     #[test]
     fn same_bytes_as_mkimage() {
-        let Ok(out) = std::process::Command::new("mkimage").arg("-V").output() else {
-            eprintln!("skipped: no mkimage (apt-get install u-boot-tools)");
+        let Some(mkimage) = kiln_testkit::checker("mkimage", "u-boot-tools") else {
             return;
         };
+        let out = std::process::Command::new(&mkimage)
+            .arg("-V")
+            .output()
+            .unwrap();
         assert!(out.status.success());
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("boot.cmd");
         let dst = d.path().join("boot.scr");
         for text in [script(), "echo odd length\n".to_string(), "echo odder length\n".to_string()] {
             std::fs::write(&src, &text).unwrap();
-            let r = std::process::Command::new("mkimage")
+            let r = std::process::Command::new(&mkimage)
                 .env("SOURCE_DATE_EPOCH", "1700000000")
                 .args(["-A", "arm", "-O", "linux", "-T", "script", "-C", "none", "-n", "kiln"])
                 .arg("-d")

@@ -1065,26 +1065,9 @@ fn dos_datetime(unix_seconds: u64) -> (u16, u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_testkit::checker;
     use std::path::Path;
     use std::process::Command;
-
-    /// A checker tool by name, also looked for in the sbin directories that a
-    /// non-root PATH lacks.
-    fn tool(name: &str) -> Option<PathBuf> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    }
-
-    fn need(name: &str, pkg: &str) -> Option<PathBuf> {
-        let t = tool(name);
-        if t.is_none() {
-            println!("skipped: {name} not installed (apt-get install {pkg})");
-        }
-        t
-    }
 
     /// Deterministic pseudo-random bytes (xorshift), no crate needed.
     fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -1107,7 +1090,7 @@ mod tests {
 
     /// fsck.vfat must exit 0 and say nothing beyond its usual report.
     fn fsck_clean(img: &Path) -> bool {
-        let Some(fsck) = need("fsck.vfat", "dosfstools") else {
+        let Some(fsck) = checker("fsck.vfat", "dosfstools") else {
             return false;
         };
         let out = Command::new(fsck)
@@ -1142,8 +1125,7 @@ mod tests {
         true
     }
 
-    fn mcopy(img: &Path, path: &str) -> Vec<u8> {
-        let mcopy = tool("mcopy").unwrap();
+    fn mcopy(mcopy: &Path, img: &Path, path: &str) -> Vec<u8> {
         let out = Command::new(mcopy)
             .env("LC_ALL", "C.UTF-8") // mtools matches non-ASCII names only in a UTF-8 locale
             .arg("-n")
@@ -1162,11 +1144,11 @@ mod tests {
     }
 
     fn check_with_mtools(img: &Path, files: &[(String, Vec<u8>)]) {
-        if need("mcopy", "mtools").is_none() {
+        let Some(mcopy_bin) = checker("mcopy", "mtools") else {
             return;
-        }
+        };
         for (path, content) in files {
-            let got = mcopy(img, path);
+            let got = mcopy(&mcopy_bin, img, path);
             assert!(
                 got == *content,
                 "{path}: mcopy read back {} bytes, expected {}",
@@ -1223,7 +1205,7 @@ mod tests {
             }
             check_with_mtools(&img, &files);
         }
-        if let Some(mdir) = need("mdir", "mtools") {
+        if let Some(mdir) = checker("mdir", "mtools") {
             let out = Command::new(mdir)
                 .env("LC_ALL", "C.UTF-8")
                 .args(["-i"])

@@ -842,27 +842,12 @@ pub use kiln_contract::digest::crc32;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_testkit::checker;
     use std::fs::{File, OpenOptions};
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::{Command, Output};
 
     const MIB: u64 = 1 << 20;
-
-    fn tool(name: &str) -> Option<PathBuf> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    }
-
-    fn need(name: &str, pkg: &str) -> Option<PathBuf> {
-        let t = tool(name);
-        if t.is_none() {
-            println!("skipped: {name} not installed (apt-get install {pkg})");
-        }
-        t
-    }
 
     fn run(tool: &Path, args: &[&str], img: &Path) -> (Output, String) {
         let out = Command::new(tool).args(args).arg(img).output().unwrap();
@@ -1057,7 +1042,7 @@ mod tests {
 
     #[test]
     fn six_partition_disk_checks_clean() {
-        let Some(sgdisk) = need("sgdisk", "gdisk") else {
+        let Some(sgdisk) = checker("sgdisk", "gdisk") else {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -1105,7 +1090,7 @@ mod tests {
         let back = Gpt::read(&mut File::open(&img).unwrap()).unwrap();
         assert_eq!(back, gpt);
 
-        if let Some(sfdisk) = need("sfdisk", "fdisk") {
+        if let Some(sfdisk) = checker("sfdisk", "fdisk") {
             let (out, text) = run(&sfdisk, &["--json"], &img);
             assert!(out.status.success(), "{text}");
             let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1162,7 +1147,7 @@ mod tests {
         read_at(&mut f, data.offset_bytes(), &mut buf, "test").unwrap();
         assert_eq!(&buf, b"ext4 lives here");
         assert_eq!(Gpt::read(&mut f).unwrap(), g);
-        if let Some(sgdisk) = need("sgdisk", "gdisk") {
+        if let Some(sgdisk) = checker("sgdisk", "gdisk") {
             sgdisk_verify(&sgdisk, &img);
             let (_, text) = run(&sgdisk, &["-i", "6"], &img);
             assert!(
@@ -1243,7 +1228,7 @@ mod tests {
             &m[446 + 12..446 + 16],
             &((64 * MIB / 512 - 1) as u32).to_le_bytes()
         );
-        if let Some(sgdisk) = need("sgdisk", "gdisk") {
+        if let Some(sgdisk) = checker("sgdisk", "gdisk") {
             sgdisk_verify(&sgdisk, &img);
         }
     }
@@ -1292,7 +1277,7 @@ mod tests {
         let mut head = [0u8; 512];
         read_at(&mut f, 0, &mut head, "test").unwrap();
         assert!(head[..440].iter().all(|b| *b == 0xB0));
-        let Some(sfdisk) = need("sfdisk", "fdisk") else {
+        let Some(sfdisk) = checker("sfdisk", "fdisk") else {
             return;
         };
         let (out, text) = run(&sfdisk, &["--verify"], &img);

@@ -256,16 +256,10 @@ pub fn is_pe(path: &Path) -> Result<bool> {
 mod tests {
     use super::*;
 
-    fn have(tool: &str) -> bool {
-        let ok = Command::new(tool).arg("--help").output().is_ok();
-        if !ok {
-            println!("skipped: {tool} not installed (scripts/setup.sh)");
-        }
-        ok
-    }
-
     fn tools() -> bool {
-        ["sbsign", "sbverify", "faketime", "openssl", "sbsiglist", "sbvarsign"].iter().all(|t| have(t))
+        [("sbsign", "sbsigntool"), ("sbverify", "sbsigntool"), ("faketime", "faketime"), ("openssl", "openssl"), ("sbsiglist", "sbsigntool"), ("sbvarsign", "sbsigntool")]
+            .iter()
+            .all(|(t, pkg)| kiln_testkit::checker(t, pkg).is_some())
     }
 
     fn sh(cmd: &mut Command) -> String {
@@ -290,13 +284,10 @@ mod tests {
 
     /// The systemd-boot the profiles use (host package), when installed.
     fn systemd_boot() -> Option<PathBuf> {
-        let p = PathBuf::from("/usr/lib/systemd/boot/efi/systemd-bootx64.efi");
-        if p.is_file() {
-            Some(p)
-        } else {
-            println!("skipped: systemd-boot-efi not installed");
-            None
-        }
+        kiln_testkit::checker_file(
+            "/usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+            "systemd-boot-efi",
+        )
     }
 
     #[test]
@@ -390,7 +381,7 @@ mod tests {
     /// systemd-boot's enrolment directory with the loader.conf line.
     #[test]
     fn enrolment_files_go_on_the_esp() {
-        if !(tools() && have("mtype")) {
+        if !(tools() && kiln_testkit::checker("mtype", "mtools").is_some()) {
             return;
         }
         let d = tempfile::tempdir().unwrap();

@@ -177,16 +177,7 @@ mod tests {
     use std::process::{Command, Output, Stdio};
 
     fn have_minisign() -> bool {
-        let found = Command::new("minisign")
-            .arg("-v")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            println!("skipped: minisign not installed (apt-get install minisign)");
-        }
-        found
+        kiln_testkit::checker("minisign", "minisign").is_some()
     }
 
     fn minisign(dir: &Path, args: &[&str]) -> Output {

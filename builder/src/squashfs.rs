@@ -694,11 +694,7 @@ mod tests {
     use std::process::Command;
 
     fn have_unsquashfs() -> bool {
-        let ok = Command::new("unsquashfs").arg("-v").output().is_ok();
-        if !ok {
-            println!("skipped: unsquashfs not installed (apt-get install squashfs-tools)");
-        }
-        ok
+        kiln_testkit::checker("unsquashfs", "squashfs-tools").is_some()
     }
 
     type Entries = Vec<(String, Entry)>;
@@ -900,7 +896,7 @@ mod tests {
     /// else is there.
     fn check_extract(list: &Entries, img: &Path) {
         if unsafe { libc::geteuid() } != 0 && list.iter().any(|(_, e)| matches!(e.kind, Kind::CharDev(..))) {
-            println!("skipped extraction: creating device nodes needs root");
+            kiln_testkit::skip("extraction: creating device nodes needs root");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

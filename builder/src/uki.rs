@@ -508,33 +508,16 @@ fn zeros(out: &mut impl Write, mut n: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_testkit::{checker, checker_file};
     use proptest::prelude::*;
-    use std::path::Path;
     use std::process::Command;
 
     const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
     const KERNEL_IMAGE_SIZE: u32 = 0x80_0000;
 
     fn real_stub() -> Option<Vec<u8>> {
-        match std::fs::read(STUB) {
-            Ok(b) => Some(b),
-            Err(_) => {
-                eprintln!("skipped: systemd-boot-efi not installed");
-                None
-            }
-        }
-    }
-
-    fn have(tool: &str) -> bool {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            eprintln!("skipped: {tool} is not installed");
-        }
-        found
+        let stub = checker_file(STUB, "systemd-boot-efi")?;
+        Some(std::fs::read(stub).unwrap())
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -734,13 +717,11 @@ mod tests {
 
     /// (name, size, vma, file offset) of each section, as `objdump -h` sees it.
     fn objdump(pe: &[u8], format: &str) -> Option<Vec<(String, u64, u64, u64)>> {
-        if !have("objdump") {
-            return None;
-        }
+        let objdump = checker("objdump", "binutils")?;
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("uki.efi");
         std::fs::write(&f, pe).unwrap();
-        let out = Command::new("objdump").arg("-h").arg(&f).output().unwrap();
+        let out = Command::new(objdump).arg("-h").arg(&f).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -902,7 +883,7 @@ mod tests {
     #[test]
     fn sbverify_reads_it_unsigned() {
         let Some(stub) = real_stub() else { return };
-        if !have("sbverify") {
+        if checker("sbverify", "sbsigntool").is_none() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -931,7 +912,10 @@ mod tests {
     #[test]
     fn sbsign_signs_it() {
         let Some(stub) = real_stub() else { return };
-        if !(have("sbsign") && have("sbverify") && have("openssl")) {
+        if !(checker("sbsign", "sbsigntool").is_some()
+            && checker("sbverify", "sbsigntool").is_some()
+            && checker("openssl", "openssl").is_some())
+        {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -1081,11 +1065,7 @@ mod tests {
 
     #[test]
     fn the_real_stub_parses() {
-        if !Path::new(STUB).exists() {
-            eprintln!("skipped: systemd-boot-efi not installed");
-            return;
-        }
-        let stub = std::fs::read(STUB).unwrap();
+        let Some(stub) = real_stub() else { return };
         let names: Vec<_> = inspect(&stub)
             .unwrap()
             .into_iter()

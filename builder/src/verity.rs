@@ -476,23 +476,14 @@ pub fn format_in_place(path: &Path) -> Result<Verity, VerityError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::process::{Command, Output};
-
-    const SKIP: &str = "skipped: veritysetup not installed (apt-get install cryptsetup-bin)";
+    use std::process::Output;
 
     fn have_veritysetup() -> bool {
-        let ok = Command::new("veritysetup")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            println!("{SKIP}");
-        }
-        ok
+        kiln_testkit::checker("veritysetup", "cryptsetup-bin").is_some()
     }
 
     fn run(args: &[&str]) -> Output {
-        Command::new("veritysetup")
+        kiln_testkit::command("veritysetup")
             .args(args)
             .output()
             .expect("running veritysetup")

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use kiln::cache::Cache;
@@ -16,32 +16,13 @@ use kiln::fat::{FatBuilder, FileContent};
 use kiln::gpt::{deterministic_guid, types};
 use kiln::input::{self, Input};
 use kiln::iso::{self, BiosBoot, Content, Extent, HybridPartition, IsoFile, IsoSpec};
+// A checker tool. Missing on CI is a failure; on a workstation, a skip.
+use kiln_testkit::checker;
 
 const EPOCH: u64 = 1_700_000_000; // 2023-11-14 22:13:20 UTC
 const ISOLINUX_VERSION: &str = "3:6.04~git20190206.bf6db5b4+dfsg1-3";
 const ISOLINUX_DEB_SHA256: &str =
     "cb14af88adc2c3844976cd2de61571d2af94d2fb65c277fe4acf3dc8a5d25aae";
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// A checker tool. Missing on CI is a failure; on a workstation, a skip.
-fn need(name: &str, pkg: &str) -> Option<PathBuf> {
-    let t = tool(name);
-    if t.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is not installed; CI must `apt-get install {pkg}`"
-        );
-        println!("skipped: {name} not installed (apt-get install {pkg})");
-    }
-    t
-}
 
 fn run(tool: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(tool)
@@ -355,7 +336,7 @@ fn hybrid_iso_with_bios_and_uefi() {
     assert_eq!(bytes[446 + 4], 0xEE, "protective MBR entry");
     assert_eq!(&bytes[510..512], &[0x55, 0xAA]);
 
-    let Some(xorriso) = need("xorriso", "xorriso") else {
+    let Some(xorriso) = checker("xorriso", "xorriso") else {
         return;
     };
     let (images, text) = el_torito_images(&xorriso, &img);
@@ -422,10 +403,10 @@ fn hybrid_iso_with_bios_and_uefi() {
         assert!(got[path] == *content, "{path} differs after extraction");
     }
 
-    if let Some(sgdisk) = need("sgdisk", "gdisk") {
+    if let Some(sgdisk) = checker("sgdisk", "gdisk") {
         sgdisk_clean(&sgdisk, &img);
     }
-    if let Some(sfdisk) = need("sfdisk", "fdisk") {
+    if let Some(sfdisk) = checker("sfdisk", "fdisk") {
         let parts = sfdisk_partitions(&sfdisk, &img);
         assert_eq!(parts.len(), 3);
         for (p, hp) in parts.iter().zip(&fx.spec.partitions) {
@@ -462,7 +443,7 @@ fn uefi_only_iso() {
     assert!(bytes[..440].iter().all(|b| *b == 0), "no boot code");
     assert_eq!(bytes[446 + 4], 0xEE);
     let efi = extent(&extents, "/EFI/BOOT/EFI.IMG");
-    let Some(xorriso) = need("xorriso", "xorriso") else {
+    let Some(xorriso) = checker("xorriso", "xorriso") else {
         return;
     };
     let (images, text) = el_torito_images(&xorriso, &img);
@@ -478,7 +459,7 @@ fn uefi_only_iso() {
     );
     let got = extract(&xorriso, &img, &dir.path().join("x"));
     assert_eq!(got, fx.want);
-    if let Some(sgdisk) = need("sgdisk", "gdisk") {
+    if let Some(sgdisk) = checker("sgdisk", "gdisk") {
         sgdisk_clean(&sgdisk, &img);
     }
 }
@@ -498,7 +479,7 @@ fn plain_iso_without_boot() {
     assert_eq!(le32(&bytes, 16 * 2048 + 80) as usize, bytes.len() / 2048);
     // The descriptor after the PVD is the terminator, not a boot record.
     assert_eq!(bytes[17 * 2048], 255);
-    let Some(xorriso) = need("xorriso", "xorriso") else {
+    let Some(xorriso) = checker("xorriso", "xorriso") else {
         return;
     };
     let (images, text) = el_torito_images(&xorriso, &img);
@@ -539,7 +520,7 @@ fn large_directory_spans_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("many.iso");
     iso::write(&spec, &img).unwrap();
-    let Some(xorriso) = need("xorriso", "xorriso") else {
+    let Some(xorriso) = checker("xorriso", "xorriso") else {
         return;
     };
     assert_eq!(extract(&xorriso, &img, &dir.path().join("x")), want);

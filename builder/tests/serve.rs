@@ -302,21 +302,17 @@ fn signed_config_round_trip() {
 
     // Debian's minisign accepts the signature.
     let public = t.join("kiln.pub");
-    match Command::new("minisign")
-        .arg("-Vm")
-        .arg(&node)
-        .arg("-p")
-        .arg(&public)
-        .output()
-    {
-        Ok(out) => {
-            assert!(out.status.success(), "{out:?}");
-            assert!(String::from_utf8_lossy(&out.stdout)
-                .contains("kiln node config 52:54:00:12:34:56.toml"));
-        }
-        Err(_) => println!(
-            "skipped the minisign check: minisign not installed (apt-get install minisign)"
-        ),
+    if let Some(minisign) = kiln_testkit::checker("minisign", "minisign") {
+        let out = Command::new(minisign)
+            .arg("-Vm")
+            .arg(&node)
+            .arg("-p")
+            .arg(&public)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout)
+            .contains("kiln node config 52:54:00:12:34:56.toml"));
     }
 
     // Served by kiln serve, checked by the node's verifier (the contract's);

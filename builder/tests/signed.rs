@@ -30,17 +30,6 @@ fn sh(cmd: &str) -> (bool, String) {
     text(Command::new("sh").arg("-c").arg(cmd).output().expect("sh"))
 }
 
-/// A checker nobody here wrote. Missing on CI is a failure; on a
-/// workstation, a skip.
-fn have(tool: &str, install: &str) -> bool {
-    let found = sh(&format!("command -v {tool}")).0;
-    if !found {
-        assert!(std::env::var_os("CI").is_none(), "{tool} is not installed; scripts/setup.sh installs it ({install})");
-        println!("skipped: {tool} not installed ({install})");
-    }
-    found
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -59,7 +48,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn signed_output_verifies_and_every_flipped_byte_is_named() {
-    if !have("minisign", "apt-get install minisign") {
+    if kiln_testkit::checker("minisign", "minisign").is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -131,7 +120,7 @@ fn signed_output_verifies_and_every_flipped_byte_is_named() {
     // The SBOM: valid SPDX, naming what the image is made of.
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(o.join("manifest.json")).unwrap()).unwrap();
     let sbom: serde_json::Value = serde_json::from_slice(&std::fs::read(o.join("sbom.spdx.json")).unwrap()).unwrap();
-    if have("pyspdxtools", "python3 -m pip install spdx-tools") {
+    if kiln_testkit::checker("pyspdxtools", "python3 -m pip install spdx-tools").is_some() {
         let (ok, out) = sh(&format!("pyspdxtools -i {}", o.join("sbom.spdx.json").display()));
         assert!(ok, "pyspdxtools rejected the SBOM:\n{out}");
     }

@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -22,34 +22,25 @@ use kiln_init::net::{self, NetError};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    found
-}
-
-/// Why these tests cannot run here, if they cannot.
+/// Why these tests cannot run here, if they cannot. A missing `ip` or
+/// dnsmasq is a checker's skip (a failure under CI=true).
 fn missing(need_dnsmasq: bool) -> Option<String> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not running as root (network namespaces need it)".into());
     }
-    if find_tool("ip").is_none() {
+    if kiln_testkit::checker("ip", "iproute2").is_none() {
         return Some("no `ip` (apt-get install -y iproute2)".into());
     }
-    if need_dnsmasq && find_tool("dnsmasq").is_none() {
-        return Some("no `dnsmasq` (apt-get install -y dnsmasq)".into());
+    if need_dnsmasq && kiln_testkit::checker("dnsmasq", "dnsmasq-base").is_none() {
+        return Some("no `dnsmasq` (apt-get install -y dnsmasq-base)".into());
     }
     None
 }
 
 /// Runs a tool, at most 10 s; Err carries its stderr.
 fn run(tool: &str, args: &[&str]) -> Result<(), String> {
-    let bin = find_tool(tool).ok_or_else(|| format!("no {tool}"))?;
+    let bin = kiln_testkit::find(tool).ok_or_else(|| format!("no {tool}"))?;
     let mut child = Command::new(&bin)
         .args(args)
         .stdin(Stdio::null())
@@ -154,7 +145,7 @@ impl Lab {
     /// dnsmasq on the server end, started in the server namespace.
     fn start_dnsmasq(&mut self) -> Result<(), String> {
         let log = self.dir.join("dnsmasq.log");
-        let bin = find_tool("dnsmasq").ok_or("no dnsmasq")?;
+        let bin = kiln_testkit::find("dnsmasq").ok_or("no dnsmasq")?;
         let mut cmd = Command::new(bin);
         cmd.args([
             "--keep-in-foreground",
@@ -312,13 +303,15 @@ struct DhcpResult {
 #[test]
 fn dhcp_against_dnsmasq_in_a_namespace() {
     if let Some(why) = missing(true) {
-        println!("skipped: dhcp_against_dnsmasq_in_a_namespace: {why}");
+        kiln_testkit::skip(format!("dhcp_against_dnsmasq_in_a_namespace: {why}"));
         return;
     }
     let mut lab = match Lab::new() {
         Ok(lab) => lab,
         Err(e) if e.contains("Operation not permitted") => {
-            println!("skipped: dhcp_against_dnsmasq_in_a_namespace: cannot create network namespaces here: {e}");
+            kiln_testkit::skip(format!(
+                "dhcp_against_dnsmasq_in_a_namespace: cannot create network namespaces here: {e}"
+            ));
             return;
         }
         Err(e) => panic!("setting up namespaces: {e}"),
@@ -448,13 +441,15 @@ struct LinkResult {
 #[test]
 fn links_addresses_routes_and_vlans_in_a_namespace() {
     if let Some(why) = missing(false) {
-        println!("skipped: links_addresses_routes_and_vlans_in_a_namespace: {why}");
+        kiln_testkit::skip(format!(
+            "links_addresses_routes_and_vlans_in_a_namespace: {why}"
+        ));
         return;
     }
     let lab = match Lab::new() {
         Ok(lab) => lab,
         Err(e) if e.contains("Operation not permitted") => {
-            println!("skipped: links_addresses_routes_and_vlans_in_a_namespace: cannot create network namespaces here: {e}");
+            kiln_testkit::skip(format!("links_addresses_routes_and_vlans_in_a_namespace: cannot create network namespaces here: {e}"));
             return;
         }
         Err(e) => panic!("setting up namespaces: {e}"),
@@ -615,9 +610,9 @@ fn links_addresses_routes_and_vlans_in_a_namespace() {
             );
         }
         Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {
-            println!(
-                "skipped: add_vlan: this kernel has no 802.1Q support (CONFIG_VLAN_8021Q): {e}"
-            );
+            kiln_testkit::skip(format!(
+                "add_vlan: this kernel has no 802.1Q support (CONFIG_VLAN_8021Q): {e}"
+            ));
         }
         Err(e) => panic!("add_vlan: {e}"),
     }

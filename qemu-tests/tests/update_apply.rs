@@ -25,11 +25,11 @@ const DISK_MIB: u64 = 40;
 const ROOT_MIB: u64 = 4;
 
 fn have_sgdisk() -> bool {
-    Command::new("sgdisk").arg("--version").output().is_ok()
+    kiln_testkit::checker("sgdisk", "gdisk").is_some()
 }
 
 fn sgdisk(args: &[&str], disk: &Path) -> String {
-    let out = Command::new("sgdisk").args(args).arg(disk).output().unwrap();
+    let out = kiln_testkit::command("sgdisk").args(args).arg(disk).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "sgdisk {args:?}: {text}");
     text
@@ -220,7 +220,6 @@ impl Node {
 #[test]
 fn applies_to_the_inactive_slot_then_back() {
     if !have_sgdisk() {
-        eprintln!("sgdisk missing; skipped");
         return;
     }
     let key = KeyPair::generate();
@@ -277,12 +276,12 @@ fn applies_to_the_inactive_slot_then_back() {
 
     // The image `c` replaced is the veritysetup-checked format: when the
     // tool is here, it agrees with what is now on slot a.
-    if Command::new("veritysetup").arg("--version").output().is_ok() {
+    if let Some(veritysetup) = kiln_testkit::checker("veritysetup", "cryptsetup-bin") {
         let (root, tree) = (node.work.join("slot-a.root"), node.work.join("slot-a.verity"));
         let n = std::fs::metadata(&c.root).unwrap().len() as usize;
         std::fs::write(&root, &node.part_bytes("root-a")[..n]).unwrap();
         std::fs::write(&tree, node.part_bytes("root-a-verity")).unwrap();
-        let out = Command::new("veritysetup").arg("verify").arg(&root).arg(&tree).arg(&c.roothash).output().unwrap();
+        let out = Command::new(veritysetup).arg("verify").arg(&root).arg(&tree).arg(&c.roothash).output().unwrap();
         assert!(out.status.success(), "veritysetup verify: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
@@ -459,7 +458,7 @@ impl Card {
         File::create(&disk).unwrap().set_len(DISK_MIB << 20).unwrap();
         let slot = (ROOT_MIB + 1) * 2048;
         let script = format!("label: dos\nlabel-id: 0x{SIG:08x}\n2048,16384,c,*\n,{slot},83\n,{slot},83\n,,83\n");
-        let mut c = Command::new("sfdisk").arg("--no-reread").arg("--no-tell-kernel").arg(&disk).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut c = kiln_testkit::command("sfdisk").arg("--no-reread").arg("--no-tell-kernel").arg(&disk).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
         std::io::Write::write_all(c.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
         let out = c.wait_with_output().unwrap();
         assert!(out.status.success(), "sfdisk: {}", String::from_utf8_lossy(&out.stderr));
@@ -479,7 +478,7 @@ impl Card {
 
     /// Partition `n`'s byte offset and length, as sfdisk reads them.
     fn part(&self, n: u32) -> (u64, u64) {
-        let out = Command::new("sfdisk").arg("-J").arg(&self.disk).output().unwrap();
+        let out = kiln_testkit::command("sfdisk").arg("-J").arg(&self.disk).output().unwrap();
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let p = &j["partitiontable"]["partitions"][n as usize - 1];
         (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
@@ -524,8 +523,7 @@ fn board_bundle(dir: &Path, key: &KeyPair, img: &Image, version: &str, roothash:
 
 #[test]
 fn a_uboot_card_takes_the_update_in_the_other_slot_then_back() {
-    if Command::new("sfdisk").arg("--version").output().is_err() {
-        eprintln!("skipped: no sfdisk (apt-get install fdisk)");
+    if kiln_testkit::checker("sfdisk", "fdisk").is_none() {
         return;
     }
     let key = KeyPair::generate();
@@ -580,7 +578,7 @@ fn a_uboot_card_takes_the_update_in_the_other_slot_then_back() {
 
 #[test]
 fn a_uboot_card_refuses_bad_writes_without_putting_anything_on_trial() {
-    if Command::new("sfdisk").arg("--version").output().is_err() {
+    if kiln_testkit::checker("sfdisk", "fdisk").is_none() {
         return;
     }
     let key = KeyPair::generate();

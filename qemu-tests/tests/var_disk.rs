@@ -111,15 +111,15 @@ fn a_blank_var_disk_is_prepared_and_keeps_var_across_reboot() {
     n.vm.kill();
 
     // The table is sound to other tools too.
-    let v = Command::new("sgdisk").arg("-v").arg(&disk).output();
-    if let Ok(v) = v {
+    if let Some(sgdisk) = kiln_testkit::checker("sgdisk", "gdisk") {
+        let v = Command::new(&sgdisk).arg("-v").arg(&disk).output().unwrap();
         let text = String::from_utf8_lossy(&v.stdout);
         assert!(
             text.contains("No problems found"),
             "sgdisk -v {}: {text}",
             disk.display()
         );
-        let i = Command::new("sgdisk")
+        let i = Command::new(&sgdisk)
             .args(["-i", "1"])
             .arg(&disk)
             .output()
@@ -139,7 +139,7 @@ fn a_blank_var_disk_is_prepared_and_keeps_var_across_reboot() {
 fn a_disk_holding_a_filesystem_is_left_alone() {
     let out = built(PROFILE);
     let disk = raw_disk("var-disk-used.raw", 256 * MIB);
-    let mk = Command::new("mkfs.ext4")
+    let mk = kiln_testkit::command("mkfs.ext4")
         .args(["-q", "-F", "-L", "precious"])
         .arg(&disk)
         .output()

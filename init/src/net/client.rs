@@ -516,7 +516,7 @@ mod tests {
     fn the_kernel_accepts_the_filter() {
         // SAFETY: geteuid cannot fail.
         if unsafe { libc::geteuid() } != 0 {
-            println!("skipped: the_kernel_accepts_the_filter: AF_PACKET needs root");
+            kiln_testkit::skip("the_kernel_accepts_the_filter: AF_PACKET needs root");
             return;
         }
         let fd = sys::socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0).expect("AF_PACKET socket");

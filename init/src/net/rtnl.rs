@@ -499,8 +499,8 @@ mod tests {
             match request(netlink::newlink_kind(None, "kbr0", "bridge")) {
                 Ok(_) => {}
                 Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {
-                    println!(
-                        "skipped: link_kinds_and_parents_against_the_kernel: no bridge driver"
+                    kiln_testkit::skip(
+                        "link_kinds_and_parents_against_the_kernel: no bridge driver",
                     );
                     return;
                 }
@@ -534,7 +534,9 @@ mod tests {
             assert!(e.to_string().contains("on kbr0"), "{e}");
         });
         if ran.is_none() {
-            println!("skipped: link_kinds_and_parents_against_the_kernel: needs root and unshare(CLONE_NEWNET)");
+            kiln_testkit::skip(
+                "link_kinds_and_parents_against_the_kernel: needs root and unshare(CLONE_NEWNET)",
+            );
         }
     }
 }

@@ -263,7 +263,6 @@ pub use kiln_contract::digest::crc32;
 pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
     #[test]
     fn mbr_signature_of_sector_zero() {
@@ -280,10 +279,6 @@ pub(crate) mod tests {
         assert_eq!(mbr_signature(&s), None);
     }
 
-    pub fn have(tool: &str) -> bool {
-        Command::new(tool).arg("--version").output().is_ok()
-    }
-
     pub fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kiln-init-{tag}-{}-{:?}", std::process::id(), std::thread::current().id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -292,7 +287,7 @@ pub(crate) mod tests {
     }
 
     pub fn sgdisk(args: &[&str], disk: &Path) -> String {
-        let out = Command::new("sgdisk").args(args).arg(disk).output().unwrap();
+        let out = kiln_testkit::command("sgdisk").args(args).arg(disk).output().unwrap();
         assert!(out.status.success(), "sgdisk {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -318,8 +313,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reads_what_sgdisk_writes() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("gpt-read");

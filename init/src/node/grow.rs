@@ -275,8 +275,7 @@ impl Ext4Super {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::gpt::tests::{have, kiln_disk, sgdisk, tempdir};
-    use std::process::Command;
+    use crate::node::gpt::tests::{kiln_disk, sgdisk, tempdir};
 
     fn last_sector(info: &str) -> u64 {
         let l = info.lines().find(|l| l.starts_with("Last sector:")).unwrap();
@@ -285,8 +284,7 @@ mod tests {
 
     #[test]
     fn grows_data_to_the_end_of_an_enlarged_disk() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("grow");
@@ -304,7 +302,7 @@ mod tests {
         assert_eq!(plan.new_last, total - 34);
         assert_eq!(plan.old_last, last_sector(&before));
 
-        let out = Command::new("sgdisk").arg("-v").arg(&disk).output().unwrap();
+        let out = kiln_testkit::command("sgdisk").arg("-v").arg(&disk).output().unwrap();
         let v = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && v.contains("No problems found"), "sgdisk -v: {v}");
         let info = sgdisk(&["-i", "6"], &disk);
@@ -321,8 +319,7 @@ mod tests {
 
     #[test]
     fn grows_from_the_backup_when_the_primary_is_damaged() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("grow-backup");
@@ -334,7 +331,7 @@ mod tests {
         let plan = grow_gpt(&f, 512, 64 << 20, "data").unwrap().unwrap();
         assert_eq!(plan.new_last, (64 << 11) - 34);
         drop(f);
-        let out = Command::new("sgdisk").arg("-v").arg(&disk).output().unwrap();
+        let out = kiln_testkit::command("sgdisk").arg("-v").arg(&disk).output().unwrap();
         let v = String::from_utf8_lossy(&out.stdout);
         assert!(v.contains("No problems found"), "sgdisk -v: {v}");
         let _ = std::fs::remove_dir_all(&d);
@@ -342,8 +339,7 @@ mod tests {
 
     #[test]
     fn only_the_last_partition_grows() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("grow-notlast");
@@ -359,14 +355,13 @@ mod tests {
 
     #[test]
     fn ext4_superblock() {
-        if !have("mkfs.ext4") && Command::new("mkfs.ext4").arg("-V").output().is_err() {
-            eprintln!("mkfs.ext4 missing; skipped");
+        if kiln_testkit::checker("mkfs.ext4", "e2fsprogs").is_none() {
             return;
         }
         let d = tempdir("ext4");
         let img = d.join("fs.img");
         File::create(&img).unwrap().set_len(16 << 20).unwrap();
-        let out = Command::new("mkfs.ext4").args(["-q", "-F", "-L", "kiln-data", "-b", "4096"]).arg(&img).output().unwrap();
+        let out = kiln_testkit::command("mkfs.ext4").args(["-q", "-F", "-L", "kiln-data", "-b", "4096"]).arg(&img).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let sb = Ext4Super::read(&File::open(&img).unwrap()).unwrap();
         assert_eq!(sb, Ext4Super { block_size: 4096, blocks: 4096, label: "kiln-data".into() });

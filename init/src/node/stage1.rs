@@ -1032,8 +1032,7 @@ fn exec_stage2() -> ! {
 mod tests {
     use super::*;
     use kiln_contract::digest::hex;
-    use crate::node::gpt::tests::{have, tempdir};
-    use std::process::Command;
+    use crate::node::gpt::tests::tempdir;
 
 
     proptest::proptest! {
@@ -1051,8 +1050,7 @@ mod tests {
 
     #[test]
     fn superblock_from_veritysetup() {
-        if !have("veritysetup") {
-            eprintln!("veritysetup missing; skipped");
+        if kiln_testkit::checker("veritysetup", "cryptsetup-bin").is_none() {
             return;
         }
         let d = tempdir("verity-sb");
@@ -1061,7 +1059,7 @@ mod tests {
         let bytes: Vec<u8> = (0..300 * 4096u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
         std::fs::write(&data, &bytes).unwrap();
         let salt = "5a".repeat(32);
-        let out = Command::new("veritysetup").args(["format", "--salt", &salt, "--uuid", "12345678-9abc-def0-1234-56789abcdef0"]).arg(&data).arg(&hash).output().unwrap();
+        let out = kiln_testkit::command("veritysetup").args(["format", "--salt", &salt, "--uuid", "12345678-9abc-def0-1234-56789abcdef0"]).arg(&data).arg(&hash).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let sb = VeritySuperblock::parse(&std::fs::read(&hash).unwrap()).unwrap();
         assert_eq!(sb.data_blocks, 300);

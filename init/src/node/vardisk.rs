@@ -707,8 +707,7 @@ fn unmount(target: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::gpt::tests::{have, kiln_disk, sgdisk, tempdir};
-    use std::process::Command;
+    use crate::node::gpt::tests::{kiln_disk, sgdisk, tempdir};
 
     const DISK_GUID: Guid = Guid([
         0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x47, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
@@ -744,7 +743,11 @@ mod tests {
     }
 
     fn verify(path: &Path) -> String {
-        let out = Command::new("sgdisk").arg("-v").arg(path).output().unwrap();
+        let out = kiln_testkit::command("sgdisk")
+            .arg("-v")
+            .arg(path)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -784,8 +787,7 @@ mod tests {
 
     #[test]
     fn gpt_passes_sgdisk_and_reads_back() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("vardisk-gpt");
@@ -842,8 +844,7 @@ mod tests {
 
     #[test]
     fn grows_with_the_disk() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("vardisk-grow");
@@ -952,8 +953,7 @@ mod tests {
 
     #[test]
     fn refuses_a_foreign_gpt() {
-        if !have("sgdisk") {
-            eprintln!("sgdisk missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none() {
             return;
         }
         let d = tempdir("vardisk-foreign");
@@ -983,14 +983,13 @@ mod tests {
 
     #[test]
     fn refuses_a_filesystem_from_mkfs() {
-        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-            eprintln!("mkfs.ext4 missing; skipped");
+        if kiln_testkit::checker("mkfs.ext4", "e2fsprogs").is_none() {
             return;
         }
         let d = tempdir("vardisk-mkfs");
         let path = d.join("disk.img");
         drop(image(&path, 64 << 20));
-        let out = Command::new("mkfs.ext4")
+        let out = kiln_testkit::command("mkfs.ext4")
             .args(["-q", "-F", "-L", "backups"])
             .arg(&path)
             .output()
@@ -1009,14 +1008,15 @@ mod tests {
 
     #[test]
     fn writes_the_filesystem_then_the_gpt() {
-        if !have("sgdisk") || Command::new("mkfs.ext4").arg("-V").output().is_err() {
-            eprintln!("sgdisk or mkfs.ext4 missing; skipped");
+        if kiln_testkit::checker("sgdisk", "gdisk").is_none()
+            || kiln_testkit::checker("mkfs.ext4", "e2fsprogs").is_none()
+        {
             return;
         }
         let d = tempdir("vardisk-write");
         let tpath = d.join("var.ext4");
         drop(image(&tpath, 32 << 20));
-        let out = Command::new("mkfs.ext4")
+        let out = kiln_testkit::command("mkfs.ext4")
             .args(["-q", "-F", "-b", "4096", "-L", PART_NAME])
             .arg(&tpath)
             .output()
@@ -1044,7 +1044,7 @@ mod tests {
         // anything is written.
         let small = image(&d.join("small.img"), 64 << 20);
         let big = image(&d.join("big.ext4"), 70 << 20);
-        let out = Command::new("mkfs.ext4")
+        let out = kiln_testkit::command("mkfs.ext4")
             .args(["-q", "-F"])
             .arg(d.join("big.ext4"))
             .output()

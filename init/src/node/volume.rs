@@ -322,7 +322,6 @@ pub fn settle() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::gpt::tests::have;
     use std::process::Command;
 
     fn from_bytes(img: &[u8]) -> Option<Probe> {
@@ -351,21 +350,20 @@ mod tests {
 
     #[test]
     fn fat_labels_from_mkfs_vfat() {
-        if !have("mkfs.vfat") {
-            eprintln!("skipped: no mkfs.vfat (apt-get install dosfstools)");
+        if kiln_testkit::checker("mkfs.vfat", "dosfstools").is_none() {
             return;
         }
         let dir = tempfile_dir("fat");
         for (bits, mib) in [("12", 2), ("16", 20), ("32", 40)] {
             let img = image(&dir, &format!("fat{bits}.img"), mib);
-            run(Command::new("mkfs.vfat").args(["-F", bits, "-n", "KILNCFG"]).arg(&img));
+            run(kiln_testkit::command("mkfs.vfat").args(["-F", bits, "-n", "KILNCFG"]).arg(&img));
             let p = from_file(&img).unwrap_or_else(|| panic!("FAT{bits} not recognised"));
             assert_eq!(p, Probe { fs: Fs::Fat, label: "KILNCFG".into() }, "FAT{bits}");
             assert!(p.is_kilncfg());
         }
         // No label at all.
         let img = image(&dir, "nolabel.img", 2);
-        run(Command::new("mkfs.vfat").arg(&img));
+        run(kiln_testkit::command("mkfs.vfat").arg(&img));
         let p = from_file(&img).unwrap();
         assert_eq!(p.fs, Fs::Fat);
         assert!(!p.is_kilncfg(), "{p:?}");
@@ -373,17 +371,18 @@ mod tests {
 
     #[test]
     fn the_root_directory_label_wins_over_the_boot_sector() {
-        if !have("mkfs.vfat") || !have("mlabel") {
-            eprintln!("skipped: needs dosfstools and mtools");
+        if kiln_testkit::checker("mkfs.vfat", "dosfstools").is_none()
+            || kiln_testkit::checker("mlabel", "mtools").is_none()
+        {
             return;
         }
         let dir = tempfile_dir("relabel");
         for bits in ["16", "32"] {
             let img = image(&dir, &format!("r{bits}.img"), 40);
-            run(Command::new("mkfs.vfat").args(["-F", bits, "-n", "OTHER"]).arg(&img));
+            run(kiln_testkit::command("mkfs.vfat").args(["-F", bits, "-n", "OTHER"]).arg(&img));
             // What Windows does on a rename: the directory entry only. mlabel
             // writes both, so put the old name back into the boot sector.
-            run(Command::new("mlabel").env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&img).arg("::kilncfg"));
+            run(kiln_testkit::command("mlabel").env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&img).arg("::kilncfg"));
             let mut b = std::fs::read(&img).unwrap();
             let at = if bits == "32" { 71 } else { 43 };
             b[at..at + 11].copy_from_slice(b"OTHER      ");
@@ -396,24 +395,20 @@ mod tests {
     #[test]
     fn iso_and_ext4_labels() {
         let dir = tempfile_dir("iso-ext");
-        if have("xorriso") {
+        if kiln_testkit::checker("xorriso", "xorriso").is_some() {
             let tree = dir.join("tree");
             std::fs::create_dir_all(&tree).unwrap();
             std::fs::write(tree.join("node.toml"), "role = \"single\"\n").unwrap();
             let iso = dir.join("cfg.iso");
-            run(Command::new("xorriso").args(["-as", "mkisofs", "-quiet", "-V", "KILNCFG", "-J", "-R", "-o"]).arg(&iso).arg(&tree));
+            run(kiln_testkit::command("xorriso").args(["-as", "mkisofs", "-quiet", "-V", "KILNCFG", "-J", "-R", "-o"]).arg(&iso).arg(&tree));
             assert_eq!(from_file(&iso), Some(Probe { fs: Fs::Iso9660, label: "KILNCFG".into() }));
-        } else {
-            eprintln!("skipped ISO: no xorriso");
         }
-        if have("mkfs.ext4") {
+        if kiln_testkit::checker("mkfs.ext4", "e2fsprogs").is_some() {
             let img = image(&dir, "ext4.img", 8);
-            run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "kilncfg"]).arg(&img));
+            run(kiln_testkit::command("mkfs.ext4").args(["-q", "-F", "-L", "kilncfg"]).arg(&img));
             let p = from_file(&img).unwrap();
             assert_eq!(p, Probe { fs: Fs::Ext, label: "kilncfg".into() });
             assert!(p.is_kilncfg(), "the label is compared without case");
-        } else {
-            eprintln!("skipped ext4: no mkfs.ext4");
         }
     }
 
