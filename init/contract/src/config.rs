@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+/// What to do about an unsigned config where a signed one is required.
+pub const SIGN_HOW: &str = "sign the config with `kiln config sign node.toml --key <secret key>`";
+
 /// The role the node plays in its cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Role {

@@ -18,7 +18,7 @@ use super::dhcp::{
 use super::netlink::{Link, RTPROT_DHCP};
 use super::rtnl::{add_address, add_route_proto};
 use super::sys::{self, Rng};
-use super::NetError;
+use super::error::NetError;
 
 /// sll_pkttype of frames this host sent, which packet sockets also see.
 const PACKET_OUTGOING: u8 = 4;

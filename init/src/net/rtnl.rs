@@ -16,7 +16,8 @@ use super::netlink::{
     self, parse_addr, parse_link, Link, Request, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP,
     NLMSG_OVERRUN, NLM_F_DUMP_INTR, RTM_NEWADDR, RTM_NEWLINK, RTPROT_BOOT,
 };
-use super::{sys, NetError};
+use super::error::NetError;
+use super::sys;
 
 /// The longest wait for the kernel's answer to one netlink request.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);

@@ -175,18 +175,6 @@ impl Events {
 }
 
 /// Reaps every exited child; returns (pid, status) pairs.
-fn reap() -> Vec<(i32, i32)> {
-    let mut out = Vec::new();
-    loop {
-        let mut status = 0;
-        // SAFETY: valid out-pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return out;
-        }
-        out.push((pid, status));
-    }
-}
 
 /// The whole life of the node. Never returns.
 pub fn run() -> ! {
@@ -208,7 +196,7 @@ pub fn run() -> ! {
         Ok(fd) => Events { sigfd: fd, buttons: open_buttons() },
         Err(e) => {
             console::error(&format!("signalfd: {e}; cannot supervise"));
-            idle_forever();
+            watchdog::idle_forever();
         }
     };
     let controllers = match host::setup_cgroups() {
@@ -336,7 +324,7 @@ pub fn run() -> ! {
             match wake {
                 Wake::PayloadOutput => sup.pump(),
                 Wake::Signal(libc::SIGCHLD) => {
-                    for (pid, status) in reap() {
+                    for (pid, status) in sys::reap() {
                         if sup.running.as_ref().is_some_and(|r| r.pid == pid) {
                             sup.exited(status, true);
                         } else if shell.pid == Some(pid) {
@@ -435,7 +423,7 @@ fn idle(events: &Events, d: Duration) {
     for wake in events.wait(None, d) {
         match wake {
             Wake::Signal(libc::SIGCHLD) => {
-                reap();
+                sys::reap();
             }
             Wake::Signal(s) => {
                 if let Some(a) = action_for(s) {
@@ -486,16 +474,9 @@ pub fn park() -> ! {
         std::thread::sleep(Duration::from_secs(5));
         final_shutdown(Action::Reboot, "trial-boot-failed")
     }
-    idle_forever()
+    watchdog::idle_forever()
 }
 
-fn idle_forever() -> ! {
-    loop {
-        reap();
-        watchdog::pet();
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
 
 /// `kiln.fault=panic` on the kernel cmdline makes kiln-init panic here, at
 /// the start of stage 2: a drill for rollback (a bundle built with it must
@@ -520,7 +501,7 @@ fn shutdown(events: &Events, sup: &mut Supervisor, action: Action, reason: &str)
                 match wake {
                     Wake::PayloadOutput => sup.pump(),
                     Wake::Signal(libc::SIGCHLD) => {
-                        for (p, status) in reap() {
+                        for (p, status) in sys::reap() {
                             if p == pid {
                                 sup.exited(status, false);
                             }
@@ -543,14 +524,14 @@ fn final_shutdown(action: Action, reason: &str) -> ! {
     sys::kill(-1, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        reap();
+        sys::reap();
         if !has_other_processes() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     sys::kill(-1, libc::SIGKILL);
-    reap();
+    sys::reap();
     sys::sync();
     unmount_all();
     sys::sync();
@@ -561,7 +542,7 @@ fn final_shutdown(action: Action, reason: &str) -> ! {
     };
     let e = sys::reboot(cmd);
     console::error(&format!("reboot({}) failed: {e}", action.as_str()));
-    idle_forever()
+    watchdog::idle_forever()
 }
 
 fn has_other_processes() -> bool {

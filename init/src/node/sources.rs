@@ -30,7 +30,7 @@ pub const BAKED: &str = "/etc/kiln/node.toml";
 pub const CONFIG_KEY: &str = "/etc/kiln/config.pub";
 pub const DMI_UUID: &str = "/sys/class/dmi/id/product_uuid";
 /// How to make a signature, for messages.
-pub const SIGN_HOW: &str = "sign the config with `kiln config sign node.toml --key <secret key>`";
+pub use kiln_contract::config::SIGN_HOW;
 /// The cmdline parameter naming the config URL.
 pub const CMDLINE_PARAM: &str = "kiln.config";
 

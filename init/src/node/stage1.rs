@@ -8,6 +8,7 @@
 
 use crate::cmdline::{has_roothash, parse_cmdline, Cmdline, MbrRoot, OnCorruption};
 use super::gpt::mbr_signature;
+use super::install::MEDIUM_FILE;
 use kiln_contract::layout::{INSTALL_PART, MBR_BOOT, MBR_DATA, RAM_ROOT, RAM_VERITY};
 use super::gpt::{self, Gpt, Guid};
 use super::grow::{self, Ext4Super};
@@ -177,8 +178,6 @@ impl Medium {
     }
 }
 
-/// What stage 1 tells stage 2 about the boot medium (key=value lines).
-pub const MEDIUM_FILE: &str = "/run/kiln/medium";
 
 /// The verified root's two devices, and the disk they are on (none for PXE).
 pub struct Root {
@@ -484,7 +483,7 @@ fn reboot_if_on_trial(cmd: &Cmdline, root: &Root, reason: &str) {
 fn maintenance(reason: &str) -> ! {
     console::event("maintenance", &[("stage", &1), ("reason", &reason)]);
     console::info("the node cannot boot this root; fix the cause (reflash, or boot the other slot) and reboot");
-    super::park()
+    super::watchdog::idle_forever()
 }
 
 fn mount_early() {

@@ -153,3 +153,35 @@ pub fn attach_console() {
         }
     }
 }
+
+/// Reaps every exited child; returns (pid, wait status) of each.
+pub fn reap() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    loop {
+        let mut status = 0;
+        // SAFETY: valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return out;
+        }
+        out.push((pid, status));
+    }
+}
+
+/// Renames a file on the ESP and makes the new name durable with the file's
+/// size and first cluster.
+///
+/// On FAT those live in the directory entry, not in an inode: Linux's vfat
+/// writes the new entry at once but fills them in only when it writes the
+/// file's inode back. Syncing only the directory therefore can put an empty
+/// `kiln-….efi` on the disk, and a power cut then leaves an entry that does
+/// not boot (the QEMU power-loss test found this). Syncing the file right
+/// after the rename writes the entry complete.
+pub fn rename_synced(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    std::fs::File::open(to)?.sync_all()?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

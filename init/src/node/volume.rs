@@ -256,7 +256,7 @@ fn read_volume(dev: &str, fs: Fs) -> Result<Option<Files>, String> {
         let bytes = std::fs::read(&path).map_err(|e| format!("/{FILE}: {e}"))?;
         let sig = std::fs::read_to_string(dir.join(SIG_FILE)).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                format!("there is no {SIG_FILE} on the {LABEL} volume {dev}; {} and copy {SIG_FILE} beside {FILE} on the volume", super::sources::SIGN_HOW)
+                format!("there is no {SIG_FILE} on the {LABEL} volume {dev}; {} and copy {SIG_FILE} beside {FILE} on the volume", kiln_contract::config::SIGN_HOW)
             } else {
                 format!("reading {SIG_FILE} on {dev}: {e}")
             }

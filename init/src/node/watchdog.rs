@@ -3,7 +3,7 @@
 //! so a hung kernel or a stuck PID 1 resets the machine; a reset on a
 //! trial boot spends one of its tries like any failed boot.
 
-use super::console;
+use super::{console, sys};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -51,4 +51,14 @@ pub fn pet() {
 /// Whether a watchdog is armed.
 pub fn armed() -> bool {
     DOG.lock().is_ok_and(|d| d.is_some())
+}
+
+/// Pets the watchdog and reaps children forever: where a node that cannot
+/// go on waits (maintenance), still answering Ctrl-Alt-Del and power keys.
+pub fn idle_forever() -> ! {
+    loop {
+        sys::reap();
+        pet();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }

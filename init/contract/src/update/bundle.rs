@@ -26,6 +26,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::version::Version;
+
+/// Where a signed image keeps the public half of its signing key, which
+/// update bundles must be signed with.
+pub const KEY_PATH: &str = "/etc/kiln/update.pub";
 use crate::minisign::{PublicKey, SignError};
 
 pub const MANIFEST_NAME: &str = "kiln-update.toml";
@@ -253,7 +257,7 @@ pub enum BundleError {
     UnexpectedEntry { expected: String, found: String, offset: u64 },
     #[error("the update bundle's `{name}` is {size} bytes, more than the {limit} allowed; it was not written by kiln or was altered")]
     TooLarge { name: String, size: u64, limit: u64 },
-    #[error("the update bundle has no signature check: no public key was given (the image's {key} is missing; only images built with a signing key take updates)", key = super::KEY_PATH)]
+    #[error("the update bundle has no signature check: no public key was given (the image's {key} is missing; only images built with a signing key take updates)", key = KEY_PATH)]
     NoKeys,
     #[error("the update bundle's signature is not valid: {source}. Take bundles built with the same signing key as this image, and only from where you trust")]
     Signature { source: SignError },

@@ -5,12 +5,9 @@
 pub mod bundle;
 pub mod version;
 
-pub use bundle::{BundleError, BundleReader, Manifest, Part, PartKind, Policy};
+pub use bundle::{BundleError, BundleReader, Manifest, Part, PartKind, Policy, KEY_PATH};
 pub use version::Version;
 
-/// Where a signed image keeps the public half of its signing key, which
-/// update bundles must be signed with.
-pub const KEY_PATH: &str = "/etc/kiln/update.pub";
 
 /// The image's own version, `IMAGE_VERSION=` in /etc/os-release (set when
 /// the profile has `version`).

@@ -12,12 +12,15 @@
 
 pub mod write;
 
-use super::{console, stage1};
+use super::console;
 use write as install_image;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Instant;
+
+/// What stage 1 tells stage 2 about the boot medium (key=value lines).
+pub const MEDIUM_FILE: &str = "/run/kiln/medium";
 
 /// What stage 1 recorded about the boot medium.
 #[derive(Debug, Default)]
@@ -32,7 +35,7 @@ pub struct Medium {
 }
 
 pub fn read_medium() -> Result<Medium, String> {
-    let text = std::fs::read_to_string(stage1::MEDIUM_FILE).map_err(|e| format!("{}: {e} (stage 1 did not run: this is not a verified boot)", stage1::MEDIUM_FILE))?;
+    let text = std::fs::read_to_string(MEDIUM_FILE).map_err(|e| format!("{MEDIUM_FILE}: {e} (stage 1 did not run: this is not a verified boot)"))?;
     let mut m = Medium::default();
     for line in text.lines() {
         let Some((k, v)) = line.split_once('=') else { continue };

@@ -508,7 +508,7 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
     target.step(Step::Installing(x));
     let entry = entry_name(&m.profile, x, target.tries.max(1));
     let dst = dir.join(&entry);
-    rename_synced(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
+    crate::node::sys::rename_synced(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
     Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes, entry })
 }
 
@@ -704,23 +704,6 @@ fn write_file(part: &mut impl Read, path: &Path) -> Result<u64, ApplyError> {
     Ok(at)
 }
 
-/// Renames a file on the ESP and makes the new name durable with the file's
-/// size and first cluster.
-///
-/// On FAT those live in the directory entry, not in an inode: Linux's vfat
-/// writes the new entry at once but fills them in only when it writes the
-/// file's inode back. Syncing only the directory therefore can put an empty
-/// `kiln-….efi` on the disk, and a power cut then leaves an entry that does
-/// not boot (the QEMU power-loss test found this). Syncing the file right
-/// after the rename writes the entry complete.
-pub fn rename_synced(from: &Path, to: &Path) -> io::Result<()> {
-    fs::rename(from, to)?;
-    File::open(to)?.sync_all()?;
-    if let Some(dir) = to.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
 
 fn sync_dir(dir: &Path) -> Result<(), ApplyError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing the directory", dir))

@@ -547,7 +547,7 @@ impl Updates {
             None => {
                 let dir = Path::new(ESP).join(apply::ENTRY_DIR);
                 let good = e.good_name();
-                let r = apply::rename_synced(&dir.join(&e.name), &dir.join(&good));
+                let r = sys::rename_synced(&dir.join(&e.name), &dir.join(&good));
                 (good, r)
             }
             Some(_) => (e.name.clone(), uboot::write_state(Path::new(ESP), &State { good: n.slot, trial: None })),

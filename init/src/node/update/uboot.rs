@@ -2,7 +2,7 @@
 //! (format: `kiln_contract::uboot`). The file keeps one length so that it is
 //! rewritten in place: a power cut leaves the old or the new state.
 
-use super::apply;
+use crate::node::sys;
 pub use kiln_contract::uboot::*;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -36,7 +36,7 @@ pub fn write_state(boot: &Path, s: &State) -> io::Result<()> {
     let tmp = dir.join(".state.tmp");
     fs::write(&tmp, text.as_bytes())?;
     File::open(&tmp)?.sync_all()?;
-    apply::rename_synced(&tmp, &path)
+    sys::rename_synced(&tmp, &path)
 }
 
 #[cfg(test)]
