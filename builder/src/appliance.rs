@@ -13,7 +13,7 @@
 use crate::cache::Cache;
 use crate::input::{self, Input, InputError, Resolved};
 use crate::arch::Arch;
-use crate::rootfs::{Tree, TreeError};
+use kiln_formats::tree::{Tree, TreeError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::Read;

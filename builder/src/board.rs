@@ -9,7 +9,7 @@
 
 use crate::cache::Cache;
 use crate::input::{self, Input, Resolved};
-use crate::profile::{line_in_table, parse_toml, ProfileError};
+use crate::tomlfile::{line_in_table, parse_toml, ProfileError};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 

@@ -88,7 +88,7 @@ impl Cache {
     }
 
     pub fn index_path(&self, kind: &str, key: &str) -> PathBuf {
-        self.root.join("index").join(kind).join(crate::input::sha256_bytes(key.as_bytes()))
+        self.root.join("index").join(kind).join(kiln_contract::digest::hex(&kiln_contract::digest::sha256(key.as_bytes())))
     }
 
     pub fn write_index(&self, path: &Path, value: &str) -> io::Result<()> {

@@ -5,12 +5,12 @@
 //! Everything is written into a sparse file at its partition offset: no
 //! root, no loop devices, no mount.
 
-use crate::fat::{FatBuilder, FileContent};
-use crate::gpt::{self, deterministic_guid, Guid, Layout, PartSize};
+use kiln_formats::fat::{FatBuilder, FileContent};
+use kiln_formats::gpt::{self, deterministic_guid, Guid, Layout, PartSize};
 use crate::arch::Arch;
-use crate::rootfs::Tree;
-use crate::verity::{self, OnCorruption, Verity};
-use crate::{initramfs, squashfs, uki};
+use kiln_formats::tree::Tree;
+use kiln_formats::verity::{self, OnCorruption, Verity};
+use kiln_formats::{cpio, squashfs, uki};
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -61,7 +61,7 @@ pub fn build_root(work: &Path, spec: &DiskSpec, i: &RootInputs) -> Result<RootIm
     let v = verity::format_file(&sqfs, &verity_path).context("computing the dm-verity tree")?;
     let squashfs_bytes = v.data_len();
     let mut initrd = Vec::new();
-    initramfs::write(i.stage1, i.epoch, &mut initrd).context("writing the stage-1 initramfs")?;
+    cpio::write(i.stage1, i.epoch, &mut initrd).context("writing the stage-1 initramfs")?;
     let mut cmdline = format!("{} roothash={} kiln.slot=a", i.cmdline, v.root_hex());
     if let Some(c) = spec.on_corruption {
         cmdline.push_str(match c {
@@ -411,11 +411,11 @@ pub fn stage1_tree(init_bin: &Path, modules: Option<&Path>) -> Result<Tree> {
     for d in ["/proc", "/sys", "/dev", "/run", "/sysroot", "/tmp"] {
         t.mkdir_p(d, 0o755)?;
     }
-    t.insert("/dev/console", crate::rootfs::Kind::CharDev(5, 1), 0o600)?;
+    t.insert("/dev/console", kiln_formats::tree::Kind::CharDev(5, 1), 0o600)?;
     t.host_file("/sbin/kiln-init", init_bin.to_path_buf(), 0o755)?;
     t.symlink("/init", "sbin/kiln-init")?;
     if let Some(m) = modules {
-        crate::pipeline::add_host_dir(&mut t, m, "/lib/modules")?;
+        t.add_host_dir(m, "/lib/modules")?;
     }
     Ok(t)
 }

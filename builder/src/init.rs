@@ -1,7 +1,7 @@
 //! kiln-init (and other node binaries from this workspace), cross-built as
 //! static executables for the target.
 
-use crate::elf;
+use kiln_formats::elf;
 use crate::arch::Arch;
 use std::path::{Path, PathBuf};
 use std::process::Command;

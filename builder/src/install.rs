@@ -17,7 +17,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::gpt::Gpt;
+use kiln_formats::gpt::Gpt;
 
 /// Zero blocks are found at this size.
 const BLOCK: u64 = 4096;

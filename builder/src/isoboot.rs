@@ -1,5 +1,5 @@
 //! The ISO output (`<name>.iso`): what goes on the medium. The ISO 9660 /
-//! El Torito / isohybrid encoding itself is [`crate::iso`].
+//! El Torito / isohybrid encoding itself is [`kiln_formats::iso`].
 //!
 //! - `/BOOT/EFI.IMG`: a FAT with systemd-boot and a UKI, the El Torito UEFI
 //!   entry and, through the hybrid GPT, the ESP of a USB stick.
@@ -13,8 +13,8 @@
 //!   the installer (`kiln.install=` / `install.disk`).
 
 use crate::disk::{self, BootInputs, DiskBuilt, RootImage};
-use crate::gpt::{self, deterministic_guid, Guid};
-use crate::iso::{self, BiosBoot, Content, HybridPartition, IsoFile, IsoSpec};
+use kiln_formats::gpt::{self, deterministic_guid, Guid};
+use kiln_formats::iso::{self, BiosBoot, Content, HybridPartition, IsoFile, IsoSpec};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -55,7 +55,7 @@ pub fn write(out: &Path, work: &Path, root: &RootImage, b: &BootInputs, disk_raw
     let uki = work.join("iso-uki.efi");
     disk::write_uki(root, b, &cmdline, &uki)?;
     let mut fat = disk::esp_fat("KILN-ISO", &g("iso-esp-volume"), b)?;
-    fat.add_file(&format!("/EFI/Linux/kiln-{}.efi", b.profile), crate::fat::FileContent::Host(uki.clone()))?;
+    fat.add_file(&format!("/EFI/Linux/kiln-{}.efi", b.profile), kiln_formats::fat::FileContent::Host(uki.clone()))?;
     let esp = work.join("efi.img");
     {
         let size = (fat.min_size() + MIB).div_ceil(MIB) * MIB;

@@ -325,7 +325,7 @@ fn run(cli: Cli) -> Result<i32> {
             let text = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
             let pk = kiln::sign::PublicKey::from_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
             if target.is_dir() {
-                match kiln::manifest::verify_dir(&target, &pk) {
+                match kiln::verify::verify_dir(&target, &pk) {
                     Ok(lines) => {
                         for l in lines {
                             println!("{l}");
@@ -435,7 +435,7 @@ fn bench(profile: &std::path::Path, runs: u32, cache: &Cache) -> Result<i32> {
     // The same root tree, on the host, for mksquashfs.
     let root = dir.path().join("root");
     let sqfs = dir.path().join("root.sqfs");
-    let parts = kiln::gpt::Gpt::read(&mut std::fs::File::open(&disk)?)?;
+    let parts = kiln_formats::gpt::Gpt::read(&mut std::fs::File::open(&disk)?)?;
     let ra = parts.partitions.iter().find(|p| p.name == "root-a").context("no root-a")?;
     std::process::Command::new("dd")
         .arg(format!("if={}", disk.display()))

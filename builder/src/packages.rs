@@ -10,10 +10,10 @@
 
 use crate::appliance::KeyError;
 use crate::cache::Cache;
-use crate::elf;
+use kiln_formats::elf;
 use crate::input::{self, Input, InputError, Resolved};
 use crate::arch::Arch;
-use crate::rootfs::{Content, Kind, Tree, TreeError};
+use kiln_formats::tree::{Content, Kind, Tree, TreeError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -463,7 +463,7 @@ pub fn add_and_check(tree: &mut Tree, pkgs: &[Package], arch: Arch, cache: &Cach
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::elf::tests::tiny_elf32;
+    use kiln_testkit::tiny_elf32;
 
     fn pin() -> String {
         "ab".repeat(32)

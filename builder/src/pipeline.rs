@@ -6,7 +6,7 @@ use crate::kernel::{self, Kernel};
 use crate::manifest::{self, Manifest};
 use crate::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
-use crate::rootfs::{Kind, Tree};
+use kiln_formats::tree::{Kind, Tree};
 use crate::{disk, init, isoboot, keys, packages, pxe, sbom, sdcard, update};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -282,7 +282,7 @@ fn rootfs_tree(profile: &Profile, kernel: &Kernel, init_bin: &Path, busybox: &Re
     t.file("/etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644)?;
     t.file("/etc/nsswitch.conf", "hosts: files dns\n", 0o644)?;
     // Module metadata (modules.builtin) and any modules, under /lib/modules.
-    add_host_dir(&mut t, &kernel.modules_dir.join("lib/modules"), "/lib/modules")?;
+    t.add_host_dir(&kernel.modules_dir.join("lib/modules"), "/lib/modules")?;
     t.file(kiln_contract::layout::VAR_TEMPLATE, var_template(profile)?, 0o644)?;
     Ok(t)
 }
@@ -309,34 +309,13 @@ fn os_release(p: &Profile) -> String {
     s
 }
 
-pub(crate) fn add_host_dir(t: &mut Tree, src: &Path, dst: &str) -> Result<()> {
-    if !src.is_dir() {
-        return Ok(());
-    }
-    let mut entries: Vec<_> = std::fs::read_dir(src)?.collect::<std::io::Result<_>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name().to_string_lossy().to_string();
-        let path = format!("{dst}/{name}");
-        let ft = e.file_type()?;
-        if ft.is_dir() {
-            t.mkdir_p(&path, 0o755)?;
-            add_host_dir(t, &e.path(), &path)?;
-        } else if ft.is_symlink() {
-            t.symlink(&path, &std::fs::read_link(e.path())?.to_string_lossy())?;
-        } else {
-            t.host_file(&path, e.path(), 0o644)?;
-        }
-    }
-    Ok(())
-}
 
 /// An EFI program from a profile input must be for the profile's arch: the
 /// firmware would refuse another one only at boot, on the device.
 fn check_efi_arch(key: &str, path: &std::path::Path, arch: crate::arch::Arch) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("{key}: reading {}", path.display()))?;
     let want = arch.pe_machine();
-    match crate::uki::pe_machine(&bytes) {
+    match kiln_formats::uki::pe_machine(&bytes) {
         Some(m) if m == want => Ok(()),
         Some(m) => bail!("{key}: {} is an EFI program for machine {m:#x}, but the profile's arch is {arch} ({want:#x}); take the {} build of it", path.display(), arch.debian()),
         None => bail!("{key}: {} is not an EFI (PE) program", path.display()),

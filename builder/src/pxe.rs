@@ -7,8 +7,8 @@
 //! `kiln serve` rewrites the `set kiln-server` line with its own address.
 
 use crate::disk::RootImage;
-use crate::initramfs;
-use crate::rootfs::Tree;
+use kiln_formats::cpio;
+use kiln_formats::tree::Tree;
 use anyhow::{Context, Result};
 use kiln_contract::layout::{RAM_ROOT, RAM_VERITY};
 use std::path::Path;
@@ -42,7 +42,7 @@ pub fn write(dir: &Path, kernel: &Path, stage1: &Tree, root: &RootImage, epoch: 
     let initramfs = pxe.join("initramfs.cpio.zst");
     {
         let f = std::fs::File::create(&initramfs)?;
-        initramfs::write(&t, epoch, std::io::BufWriter::new(f)).context("writing the PXE initramfs")?;
+        cpio::write(&t, epoch, std::io::BufWriter::new(f)).context("writing the PXE initramfs")?;
     }
     std::fs::copy(kernel, pxe.join("vmlinuz"))?;
     std::fs::write(pxe.join("boot.ipxe"), ipxe_script(profile, &root.cmdline))?;

@@ -298,7 +298,7 @@ impl Sbom {
 
         let mut relationships = d.relationships;
         relationships.extend(d.depends.into_iter().map(|(a, b)| rel(&a, "DEPENDS_ON", &b)));
-        let (y, mo, day, h, mi, s) = crate::iso::civil(self.epoch);
+        let (y, mo, day, h, mi, s) = kiln_contract::date::civil(self.epoch);
         json!({
             "spdxVersion": "SPDX-2.3",
             "dataLicense": "CC0-1.0",

@@ -3,7 +3,7 @@
 //! A/B root slots and a data partition.
 //!
 //! The boot FAT holds `/boot.scr` (the A/B choice and its boot counter, see
-//! [`crate::bootscr`]), `/kiln/state`, and per slot `/kiln/<x>/` with
+//! [`kiln_formats::bootscr`]), `/kiln/state`, and per slot `/kiln/<x>/` with
 //! `extlinux.conf`, `zImage`, `initramfs.cpio.zst` and `dtbs/<dtb>`; slot b's
 //! directory appears with the first update. There is no
 //! `/extlinux/extlinux.conf`: u-boot's distro boot would take it before
@@ -21,12 +21,12 @@
 //! place, so a failed build never leaves a half-written card image.
 
 use crate::board::{Board, BoardInputs, PartitionTable, Region};
-use crate::bootscr;
+use kiln_formats::bootscr;
 use crate::disk::{self, RootImage, MIB};
-use crate::fat::{FatBuilder, FileContent};
-use crate::gpt::{self, Mbr, MbrPartition, SECTOR};
+use kiln_formats::fat::{FatBuilder, FileContent};
+use kiln_formats::gpt::{self, Mbr, MbrPartition, SECTOR};
 use crate::arch::Arch;
-use crate::profile::ProfileError;
+use crate::tomlfile::ProfileError;
 use anyhow::{Context, Result};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
@@ -227,7 +227,7 @@ fn line_of_dtb(board: &Board) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verity::Verity;
+    use kiln_formats::verity::Verity;
     use std::path::PathBuf;
 
     fn board(table: PartitionTable, dtb: Option<&str>) -> Board {

@@ -9,7 +9,7 @@
 //! the same inputs give the same signed bytes (RSA PKCS#1 v1.5 signatures
 //! are deterministic). Firmware ignores that attribute.
 
-use crate::fat::{FatBuilder, FileContent};
+use kiln_formats::fat::{FatBuilder, FileContent};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -198,7 +198,7 @@ impl Signer {
     /// Signs `input` into `output` (which may be the same file), through a
     /// temporary file renamed when complete.
     pub fn sign(&self, input: &Path, output: &Path) -> Result<()> {
-        let (y, mo, d, h, mi, s) = crate::iso::civil(self.epoch);
+        let (y, mo, d, h, mi, s) = kiln_contract::date::civil(self.epoch);
         let frozen = format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}");
         let tmp = PathBuf::from(format!("{}.signing", output.display()));
         let _ = std::fs::remove_file(&tmp);

@@ -6,7 +6,7 @@
 use kiln::board::{self, Board, BoardInputs};
 use kiln::cache::Cache;
 use kiln::disk::{self, DiskSpec, RootImage, RootInputs};
-use kiln::rootfs::Tree;
+use kiln_formats::tree::Tree;
 use kiln::sdcard::{self, KernelFiles, SdSpec};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -95,7 +95,7 @@ fn check_common(f: &Fixture, b: &Board, img: &Path, built: &sdcard::SdBuilt) -> 
     // `mkimage -l` reads), which boots slot a's extlinux.conf from
     // /kiln/state; there is no /extlinux/extlinux.conf to take first.
     let scr = mtype(&fat, "/boot.scr");
-    assert_eq!(scr, kiln::bootscr::image(&kiln::bootscr::script(), "kiln A/B", 1_700_000_000));
+    assert_eq!(scr, kiln_formats::bootscr::image(&kiln_formats::bootscr::script(), "kiln A/B", 1_700_000_000));
     let scr_path = fat.with_extension("scr");
     std::fs::write(&scr_path, &scr).unwrap();
     let (ok, listing) = run("mkimage", &["-l", scr_path.to_str().unwrap()]);

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::Command;
 
 use kiln::cache::Cache;
-use kiln::fat::{FatBuilder, FileContent};
-use kiln::gpt::{deterministic_guid, types};
+use kiln_formats::fat::{FatBuilder, FileContent};
+use kiln_formats::gpt::{deterministic_guid, types};
 use kiln::input::{self, Input};
-use kiln::iso::{self, BiosBoot, Content, Extent, HybridPartition, IsoFile, IsoSpec};
+use kiln_formats::iso::{self, BiosBoot, Content, Extent, HybridPartition, IsoFile, IsoSpec};
 // A checker tool. Missing on CI is a failure; on a workstation, a skip.
 use kiln_testkit::checker;
 
@@ -91,7 +91,7 @@ fn esp_image() -> Vec<u8> {
     v
 }
 
-fn g(name: &str) -> kiln::gpt::Guid {
+fn g(name: &str) -> kiln_formats::gpt::Guid {
     deterministic_guid("kiln-iso-test", name)
 }
 

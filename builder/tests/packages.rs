@@ -7,7 +7,7 @@
 use kiln::cache::Cache;
 use kiln::packages::{self, Package, PackageFile};
 use kiln::arch::Arch;
-use kiln::rootfs::{Kind, Tree};
+use kiln_formats::tree::{Kind, Tree};
 
 const RUNC: (&str, &str, &str) = ("runc", "1.1.5+ds1-1+deb12u1", "a00351f8c0318de0b424ecf5cd0fdb69880a89f3511cae4f6fff7de3e57881c5");
 const LIBSECCOMP2: (&str, &str, &str) = ("libseccomp2", "2.5.4-1+deb12u1", "108fe67957ca7cf9ba51d801118a1b37d404bea7b6e365025cd00779e9eca38d");

@@ -88,7 +88,7 @@ fn disk_image_passes_external_checks() {
     let uki_file = d.path().join("uki.efi");
     must(&format!("MTOOLS_SKIP_CHECK=1 mcopy -i {} ::/EFI/Linux/{uki} {}", esp.display(), uki_file.display()));
     let pe = std::fs::read(&uki_file).unwrap();
-    let cmdline = kiln::uki::cmdline(&pe).unwrap().to_string();
+    let cmdline = kiln_formats::uki::cmdline(&pe).unwrap().to_string();
     assert!(cmdline.contains(&format!("roothash={root}")) && cmdline.contains("kiln.slot=a"), "{cmdline}");
     let sections = must(&format!("objdump -h {}", uki_file.display()));
     for s in [".osrel", ".cmdline", ".uname", ".initrd", ".linux"] {

@@ -3,7 +3,7 @@
 //! its install image, and the installer writing it to a larger disk, on a
 //! good day and on bad ones.
 
-use kiln::gpt::{self, deterministic_guid, Gpt, Layout, PartSize};
+use kiln_formats::gpt::{self, deterministic_guid, Gpt, Layout, PartSize};
 use kiln_contract::install_image;
 use kiln_init::node::install::write::{apply, InstallError, Progress, Report, Target};
 use proptest::prelude::*;

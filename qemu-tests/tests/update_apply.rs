@@ -8,7 +8,7 @@
 use kiln::arch::Arch;
 use kiln::sign::{KeyPair, PublicKey};
 use kiln::update::{self, Content, PartSource, Spec};
-use kiln::verity;
+use kiln_formats::verity;
 use kiln_init::node::gpt::{Gpt, Guid, Partition};
 use kiln_init::cmdline::MbrRoot;
 use kiln_init::node::update::apply::{self, ApplyError, Slot, Target};

@@ -15,6 +15,21 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
+/// (year, month, day, hour, minute, second) of a Unix time, UTC.
+pub fn civil(epoch: u64) -> (u64, u32, u32, u32, u32, u32) {
+    let secs = epoch % 86400;
+    let (year, month, day) = civil_from_days((epoch / 86400) as i64);
+    let year = year as u64;
+    (
+        year,
+        month,
+        day,
+        (secs / 3600) as u32,
+        (secs / 60 % 60) as u32,
+        (secs % 60) as u32,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

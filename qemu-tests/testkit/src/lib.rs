@@ -126,6 +126,58 @@ fn missing_is_skip(
     found
 }
 
+/// A minimal little-endian ELF32 ARM executable with an interpreter and
+/// a dynamic section, laid out by hand: header, 3 program headers
+/// (PT_LOAD over the whole file, PT_INTERP, PT_DYNAMIC), the interpreter
+/// string, the dynamic table, the string table.
+pub fn tiny_elf32(interp: &str, needed: &[&str], runpath: Option<&str>) -> Vec<u8> {
+    let base = 0x10000u32;
+    let phoff = 52u32;
+    let interp_off = phoff + 3 * 32;
+    let interp_bytes = [interp.as_bytes(), b"\0"].concat();
+    let mut strs = vec![0u8];
+    let mut idx = Vec::new();
+    for n in needed.iter().chain(runpath.iter()) {
+        idx.push(strs.len() as u32);
+        strs.extend_from_slice(n.as_bytes());
+        strs.push(0);
+    }
+    let dyn_off = (interp_off + interp_bytes.len() as u32 + 3) & !3;
+    let ndyn = needed.len() + usize::from(runpath.is_some()) + 3;
+    let str_off = dyn_off + 8 * ndyn as u32;
+    let total = str_off + strs.len() as u32;
+    let mut b = Vec::new();
+    b.extend_from_slice(b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0");
+    for v in [2u16, 40] {
+        b.extend_from_slice(&v.to_le_bytes()); // e_type, e_machine
+    }
+    for v in [1u32, base, phoff, 0, 0x0500_0400] {
+        b.extend_from_slice(&v.to_le_bytes()); // version, entry, phoff, shoff, flags
+    }
+    for v in [52u16, 32, 3, 40, 0, 0] {
+        b.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    let ph = |ty: u32, off: u32, size: u32| [ty, off, base + off, base + off, size, size, 4, 4];
+    for p in [ph(1, 0, total), ph(3, interp_off, interp_bytes.len() as u32), ph(2, dyn_off, 8 * ndyn as u32)] {
+        for v in p {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    b.extend_from_slice(&interp_bytes);
+    b.resize(dyn_off as usize, 0);
+    let mut dy: Vec<(u32, u32)> = needed.iter().enumerate().map(|(i, _)| (1, idx[i])).collect();
+    if runpath.is_some() {
+        dy.push((29, idx[needed.len()]));
+    }
+    dy.extend([(5, base + str_off), (10, strs.len() as u32), (0, 0)]);
+    for (t, v) in dy {
+        b.extend_from_slice(&t.to_le_bytes());
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(&strs);
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

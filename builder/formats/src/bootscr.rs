@@ -10,7 +10,7 @@
 //! slot in the same boot. So the
 //! fallback needs nothing from the new image, as systemd-boot's counting on
 //! UEFI. kiln-init marks a trial good (`kiln_good=<slot>`, no try) and
-//! installs new trials; see kiln_contract::node::updates.
+//! installs new trials; see kiln-init's node::update.
 //!
 //! It uses only commands Debian's u-boot builds have (`load`, `env
 //! import`/`export`, `itest`, `setexpr`, `fatwrite`, `sysboot`); u-boot's

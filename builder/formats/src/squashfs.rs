@@ -11,7 +11,7 @@
 //! compressed on several threads, each independently, so the thread count
 //! does not change the bytes.
 
-use crate::rootfs::{Content, Entry, Kind, Tree};
+use crate::tree::{Content, Entry, Kind, Tree};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! Reproducible: paths in sorted order, a fixed mtime, inode numbers from a
 //! counter, owners from the tree.
 
-use crate::rootfs::{Content, Kind, Tree};
+use crate::tree::{Content, Kind, Tree};
 use std::io::{self, Read, Write};
 
 const S_IFDIR: u32 = 0o040000;

@@ -39,6 +39,8 @@ pub enum TreeError {
     Conflict { path: String, what: String },
     #[error("rootfs: `{parent}` must be a directory to hold `{path}`")]
     NotDir { parent: String, path: String },
+    #[error("rootfs: reading {path}: {source}")]
+    Host { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Paths are absolute, `/`-separated, with no `.`/`..`/empty components.
@@ -203,6 +205,34 @@ impl Tree {
             }
         }
         Ok(n)
+    }
+}
+
+impl Tree {
+    /// Adds the host directory `src` (files, directories, symlinks; sorted,
+    /// so the tree is the same whatever order the host lists them in) under
+    /// `dst`. A missing `src` adds nothing.
+    pub fn add_host_dir(&mut self, src: &std::path::Path, dst: &str) -> Result<(), TreeError> {
+        if !src.is_dir() {
+            return Ok(());
+        }
+        let host = |e: std::io::Error| TreeError::Host { path: src.to_path_buf(), source: e };
+        let mut entries: Vec<_> = std::fs::read_dir(src).and_then(|d| d.collect::<std::io::Result<Vec<_>>>()).map_err(host)?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = format!("{dst}/{}", e.file_name().to_string_lossy());
+            let ft = e.file_type().map_err(host)?;
+            if ft.is_dir() {
+                self.mkdir_p(&path, 0o755)?;
+                self.add_host_dir(&e.path(), &path)?;
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(e.path()).map_err(host)?;
+                self.symlink(&path, &target.to_string_lossy())?;
+            } else {
+                self.host_file(&path, e.path(), 0o644)?;
+            }
+        }
+        Ok(())
     }
 }
 

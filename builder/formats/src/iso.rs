@@ -997,20 +997,7 @@ fn check_volume_id(id: &str) -> Result<(), IsoError> {
     Ok(())
 }
 
-/// (year, month, day, hour, minute, second) of a Unix time, UTC.
-pub(crate) fn civil(epoch: u64) -> (u64, u32, u32, u32, u32, u32) {
-    let secs = epoch % 86400;
-    let (year, month, day) = kiln_contract::date::civil_from_days((epoch / 86400) as i64);
-    let year = year as u64;
-    (
-        year,
-        month,
-        day,
-        (secs / 3600) as u32,
-        (secs / 60 % 60) as u32,
-        (secs % 60) as u32,
-    )
-}
+use kiln_contract::date::civil;
 
 /// The 7-byte directory record date and the 17-byte volume descriptor date,
 /// both UTC.

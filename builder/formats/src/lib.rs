@@ -1,0 +1,32 @@
+//! kiln-formats: the image formats kiln writes, each a pure writer (and,
+//! where kiln or its tests need one, a reader) over `Read`/`Write`/`Seek`
+//! streams and files. Nothing here knows of profiles or the build
+//! pipeline; each format's tests check it with the external tool that
+//! owns the format (see FORMATS.md): sgdisk/sfdisk, fsck.vfat/mtools,
+//! xorriso/isoinfo, unsquashfs, veritysetup, objdump/sbverify, cpio,
+//! mkimage.
+//!
+//! - [`tree`]: the in-memory file tree (path → mode, owner, content) that
+//!   the filesystem writers read; no root privileges needed.
+//! - [`gpt`]: GPT (and protective/hybrid MBR) partition tables.
+//! - [`fat`]: FAT12/16/32 filesystems (ESP, boot FAT, El Torito EFI image).
+//! - [`iso`]: ISO 9660 with Rock Ridge/Joliet, El Torito, hybrid GPT/MBR.
+//! - [`squashfs`]: squashfs 4.0 (zstd), reproducible.
+//! - [`verity`]: dm-verity hash trees of files (the tree itself is
+//!   `kiln_contract::verity`, shared with the node).
+//! - [`uki`]: PE/COFF: unified kernel images (systemd-stub + sections).
+//! - [`cpio`]: newc cpio archives (initramfs), zstd-compressed.
+//! - [`bootscr`]: u-boot legacy script images (`boot.scr`) and kiln's A/B
+//!   boot script.
+//! - [`elf`]: reading ELF headers (arch, static or not, needed libraries).
+
+pub mod bootscr;
+pub mod cpio;
+pub mod elf;
+pub mod fat;
+pub mod gpt;
+pub mod iso;
+pub mod squashfs;
+pub mod tree;
+pub mod uki;
+pub mod verity;
