@@ -2,8 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use kiln::cache::Cache;
-use kiln::qemu::{Accel, Vm, VmSpec};
+use kiln::inputs::cache::Cache;
+use kiln::tools::run::{Accel, Vm, VmSpec};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -54,8 +54,8 @@ enum Cmd {
         /// What to boot: the disk image (OVMF), the PXE kernel and initramfs
         /// directly, the bundle over the network (iPXE), or the ISO as a CD
         /// (OVMF or SeaBIOS) or a USB stick.
-        #[arg(long, value_enum, default_value_t = kiln::qemu::BootFrom::Auto)]
-        boot: kiln::qemu::BootFrom,
+        #[arg(long, value_enum, default_value_t = kiln::tools::run::BootFrom::Auto)]
+        boot: kiln::tools::run::BootFrom,
         /// Size of the virtual disk in GiB; the image itself is not changed.
         #[arg(long, default_value_t = 8)]
         disk_size: u64,
@@ -77,7 +77,7 @@ enum Cmd {
         /// `kiln run` with the two host ports swapped (static addresses, no
         /// host access).
         #[arg(long, default_value = "user")]
-        net: kiln::qemu::Net,
+        net: kiln::tools::run::Net,
         /// The NIC's MAC address; give each VM on a shared link its own.
         #[arg(long, default_value = "52:54:00:12:34:56")]
         mac: String,
@@ -214,7 +214,7 @@ enum ClusterCmd {
         interface: String,
         /// How long the worker token is valid (24h, 7d, …); default: until
         /// its Secret is deleted.
-        #[arg(long, value_parser = kiln::cluster::parse_validity)]
+        #[arg(long, value_parser = kiln::tools::cluster::parse_validity)]
         valid: Option<std::time::Duration>,
     },
 }
@@ -301,7 +301,7 @@ fn run(cli: Cli) -> Result<i32> {
                     eprintln!("kiln: saw {what}; stopping the VM");
                     Ok(0)
                 }
-                Err(kiln::qemu::VmError::Exited { status, .. }) if !waiting => {
+                Err(kiln::tools::run::VmError::Exited { status, .. }) if !waiting => {
                     eprintln!("kiln: QEMU exited ({status})");
                     Ok(0)
                 }
@@ -314,7 +314,7 @@ fn run(cli: Cli) -> Result<i32> {
             if sec.exists() {
                 bail!("{} exists; refusing to overwrite a signing key", sec.display());
             }
-            let k = kiln::sign::KeyPair::generate();
+            let k = kiln::provenance::sign::KeyPair::generate();
             let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&sec).with_context(|| format!("creating {}", sec.display()))?;
             std::io::Write::write_all(&mut f, k.to_secret_file().as_bytes())?;
             std::fs::write(&public, k.public().to_file())?;
@@ -323,9 +323,9 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Verify { target, key } => {
             let text = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
-            let pk = kiln::sign::PublicKey::from_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+            let pk = kiln::provenance::sign::PublicKey::from_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
             if target.is_dir() {
-                match kiln::verify::verify_dir(&target, &pk) {
+                match kiln::provenance::verify::verify_dir(&target, &pk) {
                     Ok(lines) => {
                         for l in lines {
                             println!("{l}");
@@ -350,16 +350,16 @@ fn run(cli: Cli) -> Result<i32> {
             let node = std::fs::read_to_string(&p.node_config).with_context(|| format!("reading {} (key `node.config`)", p.node_config.display()))?;
             kiln_contract::config::parse(&node).map_err(|e| anyhow::anyhow!("{}: {e}", p.node_config.display()))?;
             if let Some(sb) = &p.secureboot {
-                kiln::secureboot::Signer::load(sb, &p.path, p.source_date_epoch)?;
+                kiln::image::secureboot::Signer::load(sb, &p.path, p.source_date_epoch)?;
             }
             println!("{}: ok ({} for {}, {} kernel fragment(s))", profile.display(), p.name, p.arch, p.kernel.fragments.len());
             Ok(0)
         }
         Cmd::Kernel { cmd: KernelCmd::Build { profile } } => {
             let p = kiln::profile::load(&profile)?;
-            let src = kiln::input::resolve("kernel.source", &p.kernel.source, p.arch.debian(), &cache)?;
+            let src = kiln::inputs::input::resolve("kernel.source", &p.kernel.source, p.arch.debian(), &cache)?;
             let t = Instant::now();
-            let k = kiln::kernel::build(p.arch, &src, &p.kernel, &cache)?;
+            let k = kiln::inputs::kernel::build(p.arch, &src, &p.kernel, &cache)?;
             println!("kernel {} ({}) {} in {:.1}s: {}", k.release, &k.key[..12], if k.cached { "cached" } else { "built" }, t.elapsed().as_secs_f64(), k.image.display());
             Ok(0)
         }
@@ -377,7 +377,7 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, Ok(t)) if !t.trim().is_empty() => (t, "the KILN_SIGNING_KEY environment variable".into()),
                 _ => bail!("no signing key: give --key kiln.key (from `kiln key generate`) or set KILN_SIGNING_KEY to the key's contents"),
             };
-            let kp = kiln::sign::KeyPair::from_secret_file(&text).with_context(|| format!("loading the signing key from {from}"))?;
+            let kp = kiln::provenance::sign::KeyPair::from_secret_file(&text).with_context(|| format!("loading the signing key from {from}"))?;
             let data = std::fs::read(&node_toml).with_context(|| format!("reading {}", node_toml.display()))?;
             let parsed = std::str::from_utf8(&data).map_err(|e| anyhow::anyhow!("{e}")).and_then(|t| kiln_contract::config::parse(t).map_err(|e| anyhow::anyhow!("{e}")));
             if let Err(e) = parsed {
@@ -390,8 +390,8 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Cluster { cmd: ClusterCmd::Init { dir, api, name, force, controller_address, worker_address, gateway, interface, valid } } => {
-            let o = kiln::cluster::InitOptions { dir, api, name, force, controller_address, worker_address, gateway, interface, valid };
-            let r = kiln::cluster::init(&o)?;
+            let o = kiln::tools::cluster::InitOptions { dir, api, name, force, controller_address, worker_address, gateway, interface, valid };
+            let r = kiln::tools::cluster::init(&o)?;
             for f in &r.files {
                 println!("wrote {}", f.display());
             }
@@ -401,7 +401,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Serve { dir, configs, listen } => {
-            let server = kiln::serve::Server::bind(&dir, configs.as_deref(), &listen)?;
+            let server = kiln::tools::serve::Server::bind(&dir, configs.as_deref(), &listen)?;
             let addr = server.local_addr()?;
             let site = server.site();
             eprintln!("kiln serve: listening on http://{addr}/ serving {} (node configs from {})", site.root.display(), site.configs.display());

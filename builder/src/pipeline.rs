@@ -1,13 +1,15 @@
 //! `kiln build PROFILE`: the pipeline from ARCHITECTURE.md, as one function.
 
-use crate::cache::Cache;
-use crate::input::{self, Resolved};
-use crate::kernel::{self, Kernel};
-use crate::manifest::{self, Manifest};
-use crate::payload::{self, Payload};
+use crate::inputs::cache::Cache;
+use crate::inputs::input::{self, Resolved};
+use crate::inputs::kernel::{self, Kernel};
+use crate::provenance::manifest::{self, Manifest};
+use crate::inputs::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
 use kiln_formats::tree::{Kind, Tree};
-use crate::{disk, init, isoboot, keys, packages, pxe, sbom, sdcard, update};
+use crate::image::{disk, isoboot, pxe, sdcard, update};
+use crate::inputs::{init, packages};
+use crate::provenance::{keys, sbom};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -31,12 +33,12 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     // The signing key, loaded first so a bad key fails before any work. The
     // private key never goes into an output; the public key goes into the
     // image for verifying updates.
-    let signer = keys::signing_key(&profile)?;
+    let signer = keys::signing_key(&profile.sign)?;
     if profile.outputs.contains(&Output::Update) && signer.is_none() {
         bail!("{}: {}", profile.path.display(), update::NEEDS_KEY);
     }
     // The Secure Boot db key and certificate, checked against each other.
-    let secureboot = profile.secureboot.as_ref().map(|s| crate::secureboot::Signer::load(s, &profile.path, profile.source_date_epoch)).transpose()?;
+    let secureboot = profile.secureboot.as_ref().map(|s| crate::image::secureboot::Signer::load(s, &profile.path, profile.source_date_epoch)).transpose()?;
 
     // 2. Inputs.
     let deb_arch = profile.arch.debian();
@@ -69,7 +71,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     }
     // Appliance payloads, also before any compiling.
     let board_inputs = profile.board.as_ref().map(|b| b.resolve(deb_arch, cache)).transpose()?;
-    let appliance = crate::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
+    let appliance = crate::inputs::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
     let packages = packages::resolve(&profile.packages, deb_arch, cache)?;
     // A package with a missing library fails here, before any compiling
     // (kiln's own programs are static); the whole root is checked again
@@ -86,7 +88,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
 
     // 4. Init, and the payload.
     let init_bin = init::build(&profile.tree, profile.arch)?;
-    let payload = payload::build(&profile, cache)?;
+    let payload = payload::build(&profile.payload, &profile.tree, profile.arch, cache)?;
 
     // 5. Root filesystem tree.
     let mut tree = rootfs_tree(&profile, &kernel, &init_bin, &busybox, &payload, &node_toml)?;
@@ -98,7 +100,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     if let Some(p) = &profile.config_key {
         let at = || format!("{} (key `node.config_key` in {})", p.display(), profile.path.display());
         let text = std::fs::read_to_string(p).with_context(|| format!("reading the node config key {}; make a key pair with `kiln key generate` and name its .pub here", at()))?;
-        let key = crate::sign::PublicKey::from_file(&text).with_context(|| format!("{} is not a minisign public key (the .pub file of `kiln key generate`)", at()))?;
+        let key = crate::provenance::sign::PublicKey::from_file(&text).with_context(|| format!("{} is not a minisign public key (the .pub file of `kiln key generate`)", at()))?;
         tree.file("/etc/kiln/config.pub", key.to_file(), 0o644)?;
     }
     // Debian packages last, so that one colliding with kiln's own files is
@@ -123,7 +125,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     if profile.outputs.contains(&Output::Pxe) {
         initramfs_bytes = Some(pxe::write(staging.path(), &kernel.image, &stage1, &root, profile.source_date_epoch, name).context("writing the PXE bundle")?);
         let vmlinuz = staging.path().join("pxe/vmlinuz");
-        if let Some(s) = secureboot.as_ref().filter(|_| crate::secureboot::is_pe(&vmlinuz).unwrap_or(false)) {
+        if let Some(s) = secureboot.as_ref().filter(|_| crate::image::secureboot::is_pe(&vmlinuz).unwrap_or(false)) {
             s.sign_in_place(&vmlinuz)?;
         }
     }
@@ -181,15 +183,15 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         if let (Some(key), true) = (&signer, profile.outputs.contains(&Output::Update)) {
             let dtb = sdcard::dtb_file(board, Some(&kernel.dtbs_dir))?.zip(board.dtb.as_deref()).map(|(file, name)| (name, file));
             let cmdline = sdcard::bundle_cmdline(board, &root);
-            update::write_build(staging.path(), &profile, key, &root, &update::Boot::Board { zimage: &kernel.image, dtb, cmdline: &cmdline }).context("writing the update bundle")?;
+            update::write_build(staging.path(), &profile.identity(), key, &root, &update::Boot::Board { zimage: &kernel.image, dtb, cmdline: &cmdline }).context("writing the update bundle")?;
         }
         // The QEMU board's firmware, for `kiln run` (not part of the card).
         if let Some(bios) = &bi.bios {
-            std::fs::copy(&bios.path, staging.path().join(crate::qemu::UBOOT_BIN)).with_context(|| format!("copying the board's bios {}", bios.path.display()))?;
+            std::fs::copy(&bios.path, staging.path().join(crate::tools::run::UBOOT_BIN)).with_context(|| format!("copying the board's bios {}", bios.path.display()))?;
         }
     }
     if let (Some(key), Some((_, uki_path)), None, true) = (&signer, &uki, &profile.board, profile.outputs.contains(&Output::Update)) {
-        update::write_build(staging.path(), &profile, key, &root, &update::Boot::Uki(uki_path)).context("writing the update bundle")?;
+        update::write_build(staging.path(), &profile.identity(), key, &root, &update::Boot::Uki(uki_path)).context("writing the update bundle")?;
     }
     std::fs::remove_dir_all(&work)?;
     let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.map(|(name, _)| name).unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });
@@ -209,7 +211,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     inputs.extend(packages.into_iter().map(|p| p.resolved));
     inputs.extend(board_inputs.iter().flat_map(|b| b.all().cloned()));
     // The SBOM lists the artifacts so far; the manifest then lists it too.
-    let sbom = sbom::collect(&profile, &kernel, &init_bin, &payload, &inputs, staging.path(), cache)?.write(staging.path())?;
+    let sbom = sbom::collect(&profile.identity(), &kernel, &init_bin, &profile.payload, &payload, &inputs, staging.path(), cache)?.write(staging.path())?;
     if let Some(k) = &signer {
         keys::sign_beside(k, &sbom, &format!("kiln sbom profile={name} arch={}", profile.arch))?;
     }

@@ -5,12 +5,13 @@
 //! first, so an unknown or mistyped key is reported with that file's name,
 //! line and key.
 
-use crate::input::Input;
+use crate::inputs::input::Input;
+pub use crate::inputs::kernel::KernelSpec;
+pub use crate::inputs::payload::Spec as Payload;
 pub use crate::tomlfile::ProfileError;
 use crate::tomlfile::{line_in_table, parse_toml};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-
 
 /// `SOURCE_DATE_EPOCH` as the reproducible-builds spec has it: unset or
 /// empty means "not given"; anything else must be seconds since the epoch.
@@ -91,7 +92,7 @@ pub struct ProfileFile {
     #[serde(default)]
     pub iso: IsoFile,
     #[serde(default)]
-    pub appliance: crate::appliance::ApplianceFile,
+    pub appliance: crate::inputs::appliance::ApplianceFile,
     #[serde(default)]
     pub secureboot: SecureBootFile,
 }
@@ -188,7 +189,7 @@ pub struct RootfsFile {
     /// Applets linked into /bin.
     pub busybox_applets: Option<Vec<String>>,
     /// `[[rootfs.packages]]`: Debian packages unpacked into the root.
-    pub packages: Option<Vec<crate::packages::PackageFile>>,
+    pub packages: Option<Vec<crate::inputs::packages::PackageFile>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -253,6 +254,19 @@ impl ProfileFile {
 impl Profile {
     /// Whether the build makes a UKI: for a disk output, or for an update
     /// bundle of an image that boots with UEFI (not an armv7 board).
+    pub fn identity(&self) -> crate::identity::Identity<'_> {
+        crate::identity::Identity {
+            profile: &self.path,
+            name: &self.name,
+            description: &self.description,
+            arch: self.arch,
+            version: self.version.as_deref(),
+            board: self.board.as_ref().map(|b| b.name.as_str()),
+            source_date_epoch: self.source_date_epoch,
+            tree: &self.tree,
+        }
+    }
+
     pub fn wants_uki(&self) -> bool {
         self.outputs.iter().any(|o| o.needs_disk()) || (self.outputs.contains(&Output::Update) && self.board.is_none())
     }
@@ -272,44 +286,29 @@ pub struct Profile {
     pub busybox: Input,
     pub busybox_applets: Vec<String>,
     /// `[[rootfs.packages]]`, checked.
-    pub packages: Vec<crate::packages::PackageSpec>,
+    pub packages: Vec<crate::inputs::packages::PackageSpec>,
     pub payload: Payload,
     pub node_config: PathBuf,
     pub qemu: QemuSpec,
     /// systemd-boot and the stub; needed when an output needs the disk.
     pub boot: Option<(Input, Input)>,
-    pub disk: crate::disk::DiskSpec,
-    /// The signing key file, when the profile names one.
-    pub sign_key: Option<PathBuf>,
-    /// Or the command that prints it (`sign.key_command`).
-    pub sign_key_command: Option<Vec<String>>,
+    pub disk: crate::image::disk::DiskSpec,
+    /// `[sign]`: where the signing key comes from.
+    pub sign: crate::provenance::keys::KeySpec,
     /// The public key node configs must be signed with (`node.config_key`).
     pub config_key: Option<PathBuf>,
     pub iso: IsoSpec,
     /// `[appliance]`: images, manifests and charts baked into the root.
-    pub appliance: crate::appliance::Spec,
+    pub appliance: crate::inputs::appliance::Spec,
     /// `[secureboot]`, when the profile has it.
-    pub secureboot: Option<crate::secureboot::SecureBootSpec>,
+    pub secureboot: Option<crate::image::secureboot::SecureBootSpec>,
     /// `board`: the armv7 board overlay, loaded.
-    pub board: Option<crate::board::Board>,
+    pub board: Option<crate::inputs::board::Board>,
     /// The directory holding kernel-configs/, overlays/ … (the profile's
     /// parent's parent by convention, or `KILN_SOURCE_DIR`).
     pub tree: PathBuf,
 }
 
-#[derive(Debug, Clone)]
-pub struct KernelSpec {
-    pub source: Input,
-    pub base: String,
-    pub fragments: Vec<PathBuf>,
-    pub cmdline: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub enum Payload {
-    StandIn,
-    K0s { input: Input, version: Option<String> },
-}
 
 /// `[iso]`: the BIOS inputs are set together or not at all.
 #[derive(Debug, Clone)]
@@ -466,7 +465,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
             message: format!("`{s}` is not panic_on_corruption or restart_on_corruption"),
         })?),
     };
-    let disk = crate::disk::DiskSpec {
+    let disk = crate::image::disk::DiskSpec {
         esp_mib: f.disk.esp_mib.unwrap_or(64),
         root_slot_mib: f.disk.root_slot_mib.unwrap_or(256),
         data_mib: f.disk.data_mib.unwrap_or(64),
@@ -490,7 +489,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     if bios.is_some() && arch != Arch::Amd64 {
         return Err(ProfileError::Semantic { path: path.to_path_buf(), message: format!("key `iso.isolinux`: BIOS boot is for amd64; this profile is {arch}") });
     }
-    let appliance = crate::appliance::spec(&f.appliance, arch, f.payload.version.as_deref())
+    let appliance = crate::inputs::appliance::spec(&f.appliance, arch, f.payload.version.as_deref())
         .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     if let Some((a, b, c)) = &bios {
         inputs.push(("iso.isolinux", a));
@@ -503,7 +502,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     if f.sign.key_command.as_ref().is_some_and(|c| c.first().is_none_or(|p| p.is_empty())) {
         return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "sign.key_command"), key: "sign.key_command".into(), message: "needs a program, e.g. `[\"pass\", \"show\", \"kiln/signing-key\"]`".into() });
     }
-    let packages = crate::packages::spec(f.rootfs.packages.as_deref().unwrap_or_default(), arch)
+    let packages = crate::inputs::packages::spec(f.rootfs.packages.as_deref().unwrap_or_default(), arch)
         .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
     let board = board_spec(path, &tree, arch, &f, &outputs)?;
@@ -536,8 +535,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         },
         boot,
         disk,
-        sign_key: f.sign.key.as_ref().map(|k| dir.join(k)),
-        sign_key_command: f.sign.key_command.clone(),
+        sign: crate::provenance::keys::KeySpec { key: f.sign.key.as_ref().map(|k| dir.join(k)), key_command: f.sign.key_command.clone(), profile: path.to_path_buf() },
         config_key: f.node.config_key.as_ref().map(|k| dir.join(k)),
         iso: IsoSpec { root_in_ram, bios },
         appliance,
@@ -549,7 +547,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
 
 /// `[secureboot]` with its paths resolved; each named file must exist.
 /// `board`, loaded, and checked against the arch and the outputs.
-fn board_spec(path: &Path, tree: &Path, arch: Arch, f: &ProfileFile, outputs: &[Output]) -> Result<Option<crate::board::Board>, ProfileError> {
+fn board_spec(path: &Path, tree: &Path, arch: Arch, f: &ProfileFile, outputs: &[Output]) -> Result<Option<crate::inputs::board::Board>, ProfileError> {
     let bad = |key: &str, message: String| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message };
     let wants = outputs.contains(&Output::Sdcard);
     if wants && arch != Arch::Armv7 {
@@ -565,15 +563,15 @@ fn board_spec(path: &Path, tree: &Path, arch: Arch, f: &ProfileFile, outputs: &[
         return Err(bad("board", format!("board overlays are for armv7 SD cards; this profile is {arch}: remove `board`")));
     }
     let dir = tree.join("overlays/boards");
-    if !dir.join(name).join(crate::board::FILE).is_file() {
-        let mut known: Vec<String> = std::fs::read_dir(&dir).into_iter().flatten().flatten().filter(|e| e.path().join(crate::board::FILE).is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if !dir.join(name).join(crate::inputs::board::FILE).is_file() {
+        let mut known: Vec<String> = std::fs::read_dir(&dir).into_iter().flatten().flatten().filter(|e| e.path().join(crate::inputs::board::FILE).is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         known.sort();
         return Err(bad("board", format!("no board overlay `{name}` in {} (there: {})", dir.display(), if known.is_empty() { "none".into() } else { known.join(", ") })));
     }
-    crate::board::load_named(&dir, name).map(Some)
+    crate::inputs::board::load_named(&dir, name).map(Some)
 }
 
-fn secureboot_spec(path: &Path, dir: &Path, f: &SecureBootFile) -> Result<Option<crate::secureboot::SecureBootSpec>, ProfileError> {
+fn secureboot_spec(path: &Path, dir: &Path, f: &SecureBootFile) -> Result<Option<crate::image::secureboot::SecureBootSpec>, ProfileError> {
     if f.key.is_none() && f.cert.is_none() && f.enroll.is_none() {
         return Ok(None);
     }
@@ -590,17 +588,17 @@ fn secureboot_spec(path: &Path, dir: &Path, f: &SecureBootFile) -> Result<Option
     };
     let enroll = match &f.enroll {
         None => None,
-        Some(e) => Some(crate::secureboot::Enroll {
+        Some(e) => Some(crate::image::secureboot::Enroll {
             pk: file("secureboot.enroll", &e.pk)?,
             kek: file("secureboot.enroll", &e.kek)?,
             db: file("secureboot.enroll", &e.db)?,
             force: e.force,
         }),
     };
-    Ok(Some(crate::secureboot::SecureBootSpec {
+    Ok(Some(crate::image::secureboot::SecureBootSpec {
         // With the key in the environment, the file is not read.
         key: match f.key.as_deref() {
-            Some(k) if std::env::var(crate::secureboot::KEY_ENV).is_ok_and(|v| !v.trim().is_empty()) => Some(dir.join(k)),
+            Some(k) if std::env::var(crate::image::secureboot::KEY_ENV).is_ok_and(|v| !v.trim().is_empty()) => Some(dir.join(k)),
             k => k.map(|k| file("secureboot.key", k)).transpose()?,
         },
         cert: file("secureboot.cert", cert)?,
@@ -751,7 +749,7 @@ mod tests {
         let p = profile(&format!("[[rootfs.packages]]\ndeb = \"runc\"\nversion = \"1.1.5+ds1-1+deb12u1\"\nsha256 = \"{pin}\"\n[[rootfs.packages]]\ndeb = \"tzdata\"\nversion = \"2024a-0+deb12u1\"\narch = \"all\"\nsha256 = \"{pin}\"\nexclude = []\n")).unwrap();
         assert_eq!(p.packages.len(), 2);
         assert_eq!(p.packages[0].input.deb.as_deref(), Some("runc"));
-        assert_eq!(p.packages[0].exclude, crate::packages::DEFAULT_EXCLUDE);
+        assert_eq!(p.packages[0].exclude, crate::inputs::packages::DEFAULT_EXCLUDE);
         assert!(p.packages[1].exclude.is_empty());
         assert_eq!(p.packages[1].file, None);
         let p = profile(&format!("[[rootfs.packages]]\ndeb = \"acme\"\nversion = \"1\"\nsha256 = \"{pin}\"\nfile = \"debs/acme.deb\"\n")).unwrap();

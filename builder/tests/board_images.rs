@@ -3,11 +3,11 @@
 //! synthetic kernel, dtb, initramfs and root. Each image is checked with
 //! tools nobody here wrote: sfdisk or sgdisk, fsck.vfat and mtools.
 
-use kiln::board::{self, Board, BoardInputs};
-use kiln::cache::Cache;
-use kiln::disk::{self, DiskSpec, RootImage, RootInputs};
+use kiln::inputs::board::{self, Board, BoardInputs};
+use kiln::inputs::cache::Cache;
+use kiln::image::disk::{self, DiskSpec, RootImage, RootInputs};
 use kiln_formats::tree::Tree;
-use kiln::sdcard::{self, KernelFiles, SdSpec};
+use kiln::image::sdcard::{self, KernelFiles, SdSpec};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -208,7 +208,7 @@ fn scratch_board(dir: &Path, toml: &str, blobs: &[(&str, usize)]) -> (Board, Boa
     for (name, len) in blobs {
         let data: Vec<u8> = (0..*len).map(|i| (i % 200) as u8 + 1).collect();
         std::fs::write(bd.join(name), &data).unwrap();
-        t = t.replace(&format!("@{name}@"), &kiln::input::sha256_bytes(&data));
+        t = t.replace(&format!("@{name}@"), &kiln::inputs::input::sha256_bytes(&data));
     }
     std::fs::write(bd.join("board.toml"), t).unwrap();
     let b = board::load(&bd).unwrap_or_else(|e| panic!("{e}"));

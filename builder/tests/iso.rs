@@ -11,10 +11,10 @@ use std::io::Cursor;
 use std::path::Path;
 use std::process::Command;
 
-use kiln::cache::Cache;
+use kiln::inputs::cache::Cache;
 use kiln_formats::fat::{FatBuilder, FileContent};
 use kiln_formats::gpt::{deterministic_guid, types};
-use kiln::input::{self, Input};
+use kiln::inputs::input::{self, Input};
 use kiln_formats::iso::{self, BiosBoot, Content, Extent, HybridPartition, IsoFile, IsoSpec};
 // A checker tool. Missing on CI is a failure; on a workstation, a skip.
 use kiln_testkit::checker;

@@ -4,8 +4,8 @@
 //! without building an image: runc with its libraries loads; runc without
 //! libseccomp2 is a build error naming both.
 
-use kiln::cache::Cache;
-use kiln::packages::{self, Package, PackageFile};
+use kiln::inputs::cache::Cache;
+use kiln::inputs::packages::{self, Package, PackageFile};
 use kiln::arch::Arch;
 use kiln_formats::tree::{Kind, Tree};
 

@@ -184,7 +184,7 @@ fn outputs_are_byte_identical_across_trees_caches_and_time() {
             continue;
         }
         let entry = arts.iter().find(|x| x["path"] == name.as_str()).unwrap_or_else(|| panic!("{name} not in the manifest"));
-        assert_eq!(entry["sha256"].as_str().unwrap(), kiln::input::sha256_bytes(bytes));
+        assert_eq!(entry["sha256"].as_str().unwrap(), kiln::inputs::input::sha256_bytes(bytes));
     }
     assert!(m["inputs"].as_array().unwrap().iter().any(|i| i["source"].as_str().unwrap_or("").starts_with("linux-source-6.1")));
     assert!(m["payload"]["description"].as_str().unwrap().contains("not k0s"));

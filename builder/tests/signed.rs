@@ -36,7 +36,7 @@ fn s(p: &Path) -> &str {
 
 /// Every file under `dir`, relative, sorted.
 fn files(dir: &Path) -> Vec<String> {
-    let mut out: Vec<String> = kiln::manifest::files(dir).unwrap().into_iter().map(|(rel, _)| rel).collect();
+    let mut out: Vec<String> = kiln::provenance::manifest::files(dir).unwrap().into_iter().map(|(rel, _)| rel).collect();
     out.extend(["manifest.json", "manifest.json.minisig"].into_iter().filter(|f| dir.join(f).exists()).map(String::from));
     out.sort();
     out

@@ -1,4 +1,4 @@
-//! Update bundles, both halves: `kiln::update` writes one from small fake
+//! Update bundles, both halves: `kiln::image::update` writes one from small fake
 //! parts with a fresh key, and the node's reader (`kiln_contract::update`) takes
 //! it back. Every way the node must refuse a bundle is tried: a changed
 //! part, manifest or signature, another key, another arch or profile, an
@@ -7,8 +7,8 @@
 //! put in.
 
 use kiln::arch::Arch;
-use kiln::sign::{KeyPair, PublicKey, SignError};
-use kiln::update::{self, Content, PartSource, Spec};
+use kiln::provenance::sign::{KeyPair, PublicKey, SignError};
+use kiln::image::update::{self, Content, PartSource, Spec};
 use kiln_contract::update::bundle::{MANIFEST_NAME, SIGNATURE_NAME};
 use kiln_contract::update::{BundleError, BundleReader, PartKind, Policy};
 use proptest::prelude::*;

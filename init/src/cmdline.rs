@@ -3,7 +3,6 @@
 //! `kiln.verity=`, `kiln.root=`, `kiln.mbr=`) are parsed here; the other
 //! `kiln.*` words are read with [`words`] by the module that acts on them.
 
-use crate::node::gpt::Guid;
 use kiln_contract::digest::{hex, unhex32};
 
 /// What the kernel reacts with when a root block does not match its hash.
@@ -62,20 +61,6 @@ pub fn parse_mbr(v: &str) -> Result<MbrRoot, String> {
 impl Cmdline {
     pub fn root_hex(&self) -> String {
         hex(&self.roothash)
-    }
-
-    /// PARTUUID of the root (data) partition: the hash's first 128 bits.
-    pub fn data_uuid(&self) -> Guid {
-        let mut g = [0u8; 16];
-        g.copy_from_slice(&self.roothash[..16]);
-        Guid(g)
-    }
-
-    /// PARTUUID of the verity partition: the hash's last 128 bits.
-    pub fn hash_uuid(&self) -> Guid {
-        let mut g = [0u8; 16];
-        g.copy_from_slice(&self.roothash[16..]);
-        Guid(g)
     }
 }
 
@@ -167,8 +152,6 @@ mod tests {
         assert_eq!(c.root_hex(), HASH);
         assert_eq!(c.slot, "b");
         assert_eq!(c.on_corruption, Some(OnCorruption::Restart));
-        assert_eq!(c.data_uuid().to_string(), "00112233-4455-6677-8899-aabbccddeeff");
-        assert_eq!(c.hash_uuid().to_string(), "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
 
         let c = parse_cmdline(&format!("roothash={}", HASH.to_uppercase())).unwrap();
         assert_eq!(c.root_hex(), HASH);

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{boot_with, built, sh, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::path::Path;
 
 const PROFILE: &str = "qemu-arm64";
@@ -114,7 +114,7 @@ fn two_builds_are_byte_identical() {
     // builder/tests/reproducible.rs covers cold caches and another tree on
     // amd64; this covers everything arm64-specific (aa64 stub and
     // systemd-boot, Image, busybox and node binaries for aarch64).
-    let cache = kiln::cache::Cache::default_location();
+    let cache = kiln::inputs::cache::Cache::default_location();
     let other = common::scratch().join("arm64-again");
     let _ = std::fs::remove_dir_all(&other);
     let again = kiln::pipeline::build(&common::workspace().join("profiles/qemu-arm64.toml"), &other, &cache).unwrap_or_else(|e| panic!("second build: {e:#}"));

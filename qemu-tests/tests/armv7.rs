@@ -9,7 +9,7 @@
 mod common;
 
 use common::{boot_with, built, sh, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::path::{Path, PathBuf};
 
 const PROFILE: &str = "qemu-armv7";
@@ -27,7 +27,7 @@ fn mbr_part(img: &Path, n: usize) -> (u64, u64) {
 }
 
 /// The factory board's size: one core, 512 MiB; the card is 2 GiB.
-fn card(disk: Option<PathBuf>) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
+fn card(disk: Option<PathBuf>) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
     move |s| {
         s.boot = BootFrom::Disk;
         s.disk = disk;
@@ -68,7 +68,7 @@ fn outputs_are_armv7_and_pass_the_format_checkers() {
     let f = sh(&format!("file -b {}", out.join("pxe/vmlinuz").display()));
     assert!(f.contains("ARM") && f.contains("zImage"), "pxe/vmlinuz: {f}");
     // The QEMU board's firmware sits beside the card, not in it.
-    assert!(out.join(kiln::qemu::UBOOT_BIN).is_file());
+    assert!(out.join(kiln::tools::run::UBOOT_BIN).is_file());
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn pxe_kernel_and_initramfs_boot_directly() {
 #[test]
 fn two_builds_are_byte_identical() {
     let out = built(PROFILE);
-    let cache = kiln::cache::Cache::default_location();
+    let cache = kiln::inputs::cache::Cache::default_location();
     let other = common::scratch().join("armv7-again");
     let _ = std::fs::remove_dir_all(&other);
     let again = kiln::pipeline::build(&common::workspace().join("profiles/qemu-armv7.toml"), &other, &cache).unwrap_or_else(|e| panic!("second build: {e:#}"));
@@ -162,7 +162,7 @@ fn build_update(dir: &Path, tag: &str, version: &str, extra: &str) -> PathBuf {
 /// 1.0.0, 2.0.0, 3.0.0 (kiln-init panics), 3.0.1 (the payload exits).
 struct UpdateBuilds {
     dir: PathBuf,
-    key: kiln::sign::KeyPair,
+    key: kiln::provenance::sign::KeyPair,
     v1: PathBuf,
     v2: PathBuf,
     v3: PathBuf,
@@ -174,7 +174,7 @@ fn update_builds() -> &'static UpdateBuilds {
     B.get_or_init(|| {
         let d = common::scratch().join("armv7-updates");
         std::fs::create_dir_all(&d).unwrap();
-        let key = kiln::sign::KeyPair::generate();
+        let key = kiln::provenance::sign::KeyPair::generate();
         std::fs::write(d.join("kiln.key"), key.to_secret_file()).unwrap();
         let v1 = build_update(&d, "v1", "1.0.0", "");
         let v2 = build_update(&d, "v2", "2.0.0", "");
@@ -201,18 +201,18 @@ const UPDATE_CONFIG: &str = "role = \"single\"\n\n[update]\ntries = 2\nhealth_se
 #[test]
 fn card_updates_apply_refuse_and_roll_back() {
     use common::expect;
-    use kiln::update::{Content, PartSource, Spec};
+    use kiln::image::update::{Content, PartSource, Spec};
     let UpdateBuilds { dir: d, key, v1, v2, v3, v4 } = update_builds();
-    let crafted = |key: &kiln::sign::KeyPair, arch, version: &str, name: &str| {
+    let crafted = |key: &kiln::provenance::sign::KeyPair, arch, version: &str, name: &str| {
         let to = d.join(name);
         let part = |name: &str, kind, n: usize| PartSource { name: name.into(), kind, content: Content::Bytes(vec![0x5a; n]) };
         let cmdline = format!("roothash={}", "ab".repeat(32));
         let parts = [part("root.squashfs", kiln_contract::update::PartKind::Root, 8192), part("root.verity", kiln_contract::update::PartKind::Verity, 4096), part("zImage", kiln_contract::update::PartKind::Kernel, 4096), part("initramfs.cpio.zst", kiln_contract::update::PartKind::Initramfs, 4096)];
         let spec = Spec { version, arch, profile: "upd7", board: Some("qemu-armv7"), roothash: &"ab".repeat(32), cmdline: Some(&cmdline), source_date_epoch: 1 };
-        kiln::update::write(&to, &spec, &parts, key).unwrap();
+        kiln::image::update::write(&to, &spec, &parts, key).unwrap();
         to
     };
-    let other_key = crafted(&kiln::sign::KeyPair::generate(), kiln::arch::Arch::Armv7, "2.0.0", "other-key.kiln");
+    let other_key = crafted(&kiln::provenance::sign::KeyPair::generate(), kiln::arch::Arch::Armv7, "2.0.0", "other-key.kiln");
     let arm64 = crafted(key, kiln::arch::Arch::Arm64, "2.0.0", "arm64.kiln");
     let downgrade = crafted(key, kiln::arch::Arch::Armv7, "0.9.0", "downgrade.kiln");
     let truncated = d.join("truncated.kiln");
@@ -320,7 +320,7 @@ fn power_loss_during_a_card_update_leaves_a_card_that_boots() {
         let name = format!("armv7_power{i}");
         let overlay = common::scratch().join(format!("{name}.qcow2"));
         let _ = std::fs::remove_file(&overlay);
-        let spec = |s: &mut kiln::qemu::VmSpec| {
+        let spec = |s: &mut kiln::tools::run::VmSpec| {
             card(None)(s);
             s.overlay = Some(overlay.clone());
             s.extra_disk = Some(stick.clone());

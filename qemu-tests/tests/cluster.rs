@@ -27,11 +27,11 @@ fn token_of(join_token: &str) -> (String, String) {
 #[test]
 fn cluster_init_pair_joins() {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = kiln::cluster::InitOptions::new(dir.path().join("lab"));
+    let mut o = kiln::tools::cluster::InitOptions::new(dir.path().join("lab"));
     o.name = "lab".into();
     o.controller_address = Some("10.0.0.10/24".into());
     o.worker_address = Some("10.0.0.11/24".into());
-    let r = kiln::cluster::init(&o).unwrap_or_else(|e| panic!("kiln cluster init: {e}"));
+    let r = kiln::tools::cluster::init(&o).unwrap_or_else(|e| panic!("kiln cluster init: {e}"));
     assert_eq!(r.server, "https://10.0.0.10:6443");
     let read = |n: &str| std::fs::read_to_string(o.dir.join(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
     let (id, secret) = token_of(&read("worker.token"));
@@ -49,7 +49,7 @@ fn cluster_init_pair_joins() {
     assert_eq!((files.get("ca"), files.get("manifests")), (Some("written"), Some("1")), "{files:?}");
     let started = ctl.event("payload-started", BOOT_TIMEOUT);
     assert_eq!(started.get("role"), Some("controller"));
-    let manifest = format!("/var/lib/k0s/manifests/{}/bootstrap-token-{id}.yaml", kiln::cluster::STACK);
+    let manifest = format!("/var/lib/k0s/manifests/{}/bootstrap-token-{id}.yaml", kiln::tools::cluster::STACK);
     let found = ctl.line("the bootstrap Secret", BOOT_TIMEOUT, |l| l.contains("stand-in: bootstrap-secret id="));
     assert!(found.contains(&format!("id={id} found in {manifest} authentication=true")), "{found}");
     ctl.line("stand-in listening", BOOT_TIMEOUT, |l| l.contains("stand-in: listening on ports 6443,9443"));

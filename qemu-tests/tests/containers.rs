@@ -15,7 +15,7 @@ mod common;
 
 use common::{boot_with, scratch, workspace, BOOT_TIMEOUT};
 use kiln::arch::Arch;
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use kiln_contract::digest::hex;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -157,8 +157,8 @@ fn profile(arch: Arch, packages: &[(&str, &str, &str, &str)], tag: &str) -> Path
     std::env::set_var("KILN_SOURCE_DIR", &ws);
     let base_path = ws.join(format!("profiles/{base}.toml"));
     let p = kiln::profile::load(&base_path).unwrap_or_else(|e| panic!("{e}"));
-    let cache = kiln::cache::Cache::default_location();
-    let busybox = kiln::input::resolve("rootfs.busybox", &p.busybox, arch.debian(), &cache).unwrap_or_else(|e| panic!("{e}"));
+    let cache = kiln::inputs::cache::Cache::default_location();
+    let busybox = kiln::inputs::input::resolve("rootfs.busybox", &p.busybox, arch.debian(), &cache).unwrap_or_else(|e| panic!("{e}"));
     let image = oci_busybox(std::fs::read(&busybox.path).unwrap(), arch);
     std::fs::write(dir.join(TARBALL), &image).unwrap();
     let mut text = format!(
@@ -183,7 +183,7 @@ fn profile(arch: Arch, packages: &[(&str, &str, &str, &str)], tag: &str) -> Path
 /// A worker, as k0s would be told to join (the stand-in only tries to).
 fn worker_config(hostname: &str) -> String {
     let kubeconfig = "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: Y2E=\n    server: https://10.0.2.2:6443\n  name: k0s\ncontexts:\n- context:\n    cluster: k0s\n    user: kubelet-bootstrap\n  name: k0s\ncurrent-context: k0s\nkind: Config\nusers:\n- name: kubelet-bootstrap\n  user:\n    token: abcdef.0123456789abcdef\n";
-    format!("role = \"worker\"\nhostname = \"{hostname}\"\n[k0s]\ntoken = \"{}\"\n", kiln::cluster::join_token(kubeconfig))
+    format!("role = \"worker\"\nhostname = \"{hostname}\"\n[k0s]\ntoken = \"{}\"\n", kiln::tools::cluster::join_token(kubeconfig))
 }
 
 /// Boots the worker and checks every step of the container exercise.
@@ -246,7 +246,7 @@ fn a_binary_with_a_missing_library_fails_the_build_naming_both() {
     let path = profile(Arch::Amd64, &without, "-missing");
     let out_dir = scratch().join("containers-missing-out");
     let _ = std::fs::remove_dir_all(&out_dir);
-    let e = kiln::pipeline::build(&path, &out_dir, &kiln::cache::Cache::default_location()).map(|o| o.out).expect_err("the build must fail");
+    let e = kiln::pipeline::build(&path, &out_dir, &kiln::inputs::cache::Cache::default_location()).map(|o| o.out).expect_err("the build must fail");
     let e = format!("{e:#}");
     assert!(e.contains("/usr/sbin/runc (package runc) needs libseccomp.so.2, which is not in the image"), "{e}");
     assert!(!out_dir.join("qemu-amd64-containers").exists(), "no half-written output: {:?}", common::files(&out_dir));

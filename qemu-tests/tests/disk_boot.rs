@@ -4,7 +4,7 @@
 mod common;
 
 use common::{boot_with, built, copy_disk, part, sh, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ fn mtools_img(disk: &Path) -> String {
     common::esp_image(disk)
 }
 
-fn disk_spec(disk: Option<PathBuf>, size: u64, overlay: Option<PathBuf>) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
+fn disk_spec(disk: Option<PathBuf>, size: u64, overlay: Option<PathBuf>) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
     move |s| {
         s.boot = BootFrom::Disk;
         s.disk = disk;

@@ -138,7 +138,7 @@ fn zst_and_bmap_outputs_are_what_zstd_and_bmaptool_expect() {
     )
     .unwrap();
     std::env::set_var("KILN_SOURCE_DIR", common::workspace());
-    let b = kiln::pipeline::build(&profiles.join("z.toml"), &d.path().join("out"), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("{e:#}"));
+    let b = kiln::pipeline::build(&profiles.join("z.toml"), &d.path().join("out"), &kiln::inputs::cache::Cache::default_location()).unwrap_or_else(|e| panic!("{e:#}"));
     let o = b.out.display();
     must(&format!("zstd -t {o}/disk.raw.zst && zstd -dc {o}/disk.raw.zst | cmp - {o}/disk.raw"));
     let copy = d.path().join("copy.img");

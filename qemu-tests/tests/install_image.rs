@@ -56,7 +56,7 @@ struct Fixture {
     verity: PathBuf,
     image: PathBuf,
     table: Gpt,
-    summary: kiln::install::Summary,
+    summary: kiln::image::install::Summary,
 }
 
 impl Fixture {
@@ -79,7 +79,7 @@ impl Fixture {
     }
 }
 
-/// A disk laid out the way `kiln::disk` lays one out, smaller, and its
+/// A disk laid out the way `kiln::image::disk` lays one out, smaller, and its
 /// install image.
 fn source(mkfs: &Path) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
@@ -198,7 +198,7 @@ fn source(mkfs: &Path) -> Fixture {
         let p = table.partitions.iter().find(|p| p.name == name).unwrap();
         (p.offset_bytes(), p.size_bytes())
     };
-    let summary = kiln::install::write(
+    let summary = kiln::image::install::write(
         &disk,
         part("root-a"),
         &root,
@@ -424,7 +424,7 @@ fn install_image_describes_the_disk() {
 
     // The same disk gives the same bytes.
     let again = s.path("again.img");
-    kiln::install::write(
+    kiln::image::install::write(
         &s.disk,
         s.part("root-a"),
         &s.root,
@@ -451,7 +451,7 @@ fn writer_refuses_a_root_that_is_not_on_the_disk() {
     let out = s.path("x.img");
     let msg = format!(
         "{:#}",
-        kiln::install::write(
+        kiln::image::install::write(
             &s.disk,
             s.part("root-a"),
             &other,
@@ -467,7 +467,7 @@ fn writer_refuses_a_root_that_is_not_on_the_disk() {
     );
     let msg = format!(
         "{:#}",
-        kiln::install::write(
+        kiln::image::install::write(
             &s.disk,
             s.part("root-b"),
             &s.root,
@@ -480,7 +480,7 @@ fn writer_refuses_a_root_that_is_not_on_the_disk() {
     assert!(msg.contains("does not hold"), "{msg}");
     let msg = format!(
         "{:#}",
-        kiln::install::write(
+        kiln::image::install::write(
             &s.disk,
             (12345, 4096),
             &s.root,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{boot_with, built, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -22,7 +22,7 @@ fn iso(out: &Path) -> PathBuf {
     out.join(format!("{PROFILE}.iso"))
 }
 
-fn iso_spec(boot: BootFrom) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
+fn iso_spec(boot: BootFrom) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
     move |s| s.boot = boot
 }
 

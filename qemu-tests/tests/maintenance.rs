@@ -7,7 +7,7 @@
 mod common;
 
 use common::{boot_with, built, config_stick, copy_disk, esp_image, mcopy, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::path::Path;
 use std::time::Duration;
 

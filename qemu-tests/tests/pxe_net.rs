@@ -5,7 +5,7 @@
 mod common;
 
 use common::{boot_with, built, sh, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,7 +77,7 @@ fn kiln_bin() -> PathBuf {
     bin
 }
 
-fn ipxe(port: u16) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
+fn ipxe(port: u16) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
     move |s| {
         s.boot = BootFrom::Ipxe;
         s.ipxe_url = Some(format!("http://10.0.2.2:{port}/boot.ipxe"));

@@ -32,7 +32,7 @@ fn join_token(port: u16, user: &str) -> String {
     let kubeconfig = format!(
         "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: {ca}\n    server: https://{API}:{port}\n  name: k0s\ncontexts:\n- context:\n    cluster: k0s\n    user: {user}\n  name: k0s\ncurrent-context: k0s\nkind: Config\npreferences: {{}}\nusers:\n- name: {user}\n  user:\n    token: abcdef.0123456789abcdef\n"
     );
-    kiln::cluster::join_token(&kubeconfig)
+    kiln::tools::cluster::join_token(&kubeconfig)
 }
 
 fn sha_prefix(data: &[u8]) -> String {
@@ -129,7 +129,7 @@ replicas: 2
         // What the builder renders for the chart, read back through the
         // library so the test compares with exactly what was baked.
         let p = kiln::profile::load(&profile).unwrap_or_else(|e| panic!("{e}"));
-        let a = kiln::appliance::resolve(&p.appliance, &p.path, "amd64", &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("{e}"));
+        let a = kiln::inputs::appliance::resolve(&p.appliance, &p.path, "amd64", &kiln::inputs::cache::Cache::default_location()).unwrap_or_else(|e| panic!("{e}"));
         let chart = a.bytes("/usr/lib/kiln/appliance/manifests/kiln-charts/hello.yaml").expect("the chart manifest").to_vec();
         assert!(String::from_utf8_lossy(&chart).contains("chartName: /usr/lib/kiln/appliance/charts/hello-0.1.0.tgz"));
         Appliance {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{boot_with, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -48,7 +48,7 @@ fn profile(dir: &Path, name: &str, extra: &str) -> PathBuf {
     p
 }
 
-fn secure(disk: Option<PathBuf>) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
+fn secure(disk: Option<PathBuf>) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
     move |s| {
         s.boot = BootFrom::Disk;
         s.disk = disk;

@@ -27,7 +27,7 @@ fn an_unprivileged_user_builds_the_same_image() {
     let t = tmp.path();
     // What the build reads from the cache (inputs and the kernel), and the
     // node binaries root already compiled: nobody cannot use root's toolchain.
-    let cache = kiln::cache::Cache::default_location();
+    let cache = kiln::inputs::cache::Cache::default_location();
     sh(&format!("mkdir -p {t}/cache {t}/bin && cp -r {c}/sha256 {c}/index {c}/kernel {t}/cache/", t = t.display(), c = cache.root().display()));
     let target = "x86_64-unknown-linux-musl";
     sh(&format!("mkdir -p {t}/bin/{target} && cp {n}/{target}/node/kiln-init {n}/{target}/node/k0s {t}/bin/{target}/", t = t.display(), n = ws.join("target/kiln-node").display()));

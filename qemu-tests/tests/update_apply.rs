@@ -2,12 +2,12 @@
 //! out as kiln lays out its disks (made with sgdisk), with an ESP directory
 //! beside it. The roots are arbitrary data with real dm-verity trees from the
 //! builder's `verity` code, so the root hashes and the PARTUUIDs derived from
-//! them are genuine; the bundles are written by `kiln::update` with a fresh
+//! them are genuine; the bundles are written by `kiln::image::update` with a fresh
 //! key, as in tests/update_bundle.rs.
 
 use kiln::arch::Arch;
-use kiln::sign::{KeyPair, PublicKey};
-use kiln::update::{self, Content, PartSource, Spec};
+use kiln::provenance::sign::{KeyPair, PublicKey};
+use kiln::image::update::{self, Content, PartSource, Spec};
 use kiln_formats::verity;
 use kiln_init::node::gpt::{Gpt, Guid, Partition};
 use kiln_init::cmdline::MbrRoot;

@@ -20,9 +20,9 @@
 mod common;
 
 use common::{boot_with, expect, scratch, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
-use kiln::sign::KeyPair;
-use kiln::update::{Content, PartSource, Spec};
+use kiln::tools::run::BootFrom;
+use kiln::provenance::sign::KeyPair;
+use kiln::image::update::{Content, PartSource, Spec};
 use kiln_contract::event::Event;
 use kiln_contract::update::PartKind;
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ fn crafted(key: &KeyPair, arch: kiln::arch::Arch, version: &str, to: &Path) {
     let part = |name: &str, kind, n: usize| PartSource { name: name.into(), kind, content: Content::Bytes(vec![0x5a; n]) };
     let parts = [part("root.squashfs", PartKind::Root, 8192), part("root.verity", PartKind::Verity, 4096), part("kiln.efi", PartKind::Uki, 4096)];
     let spec = Spec { version, arch, profile: NAME, board: None, roothash: &"ab".repeat(32), cmdline: None, source_date_epoch: 1 };
-    kiln::update::write(to, &spec, &parts, key).unwrap();
+    kiln::image::update::write(to, &spec, &parts, key).unwrap();
 }
 
 /// A KILNUPD stick in this test's scratch directory.
@@ -266,7 +266,7 @@ fn power_loss_during_an_update_leaves_a_node_that_boots() {
         let disk = common::copy_disk(v1, &name);
         let overlay = scratch().join(format!("{name}.qcow2"));
         let _ = std::fs::remove_file(&overlay);
-        let spec = |s: &mut kiln::qemu::VmSpec| {
+        let spec = |s: &mut kiln::tools::run::VmSpec| {
             s.boot = BootFrom::Disk;
             s.disk = Some(disk.clone());
             s.overlay = Some(overlay.clone());

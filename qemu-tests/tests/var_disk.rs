@@ -6,7 +6,7 @@
 mod common;
 
 use common::{boot_with, built, BOOT_TIMEOUT};
-use kiln::qemu::BootFrom;
+use kiln::tools::run::BootFrom;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -26,7 +26,7 @@ fn raw_disk(name: &str, bytes: u64) -> PathBuf {
     p
 }
 
-fn pxe_with(disk: &Path) -> impl FnOnce(&mut kiln::qemu::VmSpec) {
+fn pxe_with(disk: &Path) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
     let disk = disk.to_path_buf();
     move |s| {
         s.boot = BootFrom::Pxe;

@@ -257,12 +257,32 @@ pub fn mbr_signature(sector0: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes([sector0[440], sector0[441], sector0[442], sector0[443]]))
 }
 
+impl Guid {
+    /// PARTUUID of a root partition: the root hash's first 128 bits (the
+    /// Discoverable Partitions rule the builder follows).
+    pub fn root_of(roothash: &[u8; 32]) -> Guid {
+        Guid(kiln_contract::layout::root_uuid(roothash))
+    }
+
+    /// PARTUUID of a verity partition: the root hash's last 128 bits.
+    pub fn verity_of(roothash: &[u8; 32]) -> Guid {
+        Guid(kiln_contract::layout::verity_uuid(roothash))
+    }
+}
+
 pub use kiln_contract::digest::crc32;
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
+
+    #[test]
+    fn partition_uuids_of_a_root_hash() {
+        let h: [u8; 32] = std::array::from_fn(|i| if i < 16 { (i as u8) * 0x11 } else { 0xf0 - (i as u8 - 16) * 0x0f });
+        assert_eq!(Guid::root_of(&h).to_string(), "00112233-4455-6677-8899-aabbccddeeff");
+        assert_eq!(Guid::verity_of(&h).to_string(), "f0e1d2c3-b4a5-9687-7869-5a4b3c2d1e0f");
+    }
 
     #[test]
     fn mbr_signature_of_sector_zero() {

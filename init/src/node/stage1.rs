@@ -530,7 +530,7 @@ fn find() -> Result<(Cmdline, Root), Fail> {
         let lo = |p: &str| loop_device(p).map_err(|e| Fail::root(format!("the root in the initramfs: {e}")));
         Root { medium: Medium::Initramfs, disk: None, data: lo(RAM_ROOT)?, hash: lo(RAM_VERITY)? }
     } else {
-        console::info(&format!("stage 1: root hash {} (slot {}); looking for PARTUUIDs {} and {}", cmd.root_hex(), cmd.slot, cmd.data_uuid(), cmd.hash_uuid()));
+        console::info(&format!("stage 1: root hash {} (slot {}); looking for PARTUUIDs {} and {}", cmd.root_hex(), cmd.slot, Guid::root_of(&cmd.roothash), Guid::verity_of(&cmd.roothash)));
         let root = wait_for_root(&cmd)?;
         if cmd.ram {
             copy_to_ram(root)?
@@ -582,7 +582,7 @@ fn write_medium(root: &Root, dm_node: &str, sb: &VeritySuperblock, esp: Option<&
 }
 
 fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
-    let (want_data, want_hash) = (cmd.data_uuid(), cmd.hash_uuid());
+    let (want_data, want_hash) = (Guid::root_of(&cmd.roothash), Guid::verity_of(&cmd.roothash));
     let start = Instant::now();
     let mut told = false;
     let mut hinted = false;

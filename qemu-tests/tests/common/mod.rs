@@ -5,7 +5,7 @@
 //! have two cores and TCG is slow), each with a serial log under
 //! `target/qemu-tests/logs/`, kept when the test fails.
 
-use kiln::qemu::{Accel, Vm, VmSpec};
+use kiln::tools::run::{Accel, Vm, VmSpec};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -34,7 +34,7 @@ pub fn built(profile: &str) -> PathBuf {
     if let Some((_, p)) = b.iter().find(|(n, _)| n == profile) {
         return p.clone();
     }
-    let cache = kiln::cache::Cache::default_location();
+    let cache = kiln::inputs::cache::Cache::default_location();
     // A name from profiles/, or a path to a profile a test wrote.
     let path = if profile.ends_with(".toml") { PathBuf::from(profile) } else { workspace().join("profiles").join(format!("{profile}.toml")) };
     let out = kiln::pipeline::build(&path, &scratch().join("out"), &cache)
@@ -61,7 +61,7 @@ pub struct Node {
 /// Boots a build output's PXE kernel and initramfs directly. `config` is a
 /// node.toml text given through fw_cfg.
 pub fn boot(test: &str, out: &Path, config: Option<&str>) -> Node {
-    boot_with(test, out, config, |s| s.boot = kiln::qemu::BootFrom::Pxe)
+    boot_with(test, out, config, |s| s.boot = kiln::tools::run::BootFrom::Pxe)
 }
 
 /// Boots with the spec adjusted by `tweak` (disk image, size, overlay…).
@@ -91,9 +91,9 @@ pub fn boot_pair(
     let links = [(p1, p2), (p2, p1)];
     let mut nodes = (0..2).map(|i| {
         start(&format!("{test}-{}", names[i]), out, Some(configs[i]), |s| {
-            s.boot = kiln::qemu::BootFrom::Pxe;
+            s.boot = kiln::tools::run::BootFrom::Pxe;
             s.memory_mib = 1024;
-            s.net = kiln::qemu::Net::Udp { local: links[i].0, remote: links[i].1 };
+            s.net = kiln::tools::run::Net::Udp { local: links[i].0, remote: links[i].1 };
             s.mac = format!("52:54:00:00:00:{:02x}", i + 1);
         }, lock.clone())
     });
@@ -254,7 +254,7 @@ pub fn build_versioned(dir: &Path, base: &str, name: &str, tag: &str, version: &
         ),
     )
     .unwrap();
-    let out = kiln::pipeline::build(&path, &dir.join(format!("out-{tag}")), &kiln::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
+    let out = kiln::pipeline::build(&path, &dir.join(format!("out-{tag}")), &kiln::inputs::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
     out.out
 }
 
@@ -390,7 +390,7 @@ pub fn flip_byte(path: &Path, at: u64) {
 pub fn kernel_check_is_clean(manifest: &serde_json::Value) {
     use kiln_contract::requirements::{check, KernelConfig, Level, Needs};
     let key = manifest["kernel"]["cache_key"].as_str().expect("the manifest's kernel cache_key");
-    let config = kiln::cache::Cache::default_location().entry("kernel", key).join("config");
+    let config = kiln::inputs::cache::Cache::default_location().entry("kernel", key).join("config");
     let cfg = KernelConfig::parse(&std::fs::read_to_string(&config).expect("the cached kernel .config"));
     let report = check(&cfg, Needs { worker: true });
     assert!(report.missing(Level::Required).is_empty() && report.missing(Level::Warn).is_empty(), "{report}");

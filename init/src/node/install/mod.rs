@@ -158,7 +158,7 @@ pub fn run(target: &str, why: &str) -> Result<Outcome, String> {
         if let Ok(g) = super::gpt::Gpt::read(&f, 512, bytes) {
             // A table read from the backup only may be an install cut short
             // between the two table writes: install again.
-            if !g.from_backup && g.partitions().iter().any(|p| p.uuid == cmd.data_uuid()) {
+            if !g.from_backup && g.partitions().iter().any(|p| p.uuid == super::gpt::Guid::root_of(&cmd.roothash)) {
                 return Ok(Outcome::AlreadyInstalled { target: node });
             }
         }

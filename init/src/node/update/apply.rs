@@ -349,12 +349,12 @@ fn sector_size(f: &File) -> u64 {
 /// PARTUUID of a root partition: the root hash's first 128 bits (as the
 /// builder and stage 1 derive it).
 pub fn data_uuid(roothash: &[u8; 32]) -> Guid {
-    Guid(kiln_contract::layout::root_uuid(roothash))
+    Guid::root_of(roothash)
 }
 
 /// PARTUUID of a verity partition: the root hash's last 128 bits.
 pub fn hash_uuid(roothash: &[u8; 32]) -> Guid {
-    Guid(kiln_contract::layout::verity_uuid(roothash))
+    Guid::verity_of(roothash)
 }
 
 fn to_gpt_bytes(g: Guid) -> [u8; 16] {

@@ -1,7 +1,7 @@
 //! External inputs: `file`, `url` or `deb`, each pinned by sha256, all
 //! landing in the content-addressed cache.
 
-use crate::cache::Cache;
+use crate::inputs::cache::Cache;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};

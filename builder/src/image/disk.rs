@@ -84,7 +84,7 @@ pub struct BootInputs<'a> {
     pub epoch: u64,
     /// Signs each UKI after assembly (`systemd_boot` is then the signed
     /// copy) and adds the enrolment files to the ESP.
-    pub secureboot: Option<&'a crate::secureboot::Signer>,
+    pub secureboot: Option<&'a crate::image::secureboot::Signer>,
 }
 
 /// Assembles a UKI (stub + kernel + stage-1 initramfs + `cmdline`) at `out`.

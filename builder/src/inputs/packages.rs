@@ -8,10 +8,10 @@
 //! directories, so a package's `lib/x` goes to /lib/x and its `usr/lib/x` to
 //! /usr/lib/x, as in the .deb. The loader searches both (see `search_dirs`).
 
-use crate::appliance::KeyError;
-use crate::cache::Cache;
+use crate::inputs::appliance::KeyError;
+use crate::inputs::cache::Cache;
 use kiln_formats::elf;
-use crate::input::{self, Input, InputError, Resolved};
+use crate::inputs::input::{self, Input, InputError, Resolved};
 use crate::arch::Arch;
 use kiln_formats::tree::{Content, Kind, Tree, TreeError};
 use serde::{Deserialize, Serialize};

@@ -9,12 +9,13 @@
 //! SOURCE_DATE_EPOCH and the namespace is derived from the content, so the
 //! same build gives the same bytes.
 
-use crate::cache::Cache;
-use crate::crates::{self, CratesError, Graph};
-use crate::input::{self, Resolved};
-use crate::kernel::Kernel;
-use crate::payload::Payload;
-use crate::profile::{self, Profile};
+use crate::inputs::cache::Cache;
+use crate::provenance::crates::{self, CratesError, Graph};
+use crate::inputs::input::{self, Resolved};
+use crate::inputs::kernel::Kernel;
+use crate::inputs::payload::Payload;
+use crate::identity::Identity;
+use crate::inputs::payload::Spec as PayloadSpec;
 use serde_json::{json, Map, Value};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
@@ -81,20 +82,21 @@ pub struct Sbom {
 }
 
 /// Gathers the SBOM of a build whose artifacts are in `dir`.
-pub fn collect(profile: &Profile, kernel: &Kernel, init_bin: &Path, payload: &Payload, inputs: &[Resolved], dir: &Path, cache: &Cache) -> Result<Sbom, SbomError> {
+pub fn collect(id: &Identity, kernel: &Kernel, init_bin: &Path, payload_spec: &PayloadSpec, payload: &Payload, inputs: &[Resolved], dir: &Path, cache: &Cache) -> Result<Sbom, SbomError> {
+    let profile = id;
     let io = |what: &Path| {
         let what = what.display().to_string();
         move |e| SbomError::Io(e, what)
     };
     let sha256 = |p: &Path| input::sha256_file(p).map(|(h, _)| h).map_err(io(p));
     let target = profile.arch.rust_target();
-    let init = Binary { sha256: sha256(init_bin)?, crates: crates::graph(&profile.tree, crate::init::PACKAGE, target, cache)? };
-    let payload_part = match &profile.payload {
-        profile::Payload::StandIn => PayloadPart::StandIn(Binary { sha256: sha256(&payload.path)?, crates: crates::graph(&profile.tree, crate::payload::STAND_IN_PACKAGE, target, cache)? }),
-        profile::Payload::K0s { .. } => PayloadPart::K0s { version: payload.version.clone() },
+    let init = Binary { sha256: sha256(init_bin)?, crates: crates::graph(&profile.tree, crate::inputs::init::PACKAGE, target, cache)? };
+    let payload_part = match payload_spec {
+        PayloadSpec::StandIn => PayloadPart::StandIn(Binary { sha256: sha256(&payload.path)?, crates: crates::graph(&profile.tree, crate::inputs::payload::STAND_IN_PACKAGE, target, cache)? }),
+        PayloadSpec::K0s { .. } => PayloadPart::K0s { version: payload.version.clone() },
     };
     let mut artifacts = Vec::new();
-    for (path, full) in crate::manifest::files(dir).map_err(io(dir))? {
+    for (path, full) in crate::provenance::manifest::files(dir).map_err(io(dir))? {
         if path == FILE || path == SIGNATURE {
             continue;
         }
@@ -102,8 +104,8 @@ pub fn collect(profile: &Profile, kernel: &Kernel, init_bin: &Path, payload: &Pa
         artifacts.push(ArtifactFile { path, sha1, sha256 });
     }
     Ok(Sbom {
-        profile: profile.name.clone(),
-        description: profile.description.clone(),
+        profile: profile.name.into(),
+        description: profile.description.into(),
         arch: profile.arch.to_string(),
         target: target.into(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -510,7 +512,7 @@ fn uuid_from(digest: &[u8]) -> String {
 
 /// The SBOM checks of `kiln verify`: its signature, and that the files it
 /// lists are the manifest's artifacts with the same sha256.
-pub fn verify(dir: &Path, key: &crate::sign::PublicKey, listed: &[(String, String, u64)], ok: &mut Vec<String>, problems: &mut Vec<String>) {
+pub fn verify(dir: &Path, key: &crate::provenance::sign::PublicKey, listed: &[(String, String, u64)], ok: &mut Vec<String>, problems: &mut Vec<String>) {
     let path = dir.join(FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -559,7 +561,7 @@ pub fn verify(dir: &Path, key: &crate::sign::PublicKey, listed: &[(String, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crates::Crate;
+    use crate::provenance::crates::Crate;
     use std::process::Command;
 
     fn krate(name: &str, version: &str, source: Option<&str>, license: &str) -> Crate {

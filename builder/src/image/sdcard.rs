@@ -20,9 +20,9 @@
 //! The image is written to a temporary file next to `path` and renamed into
 //! place, so a failed build never leaves a half-written card image.
 
-use crate::board::{Board, BoardInputs, PartitionTable, Region};
+use crate::inputs::board::{Board, BoardInputs, PartitionTable, Region};
 use kiln_formats::bootscr;
-use crate::disk::{self, RootImage, MIB};
+use crate::image::disk::{self, RootImage, MIB};
 use kiln_formats::fat::{FatBuilder, FileContent};
 use kiln_formats::gpt::{self, Mbr, MbrPartition, SECTOR};
 use crate::arch::Arch;

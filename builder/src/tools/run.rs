@@ -551,7 +551,7 @@ fn kvm_usable(spec: &VmSpec) -> bool {
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         return false;
     }
-    let verdict = crate::cache::Cache::default_location().root().join("kvm-verdict");
+    let verdict = crate::inputs::cache::Cache::default_location().root().join("kvm-verdict");
     if let Ok(v) = std::fs::read_to_string(&verdict) {
         return v.trim() == "works";
     }

@@ -2,7 +2,7 @@
 //!
 //! No timestamps and sorted keys, so the same inputs give the same manifest.
 
-use crate::input::{self, Resolved};
+use crate::inputs::input::{self, Resolved};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

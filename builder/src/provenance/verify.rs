@@ -1,13 +1,13 @@
 //! `kiln verify DIR`: checks a build output against its signed manifest
 //! (every artifact's size and sha256, nothing added) and its SBOM.
 
-use crate::{manifest, sbom};
+use crate::provenance::{manifest, sbom};
 use std::path::Path;
 
 /// Checks a build output: the manifest's signature with `key`, then every
 /// artifact's size and sha256, and that nothing was added. Every problem is
 /// named with its file.
-pub fn verify_dir(dir: &Path, key: &crate::sign::PublicKey) -> Result<Vec<String>, Vec<String>> {
+pub fn verify_dir(dir: &Path, key: &crate::provenance::sign::PublicKey) -> Result<Vec<String>, Vec<String>> {
     let mut problems = Vec::new();
     let mut ok = Vec::new();
     let manifest = match std::fs::read(dir.join("manifest.json")) {
@@ -37,7 +37,7 @@ pub fn verify_dir(dir: &Path, key: &crate::sign::PublicKey) -> Result<Vec<String
             problems.push(format!("manifest.json: artifact path `{path}` is not a plain path inside the output directory"));
             continue;
         }
-        match crate::input::sha256_file(&dir.join(path)) {
+        match crate::inputs::input::sha256_file(&dir.join(path)) {
             Ok((got, n)) if &got == sha && n == *size => ok.push(format!("{path}: ok")),
             Ok((got, n)) => problems.push(format!("{path}: sha256 {got} ({n} bytes) does not match the manifest's {sha} ({size} bytes)")),
             Err(e) => problems.push(format!("{path}: {e}")),

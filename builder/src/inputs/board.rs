@@ -7,8 +7,8 @@
 //! blobs against each other, the partition table and the partitions once
 //! their sizes are known.
 
-use crate::cache::Cache;
-use crate::input::{self, Input, Resolved};
+use crate::inputs::cache::Cache;
+use crate::inputs::input::{self, Input, Resolved};
 use crate::tomlfile::{line_in_table, parse_toml, ProfileError};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

@@ -10,8 +10,8 @@
 //! neither cargo nor a cached answer, the list comes from Cargo.lock alone,
 //! which cannot tell platforms apart; the graph says so ([`Graph::exact`]).
 
-use crate::cache::Cache;
-use crate::input::sha256_bytes;
+use crate::inputs::cache::Cache;
+use crate::inputs::input::sha256_bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

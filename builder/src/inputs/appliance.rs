@@ -10,8 +10,8 @@
 //! `chartName` is a path that exists on the controller (it stats the name
 //! before trying repositories), so nothing is downloaded.
 
-use crate::cache::Cache;
-use crate::input::{self, Input, InputError, Resolved};
+use crate::inputs::cache::Cache;
+use crate::inputs::input::{self, Input, InputError, Resolved};
 use crate::arch::Arch;
 use kiln_formats::tree::{Tree, TreeError};
 use serde::Deserialize;

@@ -7,25 +7,36 @@
 //! file `sign.key`. The secret key only ever lives in memory; nothing here
 //! writes it anywhere.
 
-use crate::profile::Profile;
-use crate::sign::KeyPair;
+use crate::provenance::sign::KeyPair;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub const ENV: &str = "KILN_SIGNING_KEY";
 
-/// The profile's signing key, or `None` for an unsigned build.
-pub fn signing_key(profile: &Profile) -> Result<Option<KeyPair>> {
-    let (text, from) = match (std::env::var(ENV), &profile.sign_key_command, &profile.sign_key) {
+/// `[sign]` as resolved from a profile: `key` made absolute.
+#[derive(Debug, Clone, Default)]
+pub struct KeySpec {
+    pub key: Option<PathBuf>,
+    /// A command that prints the key file (`sign.key_command`); it runs in
+    /// the profile's directory.
+    pub key_command: Option<Vec<String>>,
+    /// The profile that says so, for messages.
+    pub profile: PathBuf,
+}
+
+/// The build's signing key, or `None` for an unsigned build.
+pub fn signing_key(spec: &KeySpec) -> Result<Option<KeyPair>> {
+    let profile = spec;
+    let (text, from) = match (std::env::var(ENV), &spec.key_command, &spec.key) {
         (Ok(t), _, _) if !t.trim().is_empty() => (t, format!("the {ENV} environment variable")),
         (_, Some(argv), _) => {
-            let dir = profile.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let from = format!("`{}` (key `sign.key_command` in {})", argv.join(" "), profile.path.display());
+            let dir = profile.profile.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let from = format!("`{}` (key `sign.key_command` in {})", argv.join(" "), profile.profile.display());
             (run_key_command(argv, dir).with_context(|| format!("running {from}"))?, from)
         }
         (_, _, Some(p)) => (
-            std::fs::read_to_string(p).with_context(|| format!("reading the signing key {} (key `sign.key` in {}); make one with `kiln key generate`", p.display(), profile.path.display()))?,
+            std::fs::read_to_string(p).with_context(|| format!("reading the signing key {} (key `sign.key` in {}); make one with `kiln key generate`", p.display(), profile.profile.display()))?,
             p.display().to_string(),
         ),
         _ => return Ok(None),
@@ -62,7 +73,7 @@ pub fn sign_beside(key: &KeyPair, file: &Path, trusted_comment: &str) -> Result<
 mod tests {
     use super::*;
 
-    fn profile(dir: &Path, sign: &str) -> Profile {
+    fn profile(dir: &Path, sign: &str) -> KeySpec {
         let d = dir.join("profiles");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::create_dir_all(dir.join("kernel-configs")).unwrap();
@@ -73,7 +84,7 @@ mod tests {
             format!("arch = \"amd64\"\nname = \"p\"\n[kernel]\nfragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{zeros}\" }}\n[rootfs]\nbusybox = {{ file = \"/y\", sha256 = \"{zeros}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n[sign]\n{sign}\n"),
         )
         .unwrap();
-        crate::profile::load(&d.join("p.toml")).unwrap_or_else(|e| panic!("{e}"))
+        crate::profile::load(&d.join("p.toml")).unwrap_or_else(|e| panic!("{e}")).sign
     }
 
     // One test, so that the KILN_SIGNING_KEY cases do not race each other.

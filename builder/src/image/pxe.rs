@@ -6,7 +6,7 @@
 //! where `${kiln-server}` is the HTTP server holding this directory:
 //! `kiln serve` rewrites the `set kiln-server` line with its own address.
 
-use crate::disk::RootImage;
+use crate::image::disk::RootImage;
 use kiln_formats::cpio;
 use kiln_formats::tree::Tree;
 use anyhow::{Context, Result};

@@ -11,10 +11,10 @@
 //! deterministic too: ed25519 signs without randomness.) Before the bundle
 //! is renamed into place it is read back with the node's reader.
 
-use crate::disk::RootImage;
+use crate::image::disk::RootImage;
 use crate::arch::Arch;
-use crate::profile::Profile;
-use crate::sign::KeyPair;
+use crate::identity::Identity;
+use crate::provenance::sign::KeyPair;
 use anyhow::{bail, Context, Result};
 use kiln_contract::update::bundle::{self, Manifest, Part, PartKind, FORMAT, MANIFEST_NAME, SIGNATURE_NAME};
 use sha2::{Digest, Sha256};
@@ -94,13 +94,13 @@ pub fn parts(root: &RootImage, boot: &Boot) -> Vec<PartSource> {
 }
 
 /// Writes the bundle of a build to `dir/update.kiln`.
-pub fn write_build(dir: &Path, profile: &Profile, key: &KeyPair, root: &RootImage, boot: &Boot) -> Result<Manifest> {
-    let Some(version) = &profile.version else { bail!("{}: the `update` output needs `version = \"…\"`", profile.path.display()) };
+pub fn write_build(dir: &Path, id: &Identity, key: &KeyPair, root: &RootImage, boot: &Boot) -> Result<Manifest> {
+    let Some(version) = id.version else { bail!("{}: the `update` output needs `version = \"…\"`", id.profile.display()) };
     let cmdline = match boot {
         Boot::Board { cmdline, .. } => Some(*cmdline),
         Boot::Uki(_) => None,
     };
-    let spec = Spec { version, arch: profile.arch, profile: &profile.name, board: profile.board.as_ref().map(|b| b.name.as_str()), roothash: &root.verity.root_hex(), cmdline, source_date_epoch: profile.source_date_epoch };
+    let spec = Spec { version, arch: id.arch, profile: id.name, board: id.board, roothash: &root.verity.root_hex(), cmdline, source_date_epoch: id.source_date_epoch };
     write(&dir.join(FILE), &spec, &parts(root, boot), key)
 }
 

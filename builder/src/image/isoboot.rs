@@ -12,7 +12,7 @@
 //! - `/KILN/INSTALL.IMG`: everything else of `disk.raw` (GPT, ESP, data), for
 //!   the installer (`kiln.install=` / `install.disk`).
 
-use crate::disk::{self, BootInputs, DiskBuilt, RootImage};
+use crate::image::disk::{self, BootInputs, DiskBuilt, RootImage};
 use kiln_formats::gpt::{self, deterministic_guid, Guid};
 use kiln_formats::iso::{self, BiosBoot, Content, HybridPartition, IsoFile, IsoSpec};
 use anyhow::{Context, Result};
@@ -41,7 +41,7 @@ pub fn write(out: &Path, work: &Path, root: &RootImage, b: &BootInputs, disk_raw
     // The installer's image: disk.raw without the root it can read from
     // this medium.
     let install = work.join("install.img");
-    let summary = crate::install::write(disk_raw, (built.root_a.0, built.root_a.1), &root.squashfs, (built.root_a_verity.0, built.root_a_verity.1), &root.verity_path, &install).context("writing the install image")?;
+    let summary = crate::image::install::write(disk_raw, (built.root_a.0, built.root_a.1), &root.squashfs, (built.root_a_verity.0, built.root_a_verity.1), &root.verity_path, &install).context("writing the install image")?;
 
     // The ISO's cmdline pins the install image: the installer refuses any
     // other, so what it writes is covered by the boot chain.

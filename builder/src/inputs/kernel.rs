@@ -5,10 +5,10 @@
 //! it asked for: Kconfig drops options whose dependencies are unmet without a
 //! word, and a dropped option is a build error here.
 
-use crate::cache::Cache;
-use crate::input::{self, Resolved};
+use crate::inputs::cache::Cache;
+use crate::inputs::input::{self, Resolved};
 use crate::arch::Arch;
-use crate::profile::KernelSpec;
+use crate::inputs::input::Input;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +16,15 @@ use std::process::Command;
 /// Bump when the build recipe changes in a way that changes the output.
 /// v2: clean environment with TZ=UTC, build paths mapped out, ld in the key.
 const RECIPE: &str = "kiln-kernel-v2";
+
+/// `[kernel]` as resolved from the profile: fragment paths made absolute.
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    pub source: Input,
+    pub base: String,
+    pub fragments: Vec<PathBuf>,
+    pub cmdline: Vec<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

@@ -1,0 +1,6 @@
+//! The tools beside the build: `kiln run` (QEMU), `kiln serve` (PXE and
+//! configs over HTTP) and `kiln cluster` (a new cluster's node configs).
+
+pub mod cluster;
+pub mod run;
+pub mod serve;
