@@ -346,12 +346,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Bench { profile, runs } => bench(&profile, runs.max(1), &cache),
         Cmd::Profile { cmd: ProfileCmd::Check { profile } } => {
-            let p = kiln::profile::load(&profile)?;
-            let node = std::fs::read_to_string(&p.node_config).with_context(|| format!("reading {} (key `node.config`)", p.node_config.display()))?;
-            kiln_contract::config::parse(&node).map_err(|e| anyhow::anyhow!("{}: {e}", p.node_config.display()))?;
-            if let Some(sb) = &p.secureboot {
-                kiln::image::secureboot::Signer::load(sb, &p.path, p.source_date_epoch)?;
-            }
+            let p = kiln::pipeline::check(&profile)?.profile;
             println!("{}: ok ({} for {}, {} kernel fragment(s))", profile.display(), p.name, p.arch, p.kernel.fragments.len());
             Ok(0)
         }

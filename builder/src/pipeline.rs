@@ -22,9 +22,21 @@ pub struct Built {
     pub payload_bytes: u64,
 }
 
-/// Builds every output of a profile into `out_root/<name>/`.
-pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Built> {
-    // 1. Profile.
+/// Step 1: the profile, and everything it names that can be checked without
+/// fetching or building anything: the baked node config, the signing key
+/// (and that an `update` output has one), the Secure Boot key and
+/// certificate, the node config key. `kiln profile check` runs exactly
+/// this, so a profile that passes it cannot fail step 1 of a build.
+pub struct Checked {
+    pub profile: Profile,
+    pub node_toml: String,
+    pub node: kiln_contract::config::NodeConfig,
+    pub signer: Option<crate::provenance::sign::KeyPair>,
+    pub secureboot: Option<crate::image::secureboot::Signer>,
+    pub config_key: Option<crate::provenance::sign::PublicKey>,
+}
+
+pub fn check(profile_path: &Path) -> Result<Checked> {
     let profile = profile::load(profile_path)?;
     // Check the baked node config now, not on the node.
     let node_toml = std::fs::read_to_string(&profile.node_config).with_context(|| format!("reading the default node config {} (key `node.config` in {})", profile.node_config.display(), profile.path.display()))?;
@@ -39,6 +51,22 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     }
     // The Secure Boot db key and certificate, checked against each other.
     let secureboot = profile.secureboot.as_ref().map(|s| crate::image::secureboot::Signer::load(s, &profile.path, profile.source_date_epoch)).transpose()?;
+    // With it, the node takes configs from outside the image only when signed.
+    let config_key = match &profile.config_key {
+        Some(p) => {
+            let at = || format!("{} (key `node.config_key` in {})", p.display(), profile.path.display());
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading the node config key {}; make a key pair with `kiln key generate` and name its .pub here", at()))?;
+            Some(crate::provenance::sign::PublicKey::from_file(&text).with_context(|| format!("{} is not a minisign public key (the .pub file of `kiln key generate`)", at()))?)
+        }
+        None => None,
+    };
+    Ok(Checked { profile, node_toml, node, signer, secureboot, config_key })
+}
+
+/// Builds every output of a profile into `out_root/<name>/`.
+pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Built> {
+    // 1. Profile.
+    let Checked { profile, node_toml, node, signer, secureboot, config_key } = check(profile_path)?;
 
     // 2. Inputs.
     let deb_arch = profile.arch.debian();
@@ -96,11 +124,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     if let Some(k) = &signer {
         tree.file("/etc/kiln/update.pub", k.public().to_file(), 0o644)?;
     }
-    // With it, the node takes configs from outside the image only when signed.
-    if let Some(p) = &profile.config_key {
-        let at = || format!("{} (key `node.config_key` in {})", p.display(), profile.path.display());
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading the node config key {}; make a key pair with `kiln key generate` and name its .pub here", at()))?;
-        let key = crate::provenance::sign::PublicKey::from_file(&text).with_context(|| format!("{} is not a minisign public key (the .pub file of `kiln key generate`)", at()))?;
+    if let Some(key) = &config_key {
         tree.file("/etc/kiln/config.pub", key.to_file(), 0o644)?;
     }
     // Debian packages last, so that one colliding with kiln's own files is
