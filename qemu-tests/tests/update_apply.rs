@@ -441,7 +441,7 @@ fn a_one_block_root() {
 const SIG: u32 = 0x1a2b_3c4d;
 const HASH_OFFSET: u64 = ROOT_MIB << 20;
 
-/// An armv7 card as sdcard.rs lays it out: boot FAT, root-a and root-b
+/// An armv7 card as kiln::image::sdcard lays it out: boot FAT, root-a and root-b
 /// (squashfs, then the verity tree at `HASH_OFFSET`), data; image `a` in
 /// slot a, and the boot FAT's files as a directory.
 struct Card {

@@ -1,7 +1,7 @@
 //! The install image (`KILNIMG1`): everything of `disk.raw` except the root
 //! filesystem and its dm-verity tree, which the ISO already carries and the
 //! installer reads from their own (verified) devices. Shared by the builder
-//! (`kiln::install` writes it) and the installer (kiln-init's
+//! (`kiln::image::install` writes it) and the installer (kiln-init's
 //! `node::install::write` writes a disk from it).
 //!
 //! # Format, version 1

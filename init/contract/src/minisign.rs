@@ -2,7 +2,7 @@
 //! verifying data against them the way `minisign -V` does.
 //!
 //! The node uses this to check signed node configs against
-//! `/etc/kiln/config.pub`; the builder (`kiln::sign`) adds key generation and
+//! `/etc/kiln/config.pub`; the builder (`kiln::provenance::sign`) adds key generation and
 //! signing on top, and shares the parsing helpers below, so there is one
 //! copy of the format. Only formats live here: reading the files is the
 //! caller's job, which also names the path in its error.

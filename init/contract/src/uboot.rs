@@ -1,6 +1,6 @@
 //! The A/B state of u-boot boards, shared by the builder (which writes the
 //! first one) and the node (which marks boots good and installs trials;
-//! `kiln_init::update::uboot` reads and writes the file).
+//! `kiln_init::node::update::uboot` reads and writes the file).
 //!
 //! The boot FAT holds `/kiln/state`, which `/boot.scr` reads with u-boot's
 //! `env import -t` and writes back with `env export -t` and `fatwrite`:

@@ -1,5 +1,5 @@
 //! The dm-verity hash-tree format kiln uses, in one place for the builder
-//! (`kiln::verity`, which writes trees and is checked against `veritysetup`)
+//! (`kiln_formats::verity`, which writes trees and is checked against `veritysetup`)
 //! and the node (`update::apply`, which reads a written slot back and
 //! recomputes its tree).
 //!

@@ -7,7 +7,7 @@
 //! 3. the parts, in the order the manifest lists them;
 //!
 //! then the two zero blocks that end a tar archive. The builder writes it
-//! (`kiln::update`); docs/updates.md describes it for users.
+//! (`kiln::image::update`); docs/updates.md describes it for users.
 //!
 //! [`BundleReader::open`] reads the manifest and its signature, verifies the
 //! signature, then checks the manifest against the node ([`Policy`]) before

@@ -1,6 +1,6 @@
 //! Update bundles ([`bundle`]: format, signature, policy) and image versions
 //! ([`version`]). The builder writes bundles; kiln-init reads and applies
-//! them (`kiln_init::update`).
+//! them (`kiln_init::node::update`).
 
 pub mod bundle;
 pub mod version;

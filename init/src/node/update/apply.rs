@@ -513,7 +513,7 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
 }
 
 /// An MBR card's root slots: partition 2 is slot a, 3 is slot b (as the
-/// builder lays them out, see kiln's sdcard.rs).
+/// builder lays them out, see kiln::image::sdcard).
 pub fn mbr_slot(partition: u32) -> Option<Slot> {
     Slot::of_mbr_partition(partition)
 }
@@ -722,7 +722,7 @@ fn free_bytes(dir: &Path) -> Result<u64, ApplyError> {
 /// The read-back: the root hash of the data on `root` with the salt and size
 /// of the superblock on `verity`, and every hash block on `verity` compared
 /// with the recomputed tree. The tree is [`kiln_contract::verity`]'s, the code the
-/// builder's `kiln::verity::build` writes trees with.
+/// builder's `kiln_formats::verity::build` writes trees with.
 fn check_slot(f: &File, slot: Slot, root: &Region, verity: &Region, root_size: u64, verity_size: u64, expected: &[u8; 32]) -> Result<(), ApplyError> {
     // What was just written must come from the disk, not the page cache.
     // SAFETY: plain advice on an open fd.
