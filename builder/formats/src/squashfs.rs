@@ -11,9 +11,10 @@
 //! compressed on several threads, each independently, so the thread count
 //! does not change the bytes.
 
+use kiln_contract::stream::read_full;
 use crate::tree::{Content, Entry, Kind, Tree};
 use std::collections::{BTreeSet, HashMap};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use zstd::bulk::Compressor;
@@ -659,18 +660,6 @@ fn compress_all(compressors: &mut [Compressor<'static>], batch: &[Block]) -> Res
     Ok(packed)
 }
 
-fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
 
 fn put16(b: &mut Vec<u8>, v: u16) {
     b.extend_from_slice(&v.to_le_bytes());

@@ -5,6 +5,7 @@
 //! Everything is written into a sparse file at its partition offset: no
 //! root, no loop devices, no mount.
 
+use kiln_contract::stream::read_full;
 use kiln_formats::fat::{FatBuilder, FileContent};
 use kiln_formats::gpt::{self, deterministic_guid, Guid, Layout, PartSize};
 use crate::arch::Arch;
@@ -13,7 +14,7 @@ use kiln_formats::verity::{self, OnCorruption, Verity};
 use kiln_formats::{cpio, squashfs, uki};
 use anyhow::{bail, Context, Result};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -271,17 +272,6 @@ pub fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> Result<()> {
     Ok(())
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        let r = f.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-    }
-    Ok(n)
-}
 
 /// An empty ext4 made reproducible: fixed UUID, hash seed and time.
 pub fn make_ext4(path: &Path, size: u64, profile: &str, epoch: u64) -> Result<()> {

@@ -14,6 +14,7 @@
 //! - [`install_image`]: the ISO's install image (`KILNIMG1`).
 //! - [`digest`]: sha256, CRC-32 and hex, as all of the above write them.
 //! - [`date`]: calendar dates of Unix times (UTC).
+//! - [`stream`]: reading streams to the end, as every reader here does.
 
 pub mod config;
 pub mod date;
@@ -23,6 +24,7 @@ pub mod install_image;
 pub mod layout;
 pub mod minisign;
 pub mod requirements;
+pub mod stream;
 pub mod uboot;
 pub mod update;
 pub mod verity;

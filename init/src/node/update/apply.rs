@@ -656,16 +656,7 @@ fn walk_sizes(dir: &Path) -> u64 {
 
 /// Reads up to `buf.len()` bytes; fewer only at the end.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, ApplyError> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ApplyError::Bundle(BundleError::from_io(e))),
-        }
-    }
-    Ok(n)
+    kiln_contract::stream::read_full(r, buf).map_err(|e| ApplyError::Bundle(BundleError::from_io(e)))
 }
 
 fn write_region(part: &mut impl Read, f: &File, r: &Region) -> Result<u64, ApplyError> {
