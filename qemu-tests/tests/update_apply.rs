@@ -35,19 +35,6 @@ fn sgdisk(args: &[&str], disk: &Path) -> String {
     text
 }
 
-/// Deterministic noise.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A root image: data, its verity tree and a fake UKI, as files.
 struct Image {
     root: PathBuf,
@@ -66,11 +53,11 @@ fn image(dir: &Path, tag: &str, seed: u64, root_len: usize) -> Image {
     let root = dir.join(format!("{tag}.squashfs"));
     let vpath = dir.join(format!("{tag}.verity"));
     let uki = dir.join(format!("{tag}.efi"));
-    std::fs::write(&root, noise(seed, root_len)).unwrap();
+    std::fs::write(&root, kiln_testkit::noise(seed, root_len)).unwrap();
     let v = verity::format_file(&root, &vpath).unwrap();
     let mut efi = b"MZ fake UKI ".to_vec();
     efi.extend_from_slice(tag.as_bytes());
-    efi.extend(noise(seed ^ 0xff, 3000));
+    efi.extend(kiln_testkit::noise(seed ^ 0xff, 3000));
     std::fs::write(&uki, efi).unwrap();
     Image { root, verity: vpath, uki, roothash: v.root_hex() }
 }
@@ -512,7 +499,7 @@ fn board_bundle(dir: &Path, key: &KeyPair, img: &Image, version: &str, roothash:
         PartSource { name: "root.squashfs".into(), kind: PartKind::Root, content: Content::Host(img.root.clone()) },
         PartSource { name: "root.verity".into(), kind: PartKind::Verity, content: Content::Host(img.verity.clone()) },
         PartSource { name: "zImage".into(), kind: PartKind::Kernel, content: Content::Bytes(format!("zImage {version}").into_bytes()) },
-        PartSource { name: "initramfs.cpio.zst".into(), kind: PartKind::Initramfs, content: Content::Bytes(noise(7, 5000)) },
+        PartSource { name: "initramfs.cpio.zst".into(), kind: PartKind::Initramfs, content: Content::Bytes(kiln_testkit::noise(7, 5000)) },
         PartSource { name: "dtbs/am335x-boneblack.dtb".into(), kind: PartKind::Dtb, content: Content::Bytes(b"dtb".to_vec()) },
     ];
     let cmdline = format!("roothash={roothash} quiet console=ttyS0,115200");
@@ -557,7 +544,7 @@ fn a_uboot_card_takes_the_update_in_the_other_slot_then_back() {
     let sb = card.boot.join("kiln/b");
     assert_eq!(std::fs::read(sb.join("zImage")).unwrap(), b"zImage 1.1");
     assert_eq!(std::fs::read(sb.join("dtbs/am335x-boneblack.dtb")).unwrap(), b"dtb");
-    assert_eq!(std::fs::read(sb.join("initramfs.cpio.zst")).unwrap(), noise(7, 5000));
+    assert_eq!(std::fs::read(sb.join("initramfs.cpio.zst")).unwrap(), kiln_testkit::noise(7, 5000));
     let conf = std::fs::read_to_string(sb.join("extlinux.conf")).unwrap();
     let want = format!("    kernel /kiln/b/zImage\n    fdt /kiln/b/dtbs/am335x-boneblack.dtb\n    initrd /kiln/b/initramfs.cpio.zst\n    append roothash={} quiet console=ttyS0,115200 kiln.slot=b kiln.mbr={SIG:08x},3,{HASH_OFFSET}\n", b.roothash);
     assert!(conf.contains(&want), "{conf}");

@@ -4,66 +4,72 @@
 //! counter, owners from the tree.
 
 use crate::tree::{Content, Kind, Tree};
+use cpio::newc::{Builder, ModeFileType};
 use std::io::{self, Read, Write};
 
-const S_IFDIR: u32 = 0o040000;
-const S_IFREG: u32 = 0o100000;
-const S_IFLNK: u32 = 0o120000;
-const S_IFCHR: u32 = 0o020000;
+/// Passes writes through and drops flushes: the `cpio` crate flushes after
+/// every entry, which would end a zstd block each time (a larger archive,
+/// and one that depends on the crate's flushing).
+struct NoFlush<W>(W);
 
-fn pad4(w: &mut impl Write, n: usize) -> io::Result<()> {
-    let p = (4 - n % 4) % 4;
-    w.write_all(&[0u8; 3][..p])
+impl<W: Write> Write for NoFlush<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn header(w: &mut impl Write, ino: u32, mode: u32, uid: u32, gid: u32, nlink: u32, mtime: u32, size: u32, rdev: (u32, u32), name: &str) -> io::Result<()> {
-    let namesize = name.len() + 1;
-    write!(
-        w,
-        "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
-        0, 0, rdev.0, rdev.1, 0
-    )?;
-    w.write_all(name.as_bytes())?;
-    w.write_all(&[0])?;
-    pad4(w, 110 + namesize)
-}
-
-/// Writes the tree as an uncompressed newc archive.
+/// Writes the tree as an uncompressed newc archive (the `cpio` crate's
+/// writer), with the tree's owners and modes, inode numbers from a counter
+/// and one `mtime`. Host files are streamed.
 pub fn write_cpio(tree: &Tree, mtime: u64, w: &mut impl Write) -> io::Result<()> {
     let mtime = u32::try_from(mtime).unwrap_or(u32::MAX);
+    let mut w = NoFlush(w);
     let mut ino = 1u32;
     for (path, e) in tree.iter() {
         if path == "/" {
             continue;
         }
-        let name = &path[1..];
         ino += 1;
+        let b = Builder::new(&path[1..]).ino(ino).uid(e.uid).gid(e.gid).mtime(mtime);
         match &e.kind {
-            Kind::Dir => header(w, ino, S_IFDIR | e.mode, e.uid, e.gid, 2, mtime, 0, (0, 0), name)?,
+            Kind::Dir => b.mode(e.mode).set_mode_file_type(ModeFileType::Directory).nlink(2).write(&mut w, 0).finish()?,
             Kind::Symlink(t) => {
-                header(w, ino, S_IFLNK | 0o777, e.uid, e.gid, 1, mtime, t.len() as u32, (0, 0), name)?;
-                w.write_all(t.as_bytes())?;
-                pad4(w, t.len())?;
+                let mut x = b.mode(0o777).set_mode_file_type(ModeFileType::Symlink).write(&mut w, t.len() as u32);
+                x.write_all(t.as_bytes())?;
+                x.finish()?
             }
-            Kind::CharDev(maj, min) => header(w, ino, S_IFCHR | e.mode, e.uid, e.gid, 1, mtime, 0, (*maj, *min), name)?,
+            Kind::CharDev(maj, min) => b.mode(e.mode).set_mode_file_type(ModeFileType::Char).rdev_major(*maj).rdev_minor(*min).write(&mut w, 0).finish()?,
             Kind::File(c) => {
-                let data = match c {
-                    Content::Bytes(b) => b.clone(),
-                    Content::Host(p) => {
-                        let mut v = Vec::new();
-                        std::fs::File::open(p).and_then(|mut f| f.read_to_end(&mut v)).map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", p.display())))?;
-                        v
+                let too_big = || io::Error::new(io::ErrorKind::InvalidInput, format!("{path} is over 4 GiB, too big for newc"));
+                let b = b.mode(e.mode).set_mode_file_type(ModeFileType::Regular);
+                match c {
+                    Content::Bytes(data) => {
+                        let mut x = b.write(&mut w, u32::try_from(data.len()).map_err(|_| too_big())?);
+                        x.write_all(data)?;
+                        x.finish()?
                     }
-                };
-                let size = u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{path} is over 4 GiB, too big for newc")))?;
-                header(w, ino, S_IFREG | e.mode, e.uid, e.gid, 1, mtime, size, (0, 0), name)?;
-                w.write_all(&data)?;
-                pad4(w, data.len())?;
+                    Content::Host(p) => {
+                        let named = |err: io::Error| io::Error::new(err.kind(), format!("{}: {err}", p.display()));
+                        let f = std::fs::File::open(p).map_err(named)?;
+                        let len = f.metadata().map_err(named)?.len();
+                        let mut x = b.write(&mut w, u32::try_from(len).map_err(|_| too_big())?);
+                        // The crate pads and finishes whatever was written:
+                        // a file that shrank would leave a short entry.
+                        if io::copy(&mut f.take(len), &mut x).map_err(named)? != len {
+                            return Err(named(io::Error::new(io::ErrorKind::UnexpectedEof, "it became shorter while being archived")));
+                        }
+                        x.finish()?
+                    }
+                }
             }
-        }
+        };
     }
-    header(w, 0, 0, 0, 0, 1, 0, 0, (0, 0), "TRAILER!!!")
+    cpio::newc::trailer(&mut w)?;
+    Ok(())
 }
 
 /// Writes the tree as a zstd-compressed newc archive. Level 19 and one
@@ -79,6 +85,9 @@ pub fn write(tree: &Tree, mtime: u64, w: impl Write) -> io::Result<()> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    const S_IFDIR: u32 = 0o040000;
+    const S_IFREG: u32 = 0o100000;
 
     fn sample() -> Tree {
         let mut t = Tree::new();

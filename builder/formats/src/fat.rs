@@ -1069,19 +1069,6 @@ mod tests {
     use std::path::Path;
     use std::process::Command;
 
-    /// Deterministic pseudo-random bytes (xorshift), no crate needed.
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
-
     fn write_image(fs: &FatBuilder, size: u64, path: &Path) {
         let mut f = File::create(path).unwrap();
         fs.write(size, &mut f).unwrap();
@@ -1160,10 +1147,10 @@ mod tests {
 
     fn esp_files() -> Vec<(String, Vec<u8>)> {
         let mut files = vec![
-            ("/EFI/BOOT/BOOTX64.EFI".to_string(), noise(1, 300 * 1024)),
+            ("/EFI/BOOT/BOOTX64.EFI".to_string(), kiln_testkit::noise(1, 300 * 1024)),
             (
                 "/EFI/Linux/kiln-0.1.0+3-0.efi".to_string(),
-                noise(2, 2 << 20),
+                kiln_testkit::noise(2, 2 << 20),
             ),
             (
                 "/loader/loader.conf".to_string(),
@@ -1176,7 +1163,7 @@ mod tests {
         for i in 0..300 {
             files.push((
                 format!("/many/a rather long file name, number {i:04}.conf"),
-                noise(100 + i, (i as usize * 37) % 2000),
+                kiln_testkit::noise(100 + i, (i as usize * 37) % 2000),
             ));
         }
         files
@@ -1313,7 +1300,7 @@ mod tests {
     fn host_files_are_streamed_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("uki.efi");
-        let content = noise(9, 5 << 20 | 123);
+        let content = kiln_testkit::noise(9, 5 << 20 | 123);
         std::fs::write(&host, &content).unwrap();
         let mut fs = FatBuilder::new("ESP", 1);
         fs.add_file("/EFI/Linux/kiln.efi", FileContent::Host(host.clone()))
@@ -1343,7 +1330,7 @@ mod tests {
         let mut fs = FatBuilder::new("ESP", 1);
         let empty = fs.min_size();
         assert!(empty > 32 << 20 && empty < 34 << 20, "{empty}");
-        fs.add_file("/big", FileContent::Bytes(noise(3, 40 << 20)))
+        fs.add_file("/big", FileContent::Bytes(kiln_testkit::noise(3, 40 << 20)))
             .unwrap();
         fs.add_file("/small", FileContent::Bytes(vec![1; 10]))
             .unwrap();

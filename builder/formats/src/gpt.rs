@@ -843,7 +843,7 @@ pub use kiln_contract::digest::crc32;
 mod tests {
     use super::*;
     use kiln_testkit::checker;
-    use std::fs::{File, OpenOptions};
+    use std::fs::File;
     use std::path::Path;
     use std::process::{Command, Output};
 
@@ -857,18 +857,6 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         (out, text)
-    }
-
-    fn sparse(path: &Path, size: u64) -> File {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .unwrap();
-        f.set_len(size).unwrap();
-        f
     }
 
     fn six_partitions() -> Layout {
@@ -1048,7 +1036,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.img");
         let gpt = six_partitions().build(GIB).unwrap();
-        gpt.write(&mut sparse(&img, GIB)).unwrap();
+        gpt.write(&mut kiln_testkit::sparse_file(&img, GIB)).unwrap();
         assert_eq!(std::fs::metadata(&img).unwrap().len(), GIB);
         sgdisk_verify(&sgdisk, &img);
 
@@ -1127,7 +1115,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.img");
         let gpt = six_partitions().build(GIB).unwrap();
-        let mut f = sparse(&img, GIB);
+        let mut f = kiln_testkit::sparse_file(&img, GIB);
         gpt.write(&mut f).unwrap();
         // Something inside the data partition, which growing must not touch.
         let data = &gpt.partitions[5];
@@ -1215,7 +1203,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("big.img");
         let size = 3u64 << 40;
-        let mut f = sparse(&img, size);
+        let mut f = kiln_testkit::sparse_file(&img, size);
         l.build(size).unwrap().write(&mut f).unwrap();
         let mut mbr = [0u8; 512];
         read_at(&mut f, 0, &mut mbr, "test").unwrap();
@@ -1270,7 +1258,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("board.img");
         let mbr = board_mbr();
-        let mut f = sparse(&img, 80 * MIB);
+        let mut f = kiln_testkit::sparse_file(&img, 80 * MIB);
         // A boot blob in the first 440 bytes survives.
         write_at(&mut f, 0, &[0xB0; 440], "test").unwrap();
         mbr.write(&mut f).unwrap();

@@ -9,13 +9,14 @@
 //! - [`tree`]: the in-memory file tree (path → mode, owner, content) that
 //!   the filesystem writers read; no root privileges needed.
 //! - [`gpt`]: GPT (and protective/hybrid MBR) partition tables.
-//! - [`fat`]: FAT12/16/32 filesystems (ESP, boot FAT, El Torito EFI image).
-//! - [`iso`]: ISO 9660 with Rock Ridge/Joliet, El Torito, hybrid GPT/MBR.
+//! - [`fat`]: FAT32 filesystems (ESP, boot FAT, El Torito EFI image).
+//! - [`iso`]: ISO 9660 (level 2), El Torito (UEFI and BIOS), hybrid GPT/MBR.
 //! - [`squashfs`]: squashfs 4.0 (zstd), reproducible.
 //! - [`verity`]: dm-verity hash trees of files (the tree itself is
 //!   `kiln_contract::verity`, shared with the node).
 //! - [`uki`]: PE/COFF: unified kernel images (systemd-stub + sections).
-//! - [`cpio`]: newc cpio archives (initramfs), zstd-compressed.
+//! - [`cpio`]: newc cpio archives (initramfs), zstd-compressed, written with
+//!   the `cpio` crate.
 //! - [`bootscr`]: u-boot legacy script images (`boot.scr`) and kiln's A/B
 //!   boot script.
 //! - [`elf`]: reading ELF headers (arch, static or not, needed libraries).

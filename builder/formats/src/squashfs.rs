@@ -660,7 +660,6 @@ fn compress_all(compressors: &mut [Compressor<'static>], batch: &[Block]) -> Res
     Ok(packed)
 }
 
-
 fn put16(b: &mut Vec<u8>, v: u16) {
     b.extend_from_slice(&v.to_le_bytes());
 }
@@ -931,19 +930,6 @@ mod tests {
         }
     }
 
-    /// Random bytes that do not compress, from a fixed seed.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     fn text(len: usize) -> Vec<u8> {
         b"kiln writes squashfs for k0s nodes. ".iter().copied().cycle().take(len).collect()
     }
@@ -951,7 +937,7 @@ mod tests {
     fn sample() -> (Entries, tempfile::TempDir) {
         let host = tempfile::tempdir().unwrap();
         let host_file = host.path().join("k0s");
-        std::fs::write(&host_file, noise(200_000, 7)).unwrap();
+        std::fs::write(&host_file, kiln_testkit::noise(7, 200_000)).unwrap();
         let mut t = Tree::new();
         t.mkdir_p("/etc/kiln", 0o750).unwrap();
         t.mkdir_p("/tmp", 0o1777).unwrap();
@@ -998,7 +984,7 @@ mod tests {
         let bs = 131072usize;
         let mut t = Tree::new();
         for (i, len) in [0, 1, bs - 1, bs, bs + 1, 3 * bs + 17].into_iter().enumerate() {
-            t.file(&format!("/noise/{len}"), noise(len, i as u64 + 1), 0o644).unwrap();
+            t.file(&format!("/noise/{len}"), kiln_testkit::noise(i as u64 + 1, len), 0o644).unwrap();
             t.file(&format!("/text/{len}"), text(len), 0o644).unwrap();
         }
         // Zero blocks become holes, at the start, middle and end of files.
@@ -1086,7 +1072,7 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_bytes() {
         let (mut list, _host) = sample();
-        set(&mut list, "/noise", entry(Kind::File(Content::Bytes(noise(1 << 20, 9))), 0o644, 0, 0));
+        set(&mut list, "/noise", entry(Kind::File(Content::Bytes(kiln_testkit::noise(9, 1 << 20))), 0o644, 0, 0));
         set(&mut list, "/text", entry(Kind::File(Content::Bytes(text(1 << 20))), 0o644, 0, 0));
         let opts = Options { block_size: 16384, compression_level: 5, mtime: 0 };
         let mut images = [1, 2, 5].map(|threads| {
@@ -1185,11 +1171,11 @@ mod tests {
     fn incompressible_metadata_is_stored_raw() {
         let mut z = Compressor::new(19).unwrap();
         let mut m = Meta::default();
-        m.push(&noise(META_SIZE + 10, 3), &mut z).unwrap();
+        m.push(&kiln_testkit::noise(3, META_SIZE + 10), &mut z).unwrap();
         assert_eq!(m.pos().unwrap(), ((META_SIZE + 2) as u32, 10));
         let out = m.finish(&mut z).unwrap();
         assert_eq!(u16::from_le_bytes([out[0], out[1]]), META_SIZE as u16 | META_RAW);
-        assert!(out[2..2 + META_SIZE] == noise(META_SIZE + 10, 3)[..META_SIZE]);
+        assert!(out[2..2 + META_SIZE] == kiln_testkit::noise(3, META_SIZE + 10)[..META_SIZE]);
     }
 
     fn name() -> impl Strategy<Value = String> {

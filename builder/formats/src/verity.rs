@@ -496,21 +496,6 @@ mod tests {
             .trim()
     }
 
-    /// Deterministic pseudo-random bytes (splitmix64).
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut s = seed;
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-
     /// veritysetup's own `format` of `data` into `hash`; returns the root hex.
     fn reference_format(
         data: &Path,
@@ -554,7 +539,7 @@ mod tests {
         let data = dir.path().join("data");
         let hash = dir.path().join("hash");
         let hash2 = dir.path().join("hash2");
-        let content = noise(seed, (blocks * BLOCK) as usize);
+        let content = kiln_testkit::noise(seed, (blocks * BLOCK) as usize);
         std::fs::write(&data, &content).unwrap();
         let uuid = derive_uuid(&[seed as u8; 32]);
 
@@ -625,7 +610,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("root.squashfs");
         let hash = dir.path().join("root.verity");
-        std::fs::write(&data, noise(42, 300 * BLOCK as usize)).unwrap();
+        std::fs::write(&data, kiln_testkit::noise(42, 300 * BLOCK as usize)).unwrap();
         let v = format_file(&data, &hash).unwrap();
         assert!(verify(&data, &hash, &v.root_hex(), None).status.success());
 
@@ -659,7 +644,7 @@ mod tests {
         let data = dir.path().join("root.squashfs");
         let hash = dir.path().join("root.verity");
         let hash2 = dir.path().join("again.verity");
-        std::fs::write(&data, noise(9, 5 * BLOCK as usize + 100)).unwrap();
+        std::fs::write(&data, kiln_testkit::noise(9, 5 * BLOCK as usize + 100)).unwrap();
         let v = format_file(&data, &hash).unwrap();
         assert_eq!(std::fs::metadata(&data).unwrap().len(), 6 * BLOCK);
         assert_eq!(v.data_blocks, 6);
@@ -686,7 +671,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("root-a.part");
         let reference = dir.path().join("reference.part");
-        let content = noise(5, 200 * BLOCK as usize - 1000);
+        let content = kiln_testkit::noise(5, 200 * BLOCK as usize - 1000);
         std::fs::write(&part, &content).unwrap();
         let v = format_in_place(&part).unwrap();
         let offset = v.data_len();
@@ -726,7 +711,7 @@ mod tests {
             .run(
                 &(1u64..400, any::<u64>(), salt_len),
                 |(blocks, seed, salt_len)| {
-                    check_against_veritysetup(blocks, seed, &noise(!seed, salt_len));
+                    check_against_veritysetup(blocks, seed, &kiln_testkit::noise(!seed, salt_len));
                     Ok(())
                 },
             )
@@ -735,7 +720,7 @@ mod tests {
 
     #[test]
     fn single_block_root_is_the_block_hash() {
-        let block = noise(3, BLOCK as usize);
+        let block = kiln_testkit::noise(3, BLOCK as usize);
         let salt = [0xab; 32];
         let mut out = Vec::new();
         let v = build(&mut &block[..], BLOCK, &salt, [0; 16], &mut out).unwrap();

@@ -126,6 +126,27 @@ fn missing_is_skip(
     found
 }
 
+/// Deterministic, incompressible test data: xorshift64 from `seed`.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A file of `len` bytes at `path`, sparse (holes read as zeros), open for
+/// reading and writing.
+pub fn sparse_file(path: &Path, len: u64) -> std::fs::File {
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.set_len(len).unwrap_or_else(|e| panic!("sizing {}: {e}", path.display()));
+    f
+}
+
 /// A minimal little-endian ELF32 ARM executable with an interpreter and
 /// a dynamic section, laid out by hand: header, 3 program headers
 /// (PT_LOAD over the whole file, PT_INTERP, PT_DYNAMIC), the interpreter
