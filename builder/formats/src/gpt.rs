@@ -255,18 +255,6 @@ impl Partition {
         self.first_lba * SECTOR
     }
 
-    fn entry(&self) -> [u8; ENTRY_SIZE as usize] {
-        let mut e = [0u8; ENTRY_SIZE as usize];
-        e[0..16].copy_from_slice(&self.type_guid.to_gpt_bytes());
-        e[16..32].copy_from_slice(&self.uuid.to_gpt_bytes());
-        e[32..40].copy_from_slice(&self.first_lba.to_le_bytes());
-        e[40..48].copy_from_slice(&self.last_lba.to_le_bytes());
-        e[48..56].copy_from_slice(&self.attributes.to_le_bytes());
-        for (i, unit) in self.name.encode_utf16().take(MAX_NAME_UNITS).enumerate() {
-            e[56 + 2 * i..58 + 2 * i].copy_from_slice(&unit.to_le_bytes());
-        }
-        e
-    }
 }
 
 /// A GPT disk of 512-byte sectors. Entry `i` of `partitions` is partition
@@ -400,64 +388,48 @@ impl Gpt {
 
     /// Writes the protective MBR's table, the primary header and entries,
     /// and the backup entries and header, at absolute offsets of `out` (the
-    /// whole disk). MBR boot code and partition contents are left alone.
-    pub fn write<W: Write + Seek>(&self, out: &mut W) -> Result<(), GptError> {
+    /// whole disk, already `size_bytes` long). MBR boot code and partition
+    /// contents are left alone. The headers and entries are written by the
+    /// `gpt` crate; placing and checking the partitions ([`Gpt::validate`])
+    /// and the protective MBR (with real CHS values) are ours.
+    pub fn write<W: Read + Write + Seek + fmt::Debug>(&self, out: &mut W) -> Result<(), GptError> {
         self.validate()?;
-        let last = self.last_lba();
-
-        let mbr_sectors = u32::try_from(last).unwrap_or(u32::MAX);
+        let len = out.seek(SeekFrom::End(0)).map_err(io_err("finding the size of the disk to write the GPT to"))?;
+        if len != self.size_bytes {
+            return Err(GptError::BadDiskSize { size: len, reason: format!("the table is for a disk of {} bytes; size the disk first", self.size_bytes) });
+        }
         let protective = Mbr {
             disk_signature: 0,
-            partitions: vec![MbrPartition {
-                bootable: false,
-                kind: 0xEE,
-                first_lba: 1,
-                sectors: mbr_sectors,
-            }],
+            partitions: vec![MbrPartition { bootable: false, kind: 0xEE, first_lba: 1, sectors: u32::try_from(self.last_lba()).unwrap_or(u32::MAX) }],
         };
         protective.write_table(out)?;
 
-        let mut entries = vec![0u8; (ENTRIES * ENTRY_SIZE) as usize];
-        for (slot, p) in entries
-            .chunks_exact_mut(ENTRY_SIZE as usize)
-            .zip(&self.partitions)
-        {
-            slot.copy_from_slice(&p.entry());
-        }
-        let entries_crc = crc32(&entries);
-        let backup_entries = last - ENTRY_SECTORS;
-
-        let primary = self.header(1, last, 2, entries_crc);
-        let backup = self.header(last, 1, backup_entries, entries_crc);
-        write_at(out, SECTOR, &primary, "writing the primary GPT header")?;
-        write_at(out, 2 * SECTOR, &entries, "writing the primary GPT entries")?;
-        write_at(
-            out,
-            backup_entries * SECTOR,
-            &entries,
-            "writing the backup GPT entries",
-        )?;
-        write_at(out, last * SECTOR, &backup, "writing the backup GPT header")?;
+        let crate_err = |what: &'static str| move |e: gpt::GptError| GptError::Io { what: what.into(), source: io::Error::other(e.to_string()) };
+        let id = |g: Guid| uuid::Uuid::from_bytes(g.0);
+        let mut disk = gpt::GptConfig::new()
+            .writable(true)
+            .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+            .create_from_device(&mut *out, Some(id(self.disk_guid)))
+            .map_err(crate_err("starting the GPT"))?;
+        let parts = self
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let part = gpt::partition::Partition {
+                    part_type_guid: gpt::partition_types::Type { guid: id(p.type_guid), os: gpt::partition_types::OperatingSystem::None },
+                    part_guid: id(p.uuid),
+                    first_lba: p.first_lba,
+                    last_lba: p.last_lba,
+                    flags: p.attributes,
+                    name: p.name.clone(),
+                };
+                (i as u32 + 1, part)
+            })
+            .collect();
+        disk.update_partitions(parts).map_err(crate_err("laying out the GPT entries"))?;
+        disk.write().map_err(crate_err("writing the GPT headers and entries"))?;
         Ok(())
-    }
-
-    fn header(&self, my_lba: u64, alternate: u64, entries_lba: u64, entries_crc: u32) -> [u8; 512] {
-        let mut h = [0u8; 512];
-        h[0..8].copy_from_slice(b"EFI PART");
-        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
-        h[12..16].copy_from_slice(&HEADER_SIZE.to_le_bytes());
-        h[24..32].copy_from_slice(&my_lba.to_le_bytes());
-        h[32..40].copy_from_slice(&alternate.to_le_bytes());
-        h[40..48].copy_from_slice(&self.first_usable_lba().to_le_bytes());
-        h[48..56].copy_from_slice(&self.last_usable_lba().to_le_bytes());
-        h[56..72].copy_from_slice(&self.disk_guid.to_gpt_bytes());
-        h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
-        h[80..84].copy_from_slice(&(ENTRIES as u32).to_le_bytes());
-        h[84..88].copy_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
-        h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
-        let crc = crc32(&h[..HEADER_SIZE as usize]);
-        h[16..20].copy_from_slice(&crc.to_le_bytes());
-        h
     }
 
     /// Reads a GPT: the primary copy, or the backup at the device's end if
@@ -1190,7 +1162,7 @@ mod tests {
 
     #[test]
     fn protective_mbr_is_capped() {
-        let mut c = io::Cursor::new(Vec::new());
+        let mut c = io::Cursor::new(vec![0u8; (64 * MIB) as usize]);
         let mut l = Layout::new(deterministic_guid("t", "disk"));
         l.add(
             "data",

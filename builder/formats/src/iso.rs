@@ -25,6 +25,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -211,6 +212,7 @@ pub fn write(spec: &IsoSpec, out: &Path) -> Result<Vec<Extent>, IsoError> {
         plan.write_to(spec, &mut w, out)?;
         w.flush().map_err(io_err("writing"))?;
     }
+    plan.write_tables(spec, &mut tmp.as_file(), out)?;
     tmp.persist(out).map_err(|e| IsoError::Io {
         what: "renaming the finished image to".into(),
         path: out.to_path_buf(),
@@ -628,8 +630,13 @@ impl Plan {
             }
         }
         s.zeros_to(self.image_bytes)?;
+        Ok(())
+    }
 
-        let w = s.w;
+    /// The isohybrid tables, once the image is written to its full length:
+    /// the GPT (whose writer reads the entries back) and the MBR's boot code
+    /// and disk signature.
+    fn write_tables<F: Read + Write + Seek + fmt::Debug>(&self, spec: &IsoSpec, w: &mut F, out: &Path) -> Result<(), IsoError> {
         if let Some(gpt) = &self.gpt {
             gpt.write(w)?;
             let mut head = [0u8; 444];
