@@ -131,7 +131,7 @@ fn source(mkfs: &Path) -> Fixture {
     let size = layout.min_disk_size();
     let table = layout.build(size).unwrap();
     let disk = dir.path().join("disk.raw");
-    let mut f = File::create(&disk).unwrap();
+    let mut f = File::options().read(true).write(true).create(true).truncate(true).open(&disk).unwrap();
     f.set_len(size).unwrap();
     table.write(&mut f).unwrap();
     let at = |name: &str| {

@@ -17,7 +17,6 @@
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
 
@@ -31,16 +30,12 @@ const ENTRY_SECTORS: u64 = ENTRIES * ENTRY_SIZE / SECTOR;
 const HEADER_SIZE: u32 = 92;
 const MAX_NAME_UNITS: usize = 36;
 
-/// A GUID in RFC 4122 byte order: `Guid::parse("c12a7328-f81f-…")` gives
-/// bytes `c1 2a 73 28 f8 1f …`. `Display` prints it the same way (lower
-/// case; sgdisk prints the same digits in upper case).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Guid(pub [u8; 16]);
+pub use kiln_contract::guid::Guid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
-    #[error("{input:?} is not a GUID: expected 8-4-4-4-12 hex digits, like c12a7328-f81f-11d2-ba4b-00a0c93ec93b")]
-    BadGuid { input: String },
+    #[error(transparent)]
+    BadGuid(#[from] kiln_contract::guid::GuidError),
     #[error("disk size {size} bytes: {reason}")]
     BadDiskSize { size: u64, reason: String },
     #[error("{count} partitions; the table holds at most {max}")]
@@ -79,110 +74,6 @@ pub enum GptError {
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> GptError {
     let what = what.into();
     move |source| GptError::Io { what, source }
-}
-
-impl Guid {
-    pub const NIL: Guid = Guid([0; 16]);
-
-    /// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, either case.
-    pub fn parse(s: &str) -> Result<Guid, GptError> {
-        parse_guid(s.as_bytes()).ok_or_else(|| GptError::BadGuid {
-            input: s.to_string(),
-        })
-    }
-
-    /// For constants; fails to compile on a malformed literal.
-    pub const fn from_str_const(s: &str) -> Guid {
-        match parse_guid(s.as_bytes()) {
-            Some(g) => g,
-            None => panic!("malformed GUID literal"),
-        }
-    }
-
-    pub const fn from_bytes_rfc4122(bytes: [u8; 16]) -> Guid {
-        Guid(bytes)
-    }
-
-    pub const fn to_bytes_rfc4122(self) -> [u8; 16] {
-        self.0
-    }
-
-    /// The on-disk GPT form: the first three fields little-endian.
-    pub fn to_gpt_bytes(self) -> [u8; 16] {
-        let mut b = self.0;
-        b[0..4].reverse();
-        b[4..6].reverse();
-        b[6..8].reverse();
-        b
-    }
-
-    pub fn from_gpt_bytes(bytes: [u8; 16]) -> Guid {
-        // The swap is its own inverse.
-        Guid(Guid(bytes).to_gpt_bytes())
-    }
-
-    pub fn is_nil(self) -> bool {
-        self == Guid::NIL
-    }
-}
-
-const fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-const fn parse_guid(s: &[u8]) -> Option<Guid> {
-    if s.len() != 36 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    let mut n = 0;
-    while i < 36 {
-        if i == 8 || i == 13 || i == 18 || i == 23 {
-            if s[i] != b'-' {
-                return None;
-            }
-            i += 1;
-            continue;
-        }
-        let (Some(hi), Some(lo)) = (hex_val(s[i]), hex_val(s[i + 1])) else {
-            return None;
-        };
-        out[n] = hi << 4 | lo;
-        n += 1;
-        i += 2;
-    }
-    Some(Guid(out))
-}
-
-impl fmt::Display for Guid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                f.write_str("-")?;
-            }
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Guid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Guid({self})")
-    }
-}
-
-impl FromStr for Guid {
-    type Err = GptError;
-    fn from_str(s: &str) -> Result<Guid, GptError> {
-        Guid::parse(s)
-    }
 }
 
 /// A reproducible GUID: SHA-256 of `namespace`, a NUL and `name`, cut to 128
@@ -388,7 +279,8 @@ impl Gpt {
 
     /// Writes the protective MBR's table, the primary header and entries,
     /// and the backup entries and header, at absolute offsets of `out` (the
-    /// whole disk, already `size_bytes` long). MBR boot code and partition
+    /// whole disk, already `size_bytes` long, open for reading too: the crate
+    /// reads the entries back to checksum them). MBR boot code and partition
     /// contents are left alone. The headers and entries are written by the
     /// `gpt` crate; placing and checking the partitions ([`Gpt::validate`])
     /// and the protective MBR (with real CHS values) are ours.

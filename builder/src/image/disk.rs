@@ -168,7 +168,7 @@ pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b
     let table = gpt_table(b.profile, b.arch, &root.verity, spec.esp_mib * MIB, 0, slot, spec.data_mib * MIB)?;
     let size = table.size_bytes;
 
-    let mut disk = File::create(disk_path)?;
+    let mut disk = File::options().read(true).write(true).create(true).truncate(true).open(disk_path)?;
     disk.set_len(size)?;
     table.write(&mut disk).context("writing the GPT")?;
     let part = |name: &str| gpt_part(&table, name);

@@ -5,6 +5,7 @@
 //! - [`config`]: the node.toml schema and its validation.
 //! - [`event`]: the stable console event format.
 //! - [`requirements`]: the kernel/host requirement table for k0s.
+//! - [`guid`]: GUIDs as GPT writes them.
 //! - [`layout`]: partition names, ESP and boot-FAT paths, root slots, and
 //!   the paths in the root that the builder fills and the node reads.
 //! - [`verity`]: the dm-verity hash tree and superblock.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod date;
 pub mod digest;
 pub mod event;
+pub mod guid;
 pub mod install_image;
 pub mod layout;
 pub mod minisign;

@@ -5,7 +5,6 @@
 //! GUIDs are held in the order of their string form; on disk the first three
 //! fields are little-endian.
 
-use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -26,42 +25,7 @@ pub enum GptError {
     Io(#[from] std::io::Error),
 }
 
-/// A GUID, bytes in the order of its string form.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Guid(pub [u8; 16]);
-
-impl Guid {
-    pub fn from_gpt_bytes(b: &[u8]) -> Guid {
-        let mut g = [0u8; 16];
-        g.copy_from_slice(&b[..16]);
-        g[0..4].reverse();
-        g[4..6].reverse();
-        g[6..8].reverse();
-        Guid(g)
-    }
-
-    pub fn is_nil(&self) -> bool {
-        self.0 == [0; 16]
-    }
-}
-
-impl fmt::Display for Guid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                f.write_str("-")?;
-            }
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Guid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Guid({self})")
-    }
-}
+pub use kiln_contract::guid::Guid;
 
 /// The fields of a GPT header stage 1 uses; `raw` is the whole header
 /// sector as read.
@@ -156,7 +120,7 @@ pub struct Partition {
 
 impl Partition {
     fn parse(number: u32, e: &[u8]) -> Option<Partition> {
-        let type_guid = Guid::from_gpt_bytes(&e[0..16]);
+        let type_guid = Guid::from_gpt_slice(e, 0).unwrap_or_default();
         if type_guid.is_nil() {
             return None;
         }
@@ -169,7 +133,7 @@ impl Partition {
         Some(Partition {
             number,
             type_guid,
-            uuid: Guid::from_gpt_bytes(&e[16..32]),
+            uuid: Guid::from_gpt_slice(e, 16).unwrap_or_default(),
             first_lba: u64_at(32),
             last_lba: u64_at(40),
             attributes: u64_at(48),
@@ -257,32 +221,12 @@ pub fn mbr_signature(sector0: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes([sector0[440], sector0[441], sector0[442], sector0[443]]))
 }
 
-impl Guid {
-    /// PARTUUID of a root partition: the root hash's first 128 bits (the
-    /// Discoverable Partitions rule the builder follows).
-    pub fn root_of(roothash: &[u8; 32]) -> Guid {
-        Guid(kiln_contract::layout::root_uuid(roothash))
-    }
-
-    /// PARTUUID of a verity partition: the root hash's last 128 bits.
-    pub fn verity_of(roothash: &[u8; 32]) -> Guid {
-        Guid(kiln_contract::layout::verity_uuid(roothash))
-    }
-}
-
 pub use kiln_contract::digest::crc32;
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
-
-    #[test]
-    fn partition_uuids_of_a_root_hash() {
-        let h: [u8; 32] = std::array::from_fn(|i| if i < 16 { (i as u8) * 0x11 } else { 0xf0 - (i as u8 - 16) * 0x0f });
-        assert_eq!(Guid::root_of(&h).to_string(), "00112233-4455-6677-8899-aabbccddeeff");
-        assert_eq!(Guid::verity_of(&h).to_string(), "f0e1d2c3-b4a5-9687-7869-5a4b3c2d1e0f");
-    }
 
     #[test]
     fn mbr_signature_of_sector_zero() {
