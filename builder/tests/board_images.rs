@@ -19,7 +19,7 @@ fn boards_dir() -> PathBuf {
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(cmd).args(args).env("MTOOLS_SKIP_CHECK", "1").output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (out.status.success(), kiln_testkit::output_text(&out))
 }
 
 /// A root, a kernel and dtbs, small and made up.

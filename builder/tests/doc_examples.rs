@@ -91,7 +91,7 @@ fn kiln_config_check(b: &Block, text: &str) -> Result<(), String> {
     let file = dir.path().join(format!("{}-line{}.toml", b.doc.replace('/', "_"), b.line));
     std::fs::write(&file, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["config", "check"]).arg(&file).output().expect("running kiln");
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = kiln_testkit::output_text(&out);
     if out.status.success() {
         Ok(())
     } else {

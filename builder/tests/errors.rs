@@ -15,7 +15,7 @@ fn kiln(args: &[&str], envs: &[(&str, &Path)]) -> (i32, String) {
         c.env(k, v);
     }
     let out = c.output().expect("running kiln");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = kiln_testkit::output_text(&out);
     assert!(!text.contains("panicked"), "kiln panicked:\n{text}");
     (out.status.code().unwrap_or(-1), text)
 }

@@ -29,11 +29,7 @@ fn run(tool: &Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", tool.display()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = kiln_testkit::output_text(&out);
     (out.status.success(), text)
 }
 

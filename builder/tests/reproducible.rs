@@ -47,7 +47,7 @@ fn build(r: &Run) -> (PathBuf, String) {
     c.envs(r.env.iter().copied());
     let t = Instant::now();
     let out = c.output().expect("running kiln");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = kiln_testkit::output_text(&out);
     assert!(out.status.success(), "kiln build {} from {} failed:\n{text}", profile.display(), r.cwd.display());
     eprintln!("{:.0}s: {}", t.elapsed().as_secs_f64(), text.lines().find(|l| l.starts_with("built ")).unwrap_or_default());
     (r.out.join(PROFILE), text)

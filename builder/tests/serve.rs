@@ -247,11 +247,7 @@ fn signed_config_round_trip() {
     let t = d.path();
     let run = |args: &[&str]| {
         let out = Command::new(KILN).args(args).output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = kiln_testkit::output_text(&out);
         (out.status.success(), text)
     };
     let (ok, text) = run(&["key", "generate", "--dir", t.to_str().unwrap()]);

@@ -13,7 +13,7 @@ fn workspace() -> PathBuf {
 }
 
 fn text(out: std::process::Output) -> (bool, String) {
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (out.status.success(), kiln_testkit::output_text(&out))
 }
 
 fn kiln(args: &[&str]) -> (bool, String) {

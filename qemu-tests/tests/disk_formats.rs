@@ -8,7 +8,7 @@ use std::process::Command;
 
 fn run(cmd: &str) -> (bool, String) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (out.status.success(), kiln_testkit::output_text(&out))
 }
 
 fn must(cmd: &str) -> String {

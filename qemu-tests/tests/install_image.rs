@@ -329,11 +329,7 @@ fn copy_range(from: &Path, offset: u64, len: u64, to: &Path) {
 
 fn sgdisk_clean(sgdisk: &Path, disk: &Path) {
     let out = Command::new(sgdisk).arg("-v").arg(disk).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = kiln_testkit::output_text(&out);
     assert!(
         out.status.success() && text.contains("No problems found"),
         "sgdisk -v {}:\n{text}",
@@ -343,11 +339,7 @@ fn sgdisk_clean(sgdisk: &Path, disk: &Path) {
 
 fn e2fsck_clean(e2fsck: &Path, fs: &Path) {
     let out = Command::new(e2fsck).arg("-fn").arg(fs).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = kiln_testkit::output_text(&out);
     assert!(out.status.success(), "e2fsck -fn {}:\n{text}", fs.display());
 }
 

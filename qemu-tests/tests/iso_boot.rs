@@ -15,7 +15,7 @@ const GIB: u64 = 1 << 30;
 
 fn run(cmd: &str) -> (bool, String) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (out.status.success(), kiln_testkit::output_text(&out))
 }
 
 fn iso(out: &Path) -> PathBuf {

@@ -13,7 +13,7 @@ use std::process::Command;
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
     assert!(out.status.success(), "`{cmd}`: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    kiln_testkit::output_text(&out)
 }
 
 /// Copies `from` to `to` with mtools; `img` is the ESP, `::/…` paths are in it.

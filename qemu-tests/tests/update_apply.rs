@@ -30,7 +30,7 @@ fn have_sgdisk() -> bool {
 
 fn sgdisk(args: &[&str], disk: &Path) -> String {
     let out = kiln_testkit::command("sgdisk").args(args).arg(disk).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = kiln_testkit::output_text(&out);
     assert!(out.status.success(), "sgdisk {args:?}: {text}");
     text
 }

@@ -1085,11 +1085,7 @@ mod tests {
             .arg(img)
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = kiln_testkit::output_text(&out);
         assert!(out.status.success(), "fsck.vfat failed:\n{text}");
         // Anything but fsck's usual report is a complaint.
         let report = [

@@ -715,11 +715,7 @@ mod tests {
 
     fn run(tool: &Path, args: &[&str], img: &Path) -> (Output, String) {
         let out = Command::new(tool).args(args).arg(img).output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = kiln_testkit::output_text(&out);
         (out, text)
     }
 

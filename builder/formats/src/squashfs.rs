@@ -801,7 +801,7 @@ mod tests {
 
     fn unsquashfs(args: &[&str], img: &Path) -> String {
         let out = Command::new("unsquashfs").args(args).arg(img).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = kiln_testkit::output_text(&out);
         assert!(out.status.success(), "unsquashfs {args:?} failed:\n{text}");
         text
     }

@@ -894,11 +894,7 @@ mod tests {
             .arg(&f)
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = kiln_testkit::output_text(&out);
         assert!(
             text.contains("No signature table present"),
             "sbverify --list said:\n{text}"
@@ -923,11 +919,7 @@ mod tests {
         std::fs::write(p("uki.efi"), Owned::new(stub).build()).unwrap();
         let run = |cmd: &mut Command| {
             let out = cmd.output().unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let text = kiln_testkit::output_text(&out);
             assert!(out.status.success(), "{cmd:?} failed:\n{text}");
             text
         };

@@ -657,7 +657,7 @@ mod tests {
     pub(crate) fn pyspdxtools(file: &Path) -> Option<(bool, String)> {
         let tool = kiln_testkit::checker("pyspdxtools", "python3 -m pip install spdx-tools")?;
         let out = Command::new(tool).arg("-i").arg(file).output().expect("running pyspdxtools");
-        Some((out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))))
+        Some((out.status.success(), kiln_testkit::output_text(&out)))
     }
 
     #[test]

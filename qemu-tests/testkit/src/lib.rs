@@ -126,6 +126,12 @@ fn missing_is_skip(
     found
 }
 
+/// What a finished command printed, stdout then stderr, for assertions
+/// and failure messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 /// Deterministic, incompressible test data: xorshift64 from `seed`.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
