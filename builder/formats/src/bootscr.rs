@@ -13,9 +13,11 @@
 //! installs new trials; see kiln-init's node::update.
 //!
 //! It uses only commands Debian's u-boot builds have (`load`, `env
-//! import`/`export`, `itest`, `setexpr`, `fatwrite`, `sysboot`); u-boot's
-//! own `bootcount` is built into few boards and keeps its count in places
-//! (RAM, an RTC, the environment) that differ per board.
+//! import`/`export`, `itest`, `fatwrite`, `sysboot`). It takes a try with
+//! an `itest` chain rather than `setexpr`, which Debian's am335x builds
+//! (BeagleBone Black) leave out: there the trial's tries would never go
+//! down. u-boot's own `bootcount` is built into few boards and keeps its
+//! count in places (RAM, an RTC, the environment) that differ per board.
 
 use crate::gpt::crc32;
 
@@ -32,7 +34,16 @@ pub fn script() -> String {
         "if load ${devtype} ${devnum}:${distro_bootpart} ${scriptaddr} /kiln/state; then env import -t ${scriptaddr} ${filesize} kiln_good kiln_try kiln_tries; fi",
         "setenv kiln_slot ${kiln_good}",
         "if test -n \"${kiln_try}\" && itest ${kiln_tries} > 0; then",
-        "  setexpr kiln_tries ${kiln_tries} - 1",
+        "  if itest ${kiln_tries} == 1; then setenv kiln_tries 0",
+        "  elif itest ${kiln_tries} == 2; then setenv kiln_tries 1",
+        "  elif itest ${kiln_tries} == 3; then setenv kiln_tries 2",
+        "  elif itest ${kiln_tries} == 4; then setenv kiln_tries 3",
+        "  elif itest ${kiln_tries} == 5; then setenv kiln_tries 4",
+        "  elif itest ${kiln_tries} == 6; then setenv kiln_tries 5",
+        "  elif itest ${kiln_tries} == 7; then setenv kiln_tries 6",
+        "  elif itest ${kiln_tries} == 8; then setenv kiln_tries 7",
+        "  else setenv kiln_tries 8",
+        "  fi",
         "  setenv kiln_slot ${kiln_try}",
         "  env export -t ${scriptaddr} kiln_good kiln_try kiln_tries",
         "  fatwrite ${devtype} ${devnum}:${distro_bootpart} ${scriptaddr} /kiln/state ${filesize}",

@@ -65,7 +65,8 @@ impl State {
             match line.trim().split_once('=') {
                 Some(("kiln_good", v)) => good = slot_of(v),
                 Some(("kiln_try", v)) => try_ = slot_of(v),
-                // boot.scr counts with setexpr, which writes hex.
+                // Tries are one digit; older boot.scr counted with setexpr,
+                // which writes hex.
                 Some(("kiln_tries", v)) => tries = u32::from_str_radix(v.trim().trim_start_matches("0x"), 16).unwrap_or(0),
                 _ => {}
             }
