@@ -27,16 +27,15 @@ pub struct KeySpec {
 
 /// The build's signing key, or `None` for an unsigned build.
 pub fn signing_key(spec: &KeySpec) -> Result<Option<KeyPair>> {
-    let profile = spec;
     let (text, from) = match (std::env::var(ENV), &spec.key_command, &spec.key) {
         (Ok(t), _, _) if !t.trim().is_empty() => (t, format!("the {ENV} environment variable")),
         (_, Some(argv), _) => {
-            let dir = profile.profile.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let from = format!("`{}` (key `sign.key_command` in {})", argv.join(" "), profile.profile.display());
+            let dir = spec.profile.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let from = format!("`{}` (key `sign.key_command` in {})", argv.join(" "), spec.profile.display());
             (run_key_command(argv, dir).with_context(|| format!("running {from}"))?, from)
         }
         (_, _, Some(p)) => (
-            std::fs::read_to_string(p).with_context(|| format!("reading the signing key {} (key `sign.key` in {}); make one with `kiln key generate`", p.display(), profile.profile.display()))?,
+            std::fs::read_to_string(p).with_context(|| format!("reading the signing key {} (key `sign.key` in {}); make one with `kiln key generate`", p.display(), spec.profile.display()))?,
             p.display().to_string(),
         ),
         _ => return Ok(None),

@@ -83,16 +83,15 @@ pub struct Sbom {
 
 /// Gathers the SBOM of a build whose artifacts are in `dir`.
 pub fn collect(id: &Identity, kernel: &Kernel, init_bin: &Path, payload_spec: &PayloadSpec, payload: &Payload, inputs: &[Resolved], dir: &Path, cache: &Cache) -> Result<Sbom, SbomError> {
-    let profile = id;
     let io = |what: &Path| {
         let what = what.display().to_string();
         move |e| SbomError::Io(e, what)
     };
     let sha256 = |p: &Path| input::sha256_file(p).map(|(h, _)| h).map_err(io(p));
-    let target = profile.arch.rust_target();
-    let init = Binary { sha256: sha256(init_bin)?, crates: crates::graph(&profile.tree, crate::inputs::init::PACKAGE, target, cache)? };
+    let target = id.arch.rust_target();
+    let init = Binary { sha256: sha256(init_bin)?, crates: crates::graph(&id.tree, crate::inputs::init::PACKAGE, target, cache)? };
     let payload_part = match payload_spec {
-        PayloadSpec::StandIn => PayloadPart::StandIn(Binary { sha256: sha256(&payload.path)?, crates: crates::graph(&profile.tree, crate::inputs::payload::STAND_IN_PACKAGE, target, cache)? }),
+        PayloadSpec::StandIn => PayloadPart::StandIn(Binary { sha256: sha256(&payload.path)?, crates: crates::graph(&id.tree, crate::inputs::payload::STAND_IN_PACKAGE, target, cache)? }),
         PayloadSpec::K0s { .. } => PayloadPart::K0s { version: payload.version.clone() },
     };
     let mut artifacts = Vec::new();
@@ -104,12 +103,12 @@ pub fn collect(id: &Identity, kernel: &Kernel, init_bin: &Path, payload_spec: &P
         artifacts.push(ArtifactFile { path, sha1, sha256 });
     }
     Ok(Sbom {
-        profile: profile.name.into(),
-        description: profile.description.into(),
-        arch: profile.arch.to_string(),
+        profile: id.name.into(),
+        description: id.description.into(),
+        arch: id.arch.to_string(),
         target: target.into(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
-        epoch: profile.source_date_epoch,
+        epoch: id.source_date_epoch,
         kernel: KernelPart { release: kernel.release.clone(), image_sha256: sha256(&kernel.image)?, config_sha256: sha256(&kernel.config)?, cache_key: kernel.key.clone() },
         inputs: inputs.to_vec(),
         init,
