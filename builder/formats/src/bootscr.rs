@@ -57,6 +57,96 @@ pub fn script() -> String {
     .join("\n")
 }
 
+/// What a u-boot script needs from the u-boot that runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needs {
+    /// Every command it runs, sorted, once; `env`'s with the sub-command
+    /// (`env import`), since each is compiled in on its own.
+    pub commands: Vec<String>,
+    /// It uses the hush shell: `if`/`then`/`fi`, `while`, `&&` or `||`.
+    pub hush: bool,
+}
+
+/// Hush keywords after which a new command starts.
+const STARTS: [&str; 7] = ["if", "elif", "then", "else", "while", "until", "do"];
+/// Hush keywords that end a compound command.
+const ENDS: [&str; 3] = ["fi", "done", "!"];
+
+/// The commands `text` runs, read as u-boot's hush shell reads it: a
+/// command is the first word of a line, or the word after `;`, `&&`, `||`
+/// or a keyword that starts one (`if`, `then`, `else`, …). Words inside
+/// quotes are never commands; `#` starts a comment at a word's start.
+pub fn needs(text: &str) -> Needs {
+    let mut commands = Vec::new();
+    let mut hush = false;
+    for line in text.lines() {
+        let mut at_start = true;
+        // (word, ends with `;`) in order; the previous word for `env`'s
+        // sub-command.
+        let mut last_cmd: Option<String> = None;
+        for (word, quoted, semicolon) in words(line) {
+            if !quoted && word.starts_with('#') {
+                break;
+            }
+            if !quoted && (word == "&&" || word == "||") {
+                hush = true;
+                at_start = true;
+                last_cmd = None;
+                continue;
+            }
+            if let Some(cmd) = last_cmd.take() {
+                if cmd == "env" && !word.is_empty() && !quoted {
+                    commands.push(format!("env {word}"));
+                }
+            }
+            if at_start && !quoted && !word.is_empty() {
+                if STARTS.contains(&word.as_str()) || ENDS.contains(&word.as_str()) {
+                    hush = true;
+                    at_start = STARTS.contains(&word.as_str());
+                } else {
+                    commands.push(word.clone());
+                    last_cmd = Some(word);
+                    at_start = false;
+                }
+            }
+            if semicolon {
+                at_start = true;
+                last_cmd = None;
+            }
+        }
+    }
+    commands.sort();
+    commands.dedup();
+    Needs { commands, hush }
+}
+
+/// The words of a line: (text, had quotes, followed by an unquoted `;`).
+fn words(line: &str) -> Vec<(String, bool, bool)> {
+    let mut out = Vec::new();
+    let (mut cur, mut quoted, mut in_q) = (String::new(), false, None::<char>);
+    let flush = |cur: &mut String, quoted: &mut bool, semi: bool, out: &mut Vec<(String, bool, bool)>| {
+        if !cur.is_empty() || *quoted || semi {
+            out.push((std::mem::take(cur), *quoted, semi));
+        }
+        *quoted = false;
+    };
+    for c in line.chars() {
+        match (in_q, c) {
+            (Some(q), c) if c == q => in_q = None,
+            (Some(_), c) => cur.push(c),
+            (None, '"' | '\'') => {
+                in_q = Some(c);
+                quoted = true;
+            }
+            (None, ';') => flush(&mut cur, &mut quoted, true, &mut out),
+            (None, c) if c.is_whitespace() => flush(&mut cur, &mut quoted, false, &mut out),
+            (None, c) => cur.push(c),
+        }
+    }
+    flush(&mut cur, &mut quoted, false, &mut out);
+    out
+}
+
 const MAGIC: u32 = 0x2705_1956;
 const OS_LINUX: u8 = 5;
 const ARCH_ARM: u8 = 2;
@@ -120,6 +210,17 @@ mod tests {
             assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
             assert_eq!(image(&text, "kiln", 1_700_000_000), std::fs::read(&dst).unwrap());
         }
+    }
+
+    #[test]
+    fn needs_lists_the_commands_a_script_runs() {
+        let n = needs(&script());
+        assert!(n.hush);
+        assert_eq!(n.commands, ["echo", "env", "env export", "env import", "fatwrite", "itest", "load", "setenv", "sysboot", "test"]);
+        let n = needs("# setexpr in a comment\nsetenv a \"if x; then setexpr\"; setexpr b 1 + 1 # bootz\nwhile itest 1 == 0; do true; done\n");
+        assert_eq!(n.commands, ["itest", "setenv", "setexpr", "true"]);
+        assert!(n.hush);
+        assert!(!needs("setenv a b\nboot\n").hush);
     }
 
     #[test]

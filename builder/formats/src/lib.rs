@@ -20,6 +20,8 @@
 //! - [`bootscr`]: u-boot legacy script images (`boot.scr`) and kiln's A/B
 //!   boot script.
 //! - [`elf`]: reading ELF headers (arch, static or not, needed libraries).
+//! - [`uboot_cmds`]: reading which commands a 32-bit ARM u-boot binary has
+//!   (its command tables), for checking a board's u-boot runs `boot.scr`.
 
 pub mod bootscr;
 pub mod cpio;
@@ -29,5 +31,6 @@ pub mod gpt;
 pub mod iso;
 pub mod squashfs;
 pub mod tree;
+pub mod uboot_cmds;
 pub mod uki;
 pub mod verity;
