@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 packages=(
   # kernel builds
-  build-essential bc flex bison libelf-dev libssl-dev
+  build-essential bc flex bison libelf-dev libssl-dev patch
   # inputs and artifacts
   ca-certificates xz-utils zstd cpio file
   # arm64 and armv7: cross compilers (kernels; armv7 also links kiln-init
@@ -23,6 +23,8 @@ packages=(
   squashfs-tools cryptsetup-bin gdisk fdisk dosfstools mtools e2fsprogs bmap-tools openssl tar
   # u-boot script images (boot.scr): mkimage checks the ones kiln writes
   u-boot-tools
+  # device trees on board cards: fdtget reads their model and compatible
+  device-tree-compiler
   # UEFI boot: firmware and systemd-boot/stub
   ovmf seabios ipxe-qemu systemd-boot-efi sbsigntool binutils xorriso
   # Secure Boot signing: sbsign's signing time pinned by faketime; openssl

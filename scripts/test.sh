@@ -23,9 +23,14 @@ prebuild_log=target/kernel-prebuild.log
 prebuild=$!
 
 # Every test binary runs even when one fails, so one run reports every
-# failure. The QEMU tests for the other arches run last, so that their
-# kernels compile in the background while the amd64 guests run.
-late=(arm64 armv7 containers)
+# failure. Everything is compiled first; then two lanes run side by side on
+# the two cores: the workspace's own tests (unit, property and format tests,
+# and the reproducibility experiment, which compiles a kernel from scratch,
+# niced) in the background, and the QEMU tests in the foreground, whose
+# guests often wait on timers. The QEMU tests for the other arches and the
+# real boards run last, so that their kernels compile in the background
+# while the amd64 guests run.
+late=(arm64 armv7 boards containers)
 early=()
 for f in qemu-tests/tests/*.rs; do
   n=$(basename "$f" .rs)
@@ -33,9 +38,17 @@ for f in qemu-tests/tests/*.rs; do
 done
 late_args=()
 for n in "${late[@]}"; do late_args+=(--test "$n"); done
+cargo test --workspace --locked --no-run -q
 status=0
-cargo test --workspace --locked --no-fail-fast --exclude kiln-qemu-tests || status=$?
+lane_log=target/test-workspace.log
+( nice -n 10 cargo test --workspace --locked --no-fail-fast --exclude kiln-qemu-tests ) >"$lane_log" 2>&1 &
+lane=$!
 cargo test -p kiln-qemu-tests --locked --no-fail-fast --bins "${early[@]}" || status=$?
+lane_status=0
+wait "$lane" || lane_status=$?
+echo "=== the workspace's own tests (ran beside the QEMU tests; $lane_log) ==="
+cat "$lane_log"
+[ "$lane_status" -eq 0 ] || status=$lane_status
 cargo test -p kiln-qemu-tests --locked --no-fail-fast "${late_args[@]}" || status=$?
 if [ "$status" -ne 0 ]; then
   pkill -P "$prebuild" 2>/dev/null || true

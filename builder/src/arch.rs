@@ -83,3 +83,94 @@ impl std::fmt::Display for Arch {
         f.write_str(self.as_str())
     }
 }
+
+/// The QEMU machines `kiln run` boots, as a profile's `[qemu] machine`
+/// names them. Each says how its disk, sticks and NIC attach and what the
+/// emulation lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// amd64: q35 with OVMF.
+    Q35,
+    /// arm64 and armv7: QEMU virt (UEFI on arm64, u-boot `qemu_arm` on
+    /// armv7), virtio devices.
+    Virt,
+    /// armv7: the Xunlong Orange Pi PC (Allwinner H3). The emulated boot ROM
+    /// loads the SPL from the SD card; the card is on the SoC's SD host, the
+    /// NIC is the SoC's EMAC, sticks go on its EHCI. QEMU 7.2 has no model
+    /// of the H3 watchdog, so the board cannot reset itself.
+    OrangePiPc,
+}
+
+impl Machine {
+    pub const ALL: [Machine; 3] = [Machine::Q35, Machine::Virt, Machine::OrangePiPc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Machine::Q35 => "q35",
+            Machine::Virt => "virt",
+            Machine::OrangePiPc => "orangepi-pc",
+        }
+    }
+
+    /// The arches the machine runs.
+    pub fn arches(self) -> &'static [Arch] {
+        match self {
+            Machine::Q35 => &[Arch::Amd64],
+            Machine::Virt => &[Arch::Arm64, Arch::Armv7],
+            Machine::OrangePiPc => &[Arch::Armv7],
+        }
+    }
+
+    /// The default machine of an arch.
+    pub fn default_for(arch: Arch) -> Machine {
+        match arch {
+            Arch::Amd64 => Machine::Q35,
+            _ => Machine::Virt,
+        }
+    }
+
+    /// `name` for `arch`, or why not, with the names that would do.
+    pub fn parse(name: &str, arch: Arch) -> Result<Machine, String> {
+        let fits: Vec<&str> = Machine::ALL.iter().filter(|m| m.arches().contains(&arch)).map(|m| m.as_str()).collect();
+        match Machine::ALL.iter().find(|m| m.as_str() == name) {
+            Some(m) if m.arches().contains(&arch) => Ok(*m),
+            Some(_) => Err(format!("QEMU machine `{name}` does not run {arch}; for {arch} use {}", fits.join(" or "))),
+            None => Err(format!("`{name}` is not a QEMU machine kiln runs; for {arch} use {}", fits.join(" or "))),
+        }
+    }
+
+    /// An emulated real board: firmware and bootloader come from the card,
+    /// which QEMU attaches as an SD card (a power-of-two size).
+    pub fn is_board(self) -> bool {
+        self == Machine::OrangePiPc
+    }
+
+    /// Whether the guest can reset (reboot) the machine. QEMU 7.2's
+    /// orangepi-pc has no H3 watchdog, which is how Linux and u-boot reset
+    /// the H3, so `kiln run` restarts QEMU when the guest asks.
+    pub fn resets_itself(self) -> bool {
+        self != Machine::OrangePiPc
+    }
+
+    /// The CPU count QEMU insists on for the machine (the SoC's cores).
+    pub fn fixed_cpus(self) -> Option<u32> {
+        match self {
+            Machine::OrangePiPc => Some(4),
+            _ => None,
+        }
+    }
+
+    /// The most memory QEMU gives the machine, in MiB.
+    pub fn max_memory_mib(self) -> Option<u32> {
+        match self {
+            Machine::OrangePiPc => Some(1024),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -28,7 +28,8 @@ enum Cmd {
     Run {
         /// A build output directory, e.g. out/qemu-amd64.
         out_dir: PathBuf,
-        /// A node.toml given to the node through QEMU fw_cfg.
+        /// A node.toml given to the node through QEMU fw_cfg (on an emulated
+        /// board, which has no fw_cfg: on a KILNCFG USB stick).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Exit 0 when this kiln-init event appears (e.g. payload-started).
@@ -40,11 +41,12 @@ enum Cmd {
         /// Seconds to wait for --until before failing.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 2048)]
-        mem: u32,
-        #[arg(long, default_value_t = 2)]
-        cpus: u32,
+        /// Guest memory in MiB (default: the profile's `[qemu] memory_mib`).
+        #[arg(long)]
+        mem: Option<u32>,
+        /// Guest CPUs (default: the profile's `[qemu] cpus`).
+        #[arg(long)]
+        cpus: Option<u32>,
         /// auto uses KVM only if a probe guest boots under it.
         #[arg(long, value_enum, default_value_t = Accel::Auto)]
         accel: Accel,
@@ -266,15 +268,15 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac, secure_boot } => {
-            let mut spec = VmSpec::new(out_dir);
+            let mut spec = VmSpec::for_output(out_dir);
             spec.net = net;
             spec.mac = mac;
             spec.secure_boot = secure_boot;
             spec.extra_disk = extra_disk;
             spec.ipxe_url = ipxe_url;
             spec.config = config;
-            spec.memory_mib = mem;
-            spec.cpus = cpus;
+            spec.memory_mib = mem.unwrap_or(spec.memory_mib);
+            spec.cpus = cpus.unwrap_or(spec.cpus);
             spec.accel = accel;
             spec.api_port = api_port;
             spec.boot = boot;

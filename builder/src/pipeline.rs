@@ -99,6 +99,13 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     }
     // Appliance payloads, also before any compiling.
     let board_inputs = profile.board.as_ref().map(|b| b.resolve(deb_arch, cache)).transpose()?;
+    // The card's boot.scr must run on the board's own u-boot: a command it
+    // lacks would only show on the board, as a card that never boots.
+    if let (Some(board), Some(bi)) = (&profile.board, &board_inputs) {
+        for u in board.check_boot_script(bi, &kiln_formats::bootscr::script()).map_err(anyhow::Error::msg)? {
+            tracing::info!("board {}: boot.scr checked against the u-boot in {} ({} commands)", board.name, u.input, u.commands.commands.len());
+        }
+    }
     let appliance = crate::inputs::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
     let packages = packages::resolve(&profile.packages, deb_arch, cache)?;
     // A package with a missing library fails here, before any compiling
@@ -247,6 +254,8 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         payload: manifest::PayloadInfo { description: payload.description.clone(), version: payload.version.clone(), sha256: input::sha256_file(&payload.path)?.0 },
         cmdline,
         disk: disk_info,
+        board: profile.board.as_ref().map(|b| b.name.clone()),
+        qemu: manifest::QemuInfo { machine: profile.qemu.machine.to_string(), memory_mib: profile.qemu.memory_mib, cpus: profile.qemu.cpus },
         inputs,
         artifacts: manifest::artifacts(staging.path())?,
     };

@@ -177,6 +177,9 @@ pub struct KernelFile {
     pub base: Option<String>,
     /// Fragments, relative to the `kernel-configs/` directory, applied in order.
     pub fragments: Option<Vec<String>>,
+    /// Source patches (`patch -p1`), relative to `kernel-configs/`, applied
+    /// in order to the unpacked source.
+    pub patches: Option<Vec<String>>,
     /// Kernel command line, before what kiln adds.
     pub cmdline: Option<Vec<String>>,
 }
@@ -231,7 +234,7 @@ impl ProfileFile {
     /// Fills what the child leaves unset from its base.
     fn inherit(&mut self, base: &ProfileFile) {
         merge_opts!(self, base, name, description, arch, outputs, version, board, source_date_epoch);
-        merge_opts!(self.kernel, base.kernel, source, base, fragments, cmdline);
+        merge_opts!(self.kernel, base.kernel, source, base, fragments, patches, cmdline);
         merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets, packages);
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
         merge_opts!(self.node, base.node, config, config_key);
@@ -320,7 +323,7 @@ pub struct IsoSpec {
 
 #[derive(Debug, Clone)]
 pub struct QemuSpec {
-    pub machine: String,
+    pub machine: crate::arch::Machine,
     pub memory_mib: u32,
     pub cpus: u32,
 }
@@ -399,13 +402,14 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     }
     let arch = f.arch.ok_or_else(|| missing("arch"))?;
     let fragments: Vec<PathBuf> = f.kernel.fragments.clone().ok_or_else(|| missing("kernel.fragments"))?.iter().map(|p| tree.join("kernel-configs").join(p)).collect();
-    for fr in &fragments {
-        if !fr.is_file() {
+    let patches: Vec<PathBuf> = f.kernel.patches.clone().unwrap_or_default().iter().map(|p| tree.join("kernel-configs").join(p)).collect();
+    for (key, what, files) in [("kernel.fragments", "fragment", &fragments), ("kernel.patches", "patch", &patches)] {
+        if let Some(fr) = files.iter().find(|fr| !fr.is_file()) {
             return Err(ProfileError::Invalid {
                 path: path.to_path_buf(),
-                line: line_of(path, "kernel.fragments"),
-                key: "kernel.fragments".into(),
-                message: format!("kernel fragment {} does not exist", fr.display()),
+                line: line_of(path, key),
+                key: key.into(),
+                message: format!("kernel {what} {} does not exist", fr.display()),
             });
         }
     }
@@ -506,6 +510,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
     let board = board_spec(path, &tree, arch, &f, &outputs)?;
+    let qemu = qemu_spec(path, arch, &f, &outputs)?;
     for (key, input) in inputs {
         input.validate().map_err(|m| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message: m })?;
     }
@@ -521,6 +526,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
             source: f.kernel.source.ok_or_else(|| missing("kernel.source"))?,
             base: f.kernel.base.unwrap_or_else(|| "tinyconfig".into()),
             fragments,
+            patches,
             cmdline: f.kernel.cmdline.unwrap_or_default(),
         },
         busybox: f.rootfs.busybox.ok_or_else(|| missing("rootfs.busybox"))?,
@@ -528,11 +534,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         packages,
         payload,
         node_config,
-        qemu: QemuSpec {
-            machine: f.qemu.machine.unwrap_or_else(|| "q35".into()),
-            memory_mib: f.qemu.memory_mib.unwrap_or(2048),
-            cpus: f.qemu.cpus.unwrap_or(2),
-        },
+        qemu,
         boot,
         disk,
         sign: crate::provenance::keys::KeySpec { key: f.sign.key.as_ref().map(|k| dir.join(k)), key_command: f.sign.key_command.clone(), profile: path.to_path_buf() },
@@ -546,6 +548,31 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
 }
 
 /// `[secureboot]` with its paths resolved; each named file must exist.
+/// `[qemu]`: the machine `kiln run` boots the output on, checked against
+/// the arch and the outputs, and its size.
+fn qemu_spec(path: &Path, arch: Arch, f: &ProfileFile, outputs: &[Output]) -> Result<QemuSpec, ProfileError> {
+    let bad = |key: &str, message: String| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message };
+    let machine = match &f.qemu.machine {
+        Some(m) => crate::arch::Machine::parse(m, arch).map_err(|m| bad("qemu.machine", m))?,
+        None => crate::arch::Machine::default_for(arch),
+    };
+    if machine.is_board() && !outputs.contains(&Output::Sdcard) {
+        return Err(bad("qemu.machine", format!("`{machine}` is an emulated board that boots its SD card: add \"sdcard\" to `outputs`")));
+    }
+    let memory_mib = f.qemu.memory_mib.unwrap_or_else(|| machine.max_memory_mib().unwrap_or(2048));
+    if memory_mib < 128 || machine.max_memory_mib().is_some_and(|max| memory_mib > max) {
+        let max = machine.max_memory_mib().map(|m| format!(" and at most {m} on `{machine}`")).unwrap_or_default();
+        return Err(bad("qemu.memory_mib", format!("{memory_mib} MiB: give at least 128{max}")));
+    }
+    let cpus = f.qemu.cpus.unwrap_or_else(|| machine.fixed_cpus().unwrap_or(2));
+    match machine.fixed_cpus() {
+        Some(n) if cpus != n => return Err(bad("qemu.cpus", format!("`{machine}` has {n} cores in QEMU; give {n} (or leave `cpus` out)"))),
+        _ if !(1..=64).contains(&cpus) => return Err(bad("qemu.cpus", format!("{cpus}: give 1 to 64"))),
+        _ => {}
+    }
+    Ok(QemuSpec { machine, memory_mib, cpus })
+}
+
 /// `board`, loaded, and checked against the arch and the outputs.
 fn board_spec(path: &Path, tree: &Path, arch: Arch, f: &ProfileFile, outputs: &[Output]) -> Result<Option<crate::inputs::board::Board>, ProfileError> {
     let bad = |key: &str, message: String| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message };
@@ -735,6 +762,24 @@ mod tests {
         std::fs::write(vendor.join("bad.toml"), format!("extends = \"../profiles/base.toml\"\nname = \"v\"\n[appliance.images]\n\"ok.tar\" = {{ file = \"a\", sha256 = \"{pin}\" }}\n\"b/c.tar\" = {{ file = \"a\", sha256 = \"{pin}\" }}\n")).unwrap();
         let e = load(&vendor.join("bad.toml")).unwrap_err().to_string();
         assert!(e.contains("bad.toml:5: key `appliance.images.b/c.tar`"), "{e}");
+    }
+
+    #[test]
+    fn qemu_machine_fits_the_arch_and_its_limits() {
+        let d = source_tree();
+        let profile = |head: &str, qemu: &str| {
+            let p = d.path().join("profiles/q.toml");
+            std::fs::write(&p, minimal(head, &format!("[qemu]\n{qemu}"))).unwrap();
+            load(&p).map(|p| p.qemu).map_err(|e| e.to_string())
+        };
+        let q = profile("arch = \"arm64\"", "").unwrap();
+        assert_eq!((q.machine, q.memory_mib, q.cpus), (crate::arch::Machine::Virt, 2048, 2));
+        let e = profile("arch = \"amd64\"", "machine = \"virt\"\n").unwrap_err();
+        assert!(e.contains("key `qemu.machine`") && e.contains("does not run amd64; for amd64 use q35"), "{e}");
+        let e = profile("arch = \"armv7\"", "machine = \"raspi2b\"\n").unwrap_err();
+        assert!(e.contains("`raspi2b` is not a QEMU machine kiln runs; for armv7 use virt or orangepi-pc"), "{e}");
+        let e = profile("arch = \"armv7\"\noutputs = [\"pxe\"]", "machine = \"orangepi-pc\"\n").unwrap_err();
+        assert!(e.contains("emulated board that boots its SD card"), "{e}");
     }
 
     #[test]

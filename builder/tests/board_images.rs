@@ -266,3 +266,57 @@ fn missing_dtb_is_a_clear_error() {
     assert!(e.contains("board.toml:2: key `dtb`") && e.contains("sun8i-h3-nanopi.dtb is not among the kernel's dtbs"), "{e}");
     nothing_left(&f, "x.img");
 }
+
+/// Every shipped overlay's u-boot runs boot.scr: the build's check reads
+/// each u-boot's command table (the SPL-only MLO is skipped) and finds every
+/// command the script uses.
+#[test]
+fn every_shipped_board_u_boot_has_the_boot_script_commands() {
+    let script = kiln_formats::bootscr::script();
+    for (name, where_) in [("cubieboard2", "blob[0]"), ("orangepi-pc", "blob[0]"), ("beaglebone-black", "file /u-boot.img"), ("qemu-armv7", "bios")] {
+        let (b, inputs) = real_board(name);
+        let checked = b.check_boot_script(&inputs, &script).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(checked.iter().map(|c| c.input.as_str()).collect::<Vec<_>>(), [where_], "{name}");
+        assert!(checked[0].commands.commands.len() > 50, "{name}: {:?}", checked[0].commands);
+    }
+}
+
+/// Debian's am335x u-boot (the BeagleBone Black's) has no `setexpr`: a
+/// script using it gets an error that names the board, the u-boot file and
+/// the command.
+#[test]
+fn a_u_boot_without_a_command_the_script_runs_is_a_clear_error() {
+    let (b, inputs) = real_board("beaglebone-black");
+    let e = b.check_boot_script(&inputs, "if itest 1 == 1; then setexpr n 1 + 1; fi\n").unwrap_err();
+    assert!(e.contains("board beaglebone-black (") && e.contains("board.toml)"), "{e}");
+    assert!(e.contains("file /u-boot.img (u-boot-omap") && e.contains("am335x_evm/u-boot.img"), "{e}");
+    assert!(e.contains("has no `setexpr` command") && e.contains("CONFIG_CMD_SETEXPR"), "{e}");
+
+    // The Orange Pi PC's u-boot with its `fatwrite` renamed: the real
+    // script now fails on that board, naming the blob.
+    let d = tempfile::tempdir().unwrap();
+    let (mut b, mut inputs) = real_board("orangepi-pc");
+    let mut bytes = std::fs::read(&inputs.blobs[0].path).unwrap();
+    let mut renamed = 0;
+    for i in 0..bytes.len().saturating_sub(10) {
+        if &bytes[i..i + 10] == b"\0fatwrite\0" {
+            bytes[i + 8] = b'X';
+            renamed += 1;
+        }
+    }
+    assert!(renamed > 0, "no fatwrite name in the blob");
+    let patched = d.path().join("u-boot-sunxi-with-spl.bin");
+    std::fs::write(&patched, &bytes).unwrap();
+    inputs.blobs[0].path = patched;
+    let e = b.check_boot_script(&inputs, &kiln_formats::bootscr::script()).unwrap_err();
+    assert!(e.contains("board orangepi-pc (") && e.contains("blob[0] (u-boot-sunxi") && e.contains("nanopi_neo/u-boot-sunxi-with-spl.bin"), "{e}");
+    assert!(e.contains("has no `fatwrite` command") && e.contains("CONFIG_FAT_WRITE"), "{e}");
+
+    // No u-boot among the inputs at all (only an SPL-like blob).
+    std::fs::write(d.path().join("spl.bin"), vec![0x5a; 32 * 1024]).unwrap();
+    inputs.blobs[0].path = d.path().join("spl.bin");
+    let e = b.check_boot_script(&inputs, "echo hi\n").unwrap_err();
+    assert!(e.contains("none of its blobs, files or bios holds a u-boot command table") && e.contains("uboot = \"board\""), "{e}");
+    b.uboot = board::UbootPlace::Board;
+    assert!(b.check_boot_script(&inputs, "echo hi\n").unwrap().is_empty());
+}

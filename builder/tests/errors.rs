@@ -27,7 +27,7 @@ fn scratch_tree() -> tempfile::TempDir {
     std::fs::create_dir_all(d.path().join("profiles/nodes")).unwrap();
     let kc = d.path().join("kernel-configs");
     std::fs::create_dir_all(&kc).unwrap();
-    for sub in ["common", "amd64"] {
+    for sub in ["common", "amd64", "patches/linux-6.1"] {
         let src = workspace().join("kernel-configs").join(sub);
         std::fs::create_dir_all(kc.join(sub)).unwrap();
         for e in std::fs::read_dir(src).unwrap() {

@@ -7,13 +7,8 @@ mod common;
 
 use common::{boot_with, built, sh, BOOT_TIMEOUT};
 use kiln::tools::run::BootFrom;
-use std::path::Path;
 
 const PROFILE: &str = "qemu-arm64";
-
-fn manifest(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
-}
 
 /// Boots, then checks the verified root (when the boot has one), the
 /// hostname from the fw_cfg config, and that every stand-in check is ok.
@@ -23,7 +18,7 @@ fn boots(test: &str, boot: BootFrom, verified: bool) {
     let mut n = boot_with(test, &out, Some(&cfg), |s| s.boot = boot);
     if verified {
         let v = n.event("root-verified", BOOT_TIMEOUT);
-        assert_eq!(v.get("hash"), manifest(&out)["disk"]["roothash"].as_str());
+        assert_eq!(v.get("hash"), common::manifest(&out)["disk"]["roothash"].as_str());
     }
     let loaded = n.event("config-loaded", BOOT_TIMEOUT);
     assert_eq!(loaded.get("hostname"), Some(test.replace('_', "-").as_str()), "{loaded:?}");
@@ -39,7 +34,7 @@ fn boots(test: &str, boot: BootFrom, verified: bool) {
 #[test]
 fn outputs_are_arm64_and_pass_the_format_checkers() {
     let out = built(PROFILE);
-    let m = manifest(&out);
+    let m = common::manifest(&out);
     assert_eq!(m["arch"], "arm64");
     // Node binaries: static aarch64 executables (`file`, as the issue asks);
     // `k0s` here is the stand-in test fixture.

@@ -15,17 +15,6 @@ use std::path::{Path, PathBuf};
 const PROFILE: &str = "qemu-armv7";
 const MIB: u64 = 1 << 20;
 
-fn manifest(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
-}
-
-/// (start, size) in bytes of MBR partition `n` (1-based), from sfdisk.
-fn mbr_part(img: &Path, n: usize) -> (u64, u64) {
-    let j: serde_json::Value = serde_json::from_str(&sh(&format!("sfdisk --json {}", img.display()))).unwrap();
-    let p = &j["partitiontable"]["partitions"][n - 1];
-    (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
-}
-
 /// The factory board's size: one core, 512 MiB; the card is 2 GiB.
 fn card(disk: Option<PathBuf>) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
     move |s| {
@@ -40,7 +29,7 @@ fn card(disk: Option<PathBuf>) -> impl FnOnce(&mut kiln::tools::run::VmSpec) {
 #[test]
 fn outputs_are_armv7_and_pass_the_format_checkers() {
     let out = built(PROFILE);
-    let m = manifest(&out);
+    let m = common::manifest(&out);
     assert_eq!(m["arch"], "armv7");
     // Node binaries: static 32-bit ARM executables (glibc, crt-static).
     let nodebin = common::workspace().join("target/kiln-node/armv7-unknown-linux-gnueabihf/node");
@@ -54,7 +43,7 @@ fn outputs_are_armv7_and_pass_the_format_checkers() {
     let img = out.join("sdcard.img");
     let v = sh(&format!("sfdisk --verify {} 2>&1", img.display()));
     assert!(v.contains("No errors detected"), "{v}");
-    let (off, size) = mbr_part(&img, 1);
+    let (off, size) = common::mbr_part(&img, 1);
     let boot = common::scratch().join("armv7-boot.img");
     sh(&format!("dd if={} of={} bs=512 skip={} count={} status=none", img.display(), boot.display(), off / 512, size / 512));
     sh(&format!("fsck.vfat -n {} >/dev/null", boot.display()));
@@ -78,7 +67,7 @@ fn sd_card_boots_through_u_boot_with_512_mib_and_one_cpu() {
     let mut n = boot_with("armv7_card", &out, Some(cfg), card(None));
     n.line("boot.scr picks slot a", BOOT_TIMEOUT, |l| l.contains("kiln: slot a (good a"));
     let v = n.event("root-verified", BOOT_TIMEOUT);
-    assert_eq!(v.get("hash"), manifest(&out)["disk"]["roothash"].as_str());
+    assert_eq!(v.get("hash"), common::manifest(&out)["disk"]["roothash"].as_str());
     // The data partition (MBR partition 4) grows to fill the 2 GiB card.
     let mounted = n.event("data-mounted", BOOT_TIMEOUT);
     let size: u64 = mounted.get("size").and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -104,8 +93,8 @@ fn a_tampered_root_stops_at_the_verity_check() {
     let out = built(PROFILE);
     let img = common::scratch().join("armv7-tamper.img");
     sh(&format!("cp --sparse=always {} {}", out.join("sdcard.img").display(), img.display()));
-    let (off, _) = mbr_part(&img, 2);
-    let sq = manifest(&out)["disk"]["squashfs_bytes"].as_u64().unwrap();
+    let (off, _) = common::mbr_part(&img, 2);
+    let sq = common::manifest(&out)["disk"]["squashfs_bytes"].as_u64().unwrap();
     let at = off + sq / 2 + 123;
     common::flip_byte(&img, at);
     let mut n = boot_with("armv7_tamper", &out, None, card(Some(img)));
@@ -368,8 +357,8 @@ fn a_trial_slot_that_fails_in_stage_1_rolls_back() {
     n.vm.kill();
     drop(n);
     // 4 KiB in the middle of slot b's squashfs (partition 3).
-    let (off, _) = mbr_part(&v1.join("sdcard.img"), 3);
-    let at = (off + manifest(v2)["disk"]["squashfs_bytes"].as_u64().unwrap() / 2) & !4095;
+    let (off, _) = common::mbr_part(&v1.join("sdcard.img"), 3);
+    let at = (off + common::manifest(v2)["disk"]["squashfs_bytes"].as_u64().unwrap() / 2) & !4095;
     sh(&format!("qemu-io -f qcow2 -c 'write -P 0x5a {at} 4096' {}", overlay.display()));
 
     let mut n = boot_with("armv7_stage1-after", v1, Some(UPDATE_CONFIG), |s| {

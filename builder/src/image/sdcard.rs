@@ -242,6 +242,7 @@ mod tests {
             bios: None,
             blobs: vec![],
             files: vec![],
+            uboot: crate::inputs::board::UbootPlace::Card,
         }
     }
 

@@ -37,6 +37,21 @@ struct BoardFile {
     blob: Vec<BlobFile>,
     #[serde(default)]
     file: Vec<FatFile>,
+    #[serde(default)]
+    uboot: UbootPlace,
+}
+
+/// Where the board's u-boot is, for the boot-script check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UbootPlace {
+    /// Among the overlay's blobs, files or bios: its command table is
+    /// checked against boot.scr at build time.
+    #[default]
+    Card,
+    /// On the board itself (SPI flash, eMMC boot partition): kiln cannot
+    /// read it; the build says which commands it must have.
+    Board,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -81,6 +96,7 @@ pub struct Board {
     pub blobs: Vec<Blob>,
     /// In the order given; FAT paths must be unique.
     pub files: Vec<FatFile>,
+    pub uboot: UbootPlace,
 }
 
 /// A board's inputs, fetched and checked against their pins.
@@ -184,6 +200,7 @@ pub fn load(dir: &Path) -> Result<Board, ProfileError> {
         bios,
         blobs,
         files,
+        uboot: f.uboot,
     };
     // Blob offsets alone already collide with the table; sizes come later.
     board.check_layout(&vec![1; board.blobs.len()], &[], u64::MAX)?;
@@ -242,6 +259,91 @@ impl Board {
     }
 }
 
+/// A u-boot found among a board's inputs, and the commands it has.
+#[derive(Debug)]
+pub struct CheckedUboot {
+    /// `blob[0]`, `file /u-boot.img` or `bios`.
+    pub input: String,
+    pub commands: kiln_formats::uboot_cmds::Commands,
+}
+
+/// Fewer commands than this is not a u-boot's command list.
+const MIN_COMMANDS: usize = 20;
+
+/// Which u-boot config option compiles a command in, for the error's hint.
+fn config_of(cmd: &str) -> Option<&'static str> {
+    Some(match cmd {
+        "setexpr" => "CONFIG_CMD_SETEXPR",
+        "itest" => "CONFIG_CMD_ITEST",
+        "fatwrite" => "CONFIG_CMD_FAT and CONFIG_FAT_WRITE",
+        "sysboot" => "CONFIG_CMD_SYSBOOT",
+        "env import" => "CONFIG_CMD_IMPORTENV",
+        "env export" => "CONFIG_CMD_EXPORTENV",
+        "load" => "CONFIG_CMD_FS_GENERIC",
+        "echo" => "CONFIG_CMD_ECHO",
+        "test" | "if/then/fi" => "CONFIG_HUSH_PARSER",
+        _ => return None,
+    })
+}
+
+impl Board {
+    /// Checks that the board's u-boot has every command `script` (a u-boot
+    /// script, boot.scr's text) runs: each input (blob, FAT file, bios)
+    /// holding a u-boot command table is read and checked. An input without
+    /// one (an SPL such as MLO) is skipped; a board whose u-boot is not on
+    /// the card says `uboot = "board"`. Errors name the board, the input
+    /// and the missing commands.
+    pub fn check_boot_script(&self, inputs: &BoardInputs, script: &str) -> Result<Vec<CheckedUboot>, String> {
+        let needs = kiln_formats::bootscr::needs(script);
+        let mut want: Vec<String> = needs.commands.clone();
+        if needs.hush {
+            want.push("if/then/fi".into());
+        }
+        let board = format!("board {} ({})", self.name, self.path.display());
+        let labelled = self.blobs.iter().enumerate().map(|(n, _)| format!("blob[{n}]")).zip(&inputs.blobs)
+            .chain(self.files.iter().map(|f| format!("file {}", f.path)).zip(&inputs.files))
+            .chain(inputs.bios.iter().map(|b| ("bios".to_string(), b)));
+        let mut found = Vec::new();
+        for (label, r) in labelled {
+            let what = || {
+                let member = r.deb.as_ref().and_then(|d| d.member.as_deref()).map(|m| format!(" {m}")).unwrap_or_default();
+                format!("{label} ({}{member})", r.source)
+            };
+            let bytes = std::fs::read(&r.path).map_err(|e| format!("{board}: reading {}: {e}", what()))?;
+            let commands = match kiln_formats::uboot_cmds::read(&bytes) {
+                // A handful of records is a coincidence in an SPL, not a
+                // u-boot's command list (which has dozens).
+                Ok(c) if c.commands.len() < MIN_COMMANDS => continue,
+                Ok(c) => c,
+                Err(kiln_formats::uboot_cmds::Error::NoTable { .. }) => continue,
+                Err(e) => return Err(format!("{board}: {}: {e}; kiln cannot check that it runs boot.scr", what())),
+            };
+            let mut missing: Vec<&str> = want.iter().map(String::as_str).filter(|c| if *c == "if/then/fi" { !commands.hush } else { !commands.has(c) }).collect();
+            missing.dedup();
+            if !missing.is_empty() {
+                let hints: Vec<String> = missing.iter().filter_map(|c| config_of(c).map(|k| format!("`{c}`: {k}"))).collect();
+                return Err(format!(
+                    "{board}: the u-boot in {} has no {} command{}, which kiln's boot.scr runs (it needs {}). Take a u-boot build that has {} ({}), or a board overlay with another u-boot",
+                    what(),
+                    missing.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "),
+                    if missing.len() == 1 { "" } else { "s" },
+                    want.join(", "),
+                    if missing.len() == 1 { "it" } else { "them" },
+                    if hints.is_empty() { "see u-boot's cmd/Kconfig".to_string() } else { hints.join("; ") },
+                ));
+            }
+            found.push(CheckedUboot { input: label, commands });
+        }
+        if found.is_empty() && self.uboot == UbootPlace::Card {
+            return Err(format!(
+                "{board}: none of its blobs, files or bios holds a u-boot command table, so kiln cannot check that its u-boot runs boot.scr (which needs {}). Add the u-boot build to the overlay, or, if the board boots a u-boot of its own (SPI flash), set `uboot = \"board\"` and make sure that u-boot has those commands",
+                want.join(", ")
+            ));
+        }
+        Ok(found)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,7 +362,7 @@ mod tests {
     #[test]
     fn shipped_overlays_load() {
         let boards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays/boards");
-        for name in ["qemu-armv7", "cubieboard2", "beaglebone-black"] {
+        for name in ["qemu-armv7", "cubieboard2", "beaglebone-black", "orangepi-pc"] {
             let b = load_named(&boards, name).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(b.name, name);
         }

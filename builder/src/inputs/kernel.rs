@@ -23,6 +23,8 @@ pub struct KernelSpec {
     pub source: Input,
     pub base: String,
     pub fragments: Vec<PathBuf>,
+    /// Source patches, applied in order with `patch -p1`.
+    pub patches: Vec<PathBuf>,
     pub cmdline: Vec<String>,
 }
 
@@ -182,7 +184,22 @@ pub fn cache_key(arch: Arch, source_sha: &str, spec: &KernelSpec) -> Result<Stri
         let text = std::fs::read_to_string(f).map_err(io(format!("reading {}", f.display())))?;
         k.push_str(&format!("{}\n{}\n", f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), input::sha256_bytes(text.as_bytes())));
     }
+    // Only when there are patches, so an unpatched kernel keeps its key.
+    for (name, sha) in patch_ids(&spec.patches)? {
+        k.push_str(&format!("patch\n{name}\n{sha}\n"));
+    }
     Ok(input::sha256_bytes(k.as_bytes()))
+}
+
+/// (file name, sha256 of the content) of each patch, in order.
+fn patch_ids(patches: &[PathBuf]) -> Result<Vec<(String, String)>, KernelError> {
+    patches
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).map_err(io(format!("reading kernel patch {}", p.display())))?;
+            Ok((p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), input::sha256_bytes(&bytes)))
+        })
+        .collect()
 }
 
 /// Builds the kernel, or returns the cached one.
@@ -207,7 +224,7 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
         return found(true);
     }
     check_toolchain(arch)?;
-    let src = unpack_source(source, cache)?;
+    let src = patched_source(source, &spec.patches, cache)?;
     // One build directory per key, locked, so concurrent builds never share one.
     let build = cache.work(&format!("kernel-build/{}", &key[..16])).map_err(io("creating the build directory"))?;
     let _lock = lock(&build)?;
@@ -388,6 +405,42 @@ fn run_make(src: &Path, build: &Path, arch: Arch, args: &[&str], step: &str, log
     Ok(())
 }
 
+/// The source with `patches` applied, once per source and patch set (the
+/// plain unpacked source when there are none). A patch that does not apply
+/// is an error naming it, with patch's output; nothing half-patched is kept.
+fn patched_source(source: &Resolved, patches: &[PathBuf], cache: &Cache) -> Result<PathBuf, KernelError> {
+    let clean = unpack_source(source, cache)?;
+    if patches.is_empty() {
+        return Ok(clean);
+    }
+    let ids = patch_ids(patches)?;
+    let key = input::sha256_bytes(format!("{}\n{}", source.sha256, ids.iter().map(|(n, s)| format!("{n} {s}\n")).collect::<String>()).as_bytes());
+    let dir = cache.entry("kernel-src", &key);
+    let top = dir.join("linux");
+    let locks = cache.work("locks").map_err(io("creating the lock directory"))?;
+    let _lock = lock_file(&locks.join(format!("kernel-src-{}", &key[..16])))?;
+    if dir.join(".kiln-unpacked").exists() && top.join("Makefile").exists() {
+        return Ok(top);
+    }
+    tracing::info!("kernel: applying {} patch(es) to {}", patches.len(), source.source);
+    let tmp = cache.temp_dir().map_err(io("creating a temp dir"))?;
+    let work = tmp.path().join("linux");
+    let cp = Command::new("cp").args(["-a", "--reflink=auto"]).arg(&clean).arg(&work).output().map_err(io("running cp"))?;
+    if !cp.status.success() {
+        return Err(KernelError::Other(format!("copying the kernel source for patching: {}", String::from_utf8_lossy(&cp.stderr).trim())));
+    }
+    for p in patches {
+        let out = Command::new("patch").args(["-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d"]).arg(&work).arg("-i").arg(p).output().map_err(|e| KernelError::Other(format!("running patch for {}: {e} (apt-get install patch)", p.display())))?;
+        if !out.status.success() {
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            return Err(KernelError::Other(format!("kernel patch {} does not apply to {}:\n{}\nRebase the patch on this source, or drop it from `kernel.patches`", p.display(), source.source, text.trim())));
+        }
+    }
+    std::fs::write(tmp.path().join(".kiln-unpacked"), "").map_err(io("marking the source patched"))?;
+    cache.commit_dir(tmp, &dir).map_err(io("storing the patched kernel source"))?;
+    Ok(top)
+}
+
 /// Unpacks the source tarball once per source hash.
 fn unpack_source(source: &Resolved, cache: &Cache) -> Result<PathBuf, KernelError> {
     let dir = cache.entry("kernel-src", &source.sha256);
@@ -426,6 +479,41 @@ fn unpack_source(source: &Resolved, cache: &Cache) -> Result<PathBuf, KernelErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tiny "kernel source" tarball, a cache, and the source as resolved.
+    fn tiny_source(d: &Path) -> (Cache, Resolved) {
+        let tree = d.join("t/linux-x");
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("Makefile"), "all:\n").unwrap();
+        std::fs::write(tree.join("Kconfig"), "config A\n\tbool \"a\"\n").unwrap();
+        let tarball = d.join("linux.tar");
+        let st = Command::new("tar").arg("-C").arg(d.join("t")).arg("-cf").arg(&tarball).arg("linux-x").status().unwrap();
+        assert!(st.success());
+        let r = Resolved { name: "kernel.source".into(), kind: "file", source: "linux.tar".into(), version: None, sha256: "ab".repeat(32), size: 0, deb: None, path: tarball };
+        (Cache::at(d.join("cache")), r)
+    }
+
+    #[test]
+    fn patches_apply_once_and_a_bad_one_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let (cache, src) = tiny_source(d.path());
+        let good = d.path().join("0001-good.patch");
+        std::fs::write(&good, "--- a/Makefile\n+++ b/Makefile\n@@ -1 +1,2 @@\n all:\n+\t@echo patched\n").unwrap();
+        let top = patched_source(&src, std::slice::from_ref(&good), &cache).unwrap();
+        assert_eq!(std::fs::read_to_string(top.join("Makefile")).unwrap(), "all:\n\t@echo patched\n");
+        // The clean tree is untouched, and the patched one is reused.
+        let clean = unpack_source(&src, &cache).unwrap();
+        assert_eq!(std::fs::read_to_string(clean.join("Makefile")).unwrap(), "all:\n");
+        assert_eq!(patched_source(&src, std::slice::from_ref(&good), &cache).unwrap(), top);
+        let bad = d.path().join("0002-bad.patch");
+        std::fs::write(&bad, "--- a/Kconfig\n+++ b/Kconfig\n@@ -1 +1 @@\n-config B\n+config C\n").unwrap();
+        let e = patched_source(&src, &[good.clone(), bad.clone()], &cache).unwrap_err().to_string();
+        assert!(e.contains("0002-bad.patch does not apply to linux.tar") && e.contains("FAILED"), "{e}");
+        // The key changes with the patches, and not without them.
+        let spec = |patches: Vec<PathBuf>| KernelSpec { source: Input::default(), base: "tinyconfig".into(), fragments: vec![], patches, cmdline: vec![] };
+        let plain = cache_key(Arch::Armv7, "s", &spec(vec![])).unwrap();
+        assert_ne!(plain, cache_key(Arch::Armv7, "s", &spec(vec![good])).unwrap());
+    }
 
     #[test]
     fn fragments_and_mismatches() {

@@ -16,6 +16,11 @@ pub struct Manifest {
     pub cmdline: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskInfo>,
+    /// The armv7 board overlay the card is for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub board: Option<String>,
+    /// The machine `kiln run` boots the output on, from the profile's `[qemu]`.
+    pub qemu: QemuInfo,
     pub inputs: Vec<Resolved>,
     pub artifacts: Vec<Artifact>,
 }
@@ -34,6 +39,13 @@ pub struct DiskInfo {
     pub cmdline: String,
     pub uki: String,
     pub squashfs_bytes: u64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct QemuInfo {
+    pub machine: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
 }
 
 #[derive(Debug, Serialize)]

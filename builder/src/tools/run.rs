@@ -2,7 +2,7 @@
 //! pipe, so callers (the CLI, qemu-tests) can wait for console events, type
 //! into the console, and press the ACPI power button through QMP.
 
-use crate::arch::Arch;
+use crate::arch::{Arch, Machine};
 use kiln_contract::event::{self, Event};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -101,6 +101,17 @@ pub enum BootFrom {
 }
 
 impl VmSpec {
+    /// A spec sized as the output's profile says (`[qemu]` memory and
+    /// CPUs, in its manifest), else as [`VmSpec::new`].
+    pub fn for_output(out_dir: impl Into<PathBuf>) -> VmSpec {
+        let mut s = VmSpec::new(out_dir);
+        if let Some(q) = qemu_info(&s.out_dir) {
+            s.memory_mib = q.memory_mib;
+            s.cpus = q.cpus;
+        }
+        s
+    }
+
     pub fn new(out_dir: impl Into<PathBuf>) -> VmSpec {
         VmSpec {
             out_dir: out_dir.into(),
@@ -142,14 +153,138 @@ struct Console {
     closed: bool,
 }
 
-pub struct Vm {
+/// The running QEMU. A board that cannot reset itself gets a new one (see
+/// [`Machine::resets_itself`]), so this is shared with the console reader.
+struct Proc {
     child: Child,
     stdin: Option<ChildStdin>,
+    /// Set by [`Vm::kill`]: no more restarts.
+    stopped: bool,
+    /// How many times QEMU was restarted for the guest.
+    restarts: u32,
+}
+
+pub struct Vm {
+    proc: Arc<Mutex<Proc>>,
     console: Arc<(Mutex<Console>, Condvar)>,
     cursor: usize,
     qmp: PathBuf,
     _dir: tempfile::TempDir,
     pub accel: Accel,
+}
+
+/// What the guest does when its console shows `line`, on a machine that
+/// cannot reset itself: Linux (`reboot: Restarting system`, a panic's
+/// `Rebooting in N seconds..`, the arm fallback `Reboot failed -- System
+/// halted`) or u-boot (`resetting ...`) asking for a reset, or Linux powering
+/// off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wants {
+    Reset,
+    PowerOff,
+}
+
+fn wants(line: &str) -> Option<Wants> {
+    let l = line.trim();
+    if l.contains("reboot: Restarting system") || l.contains("Reboot failed -- System halted") || l.starts_with("resetting ...") || (l.contains("Rebooting in ") && l.contains(" seconds")) {
+        Some(Wants::Reset)
+    } else if l.contains("reboot: Power down") || l.contains("reboot: System halted") {
+        Some(Wants::PowerOff)
+    } else {
+        None
+    }
+}
+
+/// Sends one QMP command to the QEMU listening on `sock` and returns its
+/// reply line.
+fn qmp_call(sock: &Path, execute: &str, arguments: &serde_json::Value) -> Result<String, VmError> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| VmError::Qmp(format!("{}: {e}", sock.display())))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| VmError::Qmp(e.to_string()))?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| VmError::Qmp(e.to_string()))?);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("greeting: {e}")))?;
+    let none = serde_json::json!({});
+    for (cmd, args) in [("qmp_capabilities", &none), (execute, arguments)] {
+        writeln!(s, "{}", serde_json::json!({ "execute": cmd, "arguments": args })).map_err(|e| VmError::Qmp(e.to_string()))?;
+        loop {
+            line.clear();
+            r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("{cmd}: {e}")))?;
+            if line.is_empty() {
+                return Err(VmError::Qmp(format!("{cmd}: connection closed")));
+            }
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                break;
+            }
+        }
+        if line.contains("\"error\"") {
+            return Err(VmError::Qmp(format!("{cmd}: {}", line.trim())));
+        }
+    }
+    Ok(line.trim().to_string())
+}
+
+/// Stops a QEMU as a reset or power cut would leave its disks: `quit`
+/// through QMP, so what the guest wrote reaches the card image (the image
+/// format's own metadata included), then a kill if it does not exit.
+fn stop_qemu(child: &mut Child, sock: &Path) {
+    if qmp_call(sock, "quit", &serde_json::json!({})).is_ok() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The console line kiln run adds when it restarts QEMU for the guest.
+pub const RESTART_NOTE: &str = "kiln run: the guest asked for a reset, which QEMU cannot do on this machine; restarting QEMU with the same card";
+
+type Sink = (Arc<(Mutex<Console>, Condvar)>, Arc<Mutex<Option<std::fs::File>>>);
+
+fn push_line(sink: &Sink, line: String) {
+    if let Ok(mut l) = sink.1.lock() {
+        if let Some(f) = l.as_mut() {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    let (m, cv) = &*sink.0;
+    if let Ok(mut c) = m.lock() {
+        c.lines.push(line);
+    }
+    cv.notify_all();
+}
+
+/// Copies `stream` into the console, line by line, until it ends; calls
+/// `on_line` with each (stdout only) and returns what it returned last that
+/// was not `None`.
+fn pump(stream: impl Read, prefix: &str, sink: &Sink, mut on_line: impl FnMut(&str) -> bool) {
+    let mut r = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = format!("{prefix}{}", String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']));
+                let stop = on_line(&line);
+                push_line(sink, line);
+                if stop {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn spawn_stderr(stderr: Option<std::process::ChildStderr>, sink: &Sink) {
+    if let Some(e) = stderr {
+        let sink = sink.clone();
+        std::thread::spawn(move || pump(e, "qemu: ", &sink, |_| false));
+    }
 }
 
 fn manifest_field(out: &Path, key: &str) -> Result<String, VmError> {
@@ -166,6 +301,20 @@ fn arch_of(out: &Path) -> Result<Arch, VmError> {
         "armv7" => Ok(Arch::Armv7),
         other => Err(VmError::Setup(format!("unknown arch `{other}` in the manifest"))),
     }
+}
+
+/// The machine the output is for (the manifest's `qemu.machine`; outputs
+/// from before kiln recorded it get their arch's default).
+fn machine_of(out: &Path, arch: Arch) -> Result<Machine, VmError> {
+    match qemu_info(out) {
+        Some(q) => Machine::parse(&q.machine, arch).map_err(|e| VmError::Setup(format!("{}: {e}", out.join("manifest.json").display()))),
+        None => Ok(Machine::default_for(arch)),
+    }
+}
+
+fn qemu_info(out: &Path) -> Option<crate::provenance::manifest::QemuInfo> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).ok()?).ok()?;
+    serde_json::from_value(v.get("qemu")?.clone()).ok()
 }
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -225,6 +374,10 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         BootFrom::Auto => BootFrom::Pxe,
         b => b,
     };
+    let m = machine_of(out, arch)?;
+    if m.is_board() {
+        return board_command(spec, m, boot, &disk, accel, qmp, scratch);
+    }
     let (bin, machine) = match arch {
         Arch::Amd64 => ("qemu-system-x86_64", "q35"),
         Arch::Arm64 => ("qemu-system-aarch64", "virt"),
@@ -320,13 +473,7 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         return Err(VmError::Setup(format!("`{}` is not a MAC address like 52:54:00:12:34:56", spec.mac)));
     }
     let mac = &spec.mac;
-    let mut netdev = match spec.net {
-        Net::User => "user,id=n0".to_string(),
-        Net::Udp { local, remote } => format!("socket,id=n0,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}"),
-    };
-    if spec.api_port != 0 && spec.net == Net::User {
-        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:6443", spec.api_port));
-    }
+    let mut netdev = netdev(spec);
     if boot == BootFrom::Ipxe && spec.net != Net::User {
         return Err(VmError::Setup("network boot (iPXE) needs user networking, for QEMU's DHCP and TFTP".into()));
     }
@@ -374,54 +521,66 @@ impl Vm {
         let dir = tempfile::tempdir().map_err(|e| VmError::Setup(e.to_string()))?;
         let qmp = dir.path().join("qmp.sock");
         let mut cmd = command(spec, accel, &qmp, dir.path())?;
+        let resets_itself = arch_of(&spec.out_dir).and_then(|a| machine_of(&spec.out_dir, a)).map(|m| m.resets_itself()).unwrap_or(true);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!("{cmd:?}");
         let mut child = cmd.spawn().map_err(|e| VmError::Setup(format!("cannot start QEMU: {e}. Install qemu-system-x86 / qemu-system-arm")))?;
         let console = Arc::new((Mutex::new(Console::default()), Condvar::new()));
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
         let log = match &spec.log {
             Some(p) => Some(std::fs::File::create(p).map_err(|e| VmError::Setup(format!("{}: {e}", p.display())))?),
             None => None,
         };
-        let log = Arc::new(Mutex::new(log));
-        for (stream, prefix) in [(stdout.map(|s| Box::new(s) as Box<dyn Read + Send>), ""), (stderr.map(|s| Box::new(s) as Box<dyn Read + Send>), "qemu: ")] {
-            let Some(stream) = stream else { continue };
-            let console = console.clone();
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(stream);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            let line = format!("{prefix}{}", String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']));
-                            if let Ok(mut l) = log.lock() {
-                                if let Some(f) = l.as_mut() {
-                                    let _ = writeln!(f, "{line}");
-                                }
-                            }
-                            let (m, cv) = &*console;
-                            if let Ok(mut c) = m.lock() {
-                                c.lines.push(line);
-                            }
-                            cv.notify_all();
-                        }
-                    }
-                }
-                if prefix.is_empty() {
-                    let (m, cv) = &*console;
-                    if let Ok(mut c) = m.lock() {
-                        c.closed = true;
-                    }
-                    cv.notify_all();
-                }
-            });
-        }
+        let sink: Sink = (console.clone(), Arc::new(Mutex::new(log)));
+        let stdout = child.stdout.take();
+        spawn_stderr(child.stderr.take(), &sink);
         let stdin = child.stdin.take();
-        Ok(Vm { child, stdin, console, cursor: 0, qmp, _dir: dir, accel })
+        let proc = Arc::new(Mutex::new(Proc { child, stdin, stopped: false, restarts: 0 }));
+        let shared = proc.clone();
+        let sock = qmp.clone();
+        std::thread::spawn(move || {
+            let mut stdout = stdout;
+            while let Some(out) = stdout.take() {
+                let mut asked = None;
+                pump(out, "", &sink, |l| {
+                    asked = if resets_itself { None } else { wants(l) };
+                    asked.is_some()
+                });
+                // The guest asked for a reset or power-off that the machine
+                // cannot do: do it from outside.
+                let Some(w) = asked else { break };
+                let Ok(mut p) = shared.lock() else { break };
+                if p.stopped {
+                    break;
+                }
+                stop_qemu(&mut p.child, &sock);
+                if w == Wants::PowerOff {
+                    break;
+                }
+                push_line(&sink, RESTART_NOTE.to_string());
+                match cmd.spawn() {
+                    Ok(mut c) => {
+                        stdout = c.stdout.take();
+                        spawn_stderr(c.stderr.take(), &sink);
+                        p.stdin = c.stdin.take();
+                        p.child = c;
+                        p.restarts += 1;
+                    }
+                    Err(e) => push_line(&sink, format!("kiln run: restarting QEMU failed: {e}")),
+                }
+            }
+            let (m, cv) = &*sink.0;
+            if let Ok(mut c) = m.lock() {
+                c.closed = true;
+            }
+            cv.notify_all();
+        });
+        Ok(Vm { proc, console, cursor: 0, qmp, _dir: dir, accel })
+    }
+
+    /// How many times QEMU was restarted because the guest asked for a reset
+    /// its machine cannot do.
+    pub fn restarts(&self) -> u32 {
+        self.proc.lock().map(|p| p.restarts).unwrap_or(0)
     }
 
     /// The last `n` console lines.
@@ -451,7 +610,7 @@ impl Vm {
             }
             if c.closed {
                 drop(c);
-                let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                let status = self.proc.lock().map_err(|_| VmError::Setup("QEMU lock poisoned".into()))?.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 return Err(VmError::Exited { what: what.into(), status, tail: self.tail(40) });
             }
             let now = Instant::now();
@@ -471,7 +630,8 @@ impl Vm {
 
     /// Types into the serial console.
     pub fn send(&mut self, text: &str) -> Result<(), VmError> {
-        let s = self.stdin.as_mut().ok_or_else(|| VmError::Setup("console input is closed".into()))?;
+        let mut p = self.proc.lock().map_err(|_| VmError::Setup("QEMU lock poisoned".into()))?;
+        let s = p.stdin.as_mut().ok_or_else(|| VmError::Setup("console input is closed".into()))?;
         s.write_all(text.as_bytes()).and_then(|_| s.flush()).map_err(|e| VmError::Setup(format!("writing to the console: {e}")))
     }
 
@@ -483,29 +643,7 @@ impl Vm {
     /// Sends a QMP command with arguments (e.g. `device_add` of a USB
     /// stick) and returns its reply line.
     pub fn qmp_with(&self, execute: &str, arguments: &serde_json::Value) -> Result<String, VmError> {
-        let mut s = std::os::unix::net::UnixStream::connect(&self.qmp).map_err(|e| VmError::Qmp(format!("{}: {e}", self.qmp.display())))?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| VmError::Qmp(e.to_string()))?;
-        let mut r = BufReader::new(s.try_clone().map_err(|e| VmError::Qmp(e.to_string()))?);
-        let mut line = String::new();
-        r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("greeting: {e}")))?;
-        let none = serde_json::json!({});
-        for (cmd, args) in [("qmp_capabilities", &none), (execute, arguments)] {
-            writeln!(s, "{}", serde_json::json!({ "execute": cmd, "arguments": args })).map_err(|e| VmError::Qmp(e.to_string()))?;
-            loop {
-                line.clear();
-                r.read_line(&mut line).map_err(|e| VmError::Qmp(format!("{cmd}: {e}")))?;
-                if line.is_empty() {
-                    return Err(VmError::Qmp(format!("{cmd}: connection closed")));
-                }
-                if line.contains("\"return\"") || line.contains("\"error\"") {
-                    break;
-                }
-            }
-            if line.contains("\"error\"") {
-                return Err(VmError::Qmp(format!("{cmd}: {}", line.trim())));
-            }
-        }
-        Ok(line.trim().to_string())
+        qmp_call(&self.qmp, execute, arguments)
     }
 
     /// Presses the ACPI power button.
@@ -517,7 +655,8 @@ impl Vm {
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, VmError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
+            let done = self.proc.lock().ok().and_then(|mut p| p.child.try_wait().ok().flatten());
+            if let Some(s) = done {
                 // Let the reader threads drain the last output.
                 std::thread::sleep(Duration::from_millis(200));
                 return Ok(s);
@@ -530,8 +669,11 @@ impl Vm {
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(mut p) = self.proc.lock() {
+            p.stopped = true;
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
     }
 }
 
@@ -539,6 +681,92 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `-netdev` options for the spec's network (id `n0`).
+fn netdev(spec: &VmSpec) -> String {
+    let mut netdev = match spec.net {
+        Net::User => "user,id=n0".to_string(),
+        Net::Udp { local, remote } => format!("socket,id=n0,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}"),
+    };
+    if spec.api_port != 0 && spec.net == Net::User {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:6443", spec.api_port));
+    }
+    netdev
+}
+
+/// The QEMU command line for an emulated board (`-M orangepi-pc`): no
+/// `-bios`, the emulated boot ROM starts the SPL from the card. The card is
+/// an SD card (a qcow2 overlay, its size rounded up to the power of two
+/// QEMU's SD model wants; the image is never written), the NIC is the SoC's
+/// own, and the node config and the extra disk are USB sticks on the SoC's
+/// EHCI (a board has no fw_cfg): the config as a `KILNCFG` FAT volume.
+fn board_command(spec: &VmSpec, m: Machine, boot: BootFrom, disk: &Path, accel: Accel, qmp: &Path, scratch: &Path) -> Result<Command, VmError> {
+    if boot != BootFrom::Disk {
+        return Err(VmError::Setup(format!("`{m}` boots its SD card (--boot disk), not {boot:?}")));
+    }
+    if accel == Accel::Kvm {
+        return Err(VmError::Setup(format!("`{m}` is emulated with TCG only")));
+    }
+    if spec.secure_boot {
+        return Err(VmError::Setup(format!("Secure Boot needs a UEFI boot on amd64, not `{m}`")));
+    }
+    if let Some(max) = m.max_memory_mib().filter(|max| spec.memory_mib > *max) {
+        return Err(VmError::Setup(format!("`{m}` takes at most {max} MiB of memory, not {}", spec.memory_mib)));
+    }
+    if let Some(n) = m.fixed_cpus().filter(|n| spec.cpus != *n) {
+        return Err(VmError::Setup(format!("`{m}` has {n} cores in QEMU, not {}", spec.cpus)));
+    }
+    if !disk.is_file() {
+        return Err(VmError::Setup(format!("{}: no card image; build a profile with `outputs = [\"sdcard\"]`", disk.display())));
+    }
+    if kiln_contract::config::parse_mac(&spec.mac).is_none() {
+        return Err(VmError::Setup(format!("`{}` is not a MAC address like 52:54:00:12:34:56", spec.mac)));
+    }
+    let image = std::fs::metadata(disk).map_err(|e| VmError::Setup(format!("{}: {e}", disk.display())))?.len();
+    let mut sized = spec.clone();
+    sized.disk_size = spec.disk_size.max(image).next_power_of_two();
+    let overlay = overlay_for(&sized, disk, scratch)?;
+    let mut c = Command::new("qemu-system-arm");
+    c.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-M", m.as_str(), "-accel", "tcg"]);
+    c.args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()]);
+    c.arg("-drive").arg(format!("if=sd,format=qcow2,file={}", overlay.display()));
+    // The SoC's own NIC: `-nic` wires it to the network (no `-device`).
+    c.args(["-nic", &format!("{},mac={}", netdev(spec).replacen(",id=n0", "", 1), spec.mac)]);
+    // EHCI1 and EHCI2: EHCI0 shares its port with the OTG controller.
+    let mut buses = ["usb-bus.1", "usb-bus.2"].into_iter();
+    let mut stick = |id: &str, file: &Path| {
+        let bus = buses.next().unwrap_or("usb-bus.3");
+        c.arg("-drive").arg(format!("if=none,id={id},format=raw,file={}", file.display()));
+        c.args(["-device", &format!("usb-storage,bus={bus},drive={id},removable=on")]);
+    };
+    if let Some(cfg) = &spec.config {
+        stick("cfg", &config_stick(cfg, scratch)?);
+    }
+    if let Some(x) = &spec.extra_disk {
+        stick("x0", x);
+    }
+    c.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    c.args(&spec.extra_args);
+    Ok(c)
+}
+
+/// A `KILNCFG` FAT stick in `scratch` with `node.toml` (and its
+/// `.minisig` when there is one), for machines without fw_cfg.
+fn config_stick(cfg: &Path, scratch: &Path) -> Result<PathBuf, VmError> {
+    use kiln_formats::fat::{FatBuilder, FileContent};
+    let read = |p: &Path| std::fs::read(p).map_err(|e| VmError::Setup(format!("--config {}: {e}", p.display())));
+    let mut fat = FatBuilder::new("KILNCFG", 0x6b69_6c6e);
+    let mut add = |name: &str, bytes: Vec<u8>| fat.add_file(name, FileContent::Bytes(bytes)).map_err(|e| VmError::Setup(format!("the config stick: {e}")));
+    add("/node.toml", read(cfg)?)?;
+    let sig = PathBuf::from(format!("{}.minisig", cfg.display()));
+    if sig.is_file() {
+        add("/node.toml.minisig", read(&sig)?)?;
+    }
+    let path = scratch.join("kilncfg.img");
+    let mut f = std::fs::File::create(&path).map_err(|e| VmError::Setup(format!("{}: {e}", path.display())))?;
+    fat.write(fat.min_size(), &mut f).map_err(|e| VmError::Setup(format!("writing {}: {e}", path.display())))?;
+    Ok(path)
 }
 
 /// KVM is used only when a guest really boots under it: on nested machines
@@ -641,5 +869,47 @@ mod tests {
         spec.boot = BootFrom::Pxe;
         spec.mac = "52:54:00".into();
         assert!(args(&spec).unwrap_err().to_string().contains("MAC"));
+    }
+
+    #[test]
+    fn an_emulated_board_boots_its_card_from_the_boot_rom() {
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(out.path().join("manifest.json"), r#"{"arch": "armv7", "qemu": {"machine": "orangepi-pc", "memory_mib": 1024, "cpus": 4}}"#).unwrap();
+        std::fs::write(out.path().join("sdcard.img"), vec![0u8; 3 << 20]).unwrap();
+        let cfg = out.path().join("node.toml");
+        std::fs::write(&cfg, "role = \"single\"\n").unwrap();
+        let mut spec = VmSpec::for_output(out.path());
+        assert_eq!((spec.memory_mib, spec.cpus), (1024, 4));
+        spec.config = Some(cfg);
+        spec.disk_size = 0;
+        let d = tempfile::tempdir().unwrap();
+        let c = command(&spec, Accel::Tcg, &d.path().join("qmp"), d.path()).unwrap();
+        let a = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(a.contains("-M orangepi-pc") && a.contains("-drive if=sd,format=qcow2,file=") && !a.contains("-bios") && !a.contains("virtio"), "{a}");
+        assert!(a.contains("usb-storage,bus=usb-bus.1,drive=cfg") && !a.contains("fw_cfg"), "{a}");
+        assert!(a.contains("-nic user,mac=52:54:00:12:34:56"), "{a}");
+        // The overlay is the next power of two (4 MiB) over the 3 MiB card.
+        let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(d.path().join("disk.qcow2")).output().unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["virtual-size"], 4 << 20);
+        // The config stick is a FAT volume labelled KILNCFG.
+        let stick = std::fs::read(d.path().join("kilncfg.img")).unwrap();
+        assert!(stick.windows(7).any(|w| w == b"KILNCFG"));
+        spec.cpus = 1;
+        assert!(args(&spec).unwrap_err().to_string().contains("4 cores"));
+        spec.cpus = 4;
+        spec.boot = BootFrom::Pxe;
+        assert!(args(&spec).unwrap_err().to_string().contains("boots its SD card"));
+    }
+
+    #[test]
+    fn reset_and_power_off_requests_on_the_console() {
+        for l in ["[  123.4] reboot: Restarting system", "Rebooting in 10 seconds..", "resetting ...", "[ 1.0] Reboot failed -- System halted"] {
+            assert_eq!(wants(l), Some(Wants::Reset), "{l}");
+        }
+        assert_eq!(wants("[   99.1] reboot: Power down"), Some(Wants::PowerOff));
+        for l in ["kiln-init: event reboot", "echo resetting", "U-Boot 2023.01"] {
+            assert_eq!(wants(l), None, "{l}");
+        }
     }
 }

@@ -190,6 +190,18 @@ impl Node {
     }
 }
 
+/// A build output's manifest.json.
+pub fn manifest(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("manifest.json")).expect("the output's manifest.json")).expect("manifest.json is JSON")
+}
+
+/// (start, size) in bytes of MBR partition `n` (1-based), from sfdisk.
+pub fn mbr_part(img: &Path, n: usize) -> (u64, u64) {
+    let j: serde_json::Value = serde_json::from_str(&sh(&format!("sfdisk --json {}", img.display()))).expect("sfdisk --json");
+    let p = &j["partitiontable"]["partitions"][n - 1];
+    (p["start"].as_u64().unwrap_or(0) * 512, p["size"].as_u64().unwrap_or(0) * 512)
+}
+
 /// Runs a shell command; fails the test with its stderr when it fails.
 pub fn sh(cmd: &str) -> String {
     let out = std::process::Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
