@@ -425,7 +425,15 @@ fn patched_source(source: &Resolved, patches: &[PathBuf], cache: &Cache) -> Resu
     tracing::info!("kernel: applying {} patch(es) to {}", patches.len(), source.source);
     let tmp = cache.temp_dir().map_err(io("creating a temp dir"))?;
     let work = tmp.path().join("linux");
-    let cp = Command::new("cp").args(["-a", "--reflink=auto"]).arg(&clean).arg(&work).output().map_err(io("running cp"))?;
+    // Hard links: the patched tree costs inodes, not another 1.3 GB. GNU
+    // patch writes each file it changes anew and renames it into place, so
+    // the clean tree is never touched; a cache on a file system without hard
+    // links gets a real copy.
+    let mut cp = Command::new("cp").args(["-al"]).arg(&clean).arg(&work).output().map_err(io("running cp"))?;
+    if !cp.status.success() {
+        let _ = std::fs::remove_dir_all(&work);
+        cp = Command::new("cp").args(["-a", "--reflink=auto"]).arg(&clean).arg(&work).output().map_err(io("running cp"))?;
+    }
     if !cp.status.success() {
         return Err(KernelError::Other(format!("copying the kernel source for patching: {}", String::from_utf8_lossy(&cp.stderr).trim())));
     }

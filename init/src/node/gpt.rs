@@ -226,7 +226,7 @@ pub use kiln_contract::digest::crc32;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     #[test]
     fn mbr_signature_of_sector_zero() {
@@ -243,11 +243,24 @@ pub(crate) mod tests {
         assert_eq!(mbr_signature(&s), None);
     }
 
-    pub fn tempdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("kiln-init-{tag}-{}-{:?}", std::process::id(), std::thread::current().id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A scratch directory removed when the test ends (pass or fail).
+    pub struct Scratch(tempfile::TempDir);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl AsRef<Path> for Scratch {
+        fn as_ref(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    pub fn tempdir(tag: &str) -> Scratch {
+        Scratch(tempfile::Builder::new().prefix(&format!("kiln-init-{tag}-")).tempdir().unwrap())
     }
 
     pub fn sgdisk(args: &[&str], disk: &Path) -> String {

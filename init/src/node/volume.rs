@@ -446,7 +446,7 @@ mod tests {
         }
     }
 
-    fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    fn tempfile_dir(tag: &str) -> crate::node::gpt::tests::Scratch {
         crate::node::gpt::tests::tempdir(&format!("volume-{tag}"))
     }
 }
