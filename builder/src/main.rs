@@ -83,6 +83,14 @@ enum Cmd {
         /// The NIC's MAC address; give each VM on a shared link its own.
         #[arg(long, default_value = "52:54:00:12:34:56")]
         mac: String,
+        /// The controller of the boot disk (--boot disk): try an image on
+        /// the disk hardware of a real machine (virtio, nvme, ahci).
+        #[arg(long, value_enum, default_value_t = kiln::tools::run::DiskBus::Virtio)]
+        disk_bus: kiln::tools::run::DiskBus,
+        /// The NIC's QEMU model: virtio-net-pci, e1000e, e1000, rtl8139,
+        /// vmxnet3, igb (`qemu-system-x86_64 -device help` lists more).
+        #[arg(long, default_value = "virtio-net-pci")]
+        nic: String,
     },
     /// Time a (warm) build of a profile against mksquashfs of the same root
     /// tree, measured in the same run, and print the ratio.
@@ -262,13 +270,19 @@ fn run(cli: Cli) -> Result<i32> {
                 "built {} in {:.1}s (kernel {}{})",
                 b.out.display(),
                 t.elapsed().as_secs_f64(),
-                if b.kernel_cached { "cached" } else { "compiled" },
+                match (b.kernel_cached, b.kernel_distro) {
+                    (true, _) => "cached",
+                    (false, true) => "taken from its package",
+                    (false, false) => "compiled",
+                },
                 b.initramfs_bytes.map(|n| format!("; PXE initramfs {n} bytes")).unwrap_or_default()
             );
             Ok(0)
         }
-        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac, secure_boot } => {
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac, secure_boot, disk_bus, nic } => {
             let mut spec = VmSpec::for_output(out_dir);
+            spec.disk_bus = disk_bus;
+            spec.nic = nic;
             spec.net = net;
             spec.mac = mac;
             spec.secure_boot = secure_boot;
@@ -354,9 +368,9 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Kernel { cmd: KernelCmd::Build { profile } } => {
             let p = kiln::profile::load(&profile)?;
-            let src = kiln::inputs::input::resolve("kernel.source", &p.kernel.source, p.arch.debian(), &cache)?;
+            let inputs = kiln::inputs::kernel::resolve_inputs(&p.kernel, p.arch.debian(), &cache)?;
             let t = Instant::now();
-            let k = kiln::inputs::kernel::build(p.arch, &src, &p.kernel, &cache)?;
+            let k = kiln::inputs::kernel::get(p.arch, &inputs, &p.kernel, &cache)?;
             println!("kernel {} ({}) {} in {:.1}s: {}", k.release, &k.key[..12], if k.cached { "cached" } else { "built" }, t.elapsed().as_secs_f64(), k.image.display());
             Ok(0)
         }

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub struct Built {
     pub out: PathBuf,
     pub kernel_cached: bool,
+    /// A distro kernel (taken from its package, not compiled).
+    pub kernel_distro: bool,
     /// Size of the PXE initramfs, when the profile has the pxe output.
     pub initramfs_bytes: Option<u64>,
     pub payload_bytes: u64,
@@ -70,7 +72,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
 
     // 2. Inputs.
     let deb_arch = profile.arch.debian();
-    let kernel_src = input::resolve("kernel.source", &profile.kernel.source, deb_arch, cache)?;
+    let kernel_inputs = kernel::resolve_inputs(&profile.kernel, deb_arch, cache)?;
     let busybox = input::resolve("rootfs.busybox", &profile.busybox, deb_arch, cache)?;
     init::check_static("rootfs.busybox", &busybox.path, profile.arch)?;
     let boot = match &profile.boot {
@@ -114,8 +116,12 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     packages::add_and_check(&mut Tree::new(), &packages, profile.arch, cache)?;
 
     // 3. Kernel, checked against the requirement table for the default role.
-    let kernel = kernel::build(profile.arch, &kernel_src, &profile.kernel, cache)?;
-    let kconfig = kiln_contract::requirements::KernelConfig::parse(&std::fs::read_to_string(&kernel.config)?);
+    let kernel = kernel::get(profile.arch, &kernel_inputs, &profile.kernel, cache)?;
+    let mut kconfig = kiln_contract::requirements::KernelConfig::parse(&std::fs::read_to_string(&kernel.config)?);
+    if kernel.distro.is_some() {
+        // The root carries its .config (rootfs_tree), for preflight and k0s.
+        kconfig = kconfig.shipped();
+    }
     let report = kiln_contract::requirements::check(&kconfig, kiln_contract::requirements::Needs::for_role(node.role));
     if !report.ok() {
         bail!("the kernel does not meet the requirements for role {}:\n{report}", node.role);
@@ -149,7 +155,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     // The root is the tree, read-only, with mount points for what stage 1
     // puts there.
     tree.mkdir_p("/boot", 0o755)?;
-    let stage1 = disk::stage1_tree(&init_bin, Some(&kernel.modules_dir.join("lib/modules")))?;
+    let stage1 = disk::stage1_tree(&init_bin, &kernel.stage1_modules_dir)?;
     let root = disk::build_root(&work, &profile.disk, &disk::RootInputs { root: &tree, stage1: &stage1, cmdline: &cmdline, epoch: profile.source_date_epoch })?;
 
     let mut initramfs_bytes = None;
@@ -227,7 +233,8 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     std::fs::remove_dir_all(&work)?;
     let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.map(|(name, _)| name).unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });
 
-    let mut inputs: Vec<Resolved> = vec![kernel_src, busybox];
+    let mut inputs: Vec<Resolved> = kernel_inputs.all().cloned().collect();
+    inputs.push(busybox);
     if let Some((a, b)) = boot {
         inputs.push(a);
         inputs.push(b);
@@ -250,7 +257,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         profile: name.clone(),
         arch: profile.arch.to_string(),
-        kernel: manifest::KernelInfo { release: kernel.release.clone(), config_sha256: input::sha256_file(&kernel.config)?.0, cache_key: kernel.key.clone() },
+        kernel: manifest::KernelInfo { release: kernel.release.clone(), config_sha256: input::sha256_file(&kernel.config)?.0, cache_key: kernel.key.clone(), distro: kernel.distro.clone() },
         payload: manifest::PayloadInfo { description: payload.description.clone(), version: payload.version.clone(), sha256: input::sha256_file(&payload.path)?.0 },
         cmdline,
         disk: disk_info,
@@ -271,7 +278,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let staged = staging.keep();
     std::fs::rename(&staged, &out).with_context(|| format!("moving the finished build to {}", out.display()))?;
     let payload_bytes = std::fs::metadata(&payload.path)?.len();
-    Ok(Built { out, kernel_cached: kernel.cached, initramfs_bytes, payload_bytes })
+    Ok(Built { out, kernel_cached: kernel.cached, kernel_distro: kernel.distro.is_some(), initramfs_bytes, payload_bytes })
 }
 
 const DIRS: &[(&str, u32)] = &[
@@ -316,10 +323,27 @@ fn rootfs_tree(profile: &Profile, kernel: &Kernel, init_bin: &Path, busybox: &Re
     t.file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644)?;
     t.file("/etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644)?;
     t.file("/etc/nsswitch.conf", "hosts: files dns\n", 0o644)?;
-    // Module metadata (modules.builtin) and any modules, under /lib/modules.
-    t.add_host_dir(&kernel.modules_dir.join("lib/modules"), "/lib/modules")?;
+    // Module metadata (modules.builtin) and any modules, under /lib/modules,
+    // and their firmware; kiln-init is the modprobe the kernel calls.
+    add_modules(&mut t, &kernel.modules_dir)?;
+    // The .config where preflight and k0s look when there is no
+    // /proc/config.gz; /usr/lib/modules is where a merged-/usr system has it.
+    t.host_file(&kiln_contract::requirements::SHIPPED_CONFIG.replace("{release}", &kernel.release), kernel.config.clone(), 0o644)?;
+    t.symlink("/usr/lib/modules", "../../lib/modules")?;
     t.file(kiln_contract::layout::VAR_TEMPLATE, var_template(profile)?, 0o644)?;
     Ok(t)
+}
+
+/// A kernel's `lib/modules` (and `lib/firmware`, when there is any) under
+/// `dir`, and `/sbin/modprobe` as kiln-init: the kernel runs it for
+/// `request_module` (a filesystem or crypto module asked for by name).
+pub fn add_modules(t: &mut Tree, dir: &Path) -> Result<()> {
+    t.add_host_dir(&dir.join("lib/modules"), "/lib/modules")?;
+    if dir.join("lib/firmware").is_dir() {
+        t.add_host_dir(&dir.join("lib/firmware"), "/lib/firmware")?;
+    }
+    t.symlink("/sbin/modprobe", "kiln-init")?;
+    Ok(())
 }
 
 /// The empty ext4 kiln-init writes to a blank `storage.var_disk`. Mostly

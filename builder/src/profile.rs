@@ -182,6 +182,16 @@ pub struct KernelFile {
     pub patches: Option<Vec<String>>,
     /// Kernel command line, before what kiln adds.
     pub cmdline: Option<Vec<String>>,
+    /// `compiled` (the default: `source` + `fragments`) or `distro`.
+    pub kind: Option<String>,
+    /// `kind = "distro"`: the `linux-image-<release>` package.
+    pub package: Option<Input>,
+    /// `kind = "distro"`: the hardware classes whose drivers go in.
+    pub drivers: Option<Vec<String>>,
+    /// `kind = "distro"`: more modules by name.
+    pub modules: Option<Vec<String>>,
+    /// `kind = "distro"`: firmware packages.
+    pub firmware: Option<Vec<Input>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -234,7 +244,7 @@ impl ProfileFile {
     /// Fills what the child leaves unset from its base.
     fn inherit(&mut self, base: &ProfileFile) {
         merge_opts!(self, base, name, description, arch, outputs, version, board, source_date_epoch);
-        merge_opts!(self.kernel, base.kernel, source, base, fragments, patches, cmdline);
+        merge_opts!(self.kernel, base.kernel, source, base, fragments, patches, cmdline, kind, package, drivers, modules, firmware);
         merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets, packages);
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
         merge_opts!(self.node, base.node, config, config_key);
@@ -249,6 +259,33 @@ impl ProfileFile {
         merge_opts!(self.secureboot, base.secureboot, key, cert, enroll);
         merge_opts!(self.disk, base.disk, esp_mib, root_slot_mib, data_mib, verity_on_corruption);
         self.appliance.inherit(&base.appliance);
+    }
+}
+
+/// `[kernel] kind = "distro"` and its keys; `None` for a compiled kernel
+/// (where the distro keys are errors, so a typo'd kind is not silently a
+/// compiled kernel).
+fn distro_spec(path: &Path, k: &KernelFile) -> Result<Option<crate::inputs::distro::DistroSpec>, ProfileError> {
+    let bad = |key: &str, message: String| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message };
+    match k.kind.as_deref() {
+        None | Some("compiled") => {
+            for (key, set) in [("kernel.package", k.package.is_some()), ("kernel.drivers", k.drivers.is_some()), ("kernel.modules", k.modules.is_some()), ("kernel.firmware", k.firmware.is_some())] {
+                if set {
+                    return Err(bad(key, "only a distro kernel takes this key; add `kind = \"distro\"` to [kernel]".into()));
+                }
+            }
+            Ok(None)
+        }
+        Some("distro") => {
+            let package = k.package.clone().ok_or_else(|| bad("kernel.kind", "a distro kernel needs `package = { deb = \"linux-image-<release>\", version = \"…\", sha256 = \"…\" }`".into()))?;
+            let drivers = k.drivers.clone().unwrap_or_else(|| crate::inputs::distro::DEFAULT_DRIVERS.iter().map(|d| d.to_string()).collect());
+            crate::inputs::distro::check_drivers(&drivers).map_err(|m| bad("kernel.drivers", m))?;
+            for (i, fw) in k.firmware.iter().flatten().enumerate() {
+                fw.validate().map_err(|m| bad("kernel.firmware", format!("firmware[{i}]: {m}")))?;
+            }
+            Ok(Some(crate::inputs::distro::DistroSpec { package, drivers, modules: k.modules.clone().unwrap_or_default(), firmware: k.firmware.clone().unwrap_or_default() }))
+        }
+        Some(other) => Err(bad("kernel.kind", format!("`{other}` is not a kernel kind; use `compiled` (source + fragments) or `distro` (a Debian linux-image package)"))),
     }
 }
 
@@ -401,7 +438,12 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         return Err(ProfileError::Semantic { path: path.to_path_buf(), message: format!("key `name`: `{name}` must be letters, digits, - and _ (it names the output directory)") });
     }
     let arch = f.arch.ok_or_else(|| missing("arch"))?;
-    let fragments: Vec<PathBuf> = f.kernel.fragments.clone().ok_or_else(|| missing("kernel.fragments"))?.iter().map(|p| tree.join("kernel-configs").join(p)).collect();
+    let distro = distro_spec(path, &f.kernel)?;
+    let fragments: Vec<PathBuf> = match (&f.kernel.fragments, &distro) {
+        (Some(fr), _) => fr.iter().map(|p| tree.join("kernel-configs").join(p)).collect(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => return Err(missing("kernel.fragments")),
+    };
     let patches: Vec<PathBuf> = f.kernel.patches.clone().unwrap_or_default().iter().map(|p| tree.join("kernel-configs").join(p)).collect();
     for (key, what, files) in [("kernel.fragments", "fragment", &fragments), ("kernel.patches", "patch", &patches)] {
         if let Some(fr) = files.iter().find(|fr| !fr.is_file()) {
@@ -427,7 +469,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         }
     };
     let node_config = dir.join(f.node.config.clone().ok_or_else(|| missing("node.config"))?);
-    let inputs: Vec<(&str, &Input)> = [("kernel.source", f.kernel.source.as_ref()), ("rootfs.busybox", f.rootfs.busybox.as_ref())]
+    let inputs: Vec<(&str, &Input)> = [("kernel.source", f.kernel.source.as_ref()), ("kernel.package", f.kernel.package.as_ref()), ("rootfs.busybox", f.rootfs.busybox.as_ref())]
         .into_iter()
         .filter_map(|(k, i)| i.map(|i| (k, i)))
         .chain(match &payload {
@@ -523,11 +565,16 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         version,
         source_date_epoch: source_date_epoch_from_env(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?.or(f.source_date_epoch).unwrap_or(0),
         kernel: KernelSpec {
-            source: f.kernel.source.ok_or_else(|| missing("kernel.source"))?,
+            source: match (&f.kernel.source, &distro) {
+                (Some(s), _) => s.clone(),
+                (None, Some(_)) => Input::default(),
+                (None, None) => return Err(missing("kernel.source")),
+            },
             base: f.kernel.base.unwrap_or_else(|| "tinyconfig".into()),
             fragments,
             patches,
             cmdline: f.kernel.cmdline.unwrap_or_default(),
+            distro,
         },
         busybox: f.rootfs.busybox.ok_or_else(|| missing("rootfs.busybox"))?,
         busybox_applets: f.rootfs.busybox_applets.unwrap_or_default(),
@@ -662,6 +709,33 @@ mod tests {
             let e = source_date_epoch_from_env(Some(bad)).unwrap_err().to_string();
             assert!(e.contains(&format!("SOURCE_DATE_EPOCH=`{bad}`")) && e.contains("date +%s"), "{e}");
         }
+    }
+
+    #[test]
+    fn distro_kernel_keys() {
+        let d = source_tree();
+        let pin = "0".repeat(64);
+        let load_with = |kernel: &str| {
+            let p = d.path().join("profiles/p.toml");
+            std::fs::write(&p, format!("arch = \"amd64\"\nname = \"p\"\n[kernel]\n{kernel}\n[rootfs]\nbusybox = {{ file = \"/b\", sha256 = \"{pin}\" }}\n[payload]\nstand-in = true\n[node]\nconfig = \"n.toml\"\n")).unwrap();
+            load(&p).map_err(|e| e.to_string())
+        };
+        let pkg = format!("package = {{ deb = \"linux-image-6.1.0-57-amd64\", version = \"6.1.192-3\", sha256 = \"{pin}\" }}");
+        // Neither source nor fragments are needed; every class by default.
+        let p = load_with(&format!("kind = \"distro\"\n{pkg}")).unwrap();
+        let dist = p.kernel.distro.expect("a distro kernel");
+        assert_eq!(dist.drivers, crate::inputs::distro::DEFAULT_DRIVERS);
+        assert!(p.kernel.fragments.is_empty());
+        let e = load_with(&format!("kind = \"distro\"\n{pkg}\ndrivers = [\"net\", \"gpu\"]")).unwrap_err();
+        assert!(e.contains("kernel.drivers") && e.contains("unknown driver class `gpu`") && e.contains("storage, net"), "{e}");
+        let e = load_with("kind = \"distro\"").unwrap_err();
+        assert!(e.contains("kernel.kind") && e.contains("needs `package"), "{e}");
+        let e = load_with(&format!("kind = \"debian\"\n{pkg}")).unwrap_err();
+        assert!(e.contains("`debian` is not a kernel kind"), "{e}");
+        // A distro key without the kind is an error, not a silently
+        // compiled kernel.
+        let e = load_with(&format!("fragments = [\"a.config\"]\nsource = {{ file = \"/x\", sha256 = \"{pin}\" }}\n{pkg}")).unwrap_err();
+        assert!(e.contains("kernel.package") && e.contains("kind = \"distro\""), "{e}");
     }
 
     #[test]

@@ -10,6 +10,11 @@ fn main() {
         println!("kiln-init {}", env!("CARGO_PKG_VERSION"));
         return;
     }
+    // The kernel runs /sbin/modprobe (a symlink to kiln-init) for
+    // request_module; so may k0s.
+    if args.first().is_some_and(|a| kiln_init::node::kmod::invoked_as_modprobe(a)) {
+        std::process::exit(kiln_init::node::kmod::modprobe_main(&args[1..]));
+    }
     if std::process::id() != 1 {
         eprintln!("kiln-init: must run as PID 1 (the kernel's init); nothing to do here");
         std::process::exit(2);

@@ -13,7 +13,11 @@ const PROFILE: &str = "qemu-arm64";
 /// Boots, then checks the verified root (when the boot has one), the
 /// hostname from the fw_cfg config, and that every stand-in check is ok.
 fn boots(test: &str, boot: BootFrom, verified: bool) {
-    let out = built(PROFILE);
+    boots_profile(PROFILE, test, boot, verified);
+}
+
+fn boots_profile(profile: &str, test: &str, boot: BootFrom, verified: bool) -> common::Node {
+    let out = built(profile);
     let cfg = format!("role = \"single\"\nhostname = \"{}\"\n", test.replace('_', "-"));
     let mut n = boot_with(test, &out, Some(&cfg), |s| s.boot = boot);
     if verified {
@@ -29,6 +33,7 @@ fn boots(test: &str, boot: BootFrom, verified: bool) {
     assert!(failed.is_empty(), "stand-in checks failed on arm64: {failed:#?}\n{started:?}");
     let log = n.vm.log();
     assert!(log.iter().any(|l| l.contains("aarch64") || l.contains("arm64")), "the console shows no arm64 kernel");
+    n
 }
 
 #[test]
@@ -95,6 +100,20 @@ fn disk_boots_under_aavmf_to_payload_started() {
 #[test]
 fn iso_boots_as_a_cd_under_aavmf() {
     boots("arm64_iso", BootFrom::Iso, true);
+}
+
+/// Debian's arm64 kernel (`qemu-arm64-distro`): its virtio, fw_cfg and
+/// k0s modules loaded by coldplug, the same checks as the compiled kernel.
+#[test]
+fn debian_arm64_kernel_boots_under_aavmf() {
+    let n = boots_profile("qemu-arm64-distro", "arm64_distro", BootFrom::Disk, true);
+    let log = n.vm.log();
+    let cold = log.iter().find(|l| l.contains("kiln-init: coldplug ")).cloned().unwrap_or_else(|| n.fail("no coldplug event"));
+    assert!(log.iter().any(|l| l.contains("Linux version 6.1.0-") && l.contains("-arm64")), "the console shows no Debian arm64 kernel");
+    let loaded: Vec<&String> = log.iter().filter(|l| l.contains("coldplug: loaded")).collect();
+    for m in ["virtio_blk", "virtio_net", "qemu_fw_cfg"] {
+        assert!(loaded.iter().any(|l| l.split_whitespace().any(|w| w == m)), "{m} was not loaded by coldplug: {loaded:#?} ({cold:?})");
+    }
 }
 
 #[test]

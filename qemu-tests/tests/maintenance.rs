@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::{boot_with, built, config_stick, copy_disk, esp_image, mcopy, BOOT_TIMEOUT};
+use common::{boot_with, built, config_stick, copy_disk, esp_image, mcopy, plug, qmp, BOOT_TIMEOUT};
 use kiln::tools::run::BootFrom;
-use std::path::Path;
 use std::time::Duration;
 
 const PROFILE: &str = "qemu-amd64";
@@ -21,21 +20,6 @@ fn maintenance_naming(n: &mut common::Node, what: &[&str]) -> String {
         n.fail(format!("the maintenance reason should name {what:?}: {reason}"));
     }
     reason
-}
-
-fn qmp(n: &common::Node, cmd: &str, args: serde_json::Value) {
-    if let Err(e) = n.vm.qmp_with(cmd, &args) {
-        n.fail(format!("QMP {cmd} {args}: {e}"));
-    }
-}
-
-/// Plugs a USB stick (a raw image, read-only) into the running VM.
-fn plug(n: &common::Node, id: &str, image: &Path) {
-    qmp(n, "blockdev-add", serde_json::json!({
-        "driver": "raw", "node-name": id, "read-only": true,
-        "file": { "driver": "file", "filename": image.display().to_string(), "read-only": true }
-    }));
-    qmp(n, "device_add", serde_json::json!({ "driver": "usb-storage", "bus": "xhci.0", "drive": id, "id": id, "removable": true }));
 }
 
 fn power_off(n: &mut common::Node) {

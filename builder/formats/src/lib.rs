@@ -20,6 +20,8 @@
 //! - [`bootscr`]: u-boot legacy script images (`boot.scr`) and kiln's A/B
 //!   boot script.
 //! - [`elf`]: reading ELF headers (arch, static or not, needed libraries).
+//! - [`kmod`]: kernel modules of a distribution kernel: `.modinfo`, the
+//!   dependency closure of a selection, and depmod's index files.
 //! - [`uboot_cmds`]: reading which commands a 32-bit ARM u-boot binary has
 //!   (its command tables), for checking a board's u-boot runs `boot.scr`.
 
@@ -29,6 +31,7 @@ pub mod elf;
 pub mod fat;
 pub mod gpt;
 pub mod iso;
+pub mod kmod;
 pub mod squashfs;
 pub mod tree;
 pub mod uboot_cmds;

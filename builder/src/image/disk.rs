@@ -396,7 +396,7 @@ pub fn write_bmap(out_dir: &Path) -> Result<()> {
 }
 
 /// The tree for the stage-1 initramfs of a disk image: kiln-init alone.
-pub fn stage1_tree(init_bin: &Path, modules: Option<&Path>) -> Result<Tree> {
+pub fn stage1_tree(init_bin: &Path, modules: &Path) -> Result<Tree> {
     let mut t = Tree::new();
     for d in ["/proc", "/sys", "/dev", "/run", "/sysroot", "/tmp"] {
         t.mkdir_p(d, 0o755)?;
@@ -404,9 +404,7 @@ pub fn stage1_tree(init_bin: &Path, modules: Option<&Path>) -> Result<Tree> {
     t.insert("/dev/console", kiln_formats::tree::Kind::CharDev(5, 1), 0o600)?;
     t.host_file("/sbin/kiln-init", init_bin.to_path_buf(), 0o755)?;
     t.symlink("/init", "sbin/kiln-init")?;
-    if let Some(m) = modules {
-        t.add_host_dir(m, "/lib/modules")?;
-    }
+    crate::pipeline::add_modules(&mut t, modules)?;
     Ok(t)
 }
 

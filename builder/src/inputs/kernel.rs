@@ -26,6 +26,9 @@ pub struct KernelSpec {
     /// Source patches, applied in order with `patch -p1`.
     pub patches: Vec<PathBuf>,
     pub cmdline: Vec<String>,
+    /// `kind = "distro"`: a Debian kernel package instead of compiling
+    /// (`source`, `base`, `fragments` and `patches` are then unused).
+    pub distro: Option<super::distro::DistroSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +162,24 @@ pub struct Kernel {
     /// `arch/<arch>/boot/dts/` (e.g. `allwinner/sun7i-a20-cubieboard2.dtb`).
     /// Empty on amd64, and on arm when the config enables no board platform.
     pub dtbs_dir: PathBuf,
+    /// The modules for the stage-1 initramfs (a `lib/modules` tree like
+    /// `modules_dir`): the same directory for a compiled kernel.
+    pub stage1_modules_dir: PathBuf,
     pub cached: bool,
+    /// What a distro kernel shipped.
+    pub distro: Option<DistroKernel>,
+}
+
+/// The package and modules of a distro kernel, for the manifest and SBOM.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct DistroKernel {
+    pub package: String,
+    pub modules: Vec<super::distro::Shipped>,
+    pub firmware: Vec<String>,
+    /// Firmware files shipped modules may ask for that no firmware package
+    /// given has (most are for hardware variants; the node logs a load
+    /// failure if one is really needed).
+    pub firmware_missing: Vec<String>,
 }
 
 fn toolchain_id(arch: Arch) -> String {
@@ -202,6 +222,39 @@ fn patch_ids(patches: &[PathBuf]) -> Result<Vec<(String, String)>, KernelError> 
         .collect()
 }
 
+/// The kernel's external inputs: the source (compiled) or the package
+/// (distro), and firmware packages.
+#[derive(Debug, Clone)]
+pub struct KernelInputs {
+    pub main: Resolved,
+    pub firmware: Vec<Resolved>,
+}
+
+impl KernelInputs {
+    pub fn all(&self) -> impl Iterator<Item = &Resolved> {
+        std::iter::once(&self.main).chain(&self.firmware)
+    }
+}
+
+/// Fetches (or finds in the cache) what the kernel is made from.
+pub fn resolve_inputs(spec: &KernelSpec, deb_arch: &str, cache: &Cache) -> Result<KernelInputs, super::input::InputError> {
+    match &spec.distro {
+        None => Ok(KernelInputs { main: super::input::resolve("kernel.source", &spec.source, deb_arch, cache)?, firmware: Vec::new() }),
+        Some(d) => Ok(KernelInputs {
+            main: super::input::resolve("kernel.package", &d.package, deb_arch, cache)?,
+            firmware: d.firmware.iter().enumerate().map(|(i, f)| super::input::resolve(&format!("kernel.firmware[{i}]"), f, deb_arch, cache)).collect::<Result<_, _>>()?,
+        }),
+    }
+}
+
+/// The kernel: compiled (or cached), or taken from a distro package.
+pub fn get(arch: Arch, inputs: &KernelInputs, spec: &KernelSpec, cache: &Cache) -> Result<Kernel, KernelError> {
+    match &spec.distro {
+        None => build(arch, &inputs.main, spec, cache),
+        Some(d) => super::distro::assemble(arch, &inputs.main, &inputs.firmware, d, cache),
+    }
+}
+
 /// Builds the kernel, or returns the cached one.
 pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) -> Result<Kernel, KernelError> {
     let requests = parse_fragments(&spec.fragments)?;
@@ -216,7 +269,9 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
             key: key.clone(),
             modules_dir: entry.join("modules"),
             dtbs_dir: entry.join("dtbs"),
+            stage1_modules_dir: entry.join("modules"),
             cached,
+            distro: None,
         })
     };
     if entry.join("release").exists() {
@@ -518,7 +573,7 @@ mod tests {
         let e = patched_source(&src, &[good.clone(), bad.clone()], &cache).unwrap_err().to_string();
         assert!(e.contains("0002-bad.patch does not apply to linux.tar") && e.contains("FAILED"), "{e}");
         // The key changes with the patches, and not without them.
-        let spec = |patches: Vec<PathBuf>| KernelSpec { source: Input::default(), base: "tinyconfig".into(), fragments: vec![], patches, cmdline: vec![] };
+        let spec = |patches: Vec<PathBuf>| KernelSpec { source: Input::default(), base: "tinyconfig".into(), fragments: vec![], patches, cmdline: vec![], distro: None };
         let plain = cache_key(Arch::Armv7, "s", &spec(vec![])).unwrap();
         assert_ne!(plain, cache_key(Arch::Armv7, "s", &spec(vec![good])).unwrap());
     }

@@ -30,6 +30,10 @@ pub struct KernelInfo {
     pub release: String,
     pub config_sha256: String,
     pub cache_key: String,
+    /// A distro kernel: its package, and every module and firmware file
+    /// shipped (`stage1`: also in the initramfs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distro: Option<crate::inputs::kernel::DistroKernel>,
 }
 
 #[derive(Debug, Serialize)]

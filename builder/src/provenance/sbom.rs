@@ -42,12 +42,18 @@ pub struct ArtifactFile {
     pub sha256: String,
 }
 
+/// The inputs the kernel is made from (a compiled kernel's source, a distro
+/// kernel's package).
+const KERNEL_INPUTS: &[&str] = &["kernel.source", "kernel.package"];
+
 #[derive(Debug, Clone)]
 pub struct KernelPart {
     pub release: String,
     pub image_sha256: String,
     pub config_sha256: String,
     pub cache_key: String,
+    /// A distro kernel's package and shipped modules.
+    pub distro: Option<crate::inputs::kernel::DistroKernel>,
 }
 
 /// A node binary built from this workspace.
@@ -109,7 +115,7 @@ pub fn collect(id: &Identity, kernel: &Kernel, init_bin: &Path, payload_spec: &P
         target: target.into(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         epoch: id.source_date_epoch,
-        kernel: KernelPart { release: kernel.release.clone(), image_sha256: sha256(&kernel.image)?, config_sha256: sha256(&kernel.config)?, cache_key: kernel.key.clone() },
+        kernel: KernelPart { release: kernel.release.clone(), image_sha256: sha256(&kernel.image)?, config_sha256: sha256(&kernel.config)?, cache_key: kernel.key.clone(), distro: kernel.distro.clone() },
         inputs: inputs.to_vec(),
         init,
         payload: payload_part,
@@ -185,18 +191,19 @@ impl Sbom {
         p.insert("externalRefs".into(), json!([purl(&format!("pkg:generic/linux@{}", purl_escape(&self.kernel.release)))]));
         p.insert("licenseDeclared".into(), json!("GPL-2.0-only"));
         p.insert("primaryPackagePurpose".into(), json!("OPERATING-SYSTEM"));
-        let source = self.inputs.iter().find(|i| i.name == "kernel.source");
+        let source = self.inputs.iter().find(|i| KERNEL_INPUTS.contains(&i.name.as_str()));
         let from = source.map(|s| format!("{} (sha256 {}{})", s.source, s.sha256, s.deb.as_ref().map(|d| format!(", in the .deb of sha256 {}", d.sha256)).unwrap_or_default())).unwrap_or_else(|| "its source".into());
-        p.insert("sourceInfo".into(), json!(format!("built by kiln from {from} with a .config of sha256 {}; kiln kernel cache key {}", self.kernel.config_sha256, self.kernel.cache_key)));
-        p.insert(
-            "comment".into(),
-            json!(format!(
-                "checksum: the kernel image. source_sha256={} config_sha256={} cache_key={}",
-                source.map(|s| s.sha256.as_str()).unwrap_or("unknown"),
-                self.kernel.config_sha256,
-                self.kernel.cache_key
-            )),
-        );
+        let how = if self.kernel.distro.is_some() { "taken by kiln from the distribution package" } else { "built by kiln from" };
+        p.insert("sourceInfo".into(), json!(format!("{how} {from} with a .config of sha256 {}; kiln kernel cache key {}", self.kernel.config_sha256, self.kernel.cache_key)));
+        let mut comment = format!("checksum: the kernel image. source_sha256={} config_sha256={} cache_key={}", source.map(|s| s.sha256.as_str()).unwrap_or("unknown"), self.kernel.config_sha256, self.kernel.cache_key);
+        if let Some(d) = &self.kernel.distro {
+            // Every module shipped, with its hash, and the firmware.
+            comment.push_str(&format!("\nmodules ({}): {}", d.modules.len(), d.modules.iter().map(|m| format!("{}={}", m.path, m.sha256)).collect::<Vec<_>>().join(" ")));
+            if !d.firmware.is_empty() {
+                comment.push_str(&format!("\nfirmware: {}", d.firmware.join(" ")));
+            }
+        }
+        p.insert("comment".into(), json!(comment));
         d.packages.push(Value::Object(p));
         d.rel(&image, "CONTAINS", &kernel);
 
@@ -377,10 +384,10 @@ impl Doc {
     /// The kernel is generated from its source input; the image contains
     /// every other input.
     fn input_rel(&mut self, image: &str, kernel: &str, id: &str, uses: &[&Resolved]) {
-        if uses.iter().any(|u| u.name == "kernel.source") {
+        if uses.iter().any(|u| KERNEL_INPUTS.contains(&u.name.as_str())) {
             self.rel(kernel, "GENERATED_FROM", id);
         }
-        if uses.iter().any(|u| u.name != "kernel.source") {
+        if uses.iter().any(|u| !KERNEL_INPUTS.contains(&u.name.as_str())) {
             self.rel(image, "CONTAINS", id);
         }
     }
@@ -617,7 +624,7 @@ mod tests {
             target: "x86_64-unknown-linux-musl".into(),
             kiln_version: "0.1.0".into(),
             epoch: 1_700_000_000,
-            kernel: KernelPart { release: "6.1.158".into(), image_sha256: "a".repeat(64), config_sha256: "b".repeat(64), cache_key: "c".repeat(64) },
+            kernel: KernelPart { release: "6.1.158".into(), image_sha256: "a".repeat(64), config_sha256: "b".repeat(64), cache_key: "c".repeat(64), distro: None },
             inputs,
             init: Binary { sha256: "0".repeat(64), crates: init },
             payload,

@@ -53,6 +53,35 @@ pub struct VmSpec {
     /// with Debian's snakeoil keys enrolled (`PkKek-1-snakeoil.pem` in
     /// PK, KEK and db), so only binaries signed with that key run.
     pub secure_boot: bool,
+    /// The controller the boot disk (`BootFrom::Disk`) hangs off.
+    pub disk_bus: DiskBus,
+    /// The NIC's QEMU device model (`virtio-net-pci`, `e1000e`, `rtl8139`,
+    /// `vmxnet3`, …): for trying a kernel's drivers.
+    pub nic: String,
+}
+
+/// Disk controllers QEMU emulates that real machines have and its UEFI
+/// firmware boots from: paravirtual, NVMe, SATA (AHCI, q35's own). (QEMU's
+/// MegaRAID and LSI SAS adapters have no UEFI option ROM, so OVMF cannot
+/// boot from them.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Nvme,
+    Ahci,
+}
+
+impl DiskBus {
+    /// The QEMU devices for drive `d0` as the first boot device.
+    fn devices(self, arch: Arch) -> Result<Vec<String>, VmError> {
+        Ok(match self {
+            DiskBus::Virtio => vec!["virtio-blk-pci,drive=d0,bootindex=1".into()],
+            DiskBus::Nvme => vec!["nvme,drive=d0,serial=kiln0,bootindex=1".into()],
+            DiskBus::Ahci if arch == Arch::Amd64 => vec!["ide-hd,drive=d0,bus=ide.0,bootindex=1".into()],
+            DiskBus::Ahci => vec!["ich9-ahci,id=ahci0".into(), "ide-hd,drive=d0,bus=ahci0.0,bootindex=1".into()],
+        })
+    }
 }
 
 /// The network a VM's NIC is on.
@@ -131,6 +160,8 @@ impl VmSpec {
             net: Net::User,
             mac: "52:54:00:12:34:56".into(),
             secure_boot: false,
+            disk_bus: DiskBus::Virtio,
+            nic: "virtio-net-pci".into(),
         }
     }
 }
@@ -437,7 +468,9 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
             }
             let overlay = overlay_for(spec, &disk, scratch)?;
             c.arg("-drive").arg(format!("if=none,id=d0,format=qcow2,file={}", overlay.display()));
-            c.args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"]);
+            for d in spec.disk_bus.devices(arch)? {
+                c.arg("-device").arg(d);
+            }
         }
         BootFrom::Iso | BootFrom::IsoUsb | BootFrom::IsoBios => {
             let iso = match &spec.disk {
@@ -485,7 +518,10 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         netdev.push_str(&format!(",bootfile={}", spec.ipxe_url.as_deref().unwrap_or("boot.ipxe")));
         c.args(["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1")]);
     } else {
-        c.args(["-netdev", &netdev, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]);
+        if spec.nic.is_empty() || spec.nic.contains(',') {
+            return Err(VmError::Setup(format!("`{}` is not a QEMU NIC model (e.g. virtio-net-pci, e1000e, rtl8139, vmxnet3; `qemu-system-x86_64 -device help` lists them)", spec.nic)));
+        }
+        c.args(["-netdev", &netdev, "-device", &format!("{},netdev=n0,mac={mac},romfile=", spec.nic)]);
     }
     c.args(["-device", "virtio-rng-pci"]);
     // A watchdog (kiln-init arms it): a hung guest resets, as on hardware.

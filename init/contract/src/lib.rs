@@ -6,6 +6,7 @@
 //! - [`event`]: the stable console event format.
 //! - [`requirements`]: the kernel/host requirement table for k0s.
 //! - [`guid`]: GUIDs as GPT writes them.
+//! - [`modules`]: the kernel modules kiln-init loads by name (stage 1, k0s).
 //! - [`layout`]: partition names, ESP and boot-FAT paths, root slots, and
 //!   the paths in the root that the builder fills and the node reads.
 //! - [`verity`]: the dm-verity hash tree and superblock.
@@ -25,6 +26,7 @@ pub mod guid;
 pub mod install_image;
 pub mod layout;
 pub mod minisign;
+pub mod modules;
 pub mod requirements;
 pub mod stream;
 pub mod uboot;

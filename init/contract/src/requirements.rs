@@ -124,6 +124,11 @@ pub const TABLE: &[Requirement] = &[
     req(&["VXLAN"], Report, Worker, "kube-router and calico overlay"),
 ];
 
+/// Where the root carries the kernel's `.config` (`{release}` is `uname
+/// -r`), read by preflight when there is no /proc/config.gz. k0s's own
+/// checks look there too.
+pub const SHIPPED_CONFIG: &str = "/lib/modules/{release}/config";
+
 /// A parsed kernel `.config`: option (without `CONFIG_`) → value.
 #[derive(Debug, Clone, Default)]
 pub struct KernelConfig {
@@ -142,6 +147,16 @@ impl KernelConfig {
             }
         }
         KernelConfig { values }
+    }
+
+    /// A config the image carries as a file ([`SHIPPED_CONFIG`]), as with a
+    /// distro kernel built without IKCONFIG: that file serves what
+    /// /proc/config.gz would, so the IKCONFIG requirement holds.
+    pub fn shipped(mut self) -> KernelConfig {
+        for o in ["IKCONFIG", "IKCONFIG_PROC"] {
+            self.values.insert(o.to_string(), "y".to_string());
+        }
+        self
     }
 
     /// Built in or as a module.

@@ -88,51 +88,17 @@ pub fn set_sysctls() {
 }
 
 /// The modules k0s modprobes at worker start.
-pub const MODULES: &[&str] = &["overlay", "nf_conntrack", "br_netfilter", "ip_tables", "xt_conntrack", "veth", "vxlan"];
+pub use kiln_contract::modules::K0S_MODULES as MODULES;
 
-/// Loads the modules k0s needs, with their dependencies, unless built in.
-/// Returns those that could not be found at all.
+/// Loads the modules k0s needs, with their dependencies and softdeps,
+/// unless built in or loaded. Returns those that could not be found at all
+/// (failures to load are on the console already).
 pub fn load_modules() -> Vec<String> {
-    let release = uname_release();
-    let dir = format!("/lib/modules/{release}");
-    let builtin = sys::read(format!("{dir}/modules.builtin")).unwrap_or_default();
-    let dep = sys::read(format!("{dir}/modules.dep")).unwrap_or_default();
-    let mut missing = Vec::new();
-    for m in MODULES {
-        let norm = |s: &str| s.replace('-', "_");
-        let is = |path: &str| path.rsplit('/').next().map(|f| norm(f.split(".ko").next().unwrap_or(""))) == Some(norm(m));
-        if builtin.lines().any(is) || std::path::Path::new(&format!("/sys/module/{m}")).exists() {
-            continue;
-        }
-        let Some(line) = dep.lines().find(|l| l.split(':').next().is_some_and(is)) else {
-            missing.push(m.to_string());
-            continue;
-        };
-        let (module, deps) = line.split_once(':').unwrap_or((line, ""));
-        let mut order: Vec<&str> = deps.split_whitespace().rev().collect();
-        order.push(module);
-        for rel in order {
-            if let Err(e) = finit_module(&format!("{dir}/{rel}")) {
-                console::warn(&format!("loading module {rel}: {e}"));
-            }
-        }
+    let (loaded, missing) = super::kmod::load_all(MODULES);
+    if !loaded.is_empty() {
+        console::info(&format!("modules loaded for k0s: {}", loaded.join(" ")));
     }
     missing
-}
-
-fn finit_module(path: &str) -> std::io::Result<()> {
-    let f = std::fs::File::open(path)?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: valid fd and an empty NUL-terminated params string.
-    let rc = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(());
-        }
-        return Err(e);
-    }
-    Ok(())
 }
 
 pub fn uname_release() -> String {

@@ -4,11 +4,13 @@
 
 pub mod appliance;
 pub mod clock;
+pub mod coldplug;
 pub mod console;
 pub mod fetch;
 pub mod host;
 pub mod install;
 pub mod k0sfiles;
+pub mod kmod;
 pub mod maintenance;
 pub mod netup;
 pub mod preflight;
@@ -174,7 +176,19 @@ impl Events {
     }
 }
 
-/// Reaps every exited child; returns (pid, status) pairs.
+/// Loads modules for the devices present (the root's modules are a superset
+/// of stage 1's), reports PCI devices without a driver, and emits the
+/// `coldplug` event. Returns the uevent socket for hotplug, opened first so
+/// that no device added meanwhile is missed.
+fn coldplug_at_boot() -> Option<OwnedFd> {
+    let t0 = Instant::now();
+    let uevents = coldplug::open_uevents().map_err(|e| console::warn(&format!("hotplug: the kernel's uevent socket: {e}; devices plugged in later get no module loaded"))).ok();
+    let mut state = coldplug::State::default();
+    let summary = coldplug::scan(&mut state);
+    coldplug::report_unclaimed(&mut state);
+    console::event("coldplug", &[("modules", &summary.loaded.len()), ("seconds", &format!("{:.2}", t0.elapsed().as_secs_f64()))]);
+    uevents
+}
 
 /// The whole life of the node. Never returns.
 pub fn run() -> ! {
@@ -188,6 +202,8 @@ pub fn run() -> ! {
     let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
     console::open_kmsg();
     console::event("started", &[("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime())), ("secureboot", &secureboot::state())]);
+    // Drivers for what is present, before anything looks for disks or NICs.
+    let uevents = coldplug_at_boot();
     // SAFETY: plain syscall; Ctrl-Alt-Del then arrives as SIGINT.
     unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) };
     watchdog::arm();
@@ -199,6 +215,9 @@ pub fn run() -> ! {
             watchdog::idle_forever();
         }
     };
+    if let Some(sock) = uevents {
+        coldplug::start_hotplug(sock);
+    }
     let controllers = match host::setup_cgroups() {
         Ok(c) => c,
         Err(e) => {
@@ -206,11 +225,12 @@ pub fn run() -> ! {
             Vec::new()
         }
     };
-    host::set_sysctls();
+    // Modules first: br_netfilter makes the bridge sysctls exist.
     let missing = host::load_modules();
     if !missing.is_empty() {
         console::warn(&format!("kernel modules not found (neither built in nor in /lib/modules): {}", missing.join(" ")));
     }
+    host::set_sysctls();
     // The installer, when the cmdline asks for it: before the config, which
     // an installer medium need not carry.
     if let Some(t) = install::requested_on_cmdline() {

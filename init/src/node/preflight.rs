@@ -16,9 +16,9 @@ pub struct Outcome {
 pub fn run(role: Role, enabled_controllers: &[String]) -> Outcome {
     let mut failures = Vec::new();
     let mut warnings = Vec::new();
-    match read_proc_config() {
-        Ok(text) => {
-            let report = requirements::check(&KernelConfig::parse(&text), Needs::for_role(role));
+    match read_config() {
+        Ok(cfg) => {
+            let report = requirements::check(&cfg, Needs::for_role(role));
             for m in report.missing(Level::Required) {
                 failures.push(format!("CONFIG_{m}"));
             }
@@ -30,7 +30,7 @@ pub fn run(role: Role, enabled_controllers: &[String]) -> Outcome {
                 console::info(&format!("kernel lacks optional options: {}", optional.join(" ")));
             }
         }
-        Err(e) => warnings.push(format!("cannot read /proc/config.gz ({e}); kernel options not checked")),
+        Err(e) => warnings.push(format!("cannot read /proc/config.gz nor {} ({e}); kernel options not checked", shipped_config())),
     }
     if role.runs_workloads() {
         for c in ["cpu", "cpuset", "memory", "pids"] {
@@ -68,11 +68,21 @@ pub fn var_space() -> Vec<String> {
     warnings
 }
 
-fn read_proc_config() -> std::io::Result<String> {
-    let f = std::fs::File::open("/proc/config.gz")?;
-    let mut s = String::new();
-    flate2::read::GzDecoder::new(f).read_to_string(&mut s)?;
-    Ok(s)
+/// The running kernel's config: /proc/config.gz, or the copy the image
+/// carries (a distro kernel has no IKCONFIG).
+fn read_config() -> std::io::Result<KernelConfig> {
+    match std::fs::File::open("/proc/config.gz") {
+        Ok(f) => {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(f).read_to_string(&mut s)?;
+            Ok(KernelConfig::parse(&s))
+        }
+        Err(_) => Ok(KernelConfig::parse(&std::fs::read_to_string(shipped_config())?).shipped()),
+    }
+}
+
+fn shipped_config() -> String {
+    requirements::SHIPPED_CONFIG.replace("{release}", &super::host::uname_release())
 }
 
 fn free_mib(path: &str) -> Option<u64> {

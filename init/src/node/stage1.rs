@@ -12,7 +12,7 @@ use super::install::MEDIUM_FILE;
 use kiln_contract::layout::{INSTALL_PART, MBR_BOOT, MBR_DATA, RAM_ROOT, RAM_VERITY};
 use super::gpt::{self, Gpt, Guid};
 use super::grow::{self, Ext4Super};
-use super::{console, sys, update};
+use super::{coldplug, console, kmod, sys, update};
 use crate::dm;
 use kiln_contract::layout::Slot;
 use kiln_contract::verity::VeritySuperblock;
@@ -425,7 +425,9 @@ pub fn run() -> ! {
     let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
     console::open_kmsg();
     console::event("started", &[("stage", &1), ("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime()))]);
-    let (fail, found) = boot();
+    let mut devices = coldplug::State::default();
+    load_modules(&mut devices);
+    let (fail, found) = boot(&mut devices);
     console::error(&fail.reason);
     for d in &fail.detail {
         console::error(d);
@@ -507,12 +509,27 @@ fn mount_early() {
     }
 }
 
+/// With a distro kernel: what stage 1 needs by name (device-mapper, the
+/// filesystems), then drivers for the devices present. Quiet when built in.
+fn load_modules(devices: &mut coldplug::State) {
+    let (loaded, _) = kmod::load_all(kiln_contract::modules::STAGE1_MODULES);
+    if !loaded.is_empty() {
+        console::info(&format!("stage 1: modules loaded: {}", loaded.join(" ")));
+    }
+    coldplug::scan(devices);
+}
+
 /// Finds the root and boots it (never returns then). Returns why not, and
 /// the cmdline and root if the root was found.
-fn boot() -> (Fail, Option<(Cmdline, Root)>) {
-    let (cmd, root) = match find() {
+fn boot(devices: &mut coldplug::State) -> (Fail, Option<(Cmdline, Root)>) {
+    let (cmd, root) = match find(devices) {
         Ok(x) => x,
-        Err(f) => return (f, None),
+        Err(f) => {
+            // No root: what has no driver may be why. (With the root found,
+            // stage 2 reports against the root's larger set of modules.)
+            coldplug::report_unclaimed(devices);
+            return (f, None);
+        }
     };
     match mount_and_switch(&cmd, &root) {
         Ok(()) => exec_stage2(),
@@ -521,7 +538,7 @@ fn boot() -> (Fail, Option<(Cmdline, Root)>) {
 }
 
 /// The cmdline, and the root it names.
-fn find() -> Result<(Cmdline, Root), Fail> {
+fn find(devices: &mut coldplug::State) -> Result<(Cmdline, Root), Fail> {
     let text = sys::read("/proc/cmdline").map_err(|e| Fail::root(format!("cmdline: {e}")))?;
     let cmd = parse_cmdline(&text).map_err(|e| Fail::root(format!("cmdline: {e}")))?;
 
@@ -531,7 +548,7 @@ fn find() -> Result<(Cmdline, Root), Fail> {
         Root { medium: Medium::Initramfs, disk: None, data: lo(RAM_ROOT)?, hash: lo(RAM_VERITY)? }
     } else {
         console::info(&format!("stage 1: root hash {} (slot {}); looking for PARTUUIDs {} and {}", cmd.root_hex(), cmd.slot, Guid::root_of(&cmd.roothash), Guid::verity_of(&cmd.roothash)));
-        let root = wait_for_root(&cmd)?;
+        let root = wait_for_root(&cmd, devices)?;
         if cmd.ram {
             copy_to_ram(root)?
         } else {
@@ -581,12 +598,15 @@ fn write_medium(root: &Root, dm_node: &str, sb: &VeritySuperblock, esp: Option<&
     std::fs::write(MEDIUM_FILE, s)
 }
 
-fn wait_for_root(cmd: &Cmdline) -> Result<Root, Fail> {
+/// Polls for the root's partitions; each round first loads drivers for
+/// devices that appeared since (a controller's disks come late).
+fn wait_for_root(cmd: &Cmdline, devices: &mut coldplug::State) -> Result<Root, Fail> {
     let (want_data, want_hash) = (Guid::root_of(&cmd.roothash), Guid::verity_of(&cmd.roothash));
     let start = Instant::now();
     let mut told = false;
     let mut hinted = false;
     loop {
+        coldplug::scan(devices);
         let disks = match cmd.mbr {
             Some(m) => match find_mbr_root(scan_disks(), m) {
                 Ok((disk, part)) => return mbr_root(disk, &part, m, start),

@@ -241,6 +241,8 @@ fn read_volume(dev: &str, fs: Fs) -> Result<Option<Files>, String> {
         let _ = sys::umount(MOUNT_AT, libc::MNT_DETACH);
     }
     let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // A distro kernel has the filesystem and its NLS tables as modules.
+    super::kmod::load_for_fs(fs.mount_type());
     sys::mount(dev, MOUNT_AT, fs.mount_type(), flags, None).map_err(|e| format!("mounting it ({}) read-only: {e}", fs.mount_type()))?;
     let dir = Path::new(MOUNT_AT);
     let read = || -> Result<Option<Files>, String> {

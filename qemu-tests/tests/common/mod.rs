@@ -407,3 +407,19 @@ pub fn kernel_check_is_clean(manifest: &serde_json::Value) {
     let report = check(&cfg, Needs { worker: true });
     assert!(report.missing(Level::Required).is_empty() && report.missing(Level::Warn).is_empty(), "{report}");
 }
+
+pub fn qmp(n: &Node, cmd: &str, args: serde_json::Value) {
+    if let Err(e) = n.vm.qmp_with(cmd, &args) {
+        n.fail(format!("QMP {cmd} {args}: {e}"));
+    }
+}
+
+/// Plugs a USB stick (a raw image, read-only) into the running VM's
+/// `qemu-xhci` controller `xhci`.
+pub fn plug(n: &Node, id: &str, image: &Path) {
+    qmp(n, "blockdev-add", serde_json::json!({
+        "driver": "raw", "node-name": id, "read-only": true,
+        "file": { "driver": "file", "filename": image.display().to_string(), "read-only": true }
+    }));
+    qmp(n, "device_add", serde_json::json!({ "driver": "usb-storage", "bus": "xhci.0", "drive": id, "id": id, "removable": true }));
+}

@@ -607,19 +607,27 @@ pub fn sysinfo_missing(config: &str) -> Vec<String> {
 }
 
 fn kernel_config() -> Result<(), String> {
+    // Where k0s's sysinfo looks: /proc/config.gz, then files such as
+    // /usr/lib/modules/<release>/config (a distro kernel has no IKCONFIG).
     let p = "/proc/config.gz";
-    let f = File::open(p).map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            format!("{p} does not exist (the kernel needs CONFIG_IKCONFIG=y and CONFIG_IKCONFIG_PROC=y)")
-        } else {
-            why_io("cannot open", p, &e)
+    let raw = match File::open(p) {
+        Ok(f) => {
+            let mut raw = Vec::new();
+            flate2::read::GzDecoder::new(f)
+                .take(64 << 20)
+                .read_to_end(&mut raw)
+                .map_err(|e| why_io("cannot decompress", p, &e))?;
+            raw
         }
-    })?;
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(f)
-        .take(64 << 20)
-        .read_to_end(&mut raw)
-        .map_err(|e| why_io("cannot decompress", p, &e))?;
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            let file = format!("/usr/lib/modules/{}/config", release.trim());
+            fs::read(&file).map_err(|e| {
+                format!("neither {p} (CONFIG_IKCONFIG_PROC) nor {file} is readable: {e}")
+            })?
+        }
+        Err(e) => return Err(why_io("cannot open", p, &e)),
+    };
     let config = String::from_utf8_lossy(&raw);
     let missing = sysinfo_missing(&config);
     say(&format!(
