@@ -177,6 +177,11 @@ enum KernelCmd {
         config: PathBuf,
         #[arg(long, value_enum)]
         role: RoleArg,
+        /// The config of a distro kernel (`/boot/config-<release>` of a
+        /// linux-image package): kiln ships it in the image, so the node
+        /// reads it there and IKCONFIG_PROC is not needed.
+        #[arg(long)]
+        distro: bool,
     },
 }
 
@@ -368,15 +373,18 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Kernel { cmd: KernelCmd::Build { profile } } => {
             let p = kiln::profile::load(&profile)?;
-            let inputs = kiln::inputs::kernel::resolve_inputs(&p.kernel, p.arch.debian(), &cache)?;
+            let inputs = kiln::inputs::kernel_input::resolve_inputs(&p.kernel, p.arch.debian(), &cache)?;
             let t = Instant::now();
-            let k = kiln::inputs::kernel::get(p.arch, &inputs, &p.kernel, &cache)?;
+            let k = kiln::inputs::kernel_input::get(p.arch, &inputs, &p.kernel, &cache)?;
             println!("kernel {} ({}) {} in {:.1}s: {}", k.release, &k.key[..12], if k.cached { "cached" } else { "built" }, t.elapsed().as_secs_f64(), k.image.display());
             Ok(0)
         }
-        Cmd::Kernel { cmd: KernelCmd::Check { config, role } } => {
+        Cmd::Kernel { cmd: KernelCmd::Check { config, role, distro } } => {
             let text = read_config(&config)?;
-            let cfg = kiln_contract::requirements::KernelConfig::parse(&text);
+            let mut cfg = kiln_contract::requirements::KernelConfig::parse(&text);
+            if distro {
+                cfg = cfg.shipped();
+            }
             let needs = kiln_contract::requirements::Needs { worker: matches!(role, RoleArg::Worker) };
             let report = kiln_contract::requirements::check(&cfg, needs);
             print!("{report}");

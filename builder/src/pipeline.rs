@@ -2,7 +2,7 @@
 
 use crate::inputs::cache::Cache;
 use crate::inputs::input::{self, Resolved};
-use crate::inputs::kernel::{self, Kernel};
+use crate::inputs::kernel::Kernel;
 use crate::provenance::manifest::{self, Manifest};
 use crate::inputs::payload::{self, Payload};
 use crate::profile::{self, Output, Profile};
@@ -72,7 +72,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
 
     // 2. Inputs.
     let deb_arch = profile.arch.debian();
-    let kernel_inputs = kernel::resolve_inputs(&profile.kernel, deb_arch, cache)?;
+    let kernel_inputs = crate::inputs::kernel_input::resolve_inputs(&profile.kernel, deb_arch, cache)?;
     let busybox = input::resolve("rootfs.busybox", &profile.busybox, deb_arch, cache)?;
     init::check_static("rootfs.busybox", &busybox.path, profile.arch)?;
     let boot = match &profile.boot {
@@ -116,7 +116,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     packages::add_and_check(&mut Tree::new(), &packages, profile.arch, cache)?;
 
     // 3. Kernel, checked against the requirement table for the default role.
-    let kernel = kernel::get(profile.arch, &kernel_inputs, &profile.kernel, cache)?;
+    let kernel = crate::inputs::kernel_input::get(profile.arch, &kernel_inputs, &profile.kernel, cache)?;
     let mut kconfig = kiln_contract::requirements::KernelConfig::parse(&std::fs::read_to_string(&kernel.config)?);
     if kernel.distro.is_some() {
         // The root carries its .config (rootfs_tree), for preflight and k0s.
@@ -325,25 +325,13 @@ fn rootfs_tree(profile: &Profile, kernel: &Kernel, init_bin: &Path, busybox: &Re
     t.file("/etc/nsswitch.conf", "hosts: files dns\n", 0o644)?;
     // Module metadata (modules.builtin) and any modules, under /lib/modules,
     // and their firmware; kiln-init is the modprobe the kernel calls.
-    add_modules(&mut t, &kernel.modules_dir)?;
+    disk::add_modules(&mut t, &kernel.modules_dir)?;
     // The .config where preflight and k0s look when there is no
     // /proc/config.gz; /usr/lib/modules is where a merged-/usr system has it.
     t.host_file(&kiln_contract::requirements::SHIPPED_CONFIG.replace("{release}", &kernel.release), kernel.config.clone(), 0o644)?;
     t.symlink("/usr/lib/modules", "../../lib/modules")?;
     t.file(kiln_contract::layout::VAR_TEMPLATE, var_template(profile)?, 0o644)?;
     Ok(t)
-}
-
-/// A kernel's `lib/modules` (and `lib/firmware`, when there is any) under
-/// `dir`, and `/sbin/modprobe` as kiln-init: the kernel runs it for
-/// `request_module` (a filesystem or crypto module asked for by name).
-pub fn add_modules(t: &mut Tree, dir: &Path) -> Result<()> {
-    t.add_host_dir(&dir.join("lib/modules"), "/lib/modules")?;
-    if dir.join("lib/firmware").is_dir() {
-        t.add_host_dir(&dir.join("lib/firmware"), "/lib/firmware")?;
-    }
-    t.symlink("/sbin/modprobe", "kiln-init")?;
-    Ok(())
 }
 
 /// The empty ext4 kiln-init writes to a blank `storage.var_disk`. Mostly

@@ -265,7 +265,7 @@ impl ProfileFile {
 /// `[kernel] kind = "distro"` and its keys; `None` for a compiled kernel
 /// (where the distro keys are errors, so a typo'd kind is not silently a
 /// compiled kernel).
-fn distro_spec(path: &Path, k: &KernelFile) -> Result<Option<crate::inputs::distro::DistroSpec>, ProfileError> {
+fn distro_spec(path: &Path, k: &KernelFile) -> Result<Option<crate::inputs::kernel::DistroSpec>, ProfileError> {
     let bad = |key: &str, message: String| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message };
     match k.kind.as_deref() {
         None | Some("compiled") => {
@@ -283,7 +283,7 @@ fn distro_spec(path: &Path, k: &KernelFile) -> Result<Option<crate::inputs::dist
             for (i, fw) in k.firmware.iter().flatten().enumerate() {
                 fw.validate().map_err(|m| bad("kernel.firmware", format!("firmware[{i}]: {m}")))?;
             }
-            Ok(Some(crate::inputs::distro::DistroSpec { package, drivers, modules: k.modules.clone().unwrap_or_default(), firmware: k.firmware.clone().unwrap_or_default() }))
+            Ok(Some(crate::inputs::kernel::DistroSpec { package, drivers, modules: k.modules.clone().unwrap_or_default(), firmware: k.firmware.clone().unwrap_or_default() }))
         }
         Some(other) => Err(bad("kernel.kind", format!("`{other}` is not a kernel kind; use `compiled` (source + fragments) or `distro` (a Debian linux-image package)"))),
     }

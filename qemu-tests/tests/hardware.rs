@@ -218,6 +218,11 @@ fn distro_image_is_reproducible_and_its_size_is_reported() {
     assert!(mods.iter().any(|x| x["name"] == "megaraid_sas" && x["stage1"] == true), "megaraid_sas is in stage 1");
     assert!(mods.iter().any(|x| x["name"] == "vmxnet3" && x["stage1"] == false), "vmxnet3 is in the root only");
     assert!(m["inputs"].as_array().unwrap().iter().any(|i| i["name"] == "kernel.package"), "the manifest's inputs name the kernel package");
+    // The firmware package's files that shipped modules declare (isci, a
+    // SAS driver), and nothing else of it.
+    let fw = &m["kernel"]["distro"]["firmware"];
+    assert!(fw.as_array().is_some_and(|f| f.iter().any(|x| x == "isci/isci_firmware.bin")), "{fw}");
+    assert!(!fw.as_array().unwrap().iter().any(|x| x.as_str().is_some_and(|x| x.starts_with("av7110"))), "firmware no shipped module declares: {fw}");
     for (name, dir) in [("compiled", built("qemu-amd64")), ("distro", out.clone())] {
         let m = common::manifest(&dir);
         let uki_name = m["disk"]["uki"].as_str().unwrap().to_string();

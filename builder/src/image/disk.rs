@@ -395,6 +395,18 @@ pub fn write_bmap(out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A kernel's `lib/modules` (and `lib/firmware`, when there is any) under
+/// `dir`, and `/sbin/modprobe` as kiln-init: the kernel runs it for
+/// `request_module` (a filesystem or crypto module asked for by name).
+pub fn add_modules(t: &mut Tree, dir: &Path) -> Result<()> {
+    t.add_host_dir(&dir.join("lib/modules"), "/lib/modules")?;
+    if dir.join("lib/firmware").is_dir() {
+        t.add_host_dir(&dir.join("lib/firmware"), "/lib/firmware")?;
+    }
+    t.symlink("/sbin/modprobe", "kiln-init")?;
+    Ok(())
+}
+
 /// The tree for the stage-1 initramfs of a disk image: kiln-init alone.
 pub fn stage1_tree(init_bin: &Path, modules: &Path) -> Result<Tree> {
     let mut t = Tree::new();
@@ -404,7 +416,7 @@ pub fn stage1_tree(init_bin: &Path, modules: &Path) -> Result<Tree> {
     t.insert("/dev/console", kiln_formats::tree::Kind::CharDev(5, 1), 0o600)?;
     t.host_file("/sbin/kiln-init", init_bin.to_path_buf(), 0o755)?;
     t.symlink("/init", "sbin/kiln-init")?;
-    crate::pipeline::add_modules(&mut t, modules)?;
+    add_modules(&mut t, modules)?;
     Ok(t)
 }
 

@@ -10,28 +10,13 @@
 //! from the modalias of each device it finds (coldplug), and on hotplug.
 
 use super::cache::Cache;
-use super::input::{self, Input, Resolved};
-use super::kernel::{Kernel, KernelError};
+use super::input::{self, Resolved};
+use super::kernel::{DistroKernel, DistroSpec, Kernel, KernelError, Shipped};
 use super::packages::{self, DebEntry, Package};
 use crate::arch::Arch;
 use kiln_formats::kmod::{self, Index, ModInfo};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-
-/// The `[kernel]` keys of a distro kernel.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DistroSpec {
-    /// The `linux-image-<release>` package (not the `linux-image-amd64`
-    /// metapackage, which holds no kernel).
-    pub package: Input,
-    /// Hardware classes whose drivers go in (see [`CLASSES`]).
-    pub drivers: Vec<String>,
-    /// More modules by name, with their closure.
-    pub modules: Vec<String>,
-    /// Firmware packages; a module's declared `firmware=` files are taken
-    /// from them.
-    pub firmware: Vec<Input>,
-}
 
 /// Hardware classes: module paths under `kernel/` (a directory prefix, or
 /// one `.ko`). Documented in docs/hardware.md.
@@ -153,16 +138,6 @@ pub fn select(ix: &Index, spec: &DistroSpec) -> Result<(BTreeSet<String>, BTreeS
     Ok((s1, root))
 }
 
-/// A module shipped in the image, for the manifest and SBOM.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct Shipped {
-    pub name: String,
-    pub path: String,
-    pub sha256: String,
-    /// Also in the stage-1 initramfs.
-    pub stage1: bool,
-}
-
 /// What `assemble` leaves in the cache entry besides the files.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Record {
@@ -192,7 +167,7 @@ pub fn assemble(arch: Arch, pkg: &Resolved, fw: &[Resolved], spec: &DistroSpec, 
             stage1_modules_dir: entry.join("stage1"),
             dtbs_dir: entry.join("dtbs"),
             cached,
-            distro: Some(super::kernel::DistroKernel { package: pkg.source.clone(), modules: rec.modules, firmware: rec.firmware, firmware_missing: rec.firmware_missing }),
+            distro: Some(DistroKernel { package: pkg.source.clone(), modules: rec.modules, firmware: rec.firmware, firmware_missing: rec.firmware_missing }),
         })
     };
     if entry.join("record.json").exists() {

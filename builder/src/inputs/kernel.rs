@@ -28,7 +28,32 @@ pub struct KernelSpec {
     pub cmdline: Vec<String>,
     /// `kind = "distro"`: a Debian kernel package instead of compiling
     /// (`source`, `base`, `fragments` and `patches` are then unused).
-    pub distro: Option<super::distro::DistroSpec>,
+    pub distro: Option<DistroSpec>,
+}
+
+/// The `[kernel]` keys of a distro kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistroSpec {
+    /// The `linux-image-<release>` package (not the `linux-image-amd64`
+    /// metapackage, which holds no kernel).
+    pub package: Input,
+    /// Hardware classes whose drivers go in (see `distro::CLASSES`).
+    pub drivers: Vec<String>,
+    /// More modules by name, with their closure.
+    pub modules: Vec<String>,
+    /// Firmware packages; a module's declared `firmware=` files are taken
+    /// from them.
+    pub firmware: Vec<Input>,
+}
+
+/// A module shipped in the image, for the manifest and SBOM.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Shipped {
+    pub name: String,
+    pub path: String,
+    pub sha256: String,
+    /// Also in the stage-1 initramfs.
+    pub stage1: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +199,7 @@ pub struct Kernel {
 #[derive(Debug, Clone, serde::Serialize, PartialEq)]
 pub struct DistroKernel {
     pub package: String,
-    pub modules: Vec<super::distro::Shipped>,
+    pub modules: Vec<Shipped>,
     pub firmware: Vec<String>,
     /// Firmware files shipped modules may ask for that no firmware package
     /// given has (most are for hardware variants; the node logs a load
@@ -220,39 +245,6 @@ fn patch_ids(patches: &[PathBuf]) -> Result<Vec<(String, String)>, KernelError> 
             Ok((p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), input::sha256_bytes(&bytes)))
         })
         .collect()
-}
-
-/// The kernel's external inputs: the source (compiled) or the package
-/// (distro), and firmware packages.
-#[derive(Debug, Clone)]
-pub struct KernelInputs {
-    pub main: Resolved,
-    pub firmware: Vec<Resolved>,
-}
-
-impl KernelInputs {
-    pub fn all(&self) -> impl Iterator<Item = &Resolved> {
-        std::iter::once(&self.main).chain(&self.firmware)
-    }
-}
-
-/// Fetches (or finds in the cache) what the kernel is made from.
-pub fn resolve_inputs(spec: &KernelSpec, deb_arch: &str, cache: &Cache) -> Result<KernelInputs, super::input::InputError> {
-    match &spec.distro {
-        None => Ok(KernelInputs { main: super::input::resolve("kernel.source", &spec.source, deb_arch, cache)?, firmware: Vec::new() }),
-        Some(d) => Ok(KernelInputs {
-            main: super::input::resolve("kernel.package", &d.package, deb_arch, cache)?,
-            firmware: d.firmware.iter().enumerate().map(|(i, f)| super::input::resolve(&format!("kernel.firmware[{i}]"), f, deb_arch, cache)).collect::<Result<_, _>>()?,
-        }),
-    }
-}
-
-/// The kernel: compiled (or cached), or taken from a distro package.
-pub fn get(arch: Arch, inputs: &KernelInputs, spec: &KernelSpec, cache: &Cache) -> Result<Kernel, KernelError> {
-    match &spec.distro {
-        None => build(arch, &inputs.main, spec, cache),
-        Some(d) => super::distro::assemble(arch, &inputs.main, &inputs.firmware, d, cache),
-    }
 }
 
 /// Builds the kernel, or returns the cached one.

@@ -10,5 +10,6 @@ pub mod distro;
 pub mod init;
 pub mod input;
 pub mod kernel;
+pub mod kernel_input;
 pub mod packages;
 pub mod payload;
