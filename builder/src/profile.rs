@@ -278,7 +278,7 @@ fn distro_spec(path: &Path, k: &KernelFile) -> Result<Option<crate::inputs::kern
         }
         Some("distro") => {
             let package = k.package.clone().ok_or_else(|| bad("kernel.kind", "a distro kernel needs `package = { deb = \"linux-image-<release>\", version = \"…\", sha256 = \"…\" }`".into()))?;
-            let drivers = k.drivers.clone().unwrap_or_else(|| crate::inputs::distro::DEFAULT_DRIVERS.iter().map(|d| d.to_string()).collect());
+            let drivers = k.drivers.clone().unwrap_or_else(crate::inputs::distro::default_drivers);
             crate::inputs::distro::check_drivers(&drivers).map_err(|m| bad("kernel.drivers", m))?;
             for (i, fw) in k.firmware.iter().flatten().enumerate() {
                 fw.validate().map_err(|m| bad("kernel.firmware", format!("firmware[{i}]: {m}")))?;
@@ -724,7 +724,7 @@ mod tests {
         // Neither source nor fragments are needed; every class by default.
         let p = load_with(&format!("kind = \"distro\"\n{pkg}")).unwrap();
         let dist = p.kernel.distro.expect("a distro kernel");
-        assert_eq!(dist.drivers, crate::inputs::distro::DEFAULT_DRIVERS);
+        assert_eq!(dist.drivers, ["storage", "net", "usb", "virtio", "watchdog", "rtc"]);
         assert!(p.kernel.fragments.is_empty());
         let e = load_with(&format!("kind = \"distro\"\n{pkg}\ndrivers = [\"net\", \"gpu\"]")).unwrap_err();
         assert!(e.contains("kernel.drivers") && e.contains("unknown driver class `gpu`") && e.contains("storage, net"), "{e}");

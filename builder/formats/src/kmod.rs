@@ -7,7 +7,6 @@
 //! kiln-init (and busybox's modprobe) read them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 /// What one module declares.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -114,10 +113,6 @@ pub struct Index {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KmodError {
-    #[error("reading {0}: {1}")]
-    Io(String, #[source] std::io::Error),
-    #[error("{0} is not a kernel module (no readable .modinfo section); the package is damaged or not a kernel package")]
-    NotModule(String),
     #[error("module {module} depends on {missing}, which is neither a module of this kernel nor built in")]
     MissingDep { module: String, missing: String },
     #[error("no module named {0} in this kernel (nor built in); check the name against `modules.order` of the kernel package")]
@@ -125,33 +120,6 @@ pub enum KmodError {
 }
 
 impl Index {
-    /// Reads every `.ko` under `dir` (a `/lib/modules/<release>` tree) and
-    /// its `modules.builtin`.
-    pub fn scan(dir: &Path) -> Result<Index, KmodError> {
-        let mut ix = Index::default();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let entries = std::fs::read_dir(&d).map_err(|e| KmodError::Io(d.display().to_string(), e))?;
-            for e in entries {
-                let e = e.map_err(|e| KmodError::Io(d.display().to_string(), e))?;
-                let p = e.path();
-                let ty = e.file_type().map_err(|e| KmodError::Io(p.display().to_string(), e))?;
-                if ty.is_dir() {
-                    stack.push(p);
-                } else if ty.is_file() && p.extension().is_some_and(|x| x == "ko") {
-                    let rel = p.strip_prefix(dir).unwrap_or(&p).to_string_lossy().into_owned();
-                    let bytes = std::fs::read(&p).map_err(|e| KmodError::Io(p.display().to_string(), e))?;
-                    let m = modinfo(&rel, &bytes).ok_or_else(|| KmodError::NotModule(rel.clone()))?;
-                    ix.modules.insert(m.name.clone(), m);
-                }
-            }
-        }
-        if let Ok(text) = std::fs::read_to_string(dir.join("modules.builtin")) {
-            ix.builtin = text.lines().filter(|l| !l.trim().is_empty()).map(name_of_path).collect();
-        }
-        Ok(ix)
-    }
-
     pub fn has(&self, name: &str) -> bool {
         let n = normalise(name);
         self.modules.contains_key(&n) || self.builtin.contains(&n)
@@ -166,11 +134,6 @@ impl Index {
         }
         let a = kiln_contract::modules::normalise_alias(name);
         self.modules.values().filter(|m| m.aliases.iter().any(|p| kiln_contract::modules::glob(&kiln_contract::modules::normalise_alias(p), &a))).map(|m| m.name.clone()).collect()
-    }
-
-    /// The modules whose path starts with one of `prefixes` (`kernel/drivers/net/`).
-    pub fn under(&self, prefixes: &[&str]) -> BTreeSet<String> {
-        self.modules.values().filter(|m| prefixes.iter().any(|p| m.path.starts_with(p))).map(|m| m.name.clone()).collect()
     }
 
     /// `wanted` plus everything it needs: hard dependencies (an error when

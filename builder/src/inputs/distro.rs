@@ -32,7 +32,9 @@ pub const CLASSES: &[(&str, &[&str])] = &[
 
 /// What a distro kernel profile gets when it names no classes: a server
 /// of unknown make needs all of them.
-pub const DEFAULT_DRIVERS: &[&str] = &["storage", "net", "usb", "virtio", "watchdog", "rtc"];
+pub fn default_drivers() -> Vec<String> {
+    CLASSES.iter().map(|(n, _)| n.to_string()).collect()
+}
 
 /// Always in the root: what Kubernetes networking and k0s use (the
 /// requirement table's netfilter, IPVS, bridge, overlay and tunnel

@@ -101,10 +101,6 @@ pub fn load_modules() -> Vec<String> {
     missing
 }
 
-pub fn uname_release() -> String {
-    sys::read("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
 /// The node's name: from the config, or derived from the first NIC's MAC so
 /// that it is stable across reboots.
 pub fn hostname(cfg: &NodeConfig, first_mac: Option<[u8; 6]>) -> String {

@@ -82,7 +82,7 @@ fn read_config() -> std::io::Result<KernelConfig> {
 }
 
 fn shipped_config() -> String {
-    requirements::SHIPPED_CONFIG.replace("{release}", &super::host::uname_release())
+    requirements::SHIPPED_CONFIG.replace("{release}", &super::kmod::release())
 }
 
 fn free_mib(path: &str) -> Option<u64> {
