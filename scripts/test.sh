@@ -30,7 +30,7 @@ prebuild=$!
 # guests often wait on timers. The QEMU tests for the other arches and the
 # real boards run last, so that their kernels compile in the background
 # while the amd64 guests run.
-late=(arm64 armv7 boards containers)
+late=(arm64 armv7 boards containers real_size)
 early=()
 for f in qemu-tests/tests/*.rs; do
   n=$(basename "$f" .rs)

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod image;
 pub mod inputs;
 pub mod pipeline;
+pub mod progress;
 pub mod profile;
 pub mod provenance;
 pub mod tomlfile;

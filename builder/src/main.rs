@@ -92,12 +92,17 @@ enum Cmd {
         #[arg(long, default_value = "virtio-net-pci")]
         nic: String,
     },
-    /// Time a (warm) build of a profile against mksquashfs of the same root
-    /// tree, measured in the same run, and print the ratio.
+    /// Time a (warm) build of a profile against mksquashfs + veritysetup of
+    /// the same root tree, measured in the same run; print the runs, the
+    /// ratio and the build's time per step.
     Bench {
         profile: PathBuf,
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        /// Add the real-size fixture (a file of k0s's size and an airgap-like
+        /// image tarball, from pinned Debian packages) to the profile's root.
+        #[arg(long)]
+        real_size: bool,
     },
     /// Signing keys (minisign, ed25519).
     Key {
@@ -282,6 +287,7 @@ fn run(cli: Cli) -> Result<i32> {
                 },
                 b.initramfs_bytes.map(|n| format!("; PXE initramfs {n} bytes")).unwrap_or_default()
             );
+            print_steps(&b);
             Ok(0)
         }
         Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac, secure_boot, disk_bus, nic } => {
@@ -300,6 +306,7 @@ fn run(cli: Cli) -> Result<i32> {
             spec.api_port = api_port;
             spec.boot = boot;
             spec.disk_size = disk_size << 30;
+            kiln::tools::run::check_pxe_ram(&spec).map_err(anyhow::Error::msg)?;
             let mut vm = Vm::start(&spec)?;
             eprintln!("kiln: booting {} under QEMU ({:?}); console follows", spec.out_dir.display(), vm.accel);
             let waiting = until.is_some() || until_text.is_some();
@@ -365,7 +372,10 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(0)
             }
         }
-        Cmd::Bench { profile, runs } => bench(&profile, runs.max(1), &cache),
+        Cmd::Bench { profile, runs, real_size } => {
+            kiln::tools::bench::bench(&profile, runs.max(1), real_size, &cache)?;
+            Ok(0)
+        }
         Cmd::Profile { cmd: ProfileCmd::Check { profile } } => {
             let p = kiln::pipeline::check(&profile)?.profile;
             println!("{}: ok ({} for {}, {} kernel fragment(s))", profile.display(), p.name, p.arch, p.kernel.fragments.len());
@@ -443,58 +453,25 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn bench(profile: &std::path::Path, runs: u32, cache: &Cache) -> Result<i32> {
-    let dir = tempfile::tempdir()?;
-    // Warm the cache (kernel, inputs, node binaries) first; not timed.
-    let first = kiln::pipeline::build(profile, &dir.path().join("warm"), cache)?;
-    let disk = first.out.join("disk.raw");
-    if !disk.exists() {
-        bail!("the profile has no disk output; the benchmark compares the disk build with mksquashfs");
+/// One line per step of the build, and what the squashfs step did.
+fn print_steps(b: &kiln::pipeline::Built) {
+    let total: f64 = b.timings.iter().map(|t| t.seconds).sum();
+    for t in &b.timings {
+        let extra = match t.step.as_str() {
+            "squashfs" => {
+                let s = &b.squashfs;
+                format!(
+                    "  ({} MB of files into {} MB; {} MB already compressed, stored as is; {} MB packed by an earlier build, from the cache)",
+                    s.data_in / 1_000_000,
+                    s.bytes / 1_000_000,
+                    s.stored_raw / 1_000_000,
+                    s.reused / 1_000_000
+                )
+            }
+            _ => String::new(),
+        };
+        println!("  {:<28} {:>7.2}s {:>5.1}%{extra}", t.step, t.seconds, if total > 0.0 { t.seconds * 100.0 / total } else { 0.0 });
     }
-    // The same root tree, on the host, for mksquashfs.
-    let root = dir.path().join("root");
-    let sqfs = dir.path().join("root.sqfs");
-    let parts = kiln_formats::gpt::Gpt::read(&mut std::fs::File::open(&disk)?)?;
-    let ra = parts.partitions.iter().find(|p| p.name == "root-a").context("no root-a")?;
-    std::process::Command::new("dd")
-        .arg(format!("if={}", disk.display()))
-        .arg(format!("of={}", sqfs.display()))
-        .args(["bs=1M", "status=none", "iflag=skip_bytes,count_bytes"])
-        .arg(format!("skip={}", ra.offset_bytes()))
-        .arg(format!("count={}", ra.size_bytes()))
-        .status()?;
-    let st = std::process::Command::new("unsquashfs").args(["-q", "-n", "-d"]).arg(&root).arg(&sqfs).output().context("unsquashfs (apt-get install squashfs-tools)")?;
-    if !st.status.success() {
-        bail!("unsquashfs: {}", String::from_utf8_lossy(&st.stderr));
-    }
-    let mut build = Vec::new();
-    let mut mksq = Vec::new();
-    for i in 0..runs {
-        let t = Instant::now();
-        kiln::pipeline::build(profile, &dir.path().join(format!("run{i}")), cache)?;
-        build.push(t.elapsed().as_secs_f64());
-        let out = dir.path().join(format!("mk{i}.sqfs"));
-        let t = Instant::now();
-        let st = std::process::Command::new("mksquashfs")
-            .arg(&root)
-            .arg(&out)
-            .args(["-comp", "zstd", "-Xcompression-level", "19", "-no-fragments", "-no-xattrs", "-noappend", "-quiet", "-all-root"])
-            .status()
-            .context("mksquashfs (apt-get install squashfs-tools)")?;
-        mksq.push(t.elapsed().as_secs_f64());
-        if !st.success() {
-            bail!("mksquashfs failed");
-        }
-    }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let (b, m) = (med(&mut build), med(&mut mksq));
-    println!("kiln build (whole image: squashfs, verity, UKI, ESP, ext4, GPT, qcow2, bmap): {b:.2}s median of {runs}");
-    println!("mksquashfs of the same root tree (squashfs only): {m:.2}s median of {runs}");
-    println!("ratio kiln-build / mksquashfs: {:.2}", b / m);
-    Ok(0)
 }
 
 fn read_config(path: &PathBuf) -> Result<String> {

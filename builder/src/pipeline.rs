@@ -10,6 +10,7 @@ use kiln_formats::tree::{Kind, Tree};
 use crate::image::{disk, isoboot, pxe, sdcard, update};
 use crate::inputs::{init, packages};
 use crate::provenance::{keys, sbom};
+use crate::progress::{Steps, Unit};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,10 @@ pub struct Built {
     /// Size of the PXE initramfs, when the profile has the pxe output.
     pub initramfs_bytes: Option<u64>,
     pub payload_bytes: u64,
+    /// Where the time went, step by step.
+    pub timings: Vec<crate::progress::Timing>,
+    /// The root squashfs: bytes, and file data in and stored as it was.
+    pub squashfs: kiln_formats::squashfs::Stats,
 }
 
 /// Step 1: the profile, and everything it names that can be checked without
@@ -65,12 +70,21 @@ pub fn check(profile_path: &Path) -> Result<Checked> {
     Ok(Checked { profile, node_toml, node, signer, secureboot, config_key })
 }
 
-/// Builds every output of a profile into `out_root/<name>/`.
+/// Builds every output of a profile into `out_root/<name>/`, saying on
+/// stderr how a long step is going.
 pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Built> {
+    build_with(profile_path, out_root, cache, &Steps::new(false))
+}
+
+/// [`build`], timing each step in `steps`.
+pub fn build_with(profile_path: &Path, out_root: &Path, cache: &Cache, steps: &Steps) -> Result<Built> {
     // 1. Profile.
+    let step = steps.start("profile", Unit::Files);
     let Checked { profile, node_toml, node, signer, secureboot, config_key } = check(profile_path)?;
 
     // 2. Inputs.
+    drop(step);
+    let step = steps.start("inputs", Unit::Files);
     let deb_arch = profile.arch.debian();
     let kernel_inputs = crate::inputs::kernel_input::resolve_inputs(&profile.kernel, deb_arch, cache)?;
     let busybox = input::resolve("rootfs.busybox", &profile.busybox, deb_arch, cache)?;
@@ -110,13 +124,16 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     }
     let appliance = crate::inputs::appliance::resolve(&profile.appliance, &profile.path, deb_arch, cache)?;
     let packages = packages::resolve(&profile.packages, deb_arch, cache)?;
+    let root_files = crate::inputs::rootfiles::resolve(&profile.root_files, deb_arch, cache)?;
     // A package with a missing library fails here, before any compiling
     // (kiln's own programs are static); the whole root is checked again
     // once assembled.
     packages::add_and_check(&mut Tree::new(), &packages, profile.arch, cache)?;
 
     // 3. Kernel, checked against the requirement table for the default role.
-    let kernel = crate::inputs::kernel_input::get(profile.arch, &kernel_inputs, &profile.kernel, cache)?;
+    drop(step);
+    let step = steps.start("kernel", Unit::Files);
+    let kernel = crate::inputs::kernel_input::get_counted(profile.arch, &kernel_inputs, &profile.kernel, cache, &step.counter)?;
     let mut kconfig = kiln_contract::requirements::KernelConfig::parse(&std::fs::read_to_string(&kernel.config)?);
     if kernel.distro.is_some() {
         // The root carries its .config (rootfs_tree), for preflight and k0s.
@@ -128,12 +145,17 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     }
 
     // 4. Init, and the payload.
+    drop(step);
+    let step = steps.start("kiln-init and payload", Unit::Files);
     let init_bin = init::build(&profile.tree, profile.arch)?;
     let payload = payload::build(&profile.payload, &profile.tree, profile.arch, cache)?;
 
     // 5. Root filesystem tree.
+    drop(step);
+    let step = steps.start("root tree", Unit::Files);
     let mut tree = rootfs_tree(&profile, &kernel, &init_bin, &busybox, &payload, &node_toml)?;
     appliance.add_to(&mut tree)?;
+    crate::inputs::rootfiles::add_to(&mut tree, &root_files)?;
     if let Some(k) = &signer {
         tree.file("/etc/kiln/update.pub", k.public().to_file(), 0o644)?;
     }
@@ -156,11 +178,15 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     // puts there.
     tree.mkdir_p("/boot", 0o755)?;
     let stage1 = disk::stage1_tree(&init_bin, &kernel.stage1_modules_dir)?;
-    let root = disk::build_root(&work, &profile.disk, &disk::RootInputs { root: &tree, stage1: &stage1, cmdline: &cmdline, epoch: profile.source_date_epoch })?;
+    drop(step);
+    let store = crate::inputs::packed::PackedStore::new(cache);
+    let store = steps.reuse_packed().then_some(&store as &dyn kiln_formats::squashfs::Store);
+    let root = disk::build_root(&work, &profile.disk, &disk::RootInputs { root: &tree, stage1: &stage1, cmdline: &cmdline, epoch: profile.source_date_epoch, store }, steps)?;
 
     let mut initramfs_bytes = None;
     if profile.outputs.contains(&Output::Pxe) {
-        initramfs_bytes = Some(pxe::write(staging.path(), &kernel.image, &stage1, &root, profile.source_date_epoch, name).context("writing the PXE bundle")?);
+        let _step = steps.start("pxe", Unit::Bytes);
+        initramfs_bytes = Some(pxe::write(staging.path(), &kernel.image, &root, profile.source_date_epoch, name).context("writing the PXE bundle")?);
         let vmlinuz = staging.path().join("pxe/vmlinuz");
         if let Some(s) = secureboot.as_ref().filter(|_| crate::image::secureboot::is_pe(&vmlinuz).unwrap_or(false)) {
             s.sign_in_place(&vmlinuz)?;
@@ -189,14 +215,16 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         };
         if !profile.outputs.iter().any(|o| o.needs_disk()) {
             // Only the update bundle wants the UKI: no disk to write.
+            let _step = steps.start("uki", Unit::Bytes);
             let uki_path = work.join("kiln.efi");
             disk::write_uki(&root, &b, &root.cmdline, &uki_path)?;
             uki = Some((String::new(), uki_path));
         } else {
             let wants_disk_file = profile.outputs.iter().any(|o| matches!(o, Output::Disk | Output::Qcow2 | Output::Zst | Output::Bmap));
             let disk_path = if wants_disk_file { staging.path().join("disk.raw") } else { work.join("disk.raw") };
-            let built = disk::write(&disk_path, &work, &profile.disk, &root, &b)?;
+            let built = disk::write(&disk_path, &work, &profile.disk, &root, &b, steps)?;
             for o in &profile.outputs {
+                let _step = matches!(o, Output::Qcow2 | Output::Zst | Output::Bmap | Output::Iso).then(|| steps.start(o.name(), Unit::Bytes));
                 match o {
                     Output::Qcow2 => disk::write_qcow2(staging.path())?,
                     Output::Zst => disk::write_zst(staging.path())?,
@@ -213,11 +241,13 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     }
     if let (Some(board), Some(bi)) = (&profile.board, &board_inputs) {
         if profile.outputs.contains(&Output::Sdcard) {
-            let spec = sdcard::SdSpec { profile: name.clone(), boot_mib: profile.disk.esp_mib, root_slot_mib: profile.disk.root_slot_mib, data_mib: profile.disk.data_mib, epoch: profile.source_date_epoch };
+            let _step = steps.start("sdcard", Unit::Bytes);
+            let spec = sdcard::SdSpec { profile: name.clone(), boot_mib: profile.disk.esp_mib, root_slot: profile.disk.root_slot, data_mib: profile.disk.data_mib, epoch: profile.source_date_epoch };
             let k = sdcard::KernelFiles { zimage: &kernel.image, dtbs: Some(&kernel.dtbs_dir) };
             sdcard::write(&staging.path().join("sdcard.img"), &work, &spec, board, bi, &root, &k).context("writing the SD card image")?;
         }
         if let (Some(key), true) = (&signer, profile.outputs.contains(&Output::Update)) {
+            let _step = steps.start("update", Unit::Bytes);
             let dtb = sdcard::dtb_file(board, Some(&kernel.dtbs_dir))?.zip(board.dtb.as_deref()).map(|(file, name)| (name, file));
             let cmdline = sdcard::bundle_cmdline(board, &root);
             update::write_build(staging.path(), &profile.identity(), key, &root, &update::Boot::Board { zimage: &kernel.image, dtb, cmdline: &cmdline }).context("writing the update bundle")?;
@@ -228,10 +258,12 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         }
     }
     if let (Some(key), Some((_, uki_path)), None, true) = (&signer, &uki, &profile.board, profile.outputs.contains(&Output::Update)) {
+        let _step = steps.start("update", Unit::Bytes);
         update::write_build(staging.path(), &profile.identity(), key, &root, &update::Boot::Uki(uki_path)).context("writing the update bundle")?;
     }
     std::fs::remove_dir_all(&work)?;
-    let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.map(|(name, _)| name).unwrap_or_default(), squashfs_bytes: root.squashfs_bytes });
+    let step = steps.start("sbom, manifest, signatures", Unit::Bytes);
+    let disk_info = Some(manifest::DiskInfo { roothash: root.verity.root_hex(), cmdline: root.cmdline.clone(), uki: uki.map(|(name, _)| name).unwrap_or_default(), squashfs_bytes: root.squashfs_bytes, root_slot_mib: profile.disk.root_slot.mib_for(root.squashfs_bytes).ok() });
 
     let mut inputs: Vec<Resolved> = kernel_inputs.all().cloned().collect();
     inputs.push(busybox);
@@ -247,9 +279,12 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     }
     inputs.extend(appliance.inputs);
     inputs.extend(packages.into_iter().map(|p| p.resolved));
+    inputs.extend(root_files.into_iter().map(|(_, r)| r));
     inputs.extend(board_inputs.iter().flat_map(|b| b.all().cloned()));
     // The SBOM lists the artifacts so far; the manifest then lists it too.
-    let sbom = sbom::collect(&profile.identity(), &kernel, &init_bin, &profile.payload, &payload, &inputs, staging.path(), cache)?.write(staging.path())?;
+    let sbom_doc = sbom::collect(&profile.identity(), &kernel, &init_bin, &profile.payload, &payload, &inputs, staging.path(), cache)?;
+    let hashed: std::collections::HashMap<String, String> = sbom_doc.artifacts.iter().map(|a| (a.path.clone(), a.sha256.clone())).collect();
+    let sbom = sbom_doc.write(staging.path())?;
     if let Some(k) = &signer {
         keys::sign_beside(k, &sbom, &format!("kiln sbom profile={name} arch={}", profile.arch))?;
     }
@@ -264,7 +299,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
         board: profile.board.as_ref().map(|b| b.name.clone()),
         qemu: manifest::QemuInfo { machine: profile.qemu.machine.to_string(), memory_mib: profile.qemu.memory_mib, cpus: profile.qemu.cpus },
         inputs,
-        artifacts: manifest::artifacts(staging.path())?,
+        artifacts: manifest::artifacts_known(staging.path(), &hashed)?,
     };
     manifest.write(staging.path())?;
     if let Some(k) = &signer {
@@ -278,7 +313,8 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
     let staged = staging.keep();
     std::fs::rename(&staged, &out).with_context(|| format!("moving the finished build to {}", out.display()))?;
     let payload_bytes = std::fs::metadata(&payload.path)?.len();
-    Ok(Built { out, kernel_cached: kernel.cached, kernel_distro: kernel.distro.is_some(), initramfs_bytes, payload_bytes })
+    drop(step);
+    Ok(Built { out, kernel_cached: kernel.cached, kernel_distro: kernel.distro.is_some(), initramfs_bytes, payload_bytes, timings: steps.timings(), squashfs: root.stats })
 }
 
 const DIRS: &[(&str, u32)] = &[

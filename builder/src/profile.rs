@@ -51,6 +51,20 @@ pub enum Output {
 }
 
 impl Output {
+    /// The name a profile gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Output::Pxe => "pxe",
+            Output::Disk => "disk",
+            Output::Qcow2 => "qcow2",
+            Output::Zst => "zst",
+            Output::Bmap => "bmap",
+            Output::Iso => "iso",
+            Output::Sdcard => "sdcard",
+            Output::Update => "update",
+        }
+    }
+
     pub fn needs_disk(self) -> bool {
         !matches!(self, Output::Pxe | Output::Sdcard | Output::Update)
     }
@@ -156,12 +170,20 @@ pub struct BootFile {
     pub stub: Option<Input>,
 }
 
+/// `disk.root_slot_mib`: a number of MiB, or a word (`auto`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SlotFile {
+    Mib(u64),
+    Word(String),
+}
+
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskFile {
     pub esp_mib: Option<u64>,
-    /// Each root slot (A and B); the squashfs must fit.
-    pub root_slot_mib: Option<u64>,
+    /// Each root slot (A and B), MiB or `"auto"`; the squashfs must fit.
+    pub root_slot_mib: Option<SlotFile>,
     /// The data partition as built; the node grows it to fill the disk.
     pub data_mib: Option<u64>,
     /// `panic_on_corruption`, `restart_on_corruption`, or unset (I/O errors).
@@ -203,6 +225,8 @@ pub struct RootfsFile {
     pub busybox_applets: Option<Vec<String>>,
     /// `[[rootfs.packages]]`: Debian packages unpacked into the root.
     pub packages: Option<Vec<crate::inputs::packages::PackageFile>>,
+    /// `[[rootfs.files]]`: single pinned files at a path in the root.
+    pub files: Option<Vec<crate::inputs::rootfiles::RootFileFile>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -245,7 +269,7 @@ impl ProfileFile {
     fn inherit(&mut self, base: &ProfileFile) {
         merge_opts!(self, base, name, description, arch, outputs, version, board, source_date_epoch);
         merge_opts!(self.kernel, base.kernel, source, base, fragments, patches, cmdline, kind, package, drivers, modules, firmware);
-        merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets, packages);
+        merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets, packages, files);
         merge_opts!(self.payload, base.payload, stand_in, k0s, version);
         merge_opts!(self.node, base.node, config, config_key);
         merge_opts!(self.iso, base.iso, root, isolinux, isohybrid_mbr, ldlinux);
@@ -327,6 +351,8 @@ pub struct Profile {
     pub busybox_applets: Vec<String>,
     /// `[[rootfs.packages]]`, checked.
     pub packages: Vec<crate::inputs::packages::PackageSpec>,
+    /// `[[rootfs.files]]`, checked.
+    pub root_files: Vec<crate::inputs::rootfiles::RootFile>,
     pub payload: Payload,
     pub node_config: PathBuf,
     pub qemu: QemuSpec,
@@ -383,6 +409,9 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, Prof
     file.appliance.anchor(&dir);
     for p in file.rootfs.packages.iter_mut().flatten() {
         p.anchor(&dir);
+    }
+    for f in file.rootfs.files.iter_mut().flatten() {
+        f.anchor(&dir);
     }
     if let Some(ext) = file.extends.clone() {
         let base_path = path.parent().unwrap_or(Path::new(".")).join(&ext);
@@ -511,9 +540,22 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
             message: format!("`{s}` is not panic_on_corruption or restart_on_corruption"),
         })?),
     };
+    let root_slot = match &f.disk.root_slot_mib {
+        None => crate::image::disk::RootSlot::Auto,
+        Some(SlotFile::Word(w)) if w == "auto" => crate::image::disk::RootSlot::Auto,
+        Some(SlotFile::Mib(m)) if *m >= 1 => crate::image::disk::RootSlot::Mib(*m),
+        Some(other) => {
+            return Err(ProfileError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(path, "disk.root_slot_mib"),
+                key: "disk.root_slot_mib".into(),
+                message: format!("{} is not a size in MiB or \"auto\"", match other { SlotFile::Mib(m) => m.to_string(), SlotFile::Word(w) => format!("\"{w}\"") }),
+            })
+        }
+    };
     let disk = crate::image::disk::DiskSpec {
         esp_mib: f.disk.esp_mib.unwrap_or(64),
-        root_slot_mib: f.disk.root_slot_mib.unwrap_or(256),
+        root_slot,
         data_mib: f.disk.data_mib.unwrap_or(64),
         on_corruption,
     };
@@ -550,6 +592,8 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
     }
     let packages = crate::inputs::packages::spec(f.rootfs.packages.as_deref().unwrap_or_default(), arch)
         .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
+    let root_files = crate::inputs::rootfiles::spec(f.rootfs.files.as_deref().unwrap_or_default())
+        .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
     let board = board_spec(path, &tree, arch, &f, &outputs)?;
     let qemu = qemu_spec(path, arch, &f, &outputs)?;
@@ -579,6 +623,7 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         busybox: f.rootfs.busybox.ok_or_else(|| missing("rootfs.busybox"))?,
         busybox_applets: f.rootfs.busybox_applets.unwrap_or_default(),
         packages,
+        root_files,
         payload,
         node_config,
         qemu,

@@ -37,8 +37,8 @@ fn fixture() -> Fixture {
     root.file("/etc/os-release", "ID=kiln\n", 0o644).unwrap();
     let mut stage1 = Tree::new();
     stage1.file("/init", "#!/bin/sh\n", 0o755).unwrap();
-    let spec = DiskSpec { esp_mib: 64, root_slot_mib: 8, data_mib: 8, on_corruption: None };
-    let root = disk::build_root(dir.path(), &spec, &RootInputs { root: &root, stage1: &stage1, cmdline: "panic=10", epoch: 1_700_000_000 }).unwrap();
+    let spec = DiskSpec { esp_mib: 64, root_slot: kiln::image::disk::RootSlot::Mib(8), data_mib: 8, on_corruption: None };
+    let root = disk::build_root(dir.path(), &spec, &RootInputs { root: &root, stage1: &stage1, cmdline: "panic=10", epoch: 1_700_000_000, store: None }, &kiln::progress::Steps::new(true)).unwrap();
     let zimage = dir.path().join("zImage");
     std::fs::write(&zimage, (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>()).unwrap();
     let dtbs = dir.path().join("dtbs");
@@ -50,7 +50,7 @@ fn fixture() -> Fixture {
 }
 
 fn spec() -> SdSpec {
-    SdSpec { profile: "board-test".into(), boot_mib: 64, root_slot_mib: 8, data_mib: 8, epoch: 1_700_000_000 }
+    SdSpec { profile: "board-test".into(), boot_mib: 64, root_slot: kiln::image::disk::RootSlot::Mib(8), data_mib: 8, epoch: 1_700_000_000 }
 }
 
 fn write(f: &Fixture, b: &Board, inputs: &BoardInputs, name: &str) -> anyhow::Result<(PathBuf, sdcard::SdBuilt)> {
@@ -137,7 +137,7 @@ fn check_mbr_cmdline(f: &Fixture, img: &Path, built: &sdcard::SdBuilt) {
     let sig = u32::from_le_bytes(bytes[440..444].try_into().unwrap());
     assert_eq!(bytes[446], 0x80, "partition 1 is bootable");
     assert_eq!(bytes[450], 0x0c, "partition 1 is FAT32 LBA");
-    let slot = spec().root_slot_mib * MIB;
+    let slot = 8 * MIB;
     assert!(built.cmdline.contains(&format!("kiln.mbr={sig:08x},2,{slot}")), "{}", built.cmdline);
     let ra = &built.partitions[1];
     let v = std::fs::read(&f.root.verity_path).unwrap();

@@ -72,6 +72,26 @@ pub fn write_cpio(tree: &Tree, mtime: u64, w: &mut impl Write) -> io::Result<()>
     Ok(())
 }
 
+/// The length of [`write_cpio`]'s archive of `tree`, from the entries'
+/// sizes (host files are not read).
+pub fn newc_len(tree: &Tree) -> io::Result<u64> {
+    let entry = |name: &str, size: u64| (110 + name.len() as u64 + 1).div_ceil(4) * 4 + size.div_ceil(4) * 4;
+    let mut n = 0;
+    for (path, e) in tree.iter() {
+        if path == "/" {
+            continue;
+        }
+        let size = match &e.kind {
+            Kind::Symlink(t) => t.len() as u64,
+            Kind::File(Content::Bytes(b)) => b.len() as u64,
+            Kind::File(Content::Host(p)) => std::fs::metadata(p).map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", p.display())))?.len(),
+            Kind::Dir | Kind::CharDev(..) => 0,
+        };
+        n += entry(&path[1..], size);
+    }
+    Ok(n + entry("TRAILER!!!", 0))
+}
+
 /// Writes the tree as a zstd-compressed newc archive. Level 19 and one
 /// thread keep the output identical across machines.
 pub fn write(tree: &Tree, mtime: u64, w: impl Write) -> io::Result<()> {
@@ -120,6 +140,20 @@ mod tests {
         std::fs::create_dir(&x).unwrap();
         let ok = std::process::Command::new("sh").arg("-c").arg(format!("cd {} && cpio -id --no-absolute-filenames < {} 2>/dev/null; cat etc/hostname", x.display(), f.display())).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&ok.stdout), "node\n");
+    }
+
+    #[test]
+    fn newc_len_is_the_archive_length() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = sample();
+        for n in [0usize, 1, 3, 4, 4097] {
+            let p = d.path().join(format!("f{n}"));
+            std::fs::write(&p, vec![7u8; n]).unwrap();
+            t.host_file(&format!("/kiln/f{n}"), p, 0o444).unwrap();
+        }
+        let mut buf = Vec::new();
+        write_cpio(&t, 0, &mut buf).unwrap();
+        assert_eq!(newc_len(&t).unwrap(), buf.len() as u64);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::tree::{Content, Entry, Kind, Tree};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use zstd::bulk::Compressor;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,13 @@ pub struct Stats {
     pub inodes: u32,
     pub files: u32,
     pub dirs: u32,
+    /// File data read, and of it the bytes stored as they are because a
+    /// quick pass found them incompressible (already-compressed data: image
+    /// layers, archives), which skips the slow pass at `compression_level`.
+    pub data_in: u64,
+    pub stored_raw: u64,
+    /// File bytes whose packed blocks came from the [`Store`].
+    pub reused: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +103,75 @@ pub fn write(tree: &Tree, opts: &Options, out: &mut (impl Write + Seek)) -> Resu
     write_entries(tree.iter(), opts, out)
 }
 
+/// What [`write_with`] may use besides the tree.
+#[derive(Default, Clone, Copy)]
+pub struct Extras<'a> {
+    /// Gets the file bytes read added as the writer goes.
+    pub progress: Option<&'a AtomicU64>,
+    /// Packed data of large files from earlier builds, and where this
+    /// build's goes.
+    pub store: Option<&'a dyn Store>,
+}
+
+/// [`write`], with progress and a store of packed files.
+pub fn write_with(tree: &Tree, opts: &Options, out: &mut (impl Write + Seek), extras: Extras) -> Result<Stats> {
+    write_threads(tree.iter(), opts, threads(), extras, out)
+}
+
+/// Files at least this big are looked up in, and go into, a [`Store`].
+pub const STORE_MIN_BYTES: u64 = 4 << 20;
+
+/// Packed file data kept between builds: a large file's blocks exactly as
+/// this writer packs them, under a key naming its content, the block size,
+/// the level and the packing rules ([`store_key`]). A rebuild with an
+/// unchanged k0s or image tarball then copies its packed blocks instead of
+/// compressing them again; the image's bytes are the same either way.
+pub trait Store {
+    /// The stored blocks of `key`, when there is an intact entry.
+    fn get(&self, key: &str) -> Option<Stored>;
+    /// A new entry; the writer writes the packed bytes into it, then
+    /// commits it (or drops it, for data not worth keeping).
+    fn create(&self) -> io::Result<Box<dyn Pending>>;
+}
+
+/// A stored file: its inode's block words and its packed bytes.
+pub struct Stored {
+    pub blocks: Vec<u32>,
+    pub data: Box<dyn io::Read>,
+    pub data_len: u64,
+}
+
+/// An entry being written; see [`Store::create`].
+pub trait Pending: Write {
+    fn commit(self: Box<Self>, key: &str, blocks: &[u32]) -> io::Result<()>;
+}
+
+/// Bump when the packing of a block changes for the same bytes and level.
+const PACKING: u32 = 1;
+
+/// The key of a file with content sha256 `sha256` under `opts`.
+pub fn store_key(sha256: &str, opts: &Options) -> String {
+    format!("{sha256}-b{}-z{}-p{PACKING}", opts.block_size, opts.compression_level)
+}
+
+/// The bytes of file data `tree` holds (what [`write_counted`] counts to).
+pub fn data_bytes(tree: &Tree) -> u64 {
+    tree.iter()
+        .map(|(_, e)| match &e.kind {
+            Kind::File(Content::Bytes(b)) => b.len() as u64,
+            Kind::File(Content::Host(p)) => std::fs::metadata(p).map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// [`write`] over any sorted list of entries, parents first; tests use it to
 /// set owners, which `Tree` has no setter for.
 fn write_entries<'t>(entries: impl IntoIterator<Item = (&'t str, &'t Entry)>, opts: &Options, out: &mut (impl Write + Seek)) -> Result<Stats> {
-    write_threads(entries, opts, threads(), out)
+    write_threads(entries, opts, threads(), Extras::default(), out)
 }
 
-fn write_threads<'t>(entries: impl IntoIterator<Item = (&'t str, &'t Entry)>, opts: &Options, threads: usize, out: &mut (impl Write + Seek)) -> Result<Stats> {
+fn write_threads<'t>(entries: impl IntoIterator<Item = (&'t str, &'t Entry)>, opts: &Options, threads: usize, extras: Extras, out: &mut (impl Write + Seek)) -> Result<Stats> {
     let block_log = check_options(opts)?;
     let nodes = collect(entries)?;
     let root =
@@ -123,7 +192,7 @@ fn write_threads<'t>(entries: impl IntoIterator<Item = (&'t str, &'t Entry)>, op
     sink.write(&[0; SUPERBLOCK_LEN as usize])?;
     let mut compressors = Vec::new();
     for _ in 0..threads.max(1) {
-        compressors.push(Compressor::new(opts.compression_level).map_err(|source| SquashfsError::Compress { source })?);
+        compressors.push(Packer::new(opts.compression_level)?);
     }
     let mut flags = FLAG_NO_FRAGMENTS | FLAG_NO_XATTRS;
     if opts.compression_level != ZSTD_DEFAULT_LEVEL {
@@ -141,6 +210,13 @@ fn write_threads<'t>(entries: impl IntoIterator<Item = (&'t str, &'t Entry)>, op
         batch: Vec::new(),
         batch_bytes: 0,
         files: vec![FileData::default(); nodes.len()],
+        progress: extras.progress,
+        store: extras.store,
+        opts: opts.clone(),
+        recording: None,
+        data_in: 0,
+        stored_raw: 0,
+        reused: 0,
     };
     for (i, n) in nodes.iter().enumerate() {
         if let Kind::File(c) = &n.entry.kind {
@@ -148,8 +224,8 @@ fn write_threads<'t>(entries: impl IntoIterator<Item = (&'t str, &'t Entry)>, op
         }
     }
     data.flush()?;
-    let DataWriter { mut sink, mut compressors, files, .. } = data;
-    let z = &mut compressors[0];
+    let DataWriter { mut sink, mut compressors, files, data_in, stored_raw, reused, .. } = data;
+    let z = &mut compressors[0].full;
 
     let mut inodes = Meta::default();
     let mut dirs = Meta::default();
@@ -291,7 +367,7 @@ fn write_threads<'t>(entries: impl IntoIterator<Item = (&'t str, &'t Entry)>, op
     .map_err(|source| SquashfsError::Write { source })?;
 
     let count = |f: fn(&Kind) -> bool| nodes.iter().filter(|n| f(&n.entry.kind)).count() as u32;
-    Ok(Stats { bytes: padded, inodes: inode_count, files: count(|k| matches!(k, Kind::File(_))), dirs: count(|k| matches!(k, Kind::Dir)) })
+    Ok(Stats { bytes: padded, inodes: inode_count, files: count(|k| matches!(k, Kind::File(_))), dirs: count(|k| matches!(k, Kind::Dir)), data_in, stored_raw, reused })
 }
 
 fn check_options(opts: &Options) -> Result<u16> {
@@ -546,16 +622,76 @@ struct Block {
 
 /// Streams file contents to the image in batches of blocks, compressed in
 /// parallel and written in order.
-struct DataWriter<'o, W: Write> {
+struct DataWriter<'o, 'p, W: Write> {
     sink: Sink<'o, W>,
-    compressors: Vec<Compressor<'static>>,
+    compressors: Vec<Packer>,
     block_size: usize,
     batch: Vec<Block>,
     batch_bytes: usize,
     files: Vec<FileData>,
+    progress: Option<&'p AtomicU64>,
+    store: Option<&'p dyn Store>,
+    opts: Options,
+    /// The file whose packed blocks also go into a new store entry.
+    recording: Option<Recording>,
+    data_in: u64,
+    stored_raw: u64,
+    reused: u64,
 }
 
-impl<W: Write> DataWriter<'_, W> {
+struct Recording {
+    file: usize,
+    key: String,
+    entry: Box<dyn Pending>,
+    /// Blocks the full pass compressed: only those make an entry worth it.
+    packed: u64,
+    failed: bool,
+}
+
+/// One thread's compressors: a quick pass (zstd level 1) decides whether a
+/// block is worth the full one. A block the quick pass cannot shrink by
+/// [`WORTH`] is stored as it is: already-compressed data (gzip'd image
+/// layers, archives) would cost the slow level for a block the full pass
+/// too would leave at about its size. Only the block's bytes decide, so the
+/// image stays reproducible.
+struct Packer {
+    full: Compressor<'static>,
+    quick: Option<Compressor<'static>>,
+}
+
+/// The quick pass must save more than 1/32 of a block (3 %).
+const WORTH: usize = 32;
+/// Below this level the full pass is about as fast as the quick one.
+const QUICK_FROM_LEVEL: i32 = 6;
+
+impl Packer {
+    fn new(level: i32) -> Result<Packer> {
+        let z = |l| Compressor::new(l).map_err(|source| SquashfsError::Compress { source });
+        Ok(Packer { full: z(level)?, quick: if level >= QUICK_FROM_LEVEL { Some(z(1)?) } else { None } })
+    }
+
+    /// The block compressed, or `None` when it should be stored as it is.
+    fn pack(&mut self, data: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        if let Some(q) = &mut self.quick {
+            if q.compress(data)?.len() >= data.len() - data.len() / WORTH {
+                return Ok(None);
+            }
+        }
+        let p = self.full.compress(data)?;
+        Ok((p.len() < data.len()).then_some(p))
+    }
+}
+
+/// A block after compression.
+#[derive(Clone)]
+enum Packed {
+    /// All zeros: a hole.
+    Hole,
+    Raw,
+    Zstd(Vec<u8>),
+}
+
+impl<W: Write> DataWriter<'_, '_, W> {
     fn file(&mut self, i: usize, path: &str, content: &Content) -> Result<()> {
         match content {
             Content::Bytes(b) => {
@@ -566,8 +702,25 @@ impl<W: Write> DataWriter<'_, W> {
             Content::Host(host) => {
                 let err = |source: io::Error| SquashfsError::ReadHost { path: path.into(), host: host.clone(), source };
                 let mut f = std::fs::File::open(host).map_err(err)?;
-                if !f.metadata().map_err(err)?.is_file() {
+                let meta = f.metadata().map_err(err)?;
+                if !meta.is_file() {
                     return Err(err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+                }
+                let store = self.store.filter(|_| meta.len() >= STORE_MIN_BYTES);
+                if let Some(store) = store {
+                    let sha = sha256_of(&mut f).map_err(err)?;
+                    f.seek(SeekFrom::Start(0)).map_err(err)?;
+                    let key = store_key(&sha, &self.opts);
+                    if let Some(stored) = store.get(&key) {
+                        if self.take_stored(i, meta.len(), stored)? {
+                            return Ok(());
+                        }
+                    }
+                    // Record this file's packed blocks for the next build.
+                    self.flush()?;
+                    if let Ok(entry) = store.create() {
+                        self.recording = Some(Recording { file: i, key, entry, packed: 0, failed: false });
+                    }
                 }
                 loop {
                     let mut buf = vec![0; self.block_size];
@@ -581,13 +734,68 @@ impl<W: Write> DataWriter<'_, W> {
                         break;
                     }
                 }
+                if self.recording.is_some() {
+                    self.flush()?;
+                    if let Some(r) = self.recording.take() {
+                        let blocks = self.files[i].blocks.len() as u64;
+                        // Worth keeping when the full pass did most of it.
+                        if !r.failed && r.packed * 2 >= blocks {
+                            let _ = r.entry.commit(&r.key, &self.files[i].blocks);
+                        }
+                    }
+                }
             }
         }
         Ok(())
     }
 
+    /// Writes a stored file's packed blocks, when they fit a file of `size`
+    /// bytes; false (nothing written) when they do not.
+    fn take_stored(&mut self, i: usize, size: u64, mut stored: Stored) -> Result<bool> {
+        let bs = self.block_size as u64;
+        let words = size.div_ceil(bs);
+        let on_disk: u64 = stored.blocks.iter().map(|w| u64::from(w & !DATA_RAW)).sum();
+        if stored.blocks.len() as u64 != words || on_disk != stored.data_len {
+            return Ok(false);
+        }
+        self.flush()?;
+        let start = self.sink.pos;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = stored.data_len;
+        while left > 0 {
+            let n = read_full(&mut stored.data, &mut buf[..left.min(1 << 20) as usize]).map_err(|source| SquashfsError::Write { source })?;
+            if n == 0 {
+                return Err(SquashfsError::Write { source: io::Error::new(io::ErrorKind::UnexpectedEof, "a stored file's packed data ended early; clear the kiln cache's squashfs-blocks directory") });
+            }
+            self.sink.write(&buf[..n])?;
+            left -= n as u64;
+        }
+        let f = &mut self.files[i];
+        f.start = start;
+        f.size = size;
+        for (k, w) in stored.blocks.iter().enumerate() {
+            let len = bs.min(size - k as u64 * bs);
+            if *w == 0 {
+                f.sparse += len;
+            } else if w & DATA_RAW != 0 {
+                self.stored_raw += len;
+            }
+        }
+        f.blocks = stored.blocks;
+        self.data_in += size;
+        self.reused += size;
+        if let Some(p) = self.progress {
+            p.fetch_add(size, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
     fn push(&mut self, file: usize, data: Vec<u8>) -> Result<()> {
         self.files[file].size += data.len() as u64;
+        self.data_in += data.len() as u64;
+        if let Some(p) = self.progress {
+            p.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
         self.batch_bytes += data.len();
         self.batch.push(Block { file, data });
         if self.batch.len() >= 16 * self.compressors.len() || self.batch_bytes >= 32 << 20 {
@@ -605,17 +813,29 @@ impl<W: Write> DataWriter<'_, W> {
             if f.blocks.is_empty() {
                 f.start = self.sink.pos;
             }
+            if let Some(r) = self.recording.as_mut().filter(|r| r.file == b.file) {
+                let bytes: &[u8] = match &packed {
+                    Packed::Hole => &[],
+                    Packed::Zstd(p) => p,
+                    Packed::Raw => &b.data,
+                };
+                r.packed += matches!(packed, Packed::Zstd(_)) as u64;
+                if !r.failed && r.entry.write_all(bytes).is_err() {
+                    r.failed = true;
+                }
+            }
             match packed {
-                None => {
+                Packed::Hole => {
                     f.blocks.push(0);
                     f.sparse += b.data.len() as u64;
                 }
-                Some(p) if p.len() < b.data.len() => {
+                Packed::Zstd(p) => {
                     f.blocks.push(p.len() as u32);
                     self.sink.write(&p)?;
                 }
-                Some(_) => {
+                Packed::Raw => {
                     f.blocks.push(b.data.len() as u32 | DATA_RAW);
+                    self.stored_raw += b.data.len() as u64;
                     self.sink.write(&b.data)?;
                 }
             }
@@ -624,14 +844,27 @@ impl<W: Write> DataWriter<'_, W> {
     }
 }
 
-/// Compressed blocks in batch order; `None` for an all-zero block, which is
-/// stored as a hole.
-fn compress_all(compressors: &mut [Compressor<'static>], batch: &[Block]) -> Result<Vec<Option<Vec<u8>>>> {
+fn sha256_of(f: &mut std::fs::File) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = read_full(f, &mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// The blocks packed, in batch order; an all-zero block is a hole.
+fn compress_all(compressors: &mut [Packer], batch: &[Block]) -> Result<Vec<Packed>> {
     let todo: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].data.iter().any(|&b| b != 0)).collect();
-    let mut packed: Vec<Option<Vec<u8>>> = vec![None; batch.len()];
+    let mut packed: Vec<Packed> = vec![Packed::Hole; batch.len()];
+    let done = |r: io::Result<Option<Vec<u8>>>| r.map(|p| p.map_or(Packed::Raw, Packed::Zstd)).map_err(|source| SquashfsError::Compress { source });
     if compressors.len() == 1 || todo.len() <= 1 {
         for &i in &todo {
-            packed[i] = Some(compressors[0].compress(&batch[i].data).map_err(|source| SquashfsError::Compress { source })?);
+            packed[i] = done(compressors[0].pack(&batch[i].data))?;
         }
         return Ok(packed);
     }
@@ -646,7 +879,7 @@ fn compress_all(compressors: &mut [Compressor<'static>], batch: &[Block]) -> Res
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&i) = todo.get(k) else { break };
-                        got.push((i, z.compress(&batch[i].data)));
+                        got.push((i, z.pack(&batch[i].data)));
                     }
                     got
                 })
@@ -655,7 +888,7 @@ fn compress_all(compressors: &mut [Compressor<'static>], batch: &[Block]) -> Res
         workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect::<Vec<_>>()
     });
     for (i, r) in results {
-        packed[i] = Some(r.map_err(|source| SquashfsError::Compress { source })?);
+        packed[i] = done(r)?;
     }
     Ok(packed)
 }
@@ -1077,11 +1310,119 @@ mod tests {
         let opts = Options { block_size: 16384, compression_level: 5, mtime: 0 };
         let mut images = [1, 2, 5].map(|threads| {
             let mut c = Cursor::new(Vec::new());
-            write_threads(list.iter().map(|(p, e)| (p.as_str(), e)), &opts, threads, &mut c).unwrap();
+            write_threads(list.iter().map(|(p, e)| (p.as_str(), e)), &opts, threads, Extras::default(), &mut c).unwrap();
             c.into_inner()
         });
         let first = std::mem::take(&mut images[0]);
         assert!(images.iter().skip(1).all(|i| *i == first), "images differ by thread count");
+    }
+
+    /// Already-compressed data skips the slow pass and is stored as it is;
+    /// text and zeros are not. unsquashfs reads all of it back.
+    #[test]
+    fn incompressible_blocks_are_stored_raw() {
+        let mut t = Tree::new();
+        let noise = kiln_testkit::noise(3, 1 << 20);
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            // Random letters: gzip leaves about 6 bits a byte, and nothing
+            // for zstd to find.
+            e.write_all(&kiln_testkit::noise(4, 2 << 20).iter().map(|b| b'a' + b % 26).collect::<Vec<u8>>()).unwrap();
+            e.finish().unwrap()
+        };
+        t.file("/noise", noise.clone(), 0o644).unwrap();
+        t.file("/layer.tar.gz", gz.clone(), 0o644).unwrap();
+        t.file("/text", text(1 << 20), 0o644).unwrap();
+        t.file("/zeros", vec![0u8; 1 << 20], 0o644).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.sqfs");
+        let progress = AtomicU64::new(0);
+        let stats = write_with(&t, &Options::default(), &mut std::fs::File::create(&img).unwrap(), Extras { progress: Some(&progress), store: None }).unwrap();
+        let total = (noise.len() + gz.len() + (2 << 20)) as u64;
+        assert_eq!((stats.data_in, progress.load(Ordering::Relaxed), data_bytes(&t)), (total, total, total));
+        assert_eq!(stats.stored_raw, (noise.len() + gz.len()) as u64);
+        if !have_unsquashfs() {
+            return;
+        }
+        let x = d.path().join("x");
+        let out = Command::new("unsquashfs").arg("-q").arg("-n").arg("-d").arg(&x).arg(&img).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(x.join("noise")).unwrap(), noise);
+        assert_eq!(std::fs::read(x.join("layer.tar.gz")).unwrap(), gz);
+        assert_eq!(std::fs::read(x.join("text")).unwrap(), text(1 << 20));
+    }
+
+    type Stash = std::sync::Arc<std::sync::Mutex<BTreeMap<String, (Vec<u32>, Vec<u8>)>>>;
+
+    /// A store in memory, for the tests.
+    #[derive(Default)]
+    struct MemStore(Stash);
+
+    struct MemPending(Stash, Vec<u8>);
+
+    impl Write for MemPending {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.1.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Pending for MemPending {
+        fn commit(self: Box<Self>, key: &str, blocks: &[u32]) -> io::Result<()> {
+            self.0.lock().unwrap().insert(key.into(), (blocks.to_vec(), self.1));
+            Ok(())
+        }
+    }
+
+    impl Store for MemStore {
+        fn get(&self, key: &str) -> Option<Stored> {
+            let m = self.0.lock().unwrap();
+            let (blocks, data) = m.get(key)?;
+            Some(Stored { blocks: blocks.clone(), data_len: data.len() as u64, data: Box::new(Cursor::new(data.clone())) })
+        }
+        fn create(&self) -> io::Result<Box<dyn Pending>> {
+            Ok(Box::new(MemPending(self.0.clone(), Vec::new())))
+        }
+    }
+
+    /// A second build takes a large file's packed blocks from the store and
+    /// writes the same bytes; incompressible files are not kept; a stored
+    /// entry that does not fit the file is ignored.
+    #[test]
+    fn a_store_gives_the_same_image_without_compressing_again() {
+        let d = tempfile::tempdir().unwrap();
+        let big = d.path().join("big");
+        let mut content = text(5 << 20);
+        content.extend(vec![0u8; 300_000]);
+        content.extend(text(100_000));
+        std::fs::write(&big, &content).unwrap();
+        let noise = d.path().join("noise");
+        std::fs::write(&noise, kiln_testkit::noise(5, 5 << 20)).unwrap();
+        let mut t = Tree::new();
+        t.host_file("/usr/bin/big", big.clone(), 0o755).unwrap();
+        t.host_file("/images/noise.tar", noise.clone(), 0o644).unwrap();
+        t.file("/etc/small", "x", 0o644).unwrap();
+        let store = MemStore::default();
+        let image = |store: Option<&dyn Store>| {
+            let mut c = Cursor::new(Vec::new());
+            let stats = write_with(&t, &Options::default(), &mut c, Extras { progress: None, store }).unwrap();
+            (c.into_inner(), stats)
+        };
+        let (plain, _) = image(None);
+        let (first, s1) = image(Some(&store));
+        assert_eq!(s1.reused, 0);
+        assert_eq!(store.0.lock().unwrap().len(), 1, "only the compressible large file is kept");
+        let (second, s2) = image(Some(&store));
+        assert_eq!(s2.reused, content.len() as u64);
+        assert!(plain == first && first == second, "the store changes no byte");
+        // An entry for another size of file is not used.
+        let key = store.0.lock().unwrap().keys().next().unwrap().clone();
+        store.0.lock().unwrap().get_mut(&key).unwrap().0.pop();
+        let (third, s3) = image(Some(&store));
+        assert_eq!((s3.reused, third == plain), (0, true));
     }
 
     #[test]
@@ -1090,7 +1431,7 @@ mod tests {
         t.file("/a", "a", 0o644).unwrap();
         let mut out = Cursor::new(Vec::new());
         let stats = write(&t, &Options::default(), &mut out).unwrap();
-        assert_eq!(stats, Stats { bytes: 4096, inodes: 2, files: 1, dirs: 1 });
+        assert_eq!(stats, Stats { bytes: 4096, inodes: 2, files: 1, dirs: 1, data_in: 1, stored_raw: 1, reused: 0 });
         let empty = write(&Tree::new(), &Options::default(), &mut Cursor::new(Vec::new())).unwrap();
         assert_eq!(empty.inodes, 1);
         if have_unsquashfs() {

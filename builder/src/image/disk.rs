@@ -12,6 +12,7 @@ use crate::arch::Arch;
 use kiln_formats::tree::Tree;
 use kiln_formats::verity::{self, OnCorruption, Verity};
 use kiln_formats::{cpio, squashfs, uki};
+use crate::progress::{Steps, Unit};
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -23,9 +24,42 @@ pub const MIB: u64 = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
     pub esp_mib: u64,
-    pub root_slot_mib: u64,
+    pub root_slot: RootSlot,
     pub data_mib: u64,
     pub on_corruption: Option<OnCorruption>,
+}
+
+/// The size of each root slot (A and B): `disk.root_slot_mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootSlot {
+    /// Sized from the root: [`AUTO_HEADROOM_PERCENT`] more than the
+    /// squashfs, rounded up to [`AUTO_ROUND_MIB`], at least [`AUTO_MIN_MIB`].
+    Auto,
+    Mib(u64),
+}
+
+/// How much bigger than the root an `auto` slot is: room for the updates
+/// the slot must take later (a k0s minor release grows by a few percent;
+/// an appliance adds images).
+pub const AUTO_HEADROOM_PERCENT: u64 = 50;
+pub const AUTO_ROUND_MIB: u64 = 64;
+pub const AUTO_MIN_MIB: u64 = 128;
+
+impl RootSlot {
+    /// The slot, in MiB, for a root of `root_bytes`; an explicit size that
+    /// cannot hold it is an error naming what it needs.
+    pub fn mib_for(self, root_bytes: u64) -> Result<u64> {
+        let root_mib = root_bytes.div_ceil(MIB);
+        let auto = (root_mib * (100 + AUTO_HEADROOM_PERCENT)).div_ceil(100).div_ceil(AUTO_ROUND_MIB).max(1) * AUTO_ROUND_MIB;
+        let auto = auto.max(AUTO_MIN_MIB);
+        match self {
+            RootSlot::Auto => Ok(auto),
+            RootSlot::Mib(m) if m * MIB >= root_bytes => Ok(m),
+            RootSlot::Mib(m) => bail!(
+                "the root filesystem is {root_mib} MiB but a root slot is {m} MiB (`disk.root_slot_mib` in the profile): set it to at least {root_mib}, or to {auto} for room to grow by {AUTO_HEADROOM_PERCENT} %, or to \"auto\""
+            ),
+        }
+    }
 }
 
 /// What the verified root is built from.
@@ -34,6 +68,8 @@ pub struct RootInputs<'a> {
     pub stage1: &'a Tree,
     pub cmdline: &'a str,
     pub epoch: u64,
+    /// Packed large files from earlier builds (the kiln cache's).
+    pub store: Option<&'a dyn squashfs::Store>,
 }
 
 /// The verified root every format shares: the squashfs, its dm-verity tree,
@@ -46,23 +82,38 @@ pub struct RootImage {
     /// The profile's cmdline plus `roothash=… kiln.slot=a [kiln.verity=…]`.
     pub cmdline: String,
     pub squashfs_bytes: u64,
+    pub stats: squashfs::Stats,
 }
 
 /// Builds the squashfs and its hash tree into `work`, and the stage-1
 /// initramfs.
-pub fn build_root(work: &Path, spec: &DiskSpec, i: &RootInputs) -> Result<RootImage> {
+pub fn build_root(work: &Path, spec: &DiskSpec, i: &RootInputs, steps: &Steps) -> Result<RootImage> {
     let sqfs = work.join("root.squashfs");
-    {
+    let stats = {
+        let step = steps.start("squashfs", Unit::Bytes);
+        step.counter.set_total(squashfs::data_bytes(i.root));
         let mut f = std::io::BufWriter::new(File::create(&sqfs)?);
         let opts = squashfs::Options { mtime: u32::try_from(i.epoch).unwrap_or(u32::MAX), ..Default::default() };
-        squashfs::write(i.root, &opts, &mut f).context("writing the root squashfs")?;
+        let extras = squashfs::Extras { progress: Some(&step.counter.done), store: i.store };
+        let stats = squashfs::write_with(i.root, &opts, &mut f, extras).context("writing the root squashfs")?;
         f.flush()?;
-    }
+        stats
+    };
     let verity_path = work.join("root.verity");
-    let v = verity::format_file(&sqfs, &verity_path).context("computing the dm-verity tree")?;
+    // The hash tree and the stage-1 initramfs (zstd 19 of kiln-init and
+    // modules) side by side: each keeps one core busy.
+    let (v, initrd) = std::thread::scope(|s| {
+        let (stage1, epoch) = (i.stage1, i.epoch);
+        let initrd = s.spawn(move || {
+            let mut initrd = Vec::new();
+            steps.run("stage-1 initramfs", Unit::Bytes, |_| cpio::write(stage1, epoch, &mut initrd)).map(|()| initrd)
+        });
+        let v = steps.run("verity", Unit::Bytes, |_| verity::format_file(&sqfs, &verity_path));
+        (v, initrd.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    });
+    let v = v.context("computing the dm-verity tree")?;
+    let initrd = initrd.context("writing the stage-1 initramfs")?;
     let squashfs_bytes = v.data_len();
-    let mut initrd = Vec::new();
-    cpio::write(i.stage1, i.epoch, &mut initrd).context("writing the stage-1 initramfs")?;
     let mut cmdline = format!("{} roothash={} kiln.slot=a", i.cmdline, v.root_hex());
     if let Some(c) = spec.on_corruption {
         cmdline.push_str(match c {
@@ -70,7 +121,7 @@ pub fn build_root(work: &Path, spec: &DiskSpec, i: &RootInputs) -> Result<RootIm
             OnCorruption::Restart => " kiln.verity=restart",
         });
     }
-    Ok(RootImage { squashfs: sqfs, verity_path, verity: v, initrd, cmdline: cmdline.trim().to_string(), squashfs_bytes })
+    Ok(RootImage { squashfs: sqfs, verity_path, verity: v, initrd, cmdline: cmdline.trim().to_string(), squashfs_bytes, stats })
 }
 
 /// What a UKI is assembled from, besides the root.
@@ -150,11 +201,12 @@ pub fn root_types(arch: Arch) -> (Guid, Guid) {
 
 /// Builds `disk.raw` at `disk_path` from the root, with scratch files in
 /// `work`.
-pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b: &BootInputs) -> Result<DiskBuilt> {
-    let slot = root_slot_bytes(root, spec.root_slot_mib)?;
+pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b: &BootInputs, steps: &Steps) -> Result<DiskBuilt> {
+    let slot = root_slot_bytes(root, spec.root_slot)?;
 
     let uki_path = work.join("kiln.efi");
-    write_uki(root, b, &root.cmdline, &uki_path)?;
+    steps.run("uki", Unit::Bytes, |_| write_uki(root, b, &root.cmdline, &uki_path))?;
+    let _step = steps.start("disk", Unit::Bytes);
     // Boot counting (BLS type #2): three tries before systemd-boot prefers
     // another entry.
     let uki_name = format!("kiln-{}-a+3.efi", b.profile);
@@ -189,16 +241,8 @@ pub fn write(disk_path: &Path, work: &Path, spec: &DiskSpec, root: &RootImage, b
 }
 
 /// Bytes of a root slot, checked to hold the root's squashfs.
-pub fn root_slot_bytes(root: &RootImage, root_slot_mib: u64) -> Result<u64> {
-    let slot = root_slot_mib * MIB;
-    if root.squashfs_bytes > slot {
-        bail!(
-            "the root filesystem is {} MiB but a root slot is {} MiB; raise `disk.root_slot_mib` in the profile",
-            root.squashfs_bytes.div_ceil(MIB),
-            root_slot_mib
-        );
-    }
-    Ok(slot)
+pub fn root_slot_bytes(root: &RootImage, slot: RootSlot) -> Result<u64> {
+    Ok(slot.mib_for(root.squashfs_bytes)? * MIB)
 }
 
 /// Bytes of the verity tree (superblock included) for a full root slot.
@@ -352,26 +396,37 @@ pub fn write_bmap(out_dir: &Path) -> Result<()> {
     let blocks = size.div_ceil(BS);
     let mut ranges: Vec<(u64, u64, String)> = Vec::new();
     let mut buf = vec![0u8; BS as usize];
-    let mut cur: Option<(u64, Sha256)> = None;
-    for b in 0..blocks {
-        let n = read_full(&mut f, &mut buf)?;
-        let mapped = buf[..n].iter().any(|x| *x != 0);
-        match (mapped, cur.as_mut()) {
-            (true, Some((_, h))) => h.update(&buf[..n]),
-            (true, None) => {
-                let mut h = Sha256::new();
-                h.update(&buf[..n]);
-                cur = Some((b, h));
-            }
-            (false, _) => {
-                if let Some((start, h)) = cur.take() {
-                    ranges.push((start, b - 1, hex::encode(h.finalize())));
+    let mut cur: Option<(u64, u64, Sha256)> = None;
+    // Only the file's data extents are read: the holes (most of a fresh
+    // disk's root slots) are zeros, and unmapped.
+    for (start, end) in data_extents(&f, size)? {
+        f.seek(SeekFrom::Start(start))?;
+        for b in start / BS..end.div_ceil(BS) {
+            let n = read_full(&mut f, &mut buf)?;
+            let mapped = buf[..n].iter().any(|x| *x != 0);
+            match (mapped, cur.as_mut()) {
+                (true, Some((_, last, h))) if *last + 1 == b => {
+                    h.update(&buf[..n]);
+                    *last = b;
+                }
+                (true, _) => {
+                    if let Some((first, last, h)) = cur.take() {
+                        ranges.push((first, last, hex::encode(h.finalize())));
+                    }
+                    let mut h = Sha256::new();
+                    h.update(&buf[..n]);
+                    cur = Some((b, b, h));
+                }
+                (false, _) => {
+                    if let Some((first, last, h)) = cur.take() {
+                        ranges.push((first, last, hex::encode(h.finalize())));
+                    }
                 }
             }
         }
     }
-    if let Some((start, h)) = cur.take() {
-        ranges.push((start, blocks - 1, hex::encode(h.finalize())));
+    if let Some((first, last, h)) = cur.take() {
+        ranges.push((first, last, hex::encode(h.finalize())));
     }
     let mapped: u64 = ranges.iter().map(|(a, b, _)| b - a + 1).sum();
     let render = |file_sum: &str| {
@@ -393,6 +448,37 @@ pub fn write_bmap(out_dir: &Path) -> Result<()> {
     let sum = hex::encode(Sha256::digest(render(&zeros).as_bytes()));
     std::fs::write(out_dir.join("disk.bmap"), render(&sum))?;
     Ok(())
+}
+
+/// The byte ranges of `f` that hold data (SEEK_DATA / SEEK_HOLE), 4 KiB
+/// aligned; the whole file where the filesystem cannot say.
+fn data_extents(f: &File, size: u64) -> Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at = 0i64;
+    let size = i64::try_from(size).unwrap_or(i64::MAX);
+    while at < size {
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `at`
+            }
+            return Ok(vec![(0, size as u64)]);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { size } else { hole.min(size) };
+        let start = (data as u64) / 4096 * 4096;
+        match out.last_mut() {
+            Some((_, end)) if *end >= start => *end = hole as u64,
+            _ => out.push((start, hole as u64)),
+        }
+        at = hole;
+    }
+    Ok(out)
 }
 
 /// A kernel's `lib/modules` (and `lib/firmware`, when there is any) under

@@ -42,7 +42,7 @@ pub struct SdSpec {
     /// from it.
     pub profile: String,
     pub boot_mib: u64,
-    pub root_slot_mib: u64,
+    pub root_slot: disk::RootSlot,
     pub data_mib: u64,
     /// Every FAT and ext4 timestamp.
     pub epoch: u64,
@@ -155,7 +155,7 @@ fn card_cmdline(board: &Board, root: &RootImage, mbr: Option<&str>) -> String {
 /// Writes the card image for `board` at `path` (atomically), with scratch
 /// files in `work`. `inputs` are `board`'s, resolved.
 pub fn write(path: &Path, work: &Path, spec: &SdSpec, board: &Board, inputs: &BoardInputs, root: &RootImage, kernel: &KernelFiles) -> Result<SdBuilt> {
-    let slot = disk::root_slot_bytes(root, spec.root_slot_mib)?;
+    let slot = disk::root_slot_bytes(root, spec.root_slot)?;
     let dtb = dtb_file(board, kernel.dtbs)?;
     let plan = plan(board, spec, root, slot)?;
     let sizes: Vec<u64> = inputs.blobs.iter().map(|r| r.size).collect();
@@ -248,11 +248,11 @@ mod tests {
 
     fn root() -> RootImage {
         let v = Verity { data_blocks: 10, hash_blocks: 2, root_hash: std::array::from_fn(|i| i as u8), salt: vec![1; 32], uuid: [0; 16] };
-        RootImage { squashfs: "r".into(), verity_path: "v".into(), verity: v, initrd: vec![], cmdline: "roothash=07 kiln.slot=a".into(), squashfs_bytes: 40960 }
+        RootImage { squashfs: "r".into(), verity_path: "v".into(), verity: v, initrd: vec![], cmdline: "roothash=07 kiln.slot=a".into(), stats: Default::default(), squashfs_bytes: 40960 }
     }
 
     fn spec() -> SdSpec {
-        SdSpec { profile: "p".into(), boot_mib: 64, root_slot_mib: 32, data_mib: 16, epoch: 0 }
+        SdSpec { profile: "p".into(), boot_mib: 64, root_slot: disk::RootSlot::Mib(32), data_mib: 16, epoch: 0 }
     }
 
     #[test]

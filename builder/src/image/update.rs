@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn parts_of_a_build_in_bundle_order() {
         let v = kiln_formats::verity::Verity { data_blocks: 10, hash_blocks: 2, root_hash: [7; 32], salt: vec![1; 32], uuid: [0; 16] };
-        let root = RootImage { squashfs: "/w/root.squashfs".into(), verity_path: "/w/root.verity".into(), verity: v, initrd: vec![9; 3], cmdline: String::new(), squashfs_bytes: 40960 };
+        let root = RootImage { squashfs: "/w/root.squashfs".into(), verity_path: "/w/root.verity".into(), verity: v, initrd: vec![9; 3], cmdline: String::new(), squashfs_bytes: 40960, stats: Default::default() };
         let names = |b: &Boot| parts(&root, b).iter().map(|p| (p.name.clone(), p.kind)).collect::<Vec<_>>();
         let uki = names(&Boot::Uki(Path::new("/w/kiln.efi")));
         assert_eq!(uki, [("root.squashfs".into(), PartKind::Root), ("root.verity".into(), PartKind::Verity), ("kiln.efi".into(), PartKind::Uki)]);

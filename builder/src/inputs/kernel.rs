@@ -8,6 +8,7 @@
 use crate::inputs::cache::Cache;
 use crate::inputs::input::{self, Resolved};
 use crate::arch::Arch;
+use crate::progress::Counter;
 use crate::inputs::input::Input;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -248,7 +249,7 @@ fn patch_ids(patches: &[PathBuf]) -> Result<Vec<(String, String)>, KernelError> 
 }
 
 /// Builds the kernel, or returns the cached one.
-pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) -> Result<Kernel, KernelError> {
+pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache, progress: &Counter) -> Result<Kernel, KernelError> {
     let requests = parse_fragments(&spec.fragments)?;
     let key = cache_key(arch, &source.sha256, spec)?;
     let entry = cache.entry("kernel", &key);
@@ -279,7 +280,7 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
         return found(true);
     }
     let log = build.join("kiln-build.log");
-    let make = |args: &[&str], step: &str| run_make(&src, &build, arch, args, step, &log);
+    let make = |args: &[&str], step: &str| run_make(&src, &build, arch, args, step, &log, None);
 
     tracing::info!("kernel: {} + {} fragment(s) for {arch}", spec.base, spec.fragments.len());
     make(&[&spec.base], &spec.base)?;
@@ -299,6 +300,11 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
         return Err(dropped_error(&bad, &src));
     }
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).to_string();
+    // The progress lines count the files compiled, against the count of
+    // the last compile for this arch when there was one.
+    let count_file = build.parent().map(|p| p.join(format!("{arch}.compiled"))).unwrap_or_default();
+    let last: u64 = std::fs::read_to_string(&count_file).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+    progress.set_total(last);
     tracing::info!("kernel: compiling with -j{jobs} (several minutes the first time; cached after)");
     let mut targets = vec![img_target];
     let modular = fin.lines().any(|l| l.ends_with("=m"));
@@ -313,7 +319,8 @@ pub fn build(arch: Arch, source: &Resolved, spec: &KernelSpec, cache: &Cache) ->
     let jflag = format!("-j{jobs}");
     let mut args: Vec<&str> = vec![&jflag];
     args.extend(targets.iter().copied());
-    make(&args, "compile")?;
+    run_make(&src, &build, arch, &args, "compile", &log, Some(progress))?;
+    let _ = std::fs::write(&count_file, progress.done.load(std::sync::atomic::Ordering::Relaxed).to_string());
     let release = make_command(&src, &build, arch).arg("-s").arg("kernelrelease").output().map_err(io("make kernelrelease"))?;
     let release = String::from_utf8_lossy(&release.stdout).trim().to_string();
     if release.is_empty() {
@@ -430,14 +437,29 @@ fn make_command(src: &Path, build: &Path, arch: Arch) -> Command {
     c
 }
 
-fn run_make(src: &Path, build: &Path, arch: Arch, args: &[&str], step: &str, log: &Path) -> Result<(), KernelError> {
+/// Runs make, its output into `log`; with `progress`, counts the files it
+/// compiles (Kbuild's `  CC      path.o` lines).
+fn run_make(src: &Path, build: &Path, arch: Arch, args: &[&str], step: &str, log: &Path, progress: Option<&Counter>) -> Result<(), KernelError> {
     let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io(format!("opening {}", log.display())))?;
-    let status = make_command(src, build, arch)
-        .args(args)
-        .stdout(logf.try_clone().map_err(io("log"))?)
-        .stderr(logf)
-        .status()
-        .map_err(io("running make"))?;
+    let mut cmd = make_command(src, build, arch);
+    cmd.args(args).stderr(logf.try_clone().map_err(io("log"))?);
+    let status = match progress {
+        None => cmd.stdout(logf).status().map_err(io("running make"))?,
+        Some(p) => {
+            let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(io("running make"))?;
+            let out = child.stdout.take().ok_or_else(|| KernelError::Other("make: no stdout".into()))?;
+            let mut logw = std::io::BufWriter::new(logf);
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                let line = line.map_err(io("reading make's output"))?;
+                if is_compile_line(&line) {
+                    p.add(1);
+                }
+                std::io::Write::write_all(&mut logw, format!("{line}\n").as_bytes()).map_err(io("log"))?;
+            }
+            std::io::Write::flush(&mut logw).map_err(io("log"))?;
+            child.wait().map_err(io("running make"))?
+        }
+    };
     if !status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
@@ -450,6 +472,12 @@ fn run_make(src: &Path, build: &Path, arch: Arch, args: &[&str], step: &str, log
         });
     }
     Ok(())
+}
+
+/// Kbuild's quiet line for one compiled C or assembler file.
+fn is_compile_line(l: &str) -> bool {
+    let mut w = l.split_whitespace();
+    matches!(w.next(), Some("CC" | "AS")) && w.last().is_some_and(|f| f.ends_with(".o"))
 }
 
 /// The source with `patches` applied, once per source and patch set (the

@@ -35,8 +35,13 @@ pub fn resolve_inputs(spec: &KernelSpec, deb_arch: &str, cache: &Cache) -> Resul
 
 /// The kernel: compiled (or cached), or taken from a distro package.
 pub fn get(arch: Arch, inputs: &KernelInputs, spec: &KernelSpec, cache: &Cache) -> Result<Kernel, KernelError> {
+    get_counted(arch, inputs, spec, cache, &crate::progress::Counter::default())
+}
+
+/// [`get`], counting the files a kernel compile compiles in `progress`.
+pub fn get_counted(arch: Arch, inputs: &KernelInputs, spec: &KernelSpec, cache: &Cache, progress: &crate::progress::Counter) -> Result<Kernel, KernelError> {
     match &spec.distro {
-        None => kernel::build(arch, &inputs.main, spec, cache),
+        None => kernel::build(arch, &inputs.main, spec, cache, progress),
         Some(d) => distro::assemble(arch, &inputs.main, &inputs.firmware, d, cache),
     }
 }

@@ -12,4 +12,6 @@ pub mod input;
 pub mod kernel;
 pub mod kernel_input;
 pub mod packages;
+pub mod packed;
 pub mod payload;
+pub mod rootfiles;

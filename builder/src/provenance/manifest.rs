@@ -43,6 +43,10 @@ pub struct DiskInfo {
     pub cmdline: String,
     pub uki: String,
     pub squashfs_bytes: u64,
+    /// Each root slot's size on a disk or card built from this (with
+    /// `disk.root_slot_mib = "auto"`, what it came to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_slot_mib: Option<u64>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -92,10 +96,19 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
 /// Hashes every regular file under `dir` (paths relative to it, sorted),
 /// skipping the manifest itself.
 pub fn artifacts(dir: &Path) -> std::io::Result<Vec<Artifact>> {
+    artifacts_known(dir, &std::collections::HashMap::new())
+}
+
+/// [`artifacts`], taking the sha256 of the files in `known` (by path) from
+/// there: the SBOM has just hashed them, and an image's files are large.
+pub fn artifacts_known(dir: &Path, known: &std::collections::HashMap<String, String>) -> std::io::Result<Vec<Artifact>> {
     files(dir)?
         .into_iter()
         .map(|(path, p)| {
-            let (sha256, size) = input::sha256_file(&p)?;
+            let (sha256, size) = match known.get(&path) {
+                Some(h) => (h.clone(), std::fs::metadata(&p)?.len()),
+                None => input::sha256_file(&p)?,
+            };
             Ok(Artifact { path, sha256, size })
         })
         .collect()

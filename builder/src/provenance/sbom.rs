@@ -20,7 +20,6 @@ use serde_json::{json, Map, Value};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const FILE: &str = "sbom.spdx.json";
@@ -95,17 +94,41 @@ pub fn collect(id: &Identity, kernel: &Kernel, init_bin: &Path, payload_spec: &P
     };
     let sha256 = |p: &Path| input::sha256_file(p).map(|(h, _)| h).map_err(io(p));
     let target = id.arch.rust_target();
-    let init = Binary { sha256: sha256(init_bin)?, crates: crates::graph(&id.tree, crate::inputs::init::PACKAGE, target, cache)? };
+    let init = Binary { sha256: sha256(init_bin)?, crates: crates::graph(id.tree, crate::inputs::init::PACKAGE, target, cache)? };
     let payload_part = match payload_spec {
-        PayloadSpec::StandIn => PayloadPart::StandIn(Binary { sha256: sha256(&payload.path)?, crates: crates::graph(&id.tree, crate::inputs::payload::STAND_IN_PACKAGE, target, cache)? }),
+        PayloadSpec::StandIn => PayloadPart::StandIn(Binary { sha256: sha256(&payload.path)?, crates: crates::graph(id.tree, crate::inputs::payload::STAND_IN_PACKAGE, target, cache)? }),
         PayloadSpec::K0s { .. } => PayloadPart::K0s { version: payload.version.clone() },
     };
-    let mut artifacts = Vec::new();
-    for (path, full) in crate::provenance::manifest::files(dir).map_err(io(dir))? {
-        if path == FILE || path == SIGNATURE {
-            continue;
+    let files: Vec<(String, PathBuf)> = crate::provenance::manifest::files(dir).map_err(io(dir))?.into_iter().filter(|(path, _)| path != FILE && path != SIGNATURE).collect();
+    // An image's files are large: hashed on every core, largest first.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(std::fs::metadata(&files[i].1).map_or(0, |m| m.len())));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len().max(1));
+    let mut sums: Vec<Option<std::io::Result<(String, String)>>> = (0..files.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut got = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&i) = order.get(k) else { break };
+                        got.push((i, hash_both(&files[i].1)));
+                    }
+                    got
+                })
+            })
+            .collect();
+        for h in handles {
+            for (i, r) in h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                sums[i] = Some(r);
+            }
         }
-        let (sha1, sha256) = hash_both(&full).map_err(io(&full))?;
+    });
+    let mut artifacts = Vec::new();
+    for ((path, full), sum) in files.into_iter().zip(sums) {
+        let (sha1, sha256) = sum.unwrap_or_else(|| Err(std::io::Error::other("not hashed"))).map_err(io(&full))?;
         artifacts.push(ArtifactFile { path, sha1, sha256 });
     }
     Ok(Sbom {
@@ -128,7 +151,7 @@ fn hash_both(path: &Path) -> std::io::Result<(String, String)> {
     let (mut a, mut b) = (Sha1::new(), Sha256::new());
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = kiln_contract::stream::read_full(&mut f, &mut buf)?;
         if n == 0 {
             break;
         }

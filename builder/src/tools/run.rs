@@ -393,6 +393,33 @@ fn overlay_for(spec: &VmSpec, disk: &Path, scratch: &Path) -> Result<PathBuf, Vm
 
 /// The QEMU command line for a build output. `scratch` holds the firmware
 /// variables and the disk overlay.
+/// For a PXE boot: refuses `memory_mib` below what the bundle's root needs
+/// in RAM (`pxe/root.sizes`, written beside the initramfs), naming it; the
+/// node itself would stop in stage 1 and say the same.
+pub fn check_pxe_ram(spec: &VmSpec) -> Result<(), String> {
+    let disk = spec.disk.clone().unwrap_or_else(|| spec.out_dir.join(if arch_of(&spec.out_dir).ok() == Some(Arch::Armv7) { "sdcard.img" } else { "disk.raw" }));
+    let loads_initramfs = match spec.boot {
+        BootFrom::Pxe | BootFrom::Ipxe => true,
+        BootFrom::Auto => !disk.exists(),
+        _ => false,
+    };
+    if !loads_initramfs {
+        return Ok(());
+    }
+    let path = spec.out_dir.join(crate::image::pxe::SIZES_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let sizes = kiln_contract::pxe::RamRoot::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let need = sizes.min_ram_mib();
+    if u64::from(spec.memory_mib) < need {
+        return Err(format!(
+            "this PXE bundle's root ({} MiB, with its hash tree) is unpacked into RAM: a node needs at least {need} MiB to boot it, and --mem is {} MiB. Give --mem {need} or more, or boot the disk or ISO image",
+            (sizes.root_bytes + sizes.verity_bytes).div_ceil(1 << 20),
+            spec.memory_mib
+        ));
+    }
+    Ok(())
+}
+
 pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Result<Command, VmError> {
     let out = &spec.out_dir;
     let arch = arch_of(out)?;
@@ -873,6 +900,30 @@ mod tests {
         for bad in ["", "udp", "udp:1", "udp:0:2", "udp:1:x", "tap:1:2", "udp:1:2:3"] {
             assert!(bad.parse::<Net>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_pxe_boot_with_too_little_ram_for_the_root_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("pxe")).unwrap();
+        std::fs::write(d.path().join("manifest.json"), r#"{"arch": "amd64"}"#).unwrap();
+        let mut spec = VmSpec::new(d.path());
+        spec.boot = BootFrom::Pxe;
+        spec.memory_mib = 512;
+        // No sizes (a bundle from before they were written): no check.
+        assert_eq!(check_pxe_ram(&spec), Ok(()));
+        let sizes = kiln_contract::pxe::RamRoot { root_bytes: 400 << 20, verity_bytes: 4 << 20, initramfs_bytes: 410 << 20 };
+        std::fs::write(d.path().join(crate::image::pxe::SIZES_FILE), sizes.to_file()).unwrap();
+        let need = sizes.min_ram_mib();
+        let e = check_pxe_ram(&spec).unwrap_err();
+        assert!(e.contains(&format!("at least {need} MiB")) && e.contains("--mem is 512 MiB"), "{e}");
+        spec.boot = BootFrom::Ipxe;
+        assert!(check_pxe_ram(&spec).is_err());
+        spec.memory_mib = need as u32;
+        assert_eq!(check_pxe_ram(&spec), Ok(()));
+        spec.memory_mib = 512;
+        spec.boot = BootFrom::Disk;
+        assert_eq!(check_pxe_ram(&spec), Ok(()));
     }
 
     fn args(spec: &VmSpec) -> Result<Vec<String>, VmError> {

@@ -28,6 +28,9 @@ pub const TRIES: u32 = 3;
 /// Where a PXE initramfs (or `kiln.root=ram`) holds the root and its tree.
 pub const RAM_ROOT: &str = "/kiln/root.squashfs";
 pub const RAM_VERITY: &str = "/kiln/root.verity";
+/// In a PXE initramfs's stage-1 archive: the sizes the root and its tree
+/// should have once unpacked ([`crate::pxe::RamRoot`]).
+pub const RAM_ROOT_SIZES: &str = "/kiln/root.sizes";
 
 /// The empty ext4 the node copies onto a fresh data partition (/var).
 pub const VAR_TEMPLATE: &str = "/usr/lib/kiln/var.ext4";

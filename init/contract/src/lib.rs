@@ -10,6 +10,8 @@
 //! - [`layout`]: partition names, ESP and boot-FAT paths, root slots, and
 //!   the paths in the root that the builder fills and the node reads.
 //! - [`verity`]: the dm-verity hash tree and superblock.
+//! - [`pxe`]: the sizes a PXE node's RAM root should have, and the RAM
+//!   that takes.
 //! - [`minisign`]: signatures (configs, manifests, update bundles).
 //! - [`update`]: the update bundle and image versions.
 //! - [`uboot`]: the A/B state file and extlinux.conf of u-boot cards.
@@ -27,6 +29,7 @@ pub mod install_image;
 pub mod layout;
 pub mod minisign;
 pub mod modules;
+pub mod pxe;
 pub mod requirements;
 pub mod stream;
 pub mod uboot;

@@ -26,6 +26,7 @@ pub mod watchdog;
 // Stage 1 (initramfs → verified root); see stage1.rs.
 pub mod gpt;
 pub mod grow;
+pub mod ramroot;
 pub mod stage1;
 
 use crate::k0s;

@@ -9,10 +9,10 @@
 use crate::cmdline::{has_roothash, parse_cmdline, Cmdline, MbrRoot, OnCorruption};
 use super::gpt::mbr_signature;
 use super::install::MEDIUM_FILE;
-use kiln_contract::layout::{INSTALL_PART, MBR_BOOT, MBR_DATA, RAM_ROOT, RAM_VERITY};
+use kiln_contract::layout::{INSTALL_PART, MBR_BOOT, MBR_DATA, RAM_ROOT, RAM_ROOT_SIZES, RAM_VERITY};
 use super::gpt::{self, Gpt, Guid};
 use super::grow::{self, Ext4Super};
-use super::{coldplug, console, kmod, sys, update};
+use super::{coldplug, console, kmod, ramroot, sys, update};
 use crate::dm;
 use kiln_contract::layout::Slot;
 use kiln_contract::verity::VeritySuperblock;
@@ -403,13 +403,18 @@ fn root_is_initramfs() -> bool {
 /// A failure that ends stage 1: the event to emit (if any) and the reason.
 struct Fail {
     event: Option<&'static str>,
+    /// The event's keys; none: `reason` alone.
+    fields: Vec<(&'static str, String)>,
     reason: String,
     detail: Vec<String>,
 }
 
+/// The event of a PXE root that did not fit in RAM.
+const RAM_TOO_SMALL: &str = "ram-too-small";
+
 impl Fail {
     fn root(reason: impl Into<String>) -> Fail {
-        Fail { event: Some("root-failed"), reason: reason.into(), detail: Vec::new() }
+        Fail { event: Some("root-failed"), fields: Vec::new(), reason: reason.into(), detail: Vec::new() }
     }
 
     fn detail(mut self, line: impl Into<String>) -> Fail {
@@ -433,7 +438,12 @@ pub fn run() -> ! {
         console::error(d);
     }
     if let Some(ev) = fail.event {
-        console::event(ev, &[("reason", &fail.reason)]);
+        if fail.fields.is_empty() {
+            console::event(ev, &[("reason", &fail.reason)]);
+        } else {
+            let fields: Vec<(&str, &dyn std::fmt::Display)> = fail.fields.iter().map(|(k, v)| (*k, v as &dyn std::fmt::Display)).collect();
+            console::event(ev, &fields);
+        }
     }
     if let Some((cmd, root)) = found {
         reboot_if_on_trial(&cmd, &root, &fail.reason);
@@ -527,7 +537,9 @@ fn boot(devices: &mut coldplug::State) -> (Fail, Option<(Cmdline, Root)>) {
         Err(f) => {
             // No root: what has no driver may be why. (With the root found,
             // stage 2 reports against the root's larger set of modules.)
-            coldplug::report_unclaimed(devices);
+            if f.event != Some(RAM_TOO_SMALL) {
+                coldplug::report_unclaimed(devices);
+            }
             return (f, None);
         }
     };
@@ -542,7 +554,11 @@ fn find(devices: &mut coldplug::State) -> Result<(Cmdline, Root), Fail> {
     let text = sys::read("/proc/cmdline").map_err(|e| Fail::root(format!("cmdline: {e}")))?;
     let cmd = parse_cmdline(&text).map_err(|e| Fail::root(format!("cmdline: {e}")))?;
 
-    let root = if Path::new(RAM_ROOT).exists() {
+    let pxe = Path::new(RAM_ROOT_SIZES).exists();
+    if pxe {
+        check_ram_root()?;
+    }
+    let root = if pxe || Path::new(RAM_ROOT).exists() {
         console::info(&format!("stage 1: root hash {} (slot {}); the root is in the initramfs", cmd.root_hex(), cmd.slot));
         let lo = |p: &str| loop_device(p).map_err(|e| Fail::root(format!("the root in the initramfs: {e}")));
         Root { medium: Medium::Initramfs, disk: None, data: lo(RAM_ROOT)?, hash: lo(RAM_VERITY)? }
@@ -556,6 +572,34 @@ fn find(devices: &mut coldplug::State) -> Result<(Cmdline, Root), Fail> {
         }
     };
     Ok((cmd, root))
+}
+
+/// A PXE root: checks that the kernel unpacked it whole into RAM. If not,
+/// removes what arrived (to give the RAM back) and says whether the node
+/// lacks RAM, and how much this root needs.
+fn check_ram_root() -> Result<(), Fail> {
+    let text = sys::read(RAM_ROOT_SIZES).map_err(|e| Fail::root(format!("{e}")))?;
+    let sizes = kiln_contract::pxe::RamRoot::parse(&text).map_err(|e| Fail::root(format!("{RAM_ROOT_SIZES}: {e}")).detail("the image's build wrote a broken file; rebuild it"))?;
+    let len = |p: &str| std::fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len());
+    let mem_mib = sys::read("/proc/meminfo").ok().and_then(|m| ramroot::mem_total_mib(&m));
+    let state = ramroot::unpacked(&sizes, len(RAM_ROOT), len(RAM_VERITY));
+    if state == ramroot::Unpacked::Complete {
+        if let Some(w) = mem_mib.and_then(|m| ramroot::low_ram_warning(&sizes, m)) {
+            console::warn(&w);
+        }
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(RAM_ROOT);
+    let _ = std::fs::remove_file(RAM_VERITY);
+    let i = ramroot::incomplete(&sizes, mem_mib, state);
+    let mut f = Fail::root(i.reason);
+    if i.too_small {
+        f.event = Some(RAM_TOO_SMALL);
+        let mem = mem_mib.map_or_else(|| "unknown".to_string(), |m| m.to_string());
+        f.fields = vec![("mem_mib", mem), ("needs_mib", sizes.min_ram_mib().to_string()), ("root_bytes", sizes.root_bytes.to_string()), ("verity_bytes", sizes.verity_bytes.to_string())];
+    }
+    f.detail = i.detail;
+    Err(f)
 }
 
 /// Verifies and mounts the root, prepares it, and makes it `/`.
@@ -576,7 +620,7 @@ fn mount_and_switch(cmd: &Cmdline, root: &Root) -> Result<(), Fail> {
     if let Err(e) = write_medium(root, &dm_node, &sb, esp.as_ref()) {
         console::warn(&format!("{MEDIUM_FILE}: {e}; installing from this medium is not possible"));
     }
-    switch_root().map_err(|e| Fail { event: None, reason: format!("switch_root: {e}"), detail: Vec::new() })
+    switch_root().map_err(|e| Fail { event: None, fields: Vec::new(), reason: format!("switch_root: {e}"), detail: Vec::new() })
 }
 
 /// Tells stage 2 what it booted from, for the installer.
@@ -696,11 +740,12 @@ fn read_superblock(root: &Root) -> Result<VeritySuperblock, Fail> {
     let mut sb = vec![0u8; 512];
     File::open(hash_node).and_then(|f| f.read_exact_at(&mut sb, 0)).map_err(|e| Fail::root(format!("reading the verity superblock from {hash_node}: {e}")))?;
     let sb = VeritySuperblock::parse(&sb).map_err(|e| Fail::root(format!("verity superblock on {hash_node}: {e}")))?;
+    let short = |f: Fail| if root.medium == Medium::Initramfs { f.detail("the root in the initramfs is short: the node may lack the RAM to unpack it (dmesg: \"Initramfs unpacking failed\"); give it more RAM") } else { f };
     if sb.data_bytes() > root.data.bytes {
-        return Err(Fail::root(format!("verity superblock on {hash_node} covers {} bytes, but {} has only {}: the image is truncated", sb.data_bytes(), root.data.node, root.data.bytes)));
+        return Err(short(Fail::root(format!("verity superblock on {hash_node} covers {} bytes, but {} has only {}: the image is truncated", sb.data_bytes(), root.data.node, root.data.bytes))));
     }
     if sb.hash_bytes() > root.hash.bytes {
-        return Err(Fail::root(format!("the hash tree needs {} bytes, but {hash_node} has only {}: the image is truncated", sb.hash_bytes(), root.hash.bytes)));
+        return Err(short(Fail::root(format!("the hash tree needs {} bytes, but {hash_node} has only {}: the image is truncated", sb.hash_bytes(), root.hash.bytes))));
     }
     Ok(sb)
 }

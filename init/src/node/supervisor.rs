@@ -145,7 +145,17 @@ impl Supervisor {
                 let (used, total) = super::sys::mem_used_kib();
                 console::event(
                     "payload-started",
-                    &[("role", &self.role), ("pid", &pid), ("attempt", &self.attempt), ("uptime", &uptime), ("init_rss_kib", &super::sys::rss_kib()), ("mem_used_kib", &used), ("mem_total_kib", &total)],
+                    &[
+                        ("role", &self.role),
+                        ("pid", &pid),
+                        ("attempt", &self.attempt),
+                        ("uptime", &uptime),
+                        ("init_rss_kib", &super::sys::rss_kib()),
+                        ("mem_used_kib", &used),
+                        ("mem_total_kib", &total),
+                        ("mem_used_mib", &(used / 1024)),
+                        ("mem_total_mib", &(total / 1024)),
+                    ],
                 );
             }
             Err(e) => {

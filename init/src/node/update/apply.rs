@@ -96,6 +96,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use kiln_contract::verity::{hash_blocks, parse_superblock, TreeBuilder, BLOCK as VERITY_BLOCK};
 
@@ -186,6 +187,8 @@ pub struct Applied {
     pub uki_bytes: u64,
     /// The boot entry's file name in `EFI/Linux`, `kiln-<profile>-<x>+3.efi`.
     pub entry: String,
+    /// How long reading the slot back against the root hash took.
+    pub readback: Duration,
 }
 
 impl Applied {
@@ -496,7 +499,9 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
 
     // Read back, then switch, then install.
     target.step(Step::Verifying(x));
+    let t0 = Instant::now();
     check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
+    let readback = t0.elapsed();
     target.step(Step::Switching(x));
     for (i, (off, bytes)) in disk.switch_writes(x, &new_hash).iter().enumerate() {
         f.write_all_at(bytes, *off).map_err(io_err("writing the GPT of", path)).map_err(cleanup)?;
@@ -509,7 +514,7 @@ fn apply_uki<R: Read>(mut bundle: BundleReader<R>, target: &Target) -> Result<Ap
     let entry = entry_name(&m.profile, x, target.tries.max(1));
     let dst = dir.join(&entry);
     crate::node::sys::rename_synced(&tmp, &dst).map_err(io_err(format!("renaming {} to", tmp.display()), &dst)).map_err(cleanup)?;
-    Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes, entry })
+    Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes, entry, readback })
 }
 
 /// An MBR card's root slots: partition 2 is slot a, 3 is slot b (as the
@@ -628,7 +633,9 @@ fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRo
     sync_dir(&dir).map_err(cleanup)?;
 
     target.step(Step::Verifying(x));
+    let t0 = Instant::now();
     check_slot(&f, x, &rr, &vr, root.size, verity.size, &new_hash).map_err(cleanup)?;
+    let readback = t0.elapsed();
 
     target.step(Step::Installing(x));
     let slot_cmdline = format!("{cmdline} kiln.slot={x} kiln.mbr={:08x},{},{}", mbr.signature, x.mbr_partition(), mbr.hash_offset);
@@ -640,7 +647,7 @@ fn apply_board<R: Read>(mut bundle: BundleReader<R>, target: &Target, mbr: MbrRo
     target.step(Step::Trial(x));
     let trial = State { good: running, trial: Some((x, target.tries.clamp(1, 9))) };
     uboot::write_state(boot, &trial).map_err(io_err("writing", &boot.join(uboot::STATE)))?;
-    Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes: file_bytes, entry: format!("{}/{}", uboot::slot_dir(x), uboot::EXTLINUX) })
+    Ok(Applied { slot: x, version: m.version, roothash: m.roothash, root_bytes, verity_bytes, uki_bytes: file_bytes, entry: format!("{}/{}", uboot::slot_dir(x), uboot::EXTLINUX), readback })
 }
 
 /// The bytes of the files under `dir` (0 when it is missing).

@@ -780,7 +780,16 @@ fn take(node: &Node, keys: &[PublicKey], allow_downgrade: bool, tries: u32, f: &
         Ok(a) => {
             console::event(
                 "update-applied",
-                &[("source", &f.source), ("version", &a.version), ("from", &from), ("slot", &a.slot), ("entry", &a.entry), ("bytes", &a.bytes_written()), ("seconds", &format!("{:.1}", t0.elapsed().as_secs_f64()))],
+                &[
+                    ("source", &f.source),
+                    ("version", &a.version),
+                    ("from", &from),
+                    ("slot", &a.slot),
+                    ("entry", &a.entry),
+                    ("bytes", &a.bytes_written()),
+                    ("seconds", &format!("{:.1}", t0.elapsed().as_secs_f64())),
+                    ("readback_seconds", &format!("{:.1}", a.readback.as_secs_f64())),
+                ],
             );
             if let Some(path) = f.consumed() {
                 let _ = fs::remove_file(path);
