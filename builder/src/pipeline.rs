@@ -254,7 +254,7 @@ pub fn build_with(profile_path: &Path, out_root: &Path, cache: &Cache, steps: &S
         }
         // The QEMU board's firmware, for `kiln run` (not part of the card).
         if let Some(bios) = &bi.bios {
-            std::fs::copy(&bios.path, staging.path().join(crate::tools::run::UBOOT_BIN)).with_context(|| format!("copying the board's bios {}", bios.path.display()))?;
+            std::fs::copy(&bios.path, staging.path().join(sdcard::UBOOT_BIN)).with_context(|| format!("copying the board's bios {}", bios.path.display()))?;
         }
     }
     if let (Some(key), Some((_, uki_path)), None, true) = (&signer, &uki, &profile.board, profile.outputs.contains(&Output::Update)) {

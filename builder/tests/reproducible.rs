@@ -124,11 +124,20 @@ fn sh(cmd: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The PXE initramfs decompressed by zstd (its frames end to end: stage 1,
+/// then the root), and its entries.
+fn initramfs(out: &Path) -> (Vec<u8>, Vec<kiln_formats::cpio::Member>) {
+    let bytes = sh(&format!("zstd -dc {}", out.join("pxe/initramfs.cpio.zst").display()));
+    let members = kiln_formats::cpio::list(&bytes).unwrap_or_else(|e| panic!("the PXE initramfs: {e}"));
+    (bytes, members)
+}
+
 /// The root squashfs the PXE initramfs carries.
 fn root_squashfs(out: &Path, scratch: &Path) -> PathBuf {
     let p = scratch.join("root.squashfs");
-    let bytes = sh(&format!("zstd -dc {} | cpio -i --quiet --to-stdout kiln/root.squashfs", out.join("pxe/initramfs.cpio.zst").display()));
-    std::fs::write(&p, bytes).unwrap();
+    let (bytes, members) = initramfs(out);
+    let m = members.iter().find(|m| m.name == "kiln/root.squashfs").expect("kiln/root.squashfs in the PXE initramfs");
+    std::fs::write(&p, &bytes[m.data.clone()]).unwrap();
     p
 }
 
@@ -188,11 +197,16 @@ fn outputs_are_byte_identical_across_trees_caches_and_time() {
     }
     assert!(m["inputs"].as_array().unwrap().iter().any(|i| i["source"].as_str().unwrap_or("").starts_with("linux-source-6.1")));
     assert!(m["payload"]["description"].as_str().unwrap().contains("not k0s"));
-    // The initramfs is a cpio that GNU cpio lists, holding stage 1 and the
-    // verified root (squashfs + hash tree).
+    // The initramfs is zstd that the zstd tool reads, holding cpio archives
+    // of stage 1 (GNU cpio lists the first) and of the verified root
+    // (squashfs + hash tree) with its sizes.
     let listing = String::from_utf8(sh(&format!("zstd -dc {} | cpio -it --quiet", a.join("pxe/initramfs.cpio.zst").display()))).unwrap();
-    for want in ["init", "sbin/kiln-init", "kiln/root.squashfs", "kiln/root.verity"] {
+    for want in ["init", "sbin/kiln-init"] {
         assert!(listing.lines().any(|l| l == want), "{want} not in the initramfs:\n{listing}");
+    }
+    let names: Vec<String> = initramfs(&a).1.into_iter().map(|m| m.name).collect();
+    for want in ["init", "sbin/kiln-init", "kiln/root.sizes", "kiln/root.squashfs", "kiln/root.verity"] {
+        assert!(names.iter().any(|n| n == want), "{want} not in the initramfs: {names:?}");
     }
 
     // C and D: SOURCE_DATE_EPOCH set, warm cache, from other directories,

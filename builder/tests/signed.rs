@@ -148,12 +148,13 @@ fn signed_output_verifies_and_every_flipped_byte_is_named() {
     let raw = kiln_contract::minisign::b64_decode(&secret_line).unwrap();
     let seed = raw[62..94].to_vec(); // after algorithms, salt, KDF limits and key id
     let root = t.join("root");
-    let (ok, out) = sh(&format!(
-        "zstd -dc {o}/pxe/initramfs.cpio.zst > {t}/initramfs.cpio && cd {t} && cpio -i --quiet --to-stdout kiln/root.squashfs < initramfs.cpio > root.squashfs && unsquashfs -q -n -d {r} root.squashfs",
-        o = o.display(),
-        t = t.display(),
-        r = root.display()
-    ));
+    let (ok, out) = sh(&format!("zstd -dc {o}/pxe/initramfs.cpio.zst > {t}/initramfs.cpio", o = o.display(), t = t.display()));
+    assert!(ok, "{out}");
+    let cpio = std::fs::read(t.join("initramfs.cpio")).unwrap();
+    let members = kiln_formats::cpio::list(&cpio).unwrap();
+    let m = members.iter().find(|m| m.name == "kiln/root.squashfs").expect("the root in the PXE initramfs");
+    std::fs::write(t.join("root.squashfs"), &cpio[m.data.clone()]).unwrap();
+    let (ok, out) = sh(&format!("cd {t} && unsquashfs -q -n -d {r} root.squashfs", t = t.display(), r = root.display()));
     assert!(ok, "{out}");
     assert_eq!(std::fs::read_to_string(root.join("etc/kiln/update.pub")).unwrap(), std::fs::read_to_string(&public).unwrap());
     let mut searched: Vec<PathBuf> = all.iter().map(|f| o.join(f)).collect();

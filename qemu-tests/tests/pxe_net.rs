@@ -137,21 +137,6 @@ fn a_missing_config_is_a_clear_error_and_is_retried_until_it_appears() {
     n.event("payload-started", BOOT_TIMEOUT);
 }
 
-/// Offset of `name`'s data in a newc cpio.
-fn cpio_member(cpio: &[u8], name: &str) -> (usize, usize) {
-    let mut at = 0;
-    while at + 110 <= cpio.len() {
-        let field = |i: usize| usize::from_str_radix(std::str::from_utf8(&cpio[at + 6 + i * 8..at + 14 + i * 8]).unwrap(), 16).unwrap();
-        let (size, namesize) = (field(6), field(11));
-        let n = std::str::from_utf8(&cpio[at + 110..at + 110 + namesize - 1]).unwrap();
-        let data = (at + 110 + namesize).div_ceil(4) * 4;
-        if n.trim_start_matches("./").trim_start_matches('/') == name {
-            return (data, size);
-        }
-        at = (data + size).div_ceil(4) * 4;
-    }
-    panic!("{name} not in the initramfs");
-}
 
 #[test]
 fn a_bundle_with_a_tampered_squashfs_stops_at_the_verity_check() {
@@ -163,17 +148,17 @@ fn a_bundle_with_a_tampered_squashfs_stops_at_the_verity_check() {
     for f in ["vmlinuz", "cmdline"] {
         std::fs::copy(out.join("pxe").join(f), copy.join("pxe").join(f)).unwrap();
     }
-    // The root is in the initramfs's last archive, uncompressed (it is a
-    // compressed squashfs already): flip a byte in place.
-    let mut bytes = std::fs::read(out.join("pxe/initramfs.cpio.zst")).unwrap();
-    let name = b"kiln/root.squashfs\0";
-    let header = bytes.windows(name.len()).rposition(|w| w == name).expect("the root's cpio entry") - 110;
-    assert_eq!(&bytes[header..header + 6], b"070701", "a plain newc header");
-    let (at, len) = cpio_member(&bytes[header..], "kiln/root.squashfs");
-    let at = header + at;
+    // Decompressed, the initramfs is stage 1's archive, then the root's:
+    // flip a byte of the squashfs and compress it all again as one frame.
+    let cpio = copy.join("initramfs.cpio");
+    sh(&format!("zstd -q -d -f {} -o {}", out.join("pxe/initramfs.cpio.zst").display(), cpio.display()));
+    let mut bytes = std::fs::read(&cpio).unwrap();
+    let m = kiln_formats::cpio::list(&bytes).unwrap().into_iter().find(|m| m.name == "kiln/root.squashfs").expect("the root in the initramfs");
+    let (at, len) = (m.data.start, m.data.len());
     assert_eq!(&bytes[at..at + 4], b"hsqs", "the initramfs carries the squashfs");
     bytes[at + len / 2 + 77] ^= 0x40;
-    std::fs::write(copy.join("pxe/initramfs.cpio.zst"), &bytes).unwrap();
+    std::fs::write(&cpio, &bytes).unwrap();
+    sh(&format!("zstd -q -3 -f --rm {} -o {}", cpio.display(), copy.join("pxe/initramfs.cpio.zst").display()));
     let mut n = boot_with("pxe_tampered", &copy, None, |s| s.boot = BootFrom::Pxe);
     let failed = n.event("root-failed", BOOT_TIMEOUT);
     assert!(failed.get("reason").unwrap_or("").contains("verity"), "{failed:?}");

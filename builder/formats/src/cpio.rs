@@ -92,6 +92,117 @@ pub fn newc_len(tree: &Tree) -> io::Result<u64> {
     Ok(n + entry("TRAILER!!!", 0))
 }
 
+/// zstd's largest block, and the window the stored frame declares.
+const STORED_BLOCK: usize = 128 << 10;
+
+/// The length of [`write_stored`]'s output for an archive of `archive`
+/// bytes: the frame header and a 3-byte header per block.
+pub fn stored_len(archive: u64) -> u64 {
+    6 + 3 * archive.div_ceil(STORED_BLOCK as u64).max(1) + archive
+}
+
+/// Writes the tree as a newc archive inside a zstd frame of stored (raw)
+/// blocks: a zstd stream that `zstd -d` and the kernel read, for contents
+/// compressed already (a squashfs), at the cost of a copy rather than of
+/// compressing again.
+pub fn write_stored(tree: &Tree, mtime: u64, w: impl Write) -> io::Result<()> {
+    let mut f = StoredFrame::new(w)?;
+    write_cpio(tree, mtime, &mut f)?;
+    f.finish()
+}
+
+/// A zstd frame of raw blocks: magic, a frame header with no content size
+/// or checksum and a 128 KiB window, then blocks of at most 128 KiB, each
+/// with its 3-byte header (last-block bit, type 0 = raw, size).
+struct StoredFrame<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> StoredFrame<W> {
+    fn new(mut inner: W) -> io::Result<Self> {
+        // Frame_Header_Descriptor 0: no checksum, no dictionary, not single
+        // segment; Window_Descriptor 0x38: 2^(10 + 7) bytes.
+        inner.write_all(&[0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38])?;
+        Ok(StoredFrame { inner, buf: Vec::with_capacity(2 * STORED_BLOCK) })
+    }
+
+    fn block(&mut self, len: usize, last: bool) -> io::Result<()> {
+        let header = (len as u32) << 3 | u32::from(last);
+        self.inner.write_all(&header.to_le_bytes()[..3])?;
+        self.inner.write_all(&self.buf[..len])?;
+        self.buf.drain(..len);
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        while self.buf.len() > STORED_BLOCK {
+            self.block(STORED_BLOCK, false)?;
+        }
+        let n = self.buf.len();
+        self.block(n, true)?;
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Write for StoredFrame<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        // Keep the last block back: the frame's last block says so.
+        while self.buf.len() > STORED_BLOCK {
+            self.block(STORED_BLOCK, false)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One entry of a newc archive, from [`list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub mode: u32,
+    /// Where its data is in the bytes given to [`list`].
+    pub data: std::ops::Range<usize>,
+}
+
+/// The entries of one or more newc archives end to end (as the kernel
+/// reads an initramfs: zero padding between them is skipped), trailers left
+/// out. For checking what an initramfs holds, decompressed.
+pub fn list(bytes: &[u8]) -> Result<Vec<Member>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        if bytes[at] == 0 {
+            at += 1;
+            continue;
+        }
+        let head = bytes.get(at..at + 110).ok_or_else(|| format!("a header cut short at byte {at}"))?;
+        if &head[..6] != b"070701" {
+            return Err(format!("no newc header at byte {at}"));
+        }
+        let field = |i: usize| {
+            std::str::from_utf8(&head[6 + i * 8..14 + i * 8]).ok().and_then(|s| u32::from_str_radix(s, 16).ok()).ok_or_else(|| format!("a bad header field at byte {}", at + 6 + i * 8))
+        };
+        let (mode, size, namesize) = (field(1)?, field(6)? as usize, field(11)? as usize);
+        let name_end = at + 110 + namesize;
+        let name = bytes.get(at + 110..name_end.saturating_sub(1)).ok_or_else(|| format!("a name cut short at byte {at}"))?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        let data = name_end.div_ceil(4) * 4;
+        if data + size > bytes.len() {
+            return Err(format!("{name}: its {size} bytes run past the end"));
+        }
+        if name != "TRAILER!!!" {
+            out.push(Member { name, mode, data: data..data + size });
+        }
+        at = (data + size).div_ceil(4) * 4;
+    }
+    Ok(out)
+}
+
 /// Writes the tree as a zstd-compressed newc archive. Level 19 and one
 /// thread keep the output identical across machines.
 pub fn write(tree: &Tree, mtime: u64, w: impl Write) -> io::Result<()> {
@@ -140,6 +251,40 @@ mod tests {
         std::fs::create_dir(&x).unwrap();
         let ok = std::process::Command::new("sh").arg("-c").arg(format!("cd {} && cpio -id --no-absolute-filenames < {} 2>/dev/null; cat etc/hostname", x.display(), f.display())).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&ok.stdout), "node\n");
+    }
+
+    /// zstd (a tool nobody here wrote) reads the stored frame back; after
+    /// a compressed one, as in a PXE initramfs, it reads both.
+    #[test]
+    fn stored_frames_are_zstd_streams() {
+        let d = tempfile::tempdir().unwrap();
+        let big = d.path().join("big");
+        std::fs::write(&big, kiln_testkit::noise(11, 300_000)).unwrap();
+        let mut t = Tree::new();
+        t.host_file("/kiln/root.squashfs", big.clone(), 0o444).unwrap();
+        t.file("/kiln/root.sizes", "x\n", 0o444).unwrap();
+        let mut both = Vec::new();
+        write(&sample(), 0, &mut both).unwrap();
+        let mut stored = Vec::new();
+        write_stored(&t, 0, &mut stored).unwrap();
+        assert_eq!(stored.len() as u64, stored_len(newc_len(&t).unwrap()));
+        both.extend_from_slice(&stored);
+        let mut empty = Vec::new();
+        write_stored(&Tree::new(), 0, &mut empty).unwrap();
+        both.extend_from_slice(&empty);
+        let f = d.path().join("i.cpio.zst");
+        std::fs::write(&f, &both).unwrap();
+        if kiln_testkit::checker("zstd", "zstd").is_none() {
+            return;
+        }
+        let out = std::process::Command::new("zstd").arg("-dc").arg(&f).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let members = list(&out.stdout).unwrap();
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        assert!(names.contains(&"sbin/kiln-init") && names.ends_with(&["kiln", "kiln/root.sizes", "kiln/root.squashfs"]), "{names:?}");
+        let m = members.iter().find(|m| m.name == "kiln/root.squashfs").unwrap();
+        assert_eq!(out.stdout[m.data.clone()], std::fs::read(&big).unwrap()[..]);
+        assert!(list(&out.stdout[..out.stdout.len() - 7]).is_err(), "a cut archive is an error");
     }
 
     #[test]

@@ -2,14 +2,14 @@
 //! stage 1 plus the verified root's squashfs and hash tree, so no disk is
 //! needed), `boot.ipxe`, and `cmdline` for direct kernel boots.
 //!
-//! The initramfs is three archives end to end, as the kernel accepts them:
-//! stage 1 (the disk's own, already zstd-compressed), a small zstd'd cpio
-//! with the root's sizes (`kiln_contract::layout::RAM_ROOT_SIZES`), then, at
-//! a 4-byte boundary, a plain cpio of the root squashfs and its hash tree.
-//! The squashfs is compressed already; compressing it again would cost the
-//! build most of its time for nothing. Stage 1 comes first so that a node
-//! with too little RAM for the root still runs it, and says how much RAM
-//! the root needs.
+//! The initramfs is two zstd frames end to end, as the kernel and `zstd
+//! -d` read them: stage 1 (the disk's own, compressed), then a frame of
+//! stored (raw) blocks holding a cpio of the root's sizes
+//! (`kiln_contract::layout::RAM_ROOT_SIZES`), the root squashfs and its hash
+//! tree. The squashfs is compressed already; compressing it again would
+//! cost the build most of its time for nothing. Stage 1 comes first, and
+//! the sizes before the root, so that a node with too little RAM for the
+//! root still runs stage 1, which says how much RAM the root needs.
 //!
 //! The node fetches its config from `kiln.config=…/configs/${mac}.toml`,
 //! where `${kiln-server}` is the HTTP server holding this directory:
@@ -53,46 +53,32 @@ pub fn write(dir: &Path, kernel: &Path, root: &RootImage, epoch: u64, profile: &
     let mut ram = Tree::new();
     ram.host_file(RAM_ROOT, root.squashfs.clone(), 0o444)?;
     ram.host_file(RAM_VERITY, root.verity_path.clone(), 0o444)?;
-    let sizes = RamRoot {
+    let mut sizes = RamRoot {
         root_bytes: std::fs::metadata(&root.squashfs)?.len(),
         verity_bytes: std::fs::metadata(&root.verity_path)?.len(),
-        // An upper bound: the sizes' own archive is well under 4 KiB.
-        initramfs_bytes: root.initrd.len() as u64 + 4096 + cpio::newc_len(&ram)?,
+        initramfs_bytes: 0,
     };
-    let mut sizes_tree = Tree::new();
-    sizes_tree.file(RAM_ROOT_SIZES, sizes.to_file(), 0o444)?;
+    // The sizes file's own length depends on this number's digits: take
+    // the length with the widest it can be, then pad the number to it.
+    ram.file(RAM_ROOT_SIZES, RamRoot { initramfs_bytes: u64::MAX, ..sizes }.to_file(), 0o444)?;
+    let total = root.initrd.len() as u64 + cpio::stored_len(cpio::newc_len(&ram)?);
+    sizes.initramfs_bytes = total;
+    let text = sizes.to_file().replace(&format!("initramfs_bytes={total}"), &format!("initramfs_bytes={total:0>20}"));
+    ram.file(RAM_ROOT_SIZES, text, 0o444)?;
     let initramfs = pxe.join("initramfs.cpio.zst");
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&initramfs)?);
-        let mut counted = Counted { inner: &mut f, n: 0 };
-        counted.write_all(&root.initrd)?;
-        cpio::write(&sizes_tree, epoch, &mut counted).context("writing the PXE initramfs (the root's sizes)")?;
-        let pad = (4 - counted.n % 4) % 4;
-        counted.write_all(&[0u8; 3][..pad as usize])?;
-        cpio::write_cpio(&ram, epoch, &mut counted).context("writing the PXE initramfs (the root)")?;
+        f.write_all(&root.initrd)?;
+        cpio::write_stored(&ram, epoch, &mut f).context("writing the PXE initramfs (the root)")?;
         f.flush()?;
+    }
+    let written = std::fs::metadata(&initramfs)?.len();
+    if written != total {
+        anyhow::bail!("the PXE initramfs is {written} bytes, not the {total} its sizes file says (a kiln bug)");
     }
     std::fs::write(dir.join(SIZES_FILE), sizes.to_file())?;
     std::fs::copy(kernel, pxe.join("vmlinuz"))?;
     std::fs::write(pxe.join("boot.ipxe"), ipxe_script(profile, &root.cmdline))?;
     std::fs::write(pxe.join("cmdline"), format!("{}\n", root.cmdline))?;
-    Ok(std::fs::metadata(&initramfs)?.len())
-}
-
-/// Counts what goes through, for the 4-byte boundary between the archives.
-struct Counted<'a, W: Write> {
-    inner: &'a mut W,
-    n: u64,
-}
-
-impl<W: Write> Write for Counted<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let k = self.inner.write(buf)?;
-        self.n += k as u64;
-        Ok(k)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
+    Ok(written)
 }

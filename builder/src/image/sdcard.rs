@@ -35,6 +35,10 @@ pub use kiln_contract::uboot::{extlinux_conf, DTB_DIR, EXTLINUX, INITRD, KERNEL}
 use kiln_contract::layout::Slot;
 use kiln_contract::uboot;
 
+/// The firmware `kiln build` copies from an armv7 board's `bios` input
+/// (u-boot for QEMU) into the output, for `kiln run`'s `-bios`.
+pub const UBOOT_BIN: &str = "u-boot.bin";
+
 /// The sizes and names of the card.
 #[derive(Debug, Clone)]
 pub struct SdSpec {

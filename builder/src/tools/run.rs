@@ -355,9 +355,9 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
 const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
 
-/// The firmware `kiln build` copies from an armv7 board's `bios` input
-/// (u-boot for QEMU), which `kiln run` passes to `-bios`.
-pub const UBOOT_BIN: &str = "u-boot.bin";
+/// The firmware `kiln build` copies beside an armv7 card, which `kiln run`
+/// passes to `-bios`.
+pub use crate::image::sdcard::UBOOT_BIN;
 
 /// AAVMF: EDK2 for QEMU virt on arm64 (Debian qemu-efi-aarch64), 64 MiB
 /// flash images as QEMU wants them.

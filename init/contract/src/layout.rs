@@ -28,7 +28,7 @@ pub const TRIES: u32 = 3;
 /// Where a PXE initramfs (or `kiln.root=ram`) holds the root and its tree.
 pub const RAM_ROOT: &str = "/kiln/root.squashfs";
 pub const RAM_VERITY: &str = "/kiln/root.verity";
-/// In a PXE initramfs's stage-1 archive: the sizes the root and its tree
+/// In a PXE initramfs, before the root: the sizes the root and its tree
 /// should have once unpacked ([`crate::pxe::RamRoot`]).
 pub const RAM_ROOT_SIZES: &str = "/kiln/root.sizes";
 

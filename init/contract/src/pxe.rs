@@ -1,12 +1,12 @@
 //! What a PXE node's RAM root should be, and the RAM that takes.
 //!
-//! A PXE initramfs is two concatenated cpio archives: stage 1 (compressed),
-//! then the root squashfs and its hash tree at [`RAM_ROOT`] and
-//! [`RAM_VERITY`] (uncompressed). With too little RAM the kernel fails to
-//! unpack the second one ("Initramfs unpacking failed: write error") and
-//! still starts stage 1. The stage-1 archive therefore carries
-//! [`RAM_ROOT_SIZES`], so stage 1 can tell a cut-short root from a damaged
-//! one, and say how much RAM the node needs.
+//! A PXE initramfs is two zstd frames, each a cpio archive: stage 1
+//! (compressed), then, in stored (uncompressed) blocks, [`RAM_ROOT_SIZES`]
+//! followed by the root squashfs and its hash tree at [`RAM_ROOT`] and
+//! [`RAM_VERITY`]. With too little RAM the kernel fails to unpack the root
+//! ("Initramfs unpacking failed: write error") and still starts stage 1.
+//! The sizes, unpacked before the root, let stage 1 tell a cut-short root
+//! from a damaged one, and say how much RAM the node needs.
 //!
 //! ```text
 //! root_bytes=254803968
@@ -31,9 +31,7 @@ pub struct RamRoot {
     pub root_bytes: u64,
     /// The hash tree file at `RAM_VERITY`.
     pub verity_bytes: u64,
-    /// The whole initramfs file (both archives). May be an upper bound: the
-    /// stage-1 archive holds this file, so its exact compressed size is only
-    /// known after it is written.
+    /// The whole initramfs file (both frames).
     pub initramfs_bytes: u64,
 }
 

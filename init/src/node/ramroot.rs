@@ -2,7 +2,7 @@
 //!
 //! Without RAM for the root, the kernel stops unpacking the initramfs
 //! ("Initramfs unpacking failed: write error") and still starts stage 1,
-//! with the root short or missing. The stage-1 archive's
+//! with the root short or missing. The initramfs's
 //! [`RAM_ROOT_SIZES`](kiln_contract::layout::RAM_ROOT_SIZES) says what
 //! should be there, so the node can say it lacks RAM, and how much it needs,
 //! instead of failing on a truncated squashfs.
