@@ -12,9 +12,11 @@ packages=(
   build-essential bc flex bison libelf-dev libssl-dev patch
   # inputs and artifacts
   ca-certificates xz-utils zstd cpio file
+  # kiln serve's TLS is checked with curl and openssl
+  curl
   # arm64 and armv7: cross compilers (kernels; armv7 also links kiln-init
   # against static glibc with it), QEMU, UEFI firmware for arm64
-  gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-system-arm qemu-efi-aarch64
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-system-arm qemu-efi-aarch64
   # booting images
   qemu-system-x86 qemu-utils
   # the DHCP client's tests run dnsmasq in network namespaces

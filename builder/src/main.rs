@@ -137,13 +137,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
-    /// Serve a PXE bundle and per-node configs over HTTP, for iPXE.
+    /// Serve a PXE bundle and per-node configs over HTTP and HTTPS, for iPXE.
     ///
     /// GET /boot.ipxe, /vmlinuz, … serve files under DIR (boot.ipxe with its
     /// `set kiln-server` line pointing at this server). GET
     /// /configs/<mac>.toml (and .toml.minisig) serves CONFIGS/<mac>.toml,
-    /// the MAC with colons or hyphens in any case. Boot nodes with
-    /// kiln.config=http://<server>/configs/${mac}.toml.
+    /// the MAC with colons or hyphens in any case.
+    ///
+    /// With TLS (--init-tls DIR for a lab CA, or --tls-cert/--tls-key) the
+    /// same port also speaks HTTPS, and boot.ipxe points the node's
+    /// kiln.config= at https://. A config holding a join token or a CA key
+    /// is never sent over plain HTTP (403) unless --insecure-http-secrets.
+    ///
+    /// Example: kiln serve out/qemu-amd64/pxe --configs configs --init-tls tls
     Serve {
         /// The directory to serve, e.g. out/pxe-amd64/pxe.
         dir: PathBuf,
@@ -154,6 +160,31 @@ enum Cmd {
         /// Address and port to listen on; port 0 picks a free one.
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: String,
+        /// The server certificate (PEM, with any intermediates after it).
+        #[arg(long, requires = "tls_key", conflicts_with = "init_tls")]
+        tls_cert: Option<PathBuf>,
+        /// The server certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Make (or reuse) a lab CA and server certificate in this directory
+        /// and serve with them: DIR/ca.pem goes into images as node.trust.
+        #[arg(long, value_name = "DIR")]
+        init_tls: Option<PathBuf>,
+        /// With --init-tls: a host name or address the server certificate
+        /// covers, besides localhost, this machine's name and addresses and
+        /// 10.0.2.2 (QEMU's host). Repeatable.
+        #[arg(long = "tls-name", value_name = "NAME", requires = "init_tls")]
+        tls_names: Vec<String>,
+        /// Serve node configs holding secrets (join tokens, CA keys) over
+        /// plain HTTP too, where anyone on the network can read them. Only on
+        /// a network you trust completely.
+        #[arg(long)]
+        insecure_http_secrets: bool,
+        /// Serve node configs holding a cluster CA's private key (k0s.ca.key).
+        /// By default they get 403: the controller's config belongs on its own
+        /// media (kiln cluster init writes controller.local.toml).
+        #[arg(long)]
+        serve_ca_keys: bool,
     },
 }
 
@@ -198,13 +229,17 @@ enum RoleArg {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Write DIR/controller.toml and DIR/worker.toml for a new cluster,
+    /// Write DIR/controller.local.toml and DIR/worker.toml for a new cluster,
     /// with its CA (DIR/ca.crt, ca.key), the worker join token
     /// (DIR/worker.token) and the bootstrap token Secret that admits it
     /// (DIR/bootstrap-token-<id>.yaml), as `k0s token pre-shared` makes them.
     ///
-    /// Boot the controller with controller.toml and any number of workers
-    /// with worker.toml; the workers join the controller at https://API:6443.
+    /// Boot the controller with controller.local.toml from its own media (its
+    /// ESP or a KILNCFG stick: it holds the CA key) and any number of workers
+    /// with worker.toml (local, or from `kiln serve` over HTTPS); the workers
+    /// join the controller at https://API:6443.
+    ///
+    /// Example: kiln cluster init lab --controller-address 10.0.0.10/24
     Init {
         /// Where the files go (created if missing).
         dir: PathBuf,
@@ -232,10 +267,11 @@ enum ClusterCmd {
         /// The link the static addresses go on.
         #[arg(long, default_value = "eth0")]
         interface: String,
-        /// How long the worker token is valid (24h, 7d, …); default: until
-        /// its Secret is deleted.
-        #[arg(long, value_parser = kiln::tools::cluster::parse_validity)]
-        valid: Option<std::time::Duration>,
+        /// How long the worker join token is valid (24h, 7d, …), or `never`
+        /// (until its Secret is deleted). Flashing cards in a factory and
+        /// shipping them takes longer than a day: give the time that takes.
+        #[arg(long, default_value = "24h")]
+        valid: String,
     },
 }
 
@@ -377,8 +413,18 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Profile { cmd: ProfileCmd::Check { profile } } => {
-            let p = kiln::pipeline::check(&profile)?.profile;
+            let c = kiln::pipeline::check(&profile)?;
+            let p = &c.profile;
             println!("{}: ok ({} for {}, {} kernel fragment(s))", profile.display(), p.name, p.arch, p.kernel.fragments.len());
+            if c.trust.is_empty() {
+                println!("https: the image trusts no CA, so its nodes can fetch configs and updates over http:// only (node.trust adds CAs)");
+            } else {
+                let n: usize = c.trust.iter().map(|a| a.certificates).sum();
+                println!("https: the image trusts {n} certificate(s) from {}", c.trust.iter().map(|a| a.path.display().to_string()).collect::<Vec<_>>().join(", "));
+            }
+            if p.insecure_http_secrets {
+                println!("warning: node.insecure_http_secrets = true: nodes use join tokens and CA keys that came over plain http://, readable by anyone on the network");
+            }
             Ok(0)
         }
         Cmd::Kernel { cmd: KernelCmd::Build { profile } } => {
@@ -419,24 +465,54 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Cluster { cmd: ClusterCmd::Init { dir, api, name, force, controller_address, worker_address, gateway, interface, valid } } => {
+            let valid = kiln::tools::cluster::parse_valid_or_never(&valid).map_err(|e| anyhow::anyhow!("--valid: {e}"))?;
             let o = kiln::tools::cluster::InitOptions { dir, api, name, force, controller_address, worker_address, gateway, interface, valid };
             let r = kiln::tools::cluster::init(&o)?;
             for f in &r.files {
                 println!("wrote {}", f.display());
             }
             println!("cluster `{}`: workers join {} with bootstrap token id {}", o.name, r.server, r.token_id);
-            println!("controller.toml, worker.toml and ca.key are secrets: keep them out of the repository");
-            println!("next: boot the controller with {} and workers with {}", o.dir.join("controller.toml").display(), o.dir.join("worker.toml").display());
+            match o.valid {
+                Some(d) => println!("the worker join token expires in {} h; workers must join before then (--valid to change)", d.as_secs() / 3600),
+                None => println!("the worker join token never expires (--valid never): delete its Secret to revoke it"),
+            }
+            println!("{}, worker.toml, worker.token and ca.key are secrets: keep them out of the repository", kiln::tools::cluster::CONTROLLER_FILE);
+            println!("next: put {} on the controller's ESP as node.toml or on a KILNCFG stick (it holds the CA key: never serve it), and give workers {} (locally, or with kiln serve over HTTPS)", o.dir.join(kiln::tools::cluster::CONTROLLER_FILE).display(), o.dir.join("worker.toml").display());
             Ok(0)
         }
-        Cmd::Serve { dir, configs, listen } => {
-            let server = kiln::tools::serve::Server::bind(&dir, configs.as_deref(), &listen)?;
+        Cmd::Serve { dir, configs, listen, tls_cert, tls_key, init_tls, tls_names, insecure_http_secrets, serve_ca_keys } => {
+            use kiln::tools::tls;
+            let files = match (&init_tls, &tls_cert, &tls_key) {
+                (Some(d), _, _) => {
+                    let mut names = tls::default_names();
+                    names.extend(tls_names.iter().cloned());
+                    let lab = tls::init_lab(d, &names, time::OffsetDateTime::now_utc()).map_err(anyhow::Error::msg)?;
+                    if !lab.made.is_empty() {
+                        eprintln!("kiln serve: made the {} in {}", lab.made, d.display());
+                    }
+                    eprintln!("kiln serve: the server certificate covers {}", lab.names.join(", "));
+                    eprintln!("kiln serve: images trust this server when their profile has\n    [node]\n    trust = [\"{}\"]", lab.ca.display());
+                    Some((lab.cert, lab.key))
+                }
+                (None, Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                _ => None,
+            };
+            let tls = files.map(|(c, k)| tls::server_config(&c, &k)).transpose().map_err(anyhow::Error::msg)?;
+            let server = kiln::tools::serve::Server::bind(&dir, configs.as_deref(), &listen)?
+                .with_options(kiln::tools::serve::Options { tls, insecure_http_secrets, serve_ca_keys });
             let addr = server.local_addr()?;
             let site = server.site();
-            eprintln!("kiln serve: listening on http://{addr}/ serving {} (node configs from {})", site.root.display(), site.configs.display());
+            let schemes = if server.tls() { "https:// and http://" } else { "http://" };
+            if !server.tls() && !insecure_http_secrets {
+                eprintln!("kiln serve: no TLS: node configs holding a join token get 403 (use --init-tls DIR, or --tls-cert/--tls-key)");
+            } else if insecure_http_secrets {
+                eprintln!("kiln serve: --insecure-http-secrets: node configs holding secrets are served over plain HTTP too");
+            }
             if addr.ip().is_unspecified() {
                 eprintln!("kiln serve: from iPXE: chain http://<this machine's address>:{}/boot.ipxe", addr.port());
             }
+            // Last, so a script can wait for this line.
+            eprintln!("kiln serve: listening on {addr} ({schemes}) serving {} (node configs from {})", site.root.display(), site.configs.display());
             server.run(|line| eprintln!("{line}")).with_context(|| format!("serving on {addr}"))?;
             Ok(0)
         }

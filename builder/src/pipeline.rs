@@ -41,6 +41,8 @@ pub struct Checked {
     pub signer: Option<crate::provenance::sign::KeyPair>,
     pub secureboot: Option<crate::image::secureboot::Signer>,
     pub config_key: Option<crate::provenance::sign::PublicKey>,
+    /// `node.trust`, checked.
+    pub trust: Vec<crate::inputs::trust::Anchor>,
 }
 
 pub fn check(profile_path: &Path) -> Result<Checked> {
@@ -67,7 +69,8 @@ pub fn check(profile_path: &Path) -> Result<Checked> {
         }
         None => None,
     };
-    Ok(Checked { profile, node_toml, node, signer, secureboot, config_key })
+    let trust = crate::inputs::trust::load(&profile.trust, &profile.path)?;
+    Ok(Checked { profile, node_toml, node, signer, secureboot, config_key, trust })
 }
 
 /// Builds every output of a profile into `out_root/<name>/`, saying on
@@ -80,7 +83,7 @@ pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Buil
 pub fn build_with(profile_path: &Path, out_root: &Path, cache: &Cache, steps: &Steps) -> Result<Built> {
     // 1. Profile.
     let step = steps.start("profile", Unit::Files);
-    let Checked { profile, node_toml, node, signer, secureboot, config_key } = check(profile_path)?;
+    let Checked { profile, node_toml, node, signer, secureboot, config_key, trust } = check(profile_path)?;
 
     // 2. Inputs.
     drop(step);
@@ -161,6 +164,12 @@ pub fn build_with(profile_path: &Path, out_root: &Path, cache: &Cache, steps: &S
     }
     if let Some(key) = &config_key {
         tree.file("/etc/kiln/config.pub", key.to_file(), 0o644)?;
+    }
+    for a in &trust {
+        tree.file(&format!("{}/{}", kiln_contract::layout::TRUST_DIR_ABS, a.name), a.pem.clone(), 0o644)?;
+    }
+    if profile.insecure_http_secrets {
+        tree.file(kiln_contract::layout::INSECURE_HTTP_SECRETS, "node.insecure_http_secrets = true: this image uses node configs holding secrets even when they came over plain http://\n", 0o644)?;
     }
     // Debian packages last, so that one colliding with kiln's own files is
     // caught; then every ELF file in the root must be loadable.

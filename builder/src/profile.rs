@@ -250,6 +250,13 @@ pub struct NodeFile {
     /// configs from outside the image (URL, fw_cfg, ESP) must carry a valid
     /// `.minisig` by this key; unsigned ones are refused.
     pub config_key: Option<String>,
+    /// PEM files of CA certificates (or a server's self-signed certificate)
+    /// the node trusts for https:// (configs, update channels, bundles),
+    /// relative to the profile.
+    pub trust: Option<Vec<String>>,
+    /// Accept node configs holding secrets (a join token, a CA key) over
+    /// plain http://. Off: such configs are refused.
+    pub insecure_http_secrets: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -270,8 +277,13 @@ impl ProfileFile {
         merge_opts!(self, base, name, description, arch, outputs, version, board, source_date_epoch);
         merge_opts!(self.kernel, base.kernel, source, base, fragments, patches, cmdline, kind, package, drivers, modules, firmware);
         merge_opts!(self.rootfs, base.rootfs, busybox, busybox_applets, packages, files);
-        merge_opts!(self.payload, base.payload, stand_in, k0s, version);
-        merge_opts!(self.node, base.node, config, config_key);
+        // `stand-in` and `k0s` are one choice too: a child giving real k0s
+        // replaces the base's stand-in (and the stand-in, a base's k0s).
+        if self.payload.stand_in.is_none() && self.payload.k0s.is_none() {
+            merge_opts!(self.payload, base.payload, stand_in, k0s);
+        }
+        merge_opts!(self.payload, base.payload, version);
+        merge_opts!(self.node, base.node, config, config_key, trust, insecure_http_secrets);
         merge_opts!(self.iso, base.iso, root, isolinux, isohybrid_mbr, ldlinux);
         merge_opts!(self.qemu, base.qemu, machine, memory_mib, cpus);
         merge_opts!(self.boot, base.boot, systemd_boot, stub);
@@ -363,6 +375,10 @@ pub struct Profile {
     pub sign: crate::provenance::keys::KeySpec,
     /// The public key node configs must be signed with (`node.config_key`).
     pub config_key: Option<PathBuf>,
+    /// `node.trust`: the HTTPS trust anchors' PEM files.
+    pub trust: Vec<PathBuf>,
+    /// `node.insecure_http_secrets`.
+    pub insecure_http_secrets: bool,
     pub iso: IsoSpec,
     /// `[appliance]`: images, manifests and charts baked into the root.
     pub appliance: crate::inputs::appliance::Spec,
@@ -631,6 +647,8 @@ fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
         disk,
         sign: crate::provenance::keys::KeySpec { key: f.sign.key.as_ref().map(|k| dir.join(k)), key_command: f.sign.key_command.clone(), profile: path.to_path_buf() },
         config_key: f.node.config_key.as_ref().map(|k| dir.join(k)),
+        trust: f.node.trust.iter().flatten().map(|t| dir.join(t)).collect(),
+        insecure_http_secrets: f.node.insecure_http_secrets.unwrap_or(false),
         iso: IsoSpec { root_in_ram, bios },
         appliance,
         secureboot,
@@ -943,6 +961,13 @@ mod tests {
         assert_eq!(p.arch, Arch::Amd64);
         assert_eq!(p.qemu.memory_mib, 512);
         assert_eq!(p.kernel.fragments.len(), 1);
+        // Real k0s in a child replaces the base's stand-in, and back.
+        let pin = "0".repeat(64);
+        std::fs::write(profiles.join("real.toml"), format!("extends = \"base.toml\"\n[payload]\nk0s = {{ file = \"/k0s\", sha256 = \"{pin}\" }}\nversion = \"v1.30.14+k0s.0\"\n")).unwrap();
+        let p = load(&profiles.join("real.toml")).unwrap();
+        assert!(matches!(&p.payload, Payload::K0s { version: Some(v), .. } if v == "v1.30.14+k0s.0"), "{:?}", p.payload);
+        std::fs::write(profiles.join("back.toml"), "extends = \"real.toml\"\n[payload]\nstand-in = true\n").unwrap();
+        assert!(matches!(load(&profiles.join("back.toml")).unwrap().payload, Payload::StandIn));
         std::fs::write(profiles.join("loop.toml"), "extends = \"loop.toml\"\n").unwrap();
         assert!(matches!(load(&profiles.join("loop.toml")), Err(ProfileError::Cycle { .. })));
     }

@@ -29,8 +29,12 @@ impl Drop for Serve {
 
 impl Serve {
     fn start(dir: &Path, configs: Option<&Path>) -> Serve {
+        Serve::start_with(dir, configs, &[])
+    }
+
+    fn start_with(dir: &Path, configs: Option<&Path>, extra: &[&str]) -> Serve {
         let mut cmd = Command::new(KILN);
-        cmd.arg("serve").arg(dir).args(["--listen", "127.0.0.1:0"]);
+        cmd.arg("serve").arg(dir).args(["--listen", "127.0.0.1:0"]).args(extra);
         if let Some(c) = configs {
             cmd.arg("--configs").arg(c);
         }
@@ -46,13 +50,19 @@ impl Serve {
                 let _ = tx.send(l);
             }
         });
-        let first = log
-            .recv_timeout(Duration::from_secs(20))
-            .expect("kiln serve printed nothing");
+        // Startup notes, then the address last.
+        let first = loop {
+            let l = log
+                .recv_timeout(Duration::from_secs(20))
+                .expect("kiln serve printed no address");
+            if l.contains("listening on ") {
+                break l;
+            }
+        };
         let addr = first
-            .split("listening on http://")
+            .split("listening on ")
             .nth(1)
-            .and_then(|r| r.split('/').next())
+            .and_then(|r| r.split(' ').next())
             .unwrap_or_else(|| panic!("no address in {first:?}"))
             .to_string();
         assert!(
@@ -347,4 +357,93 @@ fn signed_config_round_trip() {
         "{lines:?}"
     );
     assert!(lines[1].contains(".toml.minisig 200 "), "{lines:?}");
+}
+
+/// curl, as a client that checks certificates the usual way.
+fn curl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("curl").args(["-sS", "--max-time", "20"]).args(args).output().expect("curl (apt-get install curl)");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn tls_lab_ca_and_secrets_stay_off_plain_http() {
+    let d = bundle();
+    let pxe = d.path().join("pxe");
+    let configs = d.path().join("configs");
+    let token = "role = \"worker\"\n[k0s]\ntoken = \"c2VjcmV0\"\n";
+    std::fs::write(configs.join("52:54:00:00:00:02.toml"), token).unwrap();
+    std::fs::write(configs.join("52:54:00:00:00:03.toml"), "role = \"controller\"\n[k0s.ca]\ncert = '''\n-----BEGIN CERTIFICATE-----\n'''\nkey = '''\n-----BEGIN RSA PRIVATE KEY-----\n'''\n").unwrap();
+    // Without TLS: the token config is refused with the reason, in the body
+    // and the log; a config without secrets is served.
+    let s = Serve::start(&pxe, Some(&configs));
+    let (code, _, body) = s.get("/configs/52:54:00:00:00:02.toml");
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("k0s.token") && body.contains("https://") && body.contains("--insecure-http-secrets"), "{body}");
+    let line = s.log_line();
+    assert!(line.contains(" 403 ") && line.contains("k0s.token"), "{line}");
+    assert_eq!(s.get("/configs/52:54:00:12:34:56.toml").0, 200);
+    s.log_line();
+    drop(s);
+    // --insecure-http-secrets serves it; a CA key is still refused.
+    let s = Serve::start_with(&pxe, Some(&configs), &["--insecure-http-secrets"]);
+    let (code, _, body) = s.get("/configs/52:54:00:00:00:02.toml");
+    assert_eq!((code, body.as_slice()), (200, token.as_bytes()));
+    s.log_line();
+    let (code, _, body) = s.get("/configs/52:54:00:00:00:03.toml");
+    assert_eq!(code, 403);
+    assert!(String::from_utf8_lossy(&body).contains("controller.local.toml"));
+    drop(s);
+
+    // A lab CA: made, then served with on the same port as plain HTTP.
+    let tls = d.path().join("tls");
+    let s = Serve::start_with(&pxe, Some(&configs), &["--init-tls", tls.to_str().unwrap(), "--tls-name", "kiln.test"]);
+    let ca = tls.join("ca.pem");
+    let verified = Command::new("openssl").args(["verify", "-CAfile"]).arg(&ca).arg(tls.join("server.pem")).output().unwrap();
+    assert!(verified.status.success(), "openssl verify of the server certificate against the lab CA: {verified:?}");
+    let port = s.addr.rsplit(':').next().unwrap().to_string();
+    let url = format!("https://127.0.0.1:{port}/configs/52:54:00:00:00:02.toml");
+    let (ok, out) = curl(&["--cacert", ca.to_str().unwrap(), &url]);
+    assert!(ok && out == token, "curl over TLS: {out}");
+    let line = s.log_line();
+    assert!(line.contains(" 200 ") && line.contains("mac=52:54:00:00:00:02"), "{line}");
+    // The extra name is in the certificate.
+    let (ok, out) = curl(&["--cacert", ca.to_str().unwrap(), "--resolve", &format!("kiln.test:{port}:127.0.0.1"), &format!("https://kiln.test:{port}/configs/52:54:00:12:34:56.toml")]);
+    assert!(ok, "{out}");
+    s.log_line();
+    // A client trusting another CA refuses the server.
+    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("../init/tests/data/tls/other-ca.pem");
+    let (ok, out) = curl(&["--cacert", other.to_str().unwrap(), &url]);
+    assert!(!ok, "{out}");
+    // Plain HTTP on the same port: boot files yes, the token no.
+    while s.log.recv_timeout(Duration::from_millis(300)).is_ok() {}
+    assert_eq!(s.get("/configs/52:54:00:00:00:02.toml").0, 403);
+    assert_eq!(s.get("/vmlinuz").0, 200);
+    // The CA key stays refused over TLS too.
+    let (ok, out) = curl(&["--cacert", ca.to_str().unwrap(), "--fail", &format!("https://127.0.0.1:{port}/configs/52:54:00:00:00:03.toml")]);
+    assert!(!ok && out.contains("403"), "{out}");
+    drop(s);
+    // A second start reuses the CA.
+    let before = std::fs::read(&ca).unwrap();
+    let s = Serve::start_with(&pxe, Some(&configs), &["--init-tls", tls.to_str().unwrap(), "--tls-name", "kiln.test"]);
+    assert_eq!(std::fs::read(&ca).unwrap(), before);
+    drop(s);
+}
+
+#[test]
+fn boot_ipxe_sends_configs_to_https_when_serving_tls() {
+    let d = bundle();
+    let pxe = d.path().join("pxe");
+    std::fs::write(pxe.join("boot.ipxe"), "#!ipxe\nset kiln-server http://${next-server}:8080\nset kiln-config-server ${kiln-server}\nkernel ${kiln-server}/vmlinuz kiln.config=${kiln-config-server}/configs/${mac}.toml\n").unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../init/tests/data/tls");
+    let s = Serve::start_with(&pxe, None, &["--tls-cert", data.join("server.pem").to_str().unwrap(), "--tls-key", data.join("server.key").to_str().unwrap()]);
+    let (code, _, body) = s.raw("GET /boot.ipxe HTTP/1.1\r\nHost: 10.0.2.2:8080\r\n\r\n");
+    let script = String::from_utf8(body).unwrap();
+    assert_eq!(code, 200);
+    assert!(script.contains("\nset kiln-server http://10.0.2.2:8080\nset kiln-config-server https://10.0.2.2:8080\n"), "{script}");
+    drop(s);
+    let s = Serve::start(&pxe, None);
+    let (_, _, body) = s.raw("GET /boot.ipxe HTTP/1.1\r\nHost: 10.0.2.2:8080\r\n\r\n");
+    let script = String::from_utf8(body).unwrap();
+    assert!(script.contains("\nset kiln-config-server ${kiln-server}\n"), "without TLS the line stays: {script}");
 }

@@ -193,12 +193,10 @@ fn refused_connections_name_the_address() {
 }
 
 #[test]
-fn https_is_refused_with_the_way_out() {
-    let e = get("https://boot.example/node.toml", &quick()).unwrap_err();
-    assert_eq!(e, FetchError::Https);
-    let msg = e.to_string();
-    assert!(
-        msg.contains("https://") && msg.contains("kiln config sign"),
-        "{msg}"
-    );
+fn https_urls_default_to_port_443() {
+    // Fetching over TLS is tested in tests/https.rs.
+    let u = kiln_init::node::fetch::Url::parse("https://boot.example/a.toml").unwrap();
+    assert_eq!((u.https, u.port, u.to_string().as_str()), (true, 443, "https://boot.example/a.toml"));
+    let u = kiln_init::node::fetch::Url::parse("https://boot.example:8443/a.toml").unwrap();
+    assert_eq!(u.to_string(), "https://boot.example:8443/a.toml");
 }

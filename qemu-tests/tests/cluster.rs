@@ -37,8 +37,19 @@ fn cluster_init_pair_joins() {
     let (id, secret) = token_of(&read("worker.token"));
     assert_eq!(id, r.token_id);
 
+    // Only the controller's local-media config holds a private key; every
+    // config meant for the network (worker.toml) has none.
+    for e in std::fs::read_dir(&o.dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".toml") && name != kiln::tools::cluster::CONTROLLER_FILE {
+            assert!(!read(&name).contains("PRIVATE KEY"), "{name} is meant for the network but holds a private key");
+        }
+    }
+    assert!(read(kiln::tools::cluster::CONTROLLER_FILE).contains("PRIVATE KEY"), "the controller's own config carries the CA key");
+    assert!(read(&format!("bootstrap-token-{id}.yaml")).contains("expiration"), "the worker token expires by default");
+
     let out = built(PROFILE);
-    let (mut ctl, mut wrk) = boot_pair("cluster_init_pair", &out, ["controller", "worker"], [&read("controller.toml"), &read("worker.toml")]);
+    let (mut ctl, mut wrk) = boot_pair("cluster_init_pair", &out, ["controller", "worker"], [&read(kiln::tools::cluster::CONTROLLER_FILE), &read("worker.toml")]);
 
     // The controller: static address, the CA and the Secret in place.
     let loaded = ctl.event("config-loaded", BOOT_TIMEOUT);

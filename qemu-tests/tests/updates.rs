@@ -219,13 +219,14 @@ fn a_channel_update_waits_for_its_window() {
     let bundle = std::fs::read(v2.join("update.kiln")).unwrap();
     let sha = kiln_contract::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bundle));
     let index = format!("# kiln test channel\nversion: 2.0.0\nplatforms:\n  linux-amd64:\n    url: 2.0.0/update.kiln\n    sha256: {sha}\n  linux-arm:\n    url: 2.0.0/armv7/update.kiln\n    sha256: \"{}\"\n", "0".repeat(64));
-    let (port, requests) = common::serve(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/update.kiln".into(), bundle)]);
+    // Over HTTPS: the image trusts the test CA (common::build_versioned).
+    let (port, requests) = common::serve_tls(vec![("/kiln/stable/index.yaml".into(), index.into_bytes()), ("/kiln/stable/2.0.0/update.kiln".into(), bundle)]);
     // The window opens at the start of a minute at least 100 s from now
     // (the node is good by then), every day, for 30 minutes.
     let opens = (common::unix_now() + 100).div_ceil(60) * 60;
     let start = format!("{:02}:{:02}", opens / 3600 % 24, opens / 60 % 60);
     let config = format!(
-        "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 5\nboot_timeout_seconds = 30\nserver = \"http://10.0.2.2:{port}/kiln\"\nchannel = \"stable\"\n\n[update.window]\nstart = \"{start}\"\nlength_minutes = 30\n"
+        "role = \"single\"\n\n[update]\ntries = 2\nhealth_seconds = 5\nboot_timeout_seconds = 30\nserver = \"https://10.0.2.2:{port}/kiln\"\nchannel = \"stable\"\n\n[update.window]\nstart = \"{start}\"\nlength_minutes = 30\n"
     );
     let disk = common::copy_disk(v1, "updates-channel");
     let mut n = boot_with("updates_channel", v1, Some(&config), |s| {
@@ -245,7 +246,7 @@ fn a_channel_update_waits_for_its_window() {
     expect(&checked, "offered", "2.0.0");
     let applied = n.event("update-applied", long);
     expect(&applied, "version", "2.0.0");
-    assert_eq!(applied.get("source"), Some(format!("http://10.0.2.2:{port}/kiln/stable/2.0.0/update.kiln").as_str()), "{applied:?}");
+    assert_eq!(applied.get("source"), Some(format!("https://10.0.2.2:{port}/kiln/stable/2.0.0/update.kiln").as_str()), "{applied:?}");
     expect(&n.event("shutdown", long), "reason", "update-applied");
     let t = n.event("boot-trial", long);
     expect(&t, "version", "2.0.0");

@@ -11,9 +11,13 @@
 //! the sizes before the root, so that a node with too little RAM for the
 //! root still runs stage 1, which says how much RAM the root needs.
 //!
-//! The node fetches its config from `kiln.config=…/configs/${mac}.toml`,
-//! where `${kiln-server}` is the HTTP server holding this directory:
-//! `kiln serve` rewrites the `set kiln-server` line with its own address.
+//! The node fetches its config from `kiln.config=${kiln-config-server}/
+//! configs/${mac}.toml`. `${kiln-server}` is the HTTP server holding this
+//! directory; `${kiln-config-server}` is where configs come from, the same
+//! server unless it has TLS: `kiln serve` rewrites both lines with its own
+//! address, the second as https:// when it serves TLS (iPXE fetches the
+//! kernel and initramfs over plain HTTP; the config, which may hold secrets,
+//! over HTTPS by kiln-init).
 
 use crate::image::disk::RootImage;
 use kiln_formats::cpio;
@@ -30,6 +34,9 @@ pub const SIZES_FILE: &str = "pxe/root.sizes";
 
 /// The line `kiln serve` rewrites; behind another server, edit it.
 pub const SERVER_LINE: &str = "set kiln-server http://${next-server}:8080";
+/// Where node configs come from; `kiln serve` with TLS sets its https://
+/// address here.
+pub const CONFIG_SERVER_LINE: &str = "set kiln-config-server ${kiln-server}";
 
 pub fn ipxe_script(profile: &str, cmdline: &str) -> String {
     format!(
@@ -39,8 +46,11 @@ pub fn ipxe_script(profile: &str, cmdline: &str) -> String {
          # `kiln serve` rewrites the next line with its own address; behind any\n\
          # other HTTP server, set it to the URL this directory is served from.\n\
          {SERVER_LINE}\n\
-         echo kiln: booting {profile} from ${{kiln-server}} (node config ${{kiln-server}}/configs/${{mac}}.toml)\n\
-         kernel ${{kiln-server}}/vmlinuz initrd=initramfs.cpio.zst {cmdline} kiln.config=${{kiln-server}}/configs/${{mac}}.toml\n\
+         # kiln-config-server serves configs/<mac>.toml: `kiln serve` with TLS\n\
+         # sets its https:// address; configs holding secrets need https://.\n\
+         {CONFIG_SERVER_LINE}\n\
+         echo kiln: booting {profile} from ${{kiln-server}} (node config ${{kiln-config-server}}/configs/${{mac}}.toml)\n\
+         kernel ${{kiln-server}}/vmlinuz initrd=initramfs.cpio.zst {cmdline} kiln.config=${{kiln-config-server}}/configs/${{mac}}.toml\n\
          initrd ${{kiln-server}}/initramfs.cpio.zst\n\
          boot\n"
     )

@@ -55,6 +55,10 @@ pub fn cargo_build(tree: &Path, package: &str, bin: &str, arch: Arch) -> Result<
         Arch::Amd64 | Arch::Arm64 => "rust-lld",
         Arch::Armv7 => "arm-linux-gnueabihf-gcc",
     };
+    // ring (TLS in kiln-init) compiles C and assembly: with the same cross
+    // gcc the kernel uses (its target libc headers: libc6-dev-<arch>-cross).
+    let cc_var = format!("CC_{}", target.replace('-', "_"));
+    let cc = format!("{}gcc", arch.cross_compile());
     tracing::info!("building {bin} for {target}");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(tree)
@@ -63,10 +67,14 @@ pub fn cargo_build(tree: &Path, package: &str, bin: &str, arch: Arch) -> Result<
         .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
         .env_remove("RUSTFLAGS")
         .env(linker_var, linker)
+        .env(cc_var, cc)
         .status()
         .map_err(|e| BinaryError::Io(e, bin.into()))?;
     if !status.success() {
-        let extra = if arch == Arch::Armv7 { "; armv7 links with gcc-arm-linux-gnueabihf (apt-get install it)".to_string() } else { String::new() };
+        let extra = match arch {
+            Arch::Amd64 => String::new(),
+            _ => format!("; {0}gcc compiles ring's C code and needs the target's libc headers (apt-get install gcc-{1} libc6-dev-{2}-cross){3}", arch.cross_compile(), arch.cross_compile().trim_end_matches('-'), arch.debian(), if arch == Arch::Armv7 { ", and links armv7" } else { "" }),
+        };
         return Err(BinaryError::Cargo { bin: bin.into(), target: target.into(), code: status.code().map_or("signal".into(), |c| c.to_string()), extra });
     }
     let out = target_dir.join(target).join("node").join(bin);

@@ -15,3 +15,4 @@ pub mod packages;
 pub mod packed;
 pub mod payload;
 pub mod rootfiles;
+pub mod trust;

@@ -8,8 +8,14 @@
 //!   base64 of a gzipped kubeconfig (cluster and context `k0s`, the CA,
 //!   server `https://API:6443`, user `kubelet-bootstrap`, token
 //!   `<id>.<secret>`), and the bootstrap-token Secret that authorises it;
-//! - `controller.toml` (CA and Secret inline, for kiln-init to put in place)
-//!   and `worker.toml` (the token inline).
+//! - `controller.local.toml` (CA and Secret inline, for kiln-init to put in
+//!   place) and `worker.toml` (the token inline).
+//!
+//! The CA's private key never goes into a config meant for the network:
+//! `controller.local.toml` is for the controller's own media (its ESP or a
+//! KILNCFG stick), and `kiln serve` refuses to serve a config holding a CA
+//! key. `worker.toml` holds only the join token, which expires (24 h by
+//! default, as kubeadm's) and is served only over HTTPS.
 
 use kiln_contract::minisign::b64_encode;
 use rand_core::{OsRng, RngCore};
@@ -197,6 +203,22 @@ pub fn bootstrap_secret(token: &BootstrapToken, expires: Option<OffsetDateTime>)
     y
 }
 
+/// How long a worker join token is valid unless `--valid` says otherwise.
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// The controller's config: for local media only, since it holds the CA key.
+pub const CONTROLLER_FILE: &str = "controller.local.toml";
+/// Earlier kiln wrote the controller's config under this name.
+const OLD_CONTROLLER_FILE: &str = "controller.toml";
+
+/// `--valid`: a duration, or `never` for a token valid until its Secret is
+/// deleted.
+pub fn parse_valid_or_never(s: &str) -> Result<Option<Duration>, String> {
+    if s.trim().eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    parse_validity(s).map(Some).map_err(|e| format!("{e}, or `never`"))
+}
+
 /// Parses a validity like `24h`, `90m`, `1h30m`, `3600s` or `365d`.
 pub fn parse_validity(s: &str) -> Result<Duration, String> {
     let bad = || format!("`{s}` is not a duration like 24h, 90m, 1h30m or 365d");
@@ -256,7 +278,7 @@ impl InitOptions {
             worker_address: None,
             gateway: None,
             interface: "eth0".into(),
-            valid: None,
+            valid: Some(DEFAULT_VALIDITY),
         }
     }
 }
@@ -352,7 +374,9 @@ pub fn generate(o: &InitOptions, now: OffsetDateTime) -> Result<Cluster, Cluster
     let when = rfc3339(now);
     let controller_toml = format!(
         "# Controller of cluster `{name}` (kiln cluster init, {when}).
-# It carries the cluster CA's private key: keep this file secret.
+# It carries the cluster CA's private key. It is for this controller's own
+# media only: copy it to the controller's ESP as node.toml, or onto a
+# KILNCFG stick. Never serve it over a network (kiln serve refuses to).
 role = \"controller\"
 hostname = \"{name}-controller\"
 
@@ -426,13 +450,13 @@ pub fn init(o: &InitOptions) -> Result<InitReport, ClusterError> {
         ("ca.key".into(), c.ca.key_pem.as_str(), 0o600),
         (format!("{}.yaml", c.token.secret_name()), c.secret_yaml.as_str(), 0o600),
         ("worker.token".into(), c.join_token.as_str(), 0o600),
-        ("controller.toml".into(), c.controller_toml.as_str(), 0o600),
+        (CONTROLLER_FILE.into(), c.controller_toml.as_str(), 0o600),
         ("worker.toml".into(), c.worker_toml.as_str(), 0o600),
     ];
     let mut stale: Vec<String> = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if files.iter().any(|(f, _, _)| *f == n) || is_secret_manifest(&n) {
+        if files.iter().any(|(f, _, _)| *f == n) || is_secret_manifest(&n) || n == OLD_CONTROLLER_FILE {
             stale.push(n);
         }
     }
@@ -455,7 +479,7 @@ pub fn init(o: &InitOptions) -> Result<InitReport, ClusterError> {
         t.persist(&dst).map_err(|e| ClusterError::Io { path: dst.clone(), source: e.error })?;
         written.push(dst);
     }
-    for n in stale.iter().filter(|n| is_secret_manifest(n) && !written.iter().any(|w| w.ends_with(n.as_str()))) {
+    for n in stale.iter().filter(|n| (is_secret_manifest(n) || *n == OLD_CONTROLLER_FILE) && !written.iter().any(|w| w.ends_with(n.as_str()))) {
         let p = dir.join(n);
         std::fs::remove_file(&p).map_err(io(&p))?;
     }
@@ -572,7 +596,7 @@ mod tests {
         let r = init(&o).unwrap();
         assert_eq!(r.server, "https://10.0.0.10:6443");
         let read = |n: &str| std::fs::read_to_string(d.path().join(n)).unwrap();
-        let ctl = kiln_contract::config::parse(&read("controller.toml")).unwrap();
+        let ctl = kiln_contract::config::parse(&read(CONTROLLER_FILE)).unwrap();
         let wrk = kiln_contract::config::parse(&read("worker.toml")).unwrap();
         assert_eq!(ctl.role, kiln_contract::config::Role::Controller);
         assert_eq!(wrk.role, kiln_contract::config::Role::Worker);
@@ -596,15 +620,18 @@ mod tests {
         assert_eq!(ctl.k0s.manifests.len(), 1);
         let m = &ctl.k0s.manifests[0];
         assert_eq!((m.stack.as_str(), m.name.clone()), (STACK, format!("bootstrap-token-{}.yaml", t.id)));
-        assert_eq!(m.content, bootstrap_secret(&t, None));
+        // The token expires by default, 24 hours after it was made.
+        assert!(m.content.contains("expiration:"), "{}", m.content);
         assert_eq!(m.content, read(&m.name));
+        // Only the controller's local-media config holds the CA key.
+        assert!(!read("worker.toml").contains("PRIVATE KEY") && read(CONTROLLER_FILE).contains("PRIVATE KEY"));
         use std::os::unix::fs::MetadataExt;
-        for (n, mode) in [("ca.key", 0o600), ("ca.crt", 0o644), ("controller.toml", 0o600), ("worker.toml", 0o600), ("worker.token", 0o600)] {
+        for (n, mode) in [("ca.key", 0o600), ("ca.crt", 0o644), (CONTROLLER_FILE, 0o600), ("worker.toml", 0o600), ("worker.token", 0o600)] {
             assert_eq!(std::fs::metadata(d.path().join(n)).unwrap().mode() & 0o777, mode, "{n}");
         }
         // Not again without --force; with it, a new cluster and no stale Secret.
         let e = init(&o).unwrap_err().to_string();
-        assert!(e.contains("--force") && e.contains("controller.toml"), "{e}");
+        assert!(e.contains("--force") && e.contains(CONTROLLER_FILE), "{e}");
         o.force = true;
         let r2 = init(&o).unwrap();
         assert_ne!(r2.token_id, r.token_id);

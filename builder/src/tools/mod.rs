@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod fixture;
 pub mod run;
 pub mod serve;
+pub mod tls;

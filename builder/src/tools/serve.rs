@@ -7,6 +7,14 @@
 //! `set kiln-server …` line pointing at this server, as the client reached
 //! it. Every request is logged as one line, with the node's MAC when known.
 //!
+//! With TLS (`--tls-cert`/`--tls-key`, or `--init-tls DIR` for a lab CA)
+//! one port speaks both: a connection opening with a TLS ClientHello gets
+//! TLS, any other plain HTTP, for firmware that cannot do HTTPS (iPXE
+//! fetching the kernel and initramfs). A node config holding secrets (a join
+//! token, a CA key) is served only over TLS; over plain HTTP it gets 403
+//! unless the server was started with `--insecure-http-secrets`. boot.ipxe's
+//! `set kiln-config-server` line then names the https:// address.
+//!
 //! Plain std: a thread per connection, one request per connection.
 
 use std::io::{BufWriter, ErrorKind, Read, Write};
@@ -23,11 +31,18 @@ const MAX_CONNECTIONS: usize = 256;
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// The line of boot.ipxe that is rewritten to name this server.
 pub const SERVER_LINE: &str = "set kiln-server ";
+/// The line naming where the node fetches its config: the https://
+/// address when this server has TLS.
+pub const CONFIG_SERVER_LINE: &str = "set kiln-config-server ";
+/// A TLS record starts with this byte (handshake).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{path}: {reason}")]
     Dir { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -39,6 +54,19 @@ pub enum ServeError {
 pub struct Server {
     listener: TcpListener,
     site: Arc<Site>,
+    opts: Arc<Options>,
+}
+
+/// How the server treats TLS and secrets.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Set: TLS is served on the same port (sniffed per connection).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Serve configs holding secrets over plain HTTP too.
+    pub insecure_http_secrets: bool,
+    /// Serve configs holding a cluster CA's private key (over TLS, unless
+    /// `insecure_http_secrets` too).
+    pub serve_ca_keys: bool,
 }
 
 /// What is served, with canonical paths.
@@ -81,6 +109,7 @@ impl Server {
         Ok(Server {
             listener,
             site: Arc::new(Site { root, configs }),
+            opts: Arc::new(Options::default()),
         })
     }
 
@@ -90,6 +119,17 @@ impl Server {
 
     pub fn site(&self) -> &Site {
         &self.site
+    }
+
+    /// Sets TLS and the secrets policy.
+    pub fn with_options(mut self, opts: Options) -> Server {
+        self.opts = Arc::new(opts);
+        self
+    }
+
+    /// Whether TLS is served.
+    pub fn tls(&self) -> bool {
+        self.opts.tls.is_some()
     }
 
     /// Serves forever; `log` gets one line per request.
@@ -110,7 +150,7 @@ impl Server {
                 }
                 Err(e) => return Err(e),
             };
-            let (site, log, busy) = (self.site.clone(), log.clone(), busy.clone());
+            let (site, log, busy, opts) = (self.site.clone(), log.clone(), busy.clone(), self.opts.clone());
             if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                 busy.fetch_sub(1, Ordering::SeqCst);
                 let _ = (&stream).write_all(
@@ -119,17 +159,50 @@ impl Server {
                 continue;
             }
             std::thread::spawn(move || {
-                let mut stream = stream;
-                let line = handle(&site, &mut stream);
+                let line = serve_connection(&site, &opts, stream);
                 // Logged before the connection closes, so a client that
                 // waits for each answer sees the log in its order.
                 log(&line);
-                drop(stream);
                 busy.fetch_sub(1, Ordering::SeqCst);
             });
         }
         Ok(())
     }
+}
+
+/// Anything a request can be read from and answered on.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+/// Sniffs TLS, serves the one request, closes; returns the log line.
+fn serve_connection(site: &Site, opts: &Options, stream: TcpStream) -> String {
+    let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "?".into());
+    let local = stream.local_addr().ok();
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let _ = stream.set_write_timeout(Some(TIMEOUT));
+    let mut first = [0u8; 1];
+    let is_tls = matches!(stream.peek(&mut first), Ok(1) if first[0] == TLS_HANDSHAKE);
+    if !is_tls {
+        let mut stream = stream;
+        return handle(site, opts, &mut stream, &peer, local, false);
+    }
+    let Some(cfg) = &opts.tls else {
+        return format!("kiln serve: {peer} - - TLS handshake refused (this server has no certificate: start it with --tls-cert/--tls-key or --init-tls DIR)");
+    };
+    let conn = match rustls::ServerConnection::new(cfg.clone()) {
+        Ok(c) => c,
+        Err(e) => return format!("kiln serve: {peer} - - TLS: {e}"),
+    };
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    while tls.conn.is_handshaking() {
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            return format!("kiln serve: {peer} - - TLS handshake failed: {e}");
+        }
+    }
+    let line = handle(site, opts, &mut tls, &peer, local, true);
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    line
 }
 
 /// A request, as far as the server cares.
@@ -212,15 +285,20 @@ pub fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// boot.ipxe with its `set kiln-server …` line(s) naming `server`.
-pub fn rewrite_ipxe(script: &str, server: &str) -> String {
+/// boot.ipxe with its `set kiln-server …` line(s) naming `server`, and
+/// with `config_server` (this server's https:// address) its
+/// `set kiln-config-server …` line(s).
+pub fn rewrite_ipxe(script: &str, server: &str, config_server: Option<&str>) -> String {
     script
         .split_inclusive('\n')
         .map(|l| {
             let body = l.trim_end_matches(['\r', '\n']);
             let indent = &body[..body.len() - body.trim_start().len()];
-            if body.trim_start().starts_with(SERVER_LINE) {
+            let line = body.trim_start();
+            if line.starts_with(SERVER_LINE) {
                 format!("{indent}{SERVER_LINE}{server}{}", &l[body.len()..])
+            } else if let (true, Some(c)) = (line.starts_with(CONFIG_SERVER_LINE), config_server) {
+                format!("{indent}{CONFIG_SERVER_LINE}{c}{}", &l[body.len()..])
             } else {
                 l.to_string()
             }
@@ -345,7 +423,7 @@ fn reason(code: u16) -> &'static str {
 }
 
 /// Reads the request head, up to the blank line.
-fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, u16> {
+fn read_head(stream: &mut dyn Conn) -> Result<Vec<u8>, u16> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];
     loop {
@@ -369,14 +447,8 @@ fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, u16> {
     }
 }
 
-/// Serves one connection; returns the log line.
-fn handle(site: &Site, stream: &mut TcpStream) -> String {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let _ = stream.set_read_timeout(Some(TIMEOUT));
-    let _ = stream.set_write_timeout(Some(TIMEOUT));
+/// Serves one request; returns the log line.
+fn handle(site: &Site, opts: &Options, stream: &mut dyn Conn, peer: &str, local: Option<SocketAddr>, secure: bool) -> String {
     let req = match read_head(stream).map(|h| parse_request(&h)) {
         Ok(Ok(r)) => r,
         Ok(Err(why)) => {
@@ -388,7 +460,6 @@ fn handle(site: &Site, stream: &mut TcpStream) -> String {
             return format!("kiln serve: {peer} - - {code} {sent} B");
         }
     };
-    let local = stream.local_addr().ok();
     let host = req
         .host
         .as_deref()
@@ -401,7 +472,7 @@ fn handle(site: &Site, stream: &mut TcpStream) -> String {
         None => (req.target.as_str(), None),
     };
     // Absolute-form targets (proxies) name the host; only the path matters.
-    let path = match path.strip_prefix("http://") {
+    let path = match path.strip_prefix("http://").or_else(|| path.strip_prefix("https://")) {
         Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
         None => path,
     };
@@ -445,7 +516,13 @@ fn handle(site: &Site, stream: &mut TcpStream) -> String {
                     .iter()
                     .find_map(|c| open_under(&site.configs, c).ok().map(|f| (c, f)))
                 {
-                    Some((p, (f, len))) => send_file(stream, p, f, len, head_only, &mut note),
+                    Some((p, (f, len))) => match refuse_secrets(p, secure, opts) {
+                        Some(why) => {
+                            note = format!(" ({why})");
+                            (403, respond_text(stream, 403, &why, head_only))
+                        }
+                        None => send_file(stream, p, f, len, head_only, &mut note),
+                    },
                     None => {
                         let tried = candidates
                             .iter()
@@ -467,7 +544,8 @@ fn handle(site: &Site, stream: &mut TcpStream) -> String {
                     let mut script = String::new();
                     match f.read_to_string(&mut script) {
                         Ok(_) => {
-                            let body = rewrite_ipxe(&script, &format!("http://{host}"));
+                            let config_server = opts.tls.is_some().then(|| format!("https://{host}"));
+                            let body = rewrite_ipxe(&script, &format!("http://{host}"), config_server.as_deref());
                             let ctype = content_type(&p);
                             (200, respond(stream, 200, ctype, body.as_bytes(), head_only))
                         }
@@ -483,6 +561,7 @@ fn handle(site: &Site, stream: &mut TcpStream) -> String {
         }
     };
     let mac = mac.map(|m| format!(" mac={m}")).unwrap_or_default();
+    let note = if secure { format!(" tls{note}") } else { note };
     let target: String = req
         .target
         .chars()
@@ -495,9 +574,35 @@ fn handle(site: &Site, stream: &mut TcpStream) -> String {
     )
 }
 
+/// Why a node config must not be sent on this connection: it holds a CA
+/// key (never served unless allowed), or secrets and the connection is
+/// plain HTTP (unless allowed).
+fn refuse_secrets(path: &Path, secure: bool, opts: &Options) -> Option<String> {
+    if path.extension().is_none_or(|e| e != "toml") {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let keys = kiln_contract::config::secret_keys(&text);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if keys.contains(&"k0s.ca.key") && !opts.serve_ca_keys {
+        return Some(format!(
+            "{name} holds the cluster CA's private key (k0s.ca.key), which kiln serve does not put on a network: give the controller its config on local media (its ESP or a KILNCFG stick; kiln cluster init writes it as controller.local.toml), or start kiln serve with --serve-ca-keys"
+        ));
+    }
+    if secure || opts.insecure_http_secrets {
+        return None;
+    }
+    (!keys.is_empty()).then(|| {
+        format!(
+            "{name} holds secrets ({}) and this request is plain HTTP, where anyone on the network can read them: fetch it over https:// (start kiln serve with --init-tls DIR or --tls-cert/--tls-key, and put the CA in the image's node.trust), or start kiln serve with --insecure-http-secrets on a network you trust",
+            keys.join(", ")
+        )
+    })
+}
+
 /// Streams a file; returns (status, body bytes sent).
 fn send_file(
-    stream: &mut TcpStream,
+    stream: &mut dyn Conn,
     path: &Path,
     mut f: std::fs::File,
     len: u64,
@@ -521,7 +626,7 @@ fn send_file(
     }
 }
 
-fn respond_text(stream: &mut TcpStream, code: u16, msg: &str, head_only: bool) -> u64 {
+fn respond_text(stream: &mut dyn Conn, code: u16, msg: &str, head_only: bool) -> u64 {
     let body = format!("{code} {}: {msg}\n", reason(code));
     respond(
         stream,
@@ -532,7 +637,7 @@ fn respond_text(stream: &mut TcpStream, code: u16, msg: &str, head_only: bool) -
     )
 }
 
-fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &[u8], head_only: bool) -> u64 {
+fn respond(stream: &mut dyn Conn, code: u16, ctype: &str, body: &[u8], head_only: bool) -> u64 {
     let mut w = BufWriter::new(stream);
     let allow = if code == 405 {
         "Allow: GET, HEAD\r\n"
@@ -654,11 +759,11 @@ mod tests {
     fn ipxe_points_at_this_server() {
         let s = "#!ipxe\r\n  set kiln-server http://placeholder\r\nkernel ${kiln-server}/vmlinuz\nset kiln-server-x y\n";
         assert_eq!(
-            rewrite_ipxe(s, "http://10.0.2.2:8080"),
+            rewrite_ipxe(s, "http://10.0.2.2:8080", None),
             "#!ipxe\r\n  set kiln-server http://10.0.2.2:8080\r\nkernel ${kiln-server}/vmlinuz\nset kiln-server-x y\n"
         );
         assert_eq!(
-            rewrite_ipxe("set kiln-server x", "http://h"),
+            rewrite_ipxe("set kiln-server x", "http://h", None),
             "set kiln-server http://h"
         );
         assert_eq!(clean_host("10.0.2.2:8080"), Some("10.0.2.2:8080"));
@@ -689,7 +794,7 @@ mod tests {
             let _ = route(&site(), &s);
             let _ = normalise_mac(&s);
             let _ = percent_decode(&s);
-            let _ = rewrite_ipxe(&s, "http://h");
+            let _ = rewrite_ipxe(&s, "http://h", Some("https://h"));
         }
 
         #[test]

@@ -140,6 +140,34 @@ pub struct NodeConfig {
     pub update: Update,
 }
 
+/// The keys of a node config's text that carry secrets: a join token
+/// (`k0s.token`) or the cluster CA's private key (`k0s.ca.key`). Such a
+/// config must not cross a network in the clear. Text that is not TOML is
+/// judged by what it contains, so a broken config is not waved through.
+pub fn secret_keys(text: &str) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    match text.parse::<toml::Table>() {
+        Ok(t) => {
+            let k0s = t.get("k0s").and_then(|v| v.as_table());
+            if k0s.is_some_and(|k| k.contains_key("token")) {
+                keys.push("k0s.token");
+            }
+            if k0s.and_then(|k| k.get("ca")).and_then(|c| c.as_table()).is_some_and(|c| c.contains_key("key")) {
+                keys.push("k0s.ca.key");
+            }
+        }
+        Err(_) => {
+            if text.lines().any(|l| l.trim_start().strip_prefix("token").is_some_and(|r| r.trim_start().starts_with('='))) {
+                keys.push("k0s.token");
+            }
+            if text.contains("PRIVATE KEY") {
+                keys.push("k0s.ca.key");
+            }
+        }
+    }
+    keys
+}
+
 /// `[update]`: A/B updates, boot assessment and rollback (docs/updates.md).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -159,7 +187,9 @@ pub struct Update {
     /// Take bundles older than the running image.
     #[serde(default)]
     pub allow_downgrade: bool,
-    /// The update server's base URL (http://): the node polls
+    /// The update server's base URL (https://, or http://: bundles are
+    /// signed either way; HTTPS also hides what a node asks for and lets
+    /// fleets use HTTPS-only stores). The node polls
     /// `<server>/<channel>/index.yaml` in its window.
     #[serde(default)]
     pub server: Option<String>,
@@ -409,12 +439,9 @@ fn check_update(u: &Update) -> Result<(), ConfigError> {
         ));
     }
     if let Some(s) = &u.server {
-        if s.starts_with("https://") {
-            return Err(err("update.server", format!("`{s}`: kiln-init fetches channels over plain http:// (bundles are protected by their signature, not by TLS); serve the channel over http://")));
-        }
-        let rest = s.strip_prefix("http://");
+        let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
         if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
-            return Err(err("update.server", format!("`{s}` is not an http:// URL, like http://updates.example.com/kiln")));
+            return Err(err("update.server", format!("`{s}` is not an https:// or http:// URL, like https://updates.example.com/kiln")));
         }
     }
     if let Some(c) = &u.channel {
@@ -1093,8 +1120,8 @@ mod tests {
             ("tries = 0", "update.tries", "out of range 1..=9"),
             ("health_seconds = 1", "update.health_seconds", "out of range"),
             ("health_seconds = 100\nboot_timeout_seconds = 100", "update.boot_timeout_seconds", "could never be marked good"),
-            ("server = \"ftp://x\"\nchannel = \"s\"", "update.server", "not an http:// URL"),
-            ("server = \"https://x\"\nchannel = \"s\"", "update.server", "plain http://"),
+            ("server = \"ftp://x\"\nchannel = \"s\"", "update.server", "not an https:// or http:// URL"),
+            ("server = \"https://\"\nchannel = \"s\"", "update.server", "not an https:// or http:// URL"),
             ("server = \"http://x\"", "update.channel", "name the channel"),
             ("channel = \"s\"", "update.server", "give the server"),
             ("server = \"http://x\"\nchannel = \"../x\"", "update.channel", "not a channel name"),
@@ -1393,4 +1420,14 @@ gateway = "10.0.0.1"
             }
         }
     }
+
+    #[test]
+    fn secrets_are_found_in_good_and_broken_configs() {
+        assert!(secret_keys("role = \"worker\"\n[k0s]\ntoken_file = \"/x\"\n").is_empty());
+        assert_eq!(secret_keys("role = \"worker\"\n[k0s]\ntoken = \"abc\"\n"), ["k0s.token"]);
+        assert_eq!(secret_keys("role = \"controller\"\n[k0s.ca]\ncert = \"c\"\nkey = \"k\"\n"), ["k0s.ca.key"]);
+        assert_eq!(secret_keys("role = \"worker\"\n[k0s]\ntoken = \"abc\n"), ["k0s.token"]);
+        assert_eq!(secret_keys("[[[\n-----BEGIN EC PRIVATE KEY-----\n"), ["k0s.ca.key"]);
+    }
 }
+

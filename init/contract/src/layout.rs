@@ -32,6 +32,13 @@ pub const RAM_VERITY: &str = "/kiln/root.verity";
 /// should have once unpacked ([`crate::pxe::RamRoot`]).
 pub const RAM_ROOT_SIZES: &str = "/kiln/root.sizes";
 
+/// The trust anchors for HTTPS (profile `node.trust`): PEM files of CA
+/// certificates, or of a server's self-signed certificate (which pins it).
+pub const TRUST_DIR_ABS: &str = "/etc/kiln/trust";
+/// Present when the profile opted out of refusing secret-bearing node
+/// configs fetched over plain http:// (`node.insecure_http_secrets = true`).
+pub const INSECURE_HTTP_SECRETS: &str = "/etc/kiln/insecure-http-secrets";
+
 /// The empty ext4 the node copies onto a fresh data partition (/var).
 pub const VAR_TEMPLATE: &str = "/usr/lib/kiln/var.ext4";
 /// Appliance content (airgap bundles, manifests) in the root; the node links

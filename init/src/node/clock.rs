@@ -241,6 +241,26 @@ pub fn sync_at_boot(time: &Time, net: &NetState) {
     }
 }
 
+/// Before fetching an https:// config on a node whose clock NTP has not set
+/// (a board without a battery starts in 1970, and every certificate then
+/// looks not yet valid): one bounded try with the NTP servers the DHCP
+/// lease gave. True when the clock is set now. Quiet on failure: the
+/// certificate error that may follow names the clock.
+pub fn sync_for_tls(net: &NetState, wait: Duration) -> bool {
+    if synced() {
+        return true;
+    }
+    let dhcp: Vec<std::net::Ipv4Addr> = net.held.iter().flat_map(|h| h.lease.ntp.iter().copied()).collect();
+    let Plan::Ask(servers) = plan(&Time::default(), &dhcp) else { return false };
+    match attempt(&servers, wait) {
+        Ok(f) if step(f.sample.offset_ns).is_ok() => {
+            announce_synced(&f);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Re-syncs forever: every [`RESYNC`] while synced, after 64 s doubling to
 /// 1024 s while not. Events only on a change of state.
 fn keep(servers: &[Server], mut synced: bool) {
@@ -275,7 +295,16 @@ fn keep(servers: &[Server], mut synced: bool) {
     }
 }
 
+/// Whether NTP has set the clock since boot (and the last try did not fail).
+static SYNCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once NTP has set the clock and while re-syncs keep working.
+pub fn synced() -> bool {
+    SYNCED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn announce_synced(f: &Found) {
+    SYNCED.store(true, std::sync::atomic::Ordering::Relaxed);
     let now = sntp::realtime_nanos();
     let _ = write_rtc(now.div_euclid(NANOS));
     console::event(
@@ -293,6 +322,7 @@ fn announce_synced(f: &Found) {
 }
 
 fn announce_unsynced(reason: &str, waited: Duration) {
+    SYNCED.store(false, std::sync::atomic::Ordering::Relaxed);
     console::event(
         "clock-unsynced",
         &[

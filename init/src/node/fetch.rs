@@ -1,7 +1,9 @@
-//! A small HTTP/1.1 client for `kiln.config=URL`: GET over a plain
-//! `TcpStream`, `Connection: close`, Content-Length or chunked bodies, a size
-//! cap, timeouts, and a few redirects. Plain http only: configs fetched this
-//! way are protected by signatures (`/etc/kiln/config.pub`), not by TLS.
+//! A small HTTP/1.1 client for `kiln.config=URL` and update channels: GET
+//! over TCP or TLS (`https://`, see [`super::tls`]), `Connection: close`,
+//! Content-Length or chunked bodies, a size cap, timeouts, and a few
+//! redirects (never from https:// down to http://). TLS keeps a config's
+//! secrets from the network and proves the server; a signature
+//! (`/etc/kiln/config.pub`) proves who wrote the config.
 //!
 //! Host names are resolved by the C library (musl reads the /etc/resolv.conf
 //! kiln-init writes after DHCP). The response parser is a pure function over
@@ -10,6 +12,7 @@
 use std::fmt;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The largest body accepted: a node config is a small TOML file.
@@ -28,6 +31,9 @@ pub struct Options {
     /// cannot hold the node forever.
     pub total_timeout: Duration,
     pub max_body: usize,
+    /// For https:// URLs; None uses the image's trust anchors
+    /// ([`super::tls::image_config`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for Options {
@@ -37,18 +43,21 @@ impl Default for Options {
             read_timeout: Duration::from_secs(10),
             total_timeout: Duration::from_secs(30),
             max_body: MAX_BODY,
+            tls: None,
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
-    #[error(
-        "https:// is not supported: kiln-init fetches node configs over plain http://; \
-         to protect a config served over plain HTTP, sign it (node.config_key in the \
-         profile, `kiln config sign`) so the node refuses any config not signed by your key"
-    )]
-    Https,
+    /// https:// cannot be used: the image trusts no CA.
+    #[error("{0}")]
+    NoTrust(String),
+    /// The TLS session failed: the certificate or the handshake.
+    #[error("TLS with {host}: {what}")]
+    Tls { host: String, what: String, hint: &'static str },
+    #[error("{0} redirects from https:// to http://; refused, since that would send the request in the clear")]
+    Downgrade(String),
     #[error("{0}")]
     BadUrl(String),
     #[error("cannot resolve host name {host}: {reason}")]
@@ -75,7 +84,9 @@ impl FetchError {
     /// What to do about it, for the console.
     pub fn hint(&self) -> &'static str {
         match self {
-            FetchError::Https => "use an http:// URL",
+            FetchError::NoTrust(_) => "add the server's CA to node.trust in the profile and rebuild",
+            FetchError::Tls { hint, .. } => hint,
+            FetchError::Downgrade(_) => "make the server redirect to an https:// URL, or name the final URL",
             FetchError::BadUrl(_) => "fix kiln.config= on the kernel command line (in boot.ipxe or the boot entry)",
             FetchError::Resolve { .. } => "check the host name and the DNS server the DHCP lease gave, or use an IP address",
             FetchError::Connect { .. } => "check that the server is running and reachable from this node (address, port, firewall)",
@@ -90,9 +101,10 @@ impl FetchError {
     }
 }
 
-/// An `http://` URL, split for a request.
+/// An `http://` or `https://` URL, split for a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    pub https: bool,
     /// Without brackets for IPv6 literals.
     pub host: String,
     pub port: u16,
@@ -104,14 +116,12 @@ impl Url {
     pub fn parse(s: &str) -> Result<Url, FetchError> {
         let s = s.trim();
         let Some((scheme, rest)) = s.split_once("://") else {
-            return Err(FetchError::BadUrl(format!("{s:?} is not an http:// URL")));
+            return Err(FetchError::BadUrl(format!("{s:?} is not an http:// or https:// URL")));
         };
-        if scheme.eq_ignore_ascii_case("https") {
-            return Err(FetchError::Https);
-        }
-        if !scheme.eq_ignore_ascii_case("http") {
+        let https = scheme.eq_ignore_ascii_case("https");
+        if !https && !scheme.eq_ignore_ascii_case("http") {
             return Err(FetchError::BadUrl(format!(
-                "{s:?}: the scheme {scheme:?} is not supported; use http://"
+                "{s:?}: the scheme {scheme:?} is not supported; use https:// (or http://)"
             )));
         }
         if let Some(c) = s.chars().find(|c| c.is_control() || c.is_whitespace()) {
@@ -156,26 +166,37 @@ impl Url {
         }
         let port =
             match port {
-                None | Some("") => 80,
+                None | Some("") => if https { 443 } else { 80 },
                 Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
                     FetchError::BadUrl(format!("{s:?}: {p:?} is not a port number"))
                 })?,
             };
         Ok(Url {
+            https,
             host: host.to_string(),
             port,
             path,
         })
     }
 
-    /// The Host header: the host, bracketed if IPv6, and the port unless 80.
+    /// "https" or "http".
+    pub fn scheme(&self) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The Host header: the host, bracketed if IPv6, and the port unless
+    /// the scheme's default.
     pub fn authority(&self) -> String {
         let h = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
         };
-        if self.port == 80 {
+        if self.port == if self.https { 443 } else { 80 } {
             h
         } else {
             format!("{h}:{}", self.port)
@@ -183,12 +204,22 @@ impl Url {
     }
 
     /// A redirect's Location, absolute or relative to this URL.
+    /// Never from https:// to http://.
     pub(crate) fn join(&self, location: &str) -> Result<Url, FetchError> {
+        let next = self.join_any(location)?;
+        if self.https && !next.https {
+            return Err(FetchError::Downgrade(self.to_string()));
+        }
+        Ok(next)
+    }
+
+    /// Any scheme (a channel's index naming an http:// mirror).
+    pub(crate) fn join_any(&self, location: &str) -> Result<Url, FetchError> {
         if location.contains("://") {
             return Url::parse(location);
         }
         if let Some(rest) = location.strip_prefix("//") {
-            return Url::parse(&format!("http://{rest}"));
+            return Url::parse(&format!("{}://{rest}", self.scheme()));
         }
         let path = if location.starts_with('/') {
             location.to_string()
@@ -197,13 +228,13 @@ impl Url {
             let dir = &base[..base.rfind('/').map_or(0, |i| i + 1)];
             format!("{dir}{location}")
         };
-        Url::parse(&format!("http://{}{path}", self.authority()))
+        Url::parse(&format!("{}://{}{path}", self.scheme(), self.authority()))
     }
 }
 
 impl fmt::Display for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority(), self.path)
+        write!(f, "{}://{}{}", self.scheme(), self.authority(), self.path)
     }
 }
 
@@ -235,7 +266,8 @@ pub enum Parsed {
 }
 
 /// GETs `url` and returns the body of a 2xx answer. Any other status is
-/// [`FetchError::Status`]. Redirects to http:// URLs are followed.
+/// [`FetchError::Status`]. Redirects are followed (not from https:// to
+/// http://).
 pub fn get(url: &str, opts: &Options) -> Result<Vec<u8>, FetchError> {
     let deadline = Instant::now() + opts.total_timeout;
     let mut url = Url::parse(url)?;
@@ -265,25 +297,103 @@ fn left(deadline: Instant, d: Duration) -> Duration {
     deadline.saturating_duration_since(Instant::now()).min(d).max(Duration::from_millis(1))
 }
 
-/// Connects and sends the GET for `url`; the answer then comes on the stream.
-pub(crate) fn send_request(url: &Url, opts: &Options, deadline: Instant) -> Result<TcpStream, FetchError> {
-    let mut stream = connect(url, opts, deadline)?;
-    let _ = stream.set_write_timeout(Some(left(deadline, opts.read_timeout)));
-    stream.write_all(request_text(url).as_bytes()).map_err(|e| io_error("sending the request", &e, opts.total_timeout.as_secs()))?;
-    Ok(stream)
+/// A connection to a server: plain TCP, or TLS over it.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<super::tls::Stream>),
+}
+
+impl Conn {
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.tcp().set_read_timeout(d)
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// Connects (with TLS for https://) and sends the GET for `url`; the answer
+/// then comes on the connection.
+pub(crate) fn send_request(url: &Url, opts: &Options, deadline: Instant) -> Result<Conn, FetchError> {
+    let total = opts.total_timeout.as_secs();
+    // What to trust, before any traffic.
+    let cfg = match (&opts.tls, url.https) {
+        (_, false) => None,
+        (Some(c), true) => Some(c.clone()),
+        (None, true) => Some(super::tls::image_config().map_err(FetchError::NoTrust)?),
+    };
+    let tcp = connect(url, opts, deadline)?;
+    let _ = tcp.set_write_timeout(Some(left(deadline, opts.read_timeout)));
+    let mut conn = if let Some(cfg) = cfg {
+        let _ = tcp.set_read_timeout(Some(left(deadline, opts.read_timeout)));
+        let s = super::tls::handshake(cfg, &url.host, tcp).map_err(|e| tls_error(url, &e, total))?;
+        Conn::Tls(Box::new(s))
+    } else {
+        Conn::Plain(tcp)
+    };
+    conn.write_all(request_text(url).as_bytes())
+        .and_then(|()| conn.flush())
+        .map_err(|e| tls_error(url, &e, total))?;
+    Ok(conn)
+}
+
+/// An I/O error from a connection: a TLS failure said as such, else as
+/// [`io_error`] says it.
+fn tls_error(url: &Url, e: &std::io::Error, total: u64) -> FetchError {
+    match super::tls::rustls_error(e) {
+        Some(r) => {
+            let p = super::tls::describe(r, super::tls::Clock::now());
+            FetchError::Tls { host: url.authority(), what: p.what, hint: p.hint }
+        }
+        None => io_error(if url.https { "the TLS handshake or request" } else { "sending the request" }, e, total),
+    }
 }
 
 /// One read of the answer (0 at its end), within the request's deadline.
-pub(crate) fn read_answer(stream: &mut TcpStream, chunk: &mut [u8], opts: &Options, deadline: Instant) -> Result<usize, FetchError> {
+pub(crate) fn read_answer(stream: &mut Conn, chunk: &mut [u8], opts: &Options, deadline: Instant) -> Result<usize, FetchError> {
     let total = opts.total_timeout.as_secs();
     loop {
         if Instant::now() >= deadline {
             return Err(FetchError::Timeout(total));
         }
-        let _ = stream.set_read_timeout(Some(left(deadline, opts.read_timeout)));
+        let _ = stream.tcp().set_read_timeout(Some(left(deadline, opts.read_timeout)));
         match stream.read(chunk) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            // A TLS server that closes without close_notify: anyone on the
+            // path could have cut the answer there.
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof && matches!(stream, Conn::Tls(_)) => {
+                return Err(FetchError::Truncated("the server closed the TLS connection without close_notify".into()))
+            }
             Err(e) => return Err(io_error("reading the answer", &e, total)),
         }
     }
@@ -653,12 +763,9 @@ mod tests {
             ("fd00::1", 81, "/a?mac=x", "[fd00::1]:81")
         );
         assert_eq!(Url::parse("http://h?x=1").unwrap().path, "/?x=1");
-        assert_eq!(Url::parse("https://h/x"), Err(FetchError::Https));
-        let https = FetchError::Https.to_string();
-        assert!(
-            https.contains("https://") && https.contains("sign"),
-            "{https}"
-        );
+        let u = Url::parse("https://h/x").unwrap();
+        assert_eq!((u.https, u.port, u.authority().as_str(), u.to_string().as_str()), (true, 443, "h", "https://h/x"));
+        assert_eq!(Url::parse("https://h:8443/x").unwrap().to_string(), "https://h:8443/x");
         for bad in [
             "ftp://h/x",
             "h/x",
@@ -682,7 +789,11 @@ mod tests {
         assert_eq!(base.join("/x").unwrap().to_string(), "http://h:8/x");
         assert_eq!(base.join("http://o/y").unwrap().to_string(), "http://o/y");
         assert_eq!(base.join("//o:9/y").unwrap().to_string(), "http://o:9/y");
-        assert_eq!(base.join("https://o/y"), Err(FetchError::Https));
+        assert_eq!(base.join("https://o/y").unwrap().to_string(), "https://o/y");
+        let secure = Url::parse("https://h/a/b.toml").unwrap();
+        assert_eq!(secure.join("//o/y").unwrap().to_string(), "https://o/y");
+        assert_eq!(secure.join("c").unwrap().to_string(), "https://h/a/c");
+        assert!(matches!(secure.join("http://h/a/c"), Err(FetchError::Downgrade(_))));
     }
 
     #[test]

@@ -67,6 +67,16 @@ pub fn judge(found: Found, refused: Option<&Refused>) -> Verdict {
             let msg = format!("node config from {source} is not signed by the key in {}: {reason}", sources::CONFIG_KEY);
             Verdict::Wait(Problem { key: msg.clone(), error: msg.clone(), reason: msg, hint: None, every_time: false })
         }
+        Found::Insecure { url, keys } => {
+            let keys = keys.join(" and ");
+            Verdict::Wait(Problem {
+                key: format!("insecure:{url}"),
+                error: format!("node config {url} holds secrets ({keys}) but came over plain http://, where anyone on the network can read them; it is not used"),
+                reason: format!("node config {url}: secrets ({keys}) over plain http://"),
+                hint: Some("serve it over https:// (kiln serve --init-tls DIR, and the CA in node.trust in the profile) and point kiln.config= at it; or, on a network you trust, build the image with node.insecure_http_secrets = true (docs/security.md). Waiting and fetching again".into()),
+                every_time: false,
+            })
+        }
         Found::Unreachable { url, error, hint } => Verdict::Wait(Problem {
             key: format!("node config {url}: {error}"),
             error: format!("node config {url}: {error}; {hint}"),
@@ -159,5 +169,14 @@ mod tests {
         let Verdict::Wait(p) = judge(Found::Unreachable { url: "http://h/x".into(), error: "connection refused".into(), hint: "start kiln serve".into() }, None) else { panic!() };
         assert!(p.every_time);
         assert_eq!(p.reason, "node config http://h/x: connection refused");
+    }
+
+    #[test]
+    fn secrets_over_plain_http_are_refused_once_with_the_way_out() {
+        let Verdict::Wait(p) = judge(Found::Insecure { url: "http://h/x.toml".into(), keys: vec!["k0s.token"] }, None) else { panic!() };
+        assert!(!p.every_time);
+        assert!(p.error.contains("http://h/x.toml") && p.error.contains("k0s.token") && p.error.contains("not used"), "{}", p.error);
+        let hint = p.hint.unwrap();
+        assert!(hint.contains("https://") && hint.contains("node.insecure_http_secrets"), "{hint}");
     }
 }

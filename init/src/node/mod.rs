@@ -18,6 +18,7 @@ pub mod secureboot;
 pub mod sources;
 pub mod supervisor;
 pub mod sys;
+pub mod tls;
 pub mod update;
 pub mod vardisk;
 pub mod volume;

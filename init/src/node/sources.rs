@@ -31,6 +31,8 @@ pub const CONFIG_KEY: &str = "/etc/kiln/config.pub";
 pub const DMI_UUID: &str = "/sys/class/dmi/id/product_uuid";
 /// How to make a signature, for messages.
 pub use kiln_contract::config::SIGN_HOW;
+/// Present when the image accepts secret-bearing configs over plain http://.
+pub const INSECURE_HTTP_SECRETS: &str = kiln_contract::layout::INSECURE_HTTP_SECRETS;
 /// The cmdline parameter naming the config URL.
 pub const CMDLINE_PARAM: &str = "kiln.config";
 
@@ -103,6 +105,13 @@ pub enum Found {
     Unsigned {
         source: String,
         reason: String,
+    },
+    /// Fetched over plain http:// but holds secrets (`keys`): anyone on the
+    /// network could have read them. Never used, unless the image opted out
+    /// ([`INSECURE_HTTP_SECRETS`]).
+    Insecure {
+        url: String,
+        keys: Vec<&'static str>,
     },
     /// The URL could not be fetched; worth retrying. `error` says what
     /// happened, `hint` what to do.
@@ -355,6 +364,13 @@ impl UrlSource {
                         .into(),
             },
         };
+        if url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://")) {
+            // Certificates need the time: set it first when DHCP names NTP
+            // servers and nothing has set it yet.
+            if let Some(net) = &self.net {
+                super::clock::sync_for_tls(net, Duration::from_secs(5));
+            }
+        }
         let body = match fetch::get(&url, &self.opts) {
             Ok(b) => b,
             Err(e) => {
@@ -399,6 +415,19 @@ impl UrlSource {
                         reason,
                     };
                 }
+            }
+        }
+        let plain = !url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+        if plain {
+            let keys = config::secret_keys(&String::from_utf8_lossy(&body));
+            if !keys.is_empty() {
+                if !std::path::Path::new(INSECURE_HTTP_SECRETS).exists() {
+                    return Found::Insecure { url, keys };
+                }
+                console::warn(&format!(
+                    "node config {url} holds {} and came over plain http://; used because this image was built with node.insecure_http_secrets = true",
+                    keys.join(" and ")
+                ));
             }
         }
         let found = parse(

@@ -252,6 +252,36 @@ pub fn config_stick(name: &str, label: &str, node_toml: &str) -> PathBuf {
 /// tests: profile `name` at `version` with `outputs`, the single-node
 /// config, the key `dir/kiln.key`, and `extra` TOML appended; written as
 /// `dir/<tag>.toml`, built into `dir/out-<tag>`.
+/// The test PKI (init/tests/data/tls): two CAs and a server certificate
+/// from each for 10.0.2.2. Its keys are public: only test images trust it.
+pub fn test_tls(file: &str) -> PathBuf {
+    workspace().join("init/tests/data/tls").join(file)
+}
+
+/// A profile extending `base` whose images trust the test CA
+/// (`node.trust`), written under the scratch directory; pass it to
+/// [`built`].
+pub fn trusting_test_ca(base: &str) -> String {
+    let ws = workspace();
+    std::env::set_var("KILN_SOURCE_DIR", &ws);
+    let dir = scratch().join("profiles");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{base}-tls.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "extends = \"{}\"\nname = \"{base}-tls\"\n\n[node]\nconfig = \"{}\"\ntrust = [\"{}\"]\n",
+            ws.join(format!("profiles/{base}.toml")).display(),
+            ws.join("profiles/nodes/single.toml").display(),
+            test_tls("ca.pem").display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// A versioned, signed build of `base` (trusting the test CA, for channels
+/// over HTTPS).
 pub fn build_versioned(dir: &Path, base: &str, name: &str, tag: &str, version: &str, outputs: &str, extra: &str) -> PathBuf {
     let ws = workspace();
     // Outside profiles/: kernel-configs/ is found through this.
@@ -260,9 +290,10 @@ pub fn build_versioned(dir: &Path, base: &str, name: &str, tag: &str, version: &
     std::fs::write(
         &path,
         format!(
-            "extends = \"{}\"\nname = \"{name}\"\nversion = \"{version}\"\noutputs = {outputs}\n\n[node]\nconfig = \"{}\"\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
+            "extends = \"{}\"\nname = \"{name}\"\nversion = \"{version}\"\noutputs = {outputs}\n\n[node]\nconfig = \"{}\"\ntrust = [\"{}\"]\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
             ws.join(format!("profiles/{base}.toml")).display(),
-            ws.join("profiles/nodes/single.toml").display()
+            ws.join("profiles/nodes/single.toml").display(),
+            test_tls("ca.pem").display()
         ),
     )
     .unwrap();
@@ -303,6 +334,40 @@ pub type Requests = std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>;
 /// A plain HTTP/1.1 server on 127.0.0.1 (the guest's 10.0.2.2) serving
 /// `files` by path; returns its port and the log of requests.
 pub fn serve(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
+    serve_with(files, None)
+}
+
+/// [`serve`] over TLS, with the test PKI's server certificate (for
+/// 10.0.2.2, from the CA [`trusting_test_ca`] images trust).
+pub fn serve_tls(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(test_tls("server.pem")).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(test_tls("server.key")).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    serve_with(files, Some(std::sync::Arc::new(cfg)))
+}
+
+/// A connection [`serve_with`] answers on.
+trait Conn: std::io::Read + std::io::Write {
+    /// Ends the answer (TLS: close_notify, so the client knows it is whole).
+    fn finish(&mut self) {
+        let _ = std::io::Write::flush(self);
+    }
+}
+impl Conn for std::net::TcpStream {}
+impl Conn for rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+    fn finish(&mut self) {
+        self.conn.send_close_notify();
+        let _ = std::io::Write::flush(self);
+    }
+}
+
+fn serve_with(files: Vec<(String, Vec<u8>)>, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> (u16, Requests) {
     use std::io::{BufRead, BufReader, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -310,6 +375,15 @@ pub fn serve(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
     let log2 = log.clone();
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+            let _ = c.set_write_timeout(Some(Duration::from_secs(30)));
+            let c: Box<dyn Conn> = match &tls {
+                None => Box::new(c),
+                Some(cfg) => {
+                    let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else { continue };
+                    Box::new(rustls::StreamOwned::new(conn, c))
+                }
+            };
             let mut r = BufReader::new(c);
             let mut first = String::new();
             if r.read_line(&mut first).is_err() {
@@ -333,6 +407,7 @@ pub fn serve(files: Vec<(String, Vec<u8>)>) -> (u16, Requests) {
                     let _ = write!(c, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 }
             }
+            c.finish();
         }
     });
     (port, log)

@@ -51,7 +51,6 @@
 //! [`super::BundleReader`] fails before anything is switched.
 
 use std::io::{self, BufRead, BufReader, Cursor, ErrorKind, Read};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -94,7 +93,7 @@ impl ChannelError {
             }
             ChannelError::Arch(_) => "this node's architecture has no kiln update channel builds",
             ChannelError::Fetch { err, .. } => match err {
-                FetchError::Https | FetchError::BadUrl(_) => {
+                FetchError::BadUrl(_) => {
                     "fix [update] server in node.toml or the url in the channel's index.yaml"
                 }
                 FetchError::Status { code: 404, .. } => {
@@ -190,7 +189,10 @@ impl Index {
         };
         let base = Url::parse(index_url).map_err(|e| fetch_err(index_url, e))?;
         for p in &mut self.platforms {
-            let joined = base.join(&p.url).map_err(|e| {
+            // The index may name an http:// mirror from an https:// one: a
+            // bundle is pinned by the index's sha256 and signed, and holds
+            // no secrets. Redirects still never go down to http://.
+            let joined = base.join_any(&p.url).map_err(|e| {
                 ChannelError::Index(format!("the url of {} ({}): {e}", p.name, p.url))
             })?;
             p.url = joined.to_string();
@@ -627,7 +629,7 @@ enum Framing {
 pub struct BundleStream {
     url: String,
     want: [u8; 32],
-    body: BufReader<io::Chain<Cursor<Vec<u8>>, TcpStream>>,
+    body: BufReader<io::Chain<Cursor<Vec<u8>>, fetch::Conn>>,
     framing: Framing,
     hasher: Sha256,
     read: u64,
@@ -708,7 +710,7 @@ fn answer_head(
     url: &Url,
     opts: &fetch::Options,
     deadline: Instant,
-) -> Result<(TcpStream, fetch::Head, Vec<u8>), FetchError> {
+) -> Result<(fetch::Conn, fetch::Head, Vec<u8>), FetchError> {
     let mut stream = fetch::send_request(url, opts, deadline)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -1034,7 +1036,7 @@ mod tests {
             (p(&format!("    url: \"a\n    sha256: {A}\n")), "line 4: a \"quoted value without its closing quote"),
             (p(&format!("    url: \"a\" b\n    sha256: {A}\n")), "line 4: \"b\" after the closing quote"),
             (p(&format!("    url: {{a: b}}\n    sha256: {A}\n")), "line 4: \"{a: b}\": flow collections"),
-            (p(&format!("    url: https://h/u.kiln\n    sha256: {A}\n")), "line 4: url of `linux-amd64`: https:// is not supported"),
+            (p(&format!("    url: ftp://h/u.kiln\n    sha256: {A}\n")), "line 4: url of `linux-amd64`: \"ftp://h/u.kiln\": the scheme \"ftp\" is not supported"),
             (p(&format!("    url: a b\n    sha256: {A}\n")), "line 4: url of `linux-amd64` contains ' '"),
             ("version: v1.2\nplatforms:\n".into(), "line 1: `v1.2` is not a version"),
             ("version:\n".into(), "line 1: `version` has no value"),
