@@ -8,7 +8,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Build immutable, signed, bootable k0s node images", long_about = None)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build immutable, signed, bootable k0s node images",
+    long_about = None,
+    after_help = "Workflow:\n  kiln profile check profiles/qemu-amd64.toml   check a profile (payload, updatability, trust)\n  kiln build profiles/qemu-amd64.toml           build its outputs into out/qemu-amd64/\n  kiln run out/qemu-amd64                       boot the output under QEMU\n  kiln verify out/qemu-amd64 --key kiln.pub     check its signatures and hashes\n  kiln serve out/qemu-amd64/pxe --init-tls tls  network-boot it (PXE); or flash disk.raw\n\nDocs: docs/quickstart.md, docs/profiles.md, docs/node-config.md, docs/security.md, docs/use-cases/"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -17,6 +23,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build every output of a profile into OUT/<profile name>/.
+    ///
+    /// Example: kiln build profiles/qemu-amd64.toml
     Build {
         /// The profile, e.g. profiles/qemu-amd64.toml.
         profile: PathBuf,
@@ -25,6 +33,8 @@ enum Cmd {
         out: PathBuf,
     },
     /// Boot a build output in QEMU, with the serial console on stdout.
+    ///
+    /// Example: kiln run out/qemu-amd64 --config profiles/nodes/single.toml --until payload-started
     Run {
         /// A build output directory, e.g. out/qemu-amd64.
         out_dir: PathBuf,
@@ -95,8 +105,12 @@ enum Cmd {
     /// Time a (warm) build of a profile against mksquashfs + veritysetup of
     /// the same root tree, measured in the same run; print the runs, the
     /// ratio and the build's time per step.
+    ///
+    /// Example: kiln bench profiles/qemu-amd64.toml --real-size
     Bench {
+        /// The profile to build, e.g. profiles/qemu-amd64.toml.
         profile: PathBuf,
+        /// Timed runs of each side; the medians are compared.
         #[arg(long, default_value_t = 3)]
         runs: u32,
         /// Add the real-size fixture (a file of k0s's size and an airgap-like
@@ -111,7 +125,11 @@ enum Cmd {
     },
     /// Check a build output's signed manifest, every artifact and the signed
     /// SBOM, or one file against FILE.minisig. Names every file that fails.
+    ///
+    /// Example: kiln verify out/qemu-amd64 --key kiln.pub
     Verify {
+        /// A build output directory (out/<profile name>), or one file with
+        /// its FILE.minisig beside it.
         target: PathBuf,
         /// The public key (kiln.pub, as `kiln key generate` writes it).
         #[arg(long)]
@@ -151,7 +169,7 @@ enum Cmd {
     ///
     /// Example: kiln serve out/qemu-amd64/pxe --configs configs --init-tls tls
     Serve {
-        /// The directory to serve, e.g. out/pxe-amd64/pxe.
+        /// The directory to serve, e.g. out/qemu-amd64/pxe.
         dir: PathBuf,
         /// Where node configs are, named <mac>.toml (52:54:00:12:34:56.toml
         /// or 52-54-00-12-34-56.toml); default DIR/configs.
@@ -192,6 +210,7 @@ enum Cmd {
 enum KeyCmd {
     /// Write a new key pair: DIR/kiln.key (secret, mode 0600) and DIR/kiln.pub.
     Generate {
+        /// Where the two files go (created if missing).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
@@ -199,18 +218,29 @@ enum KeyCmd {
 
 #[derive(Subcommand)]
 enum ProfileCmd {
-    /// Validate a profile (and what it extends) without building.
-    Check { profile: PathBuf },
+    /// Validate a profile (and what it extends) without building, and say
+    /// what its images will be: the payload, whether they can take updates,
+    /// what they trust for HTTPS.
+    ///
+    /// Example: kiln profile check profiles/factory-cubieboard2.toml
+    Check {
+        /// The profile, e.g. profiles/qemu-amd64.toml.
+        profile: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum KernelCmd {
     /// Build (or find cached) the profile's kernel.
-    Build { profile: PathBuf },
+    Build {
+        /// The profile whose kernel to build, e.g. profiles/qemu-armv7.toml.
+        profile: PathBuf,
+    },
     /// Print the k0s requirement report for a kernel .config.
     Check {
         /// A kernel .config (or /proc/config.gz contents, uncompressed).
         config: PathBuf,
+        /// The role whose requirements apply (a worker needs more).
         #[arg(long, value_enum)]
         role: RoleArg,
         /// The config of a distro kernel (`/boot/config-<release>` of a
@@ -223,7 +253,9 @@ enum KernelCmd {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum RoleArg {
+    /// A worker (or controller+worker): kubelet and containerd's needs too.
     Worker,
+    /// A controller only.
     Controller,
 }
 
@@ -272,16 +304,31 @@ enum ClusterCmd {
         /// shipping them takes longer than a day: give the time that takes.
         #[arg(long, default_value = "24h")]
         valid: String,
+        /// DNS servers for the static addresses (comma-separated; `none` for
+        /// none). With DHCP the lease brings them.
+        #[arg(long, value_delimiter = ',', default_value = "1.1.1.1,9.9.9.9")]
+        dns: Vec<String>,
+        /// NTP servers for the static addresses (comma-separated; `none` for
+        /// none): boards without a battery start in 1970, and TLS refuses
+        /// every certificate until the clock is set.
+        #[arg(long, value_delimiter = ',', default_value = "pool.ntp.org")]
+        ntp: Vec<String>,
     },
 }
 
 #[derive(Subcommand)]
 enum ConfigCmd {
     /// Validate a node.toml with the same code the node runs.
-    Check { node_toml: PathBuf },
+    ///
+    /// Example: kiln config check profiles/nodes/single.toml
+    Check {
+        /// The node config, e.g. profiles/nodes/single.toml.
+        node_toml: PathBuf,
+    },
     /// Sign a node.toml: writes NODE_TOML.minisig, which nodes built with
     /// `node.config_key` require next to any config from outside the image.
     Sign {
+        /// The node config to sign.
         node_toml: PathBuf,
         /// The secret key (kiln.key, as `kiln key generate` writes it);
         /// default: the KILN_SIGNING_KEY environment variable.
@@ -324,6 +371,12 @@ fn run(cli: Cli) -> Result<i32> {
                 b.initramfs_bytes.map(|n| format!("; PXE initramfs {n} bytes")).unwrap_or_default()
             );
             print_steps(&b);
+            let p = kiln::profile::load(&profile)?;
+            println!("{}", kiln::pipeline::payload_line(&p));
+            println!("next:");
+            for step in kiln::pipeline::next_steps(&p, &b.out) {
+                println!("  {step}");
+            }
             Ok(0)
         }
         Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac, secure_boot, disk_bus, nic } => {
@@ -416,6 +469,7 @@ fn run(cli: Cli) -> Result<i32> {
             let c = kiln::pipeline::check(&profile)?;
             let p = &c.profile;
             println!("{}: ok ({} for {}, {} kernel fragment(s))", profile.display(), p.name, p.arch, p.kernel.fragments.len());
+            println!("{}", kiln::pipeline::payload_line(p));
             if c.trust.is_empty() {
                 println!("https: the image trusts no CA, so its nodes can fetch configs and updates over http:// only (node.trust adds CAs)");
             } else {
@@ -424,6 +478,9 @@ fn run(cli: Cli) -> Result<i32> {
             }
             if p.insecure_http_secrets {
                 println!("warning: node.insecure_http_secrets = true: nodes use join tokens and CA keys that came over plain http://, readable by anyone on the network");
+            }
+            for w in kiln::pipeline::advice(&c) {
+                println!("warning: {w}");
             }
             Ok(0)
         }
@@ -464,9 +521,12 @@ fn run(cli: Cli) -> Result<i32> {
             println!("wrote {} (key {})", sig_path.display(), kp.key_id());
             Ok(0)
         }
-        Cmd::Cluster { cmd: ClusterCmd::Init { dir, api, name, force, controller_address, worker_address, gateway, interface, valid } } => {
+        Cmd::Cluster { cmd: ClusterCmd::Init { dir, api, name, force, controller_address, worker_address, gateway, interface, valid, dns, ntp } } => {
             let valid = kiln::tools::cluster::parse_valid_or_never(&valid).map_err(|e| anyhow::anyhow!("--valid: {e}"))?;
-            let o = kiln::tools::cluster::InitOptions { dir, api, name, force, controller_address, worker_address, gateway, interface, valid };
+            let none = |v: &[String]| v.len() == 1 && v[0] == "none";
+            let dns = if none(&dns) { Vec::new() } else { dns.iter().map(|d| d.trim().parse().map_err(|_| anyhow::anyhow!("--dns: `{d}` is not an IP address"))).collect::<Result<_>>()? };
+            let ntp = if none(&ntp) { Vec::new() } else { ntp };
+            let o = kiln::tools::cluster::InitOptions { dir, api, name, force, controller_address, worker_address, gateway, interface, valid, dns, ntp };
             let r = kiln::tools::cluster::init(&o)?;
             for f in &r.files {
                 println!("wrote {}", f.display());
@@ -476,7 +536,8 @@ fn run(cli: Cli) -> Result<i32> {
                 Some(d) => println!("the worker join token expires in {} h; workers must join before then (--valid to change)", d.as_secs() / 3600),
                 None => println!("the worker join token never expires (--valid never): delete its Secret to revoke it"),
             }
-            println!("{}, worker.toml, worker.token and ca.key are secrets: keep them out of the repository", kiln::tools::cluster::CONTROLLER_FILE);
+            println!("{}, worker.toml, worker.token, {} and ca.key are secrets: keep them out of the repository", kiln::tools::cluster::CONTROLLER_FILE, kiln::tools::cluster::ADMIN_KUBECONFIG);
+            println!("kubectl: KUBECONFIG={} kubectl get nodes (once the controller is up)", o.dir.join(kiln::tools::cluster::ADMIN_KUBECONFIG).display());
             println!("next: put {} on the controller's ESP as node.toml or on a KILNCFG stick (it holds the CA key: never serve it), and give workers {} (locally, or with kiln serve over HTTPS)", o.dir.join(kiln::tools::cluster::CONTROLLER_FILE).display(), o.dir.join("worker.toml").display());
             Ok(0)
         }

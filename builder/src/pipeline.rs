@@ -73,6 +73,72 @@ pub fn check(profile_path: &Path) -> Result<Checked> {
     Ok(Checked { profile, node_toml, node, signer, secureboot, config_key, trust })
 }
 
+/// What the image runs as its payload, said plainly: `stand-in (a test
+/// fixture, not k0s)` or `k0s <version> (sha256 …)`.
+pub fn payload_line(profile: &Profile) -> String {
+    match &profile.payload {
+        profile::Payload::StandIn => "payload: stand-in (a test fixture, not k0s)".into(),
+        profile::Payload::K0s { input, version } => format!(
+            "payload: k0s {} (sha256 {})",
+            version.as_deref().unwrap_or("(version not given: set [payload] version)"),
+            input.sha256.as_deref().unwrap_or("?")
+        ),
+    }
+}
+
+/// Warnings about decisions a flashed node cannot undo: an image that
+/// cannot take update bundles, or whose root slots leave no room for a
+/// real-size root. Each says what to add.
+pub fn advice(c: &Checked) -> Vec<String> {
+    let p = &c.profile;
+    let mut w = Vec::new();
+    if matches!(p.payload, profile::Payload::StandIn) {
+        w.push("the payload is the stand-in, a test fixture that is not k0s: nodes from this image never run Kubernetes; give [payload] k0s = { url = \"…\", sha256 = \"…\" } (docs/profiles.md, Real k0s)".to_string());
+    }
+    let updatable = p.outputs.iter().any(|o| matches!(o, Output::Disk | Output::Qcow2 | Output::Zst | Output::Bmap | Output::Iso | Output::Sdcard));
+    if !updatable {
+        return w;
+    }
+    if c.signer.is_none() {
+        w.push("no signing key: nodes flashed or installed from this image never take an update bundle (the image carries no /etc/kiln/update.pub); set KILN_SIGNING_KEY or [sign] key = \"kiln.key\" (kiln key generate) before the first flash".into());
+    }
+    if p.version.is_none() {
+        w.push("no `version`: nodes cannot tell a newer bundle from this image; add version = \"1.0.0\"".into());
+    }
+    const REAL_SIZE_MIB: u64 = 512;
+    match p.disk.root_slot {
+        crate::image::disk::RootSlot::Mib(n) if n < REAL_SIZE_MIB => w.push(format!(
+            "root slots of {n} MiB: a real-size root (k0s and its images, ~350 MiB) will not fit a later update, and slot sizes cannot change after flashing; set disk.root_slot_mib = 1024"
+        )),
+        crate::image::disk::RootSlot::Auto if matches!(p.payload, profile::Payload::StandIn) => w.push(
+            "root_slot_mib = \"auto\" sizes the slots for this build's small stand-in root, so a later bundle with real k0s will not fit; set disk.root_slot_mib = 1024 for nodes you will update".into(),
+        ),
+        _ => {}
+    }
+    w
+}
+
+/// What to do with each output a build made, one line each.
+pub fn next_steps(profile: &Profile, out: &Path) -> Vec<String> {
+    let o = out.display();
+    let name = &profile.name;
+    let mut n = Vec::new();
+    for output in &profile.outputs {
+        n.push(match output {
+            Output::Disk => format!("boot the disk under QEMU: kiln run {o}; flash it: dd if={o}/disk.raw of=/dev/sdX bs=4M conv=fsync"),
+            Output::Qcow2 => format!("a VM disk: {o}/disk.qcow2 (kiln run {o} --boot disk uses disk.raw)"),
+            Output::Zst => format!("flash the compressed disk: zstdcat {o}/disk.raw.zst | dd of=/dev/sdX bs=4M conv=fsync"),
+            Output::Bmap => format!("flash only the written blocks: bmaptool copy --bmap {o}/disk.bmap {o}/disk.raw /dev/sdX"),
+            Output::Iso => format!("boot the installer ISO: kiln run {o} --boot iso; or write {o}/{name}.iso to a USB stick (docs/quickstart.md)"),
+            Output::Pxe => format!("network boot: kiln serve {o}/pxe --configs CONFIGS --init-tls TLS, then chain http://SERVER:8080/boot.ipxe (docs/use-cases/pxe.md); or kiln run {o} --boot pxe"),
+            Output::Sdcard => format!("flash the card: dd if={o}/sdcard.img of=/dev/mmcblkX bs=4M conv=fsync (docs/use-cases/sd-card.md)"),
+            Output::Update => format!("publish {o}/update.kiln in a channel or copy it to a KILNUPD stick (docs/updates.md)"),
+        });
+    }
+    n.push(format!("check the signatures and hashes: kiln verify {o} --key kiln.pub"));
+    n
+}
+
 /// Builds every output of a profile into `out_root/<name>/`, saying on
 /// stderr how a long step is going.
 pub fn build(profile_path: &Path, out_root: &Path, cache: &Cache) -> Result<Built> {

@@ -386,8 +386,9 @@ pub struct Profile {
     pub secureboot: Option<crate::image::secureboot::SecureBootSpec>,
     /// `board`: the armv7 board overlay, loaded.
     pub board: Option<crate::inputs::board::Board>,
-    /// The directory holding kernel-configs/, overlays/ … (the profile's
-    /// parent's parent by convention, or `KILN_SOURCE_DIR`).
+    /// The kiln checkout holding kernel-configs/, overlays/, init/ …:
+    /// `KILN_SOURCE_DIR`, else the one the profile or a profile it extends
+    /// lives in.
     pub tree: PathBuf,
 }
 
@@ -410,11 +411,72 @@ pub struct QemuSpec {
 /// Loads a profile and everything it extends.
 pub fn load(path: &Path) -> Result<Profile, ProfileError> {
     let mut chain: Vec<PathBuf> = Vec::new();
-    let merged = load_chain(path, &mut chain)?;
-    resolve(path, merged)
+    let mut tree = None;
+    let merged = load_chain(path, &mut chain, &mut tree)?;
+    resolve(path, merged, tree)
 }
 
-fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, ProfileError> {
+/// The kiln source tree a file lives in: the nearest directory above it
+/// holding kernel-configs/ and init/ (a kiln checkout).
+pub fn tree_of(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors().find(|d| d.join("kernel-configs").is_dir() && d.join("init").is_dir()).map(Path::to_path_buf)
+}
+
+impl ProfileFile {
+    /// Makes every path this file names absolute, relative to `dir`, the
+    /// directory of this file: a profile extending it from elsewhere does
+    /// not move them. Kernel fragments and patches are names under
+    /// `kernel-configs/` of the kiln tree this file is in (`tree`), or files
+    /// beside it.
+    fn anchor_paths(&mut self, dir: &Path, tree: Option<&Path>) {
+        let at = |s: &mut String| {
+            if Path::new(s.as_str()).is_relative() {
+                *s = dir.join(s.as_str()).display().to_string();
+            }
+        };
+        let input = |i: &mut Option<Input>| {
+            if let Some(f) = i.as_mut().and_then(|i| i.file.as_mut()).filter(|f| f.is_relative()) {
+                *f = dir.join(&*f);
+            }
+        };
+        for s in [&mut self.node.config, &mut self.node.config_key, &mut self.sign.key, &mut self.secureboot.key, &mut self.secureboot.cert].into_iter().flatten() {
+            at(s);
+        }
+        for s in self.node.trust.iter_mut().flatten() {
+            at(s);
+        }
+        if let Some(e) = self.secureboot.enroll.as_mut() {
+            for s in [&mut e.pk, &mut e.kek, &mut e.db] {
+                at(s);
+            }
+        }
+        for i in [&mut self.kernel.source, &mut self.kernel.package, &mut self.rootfs.busybox, &mut self.payload.k0s, &mut self.boot.systemd_boot, &mut self.boot.stub, &mut self.iso.isolinux, &mut self.iso.isohybrid_mbr, &mut self.iso.ldlinux] {
+            input(i);
+        }
+        for s in [&mut self.kernel.fragments, &mut self.kernel.patches].into_iter().flatten().flatten() {
+            if Path::new(s.as_str()).is_relative() {
+                let beside = dir.join(s.as_str());
+                if beside.is_file() {
+                    *s = beside.display().to_string();
+                } else if let Some(t) = tree {
+                    *s = t.join("kernel-configs").join(s.as_str()).display().to_string();
+                }
+            }
+        }
+        self.appliance.anchor(dir);
+        for p in self.rootfs.packages.iter_mut().flatten() {
+            p.anchor(dir);
+        }
+        for f in self.rootfs.files.iter_mut().flatten() {
+            f.anchor(dir);
+        }
+    }
+}
+
+/// Loads `path` and its bases, each with its paths anchored to its own
+/// directory. `tree` gets the kiln tree of the first file in the chain that
+/// lives in one.
+fn load_chain(path: &Path, chain: &mut Vec<PathBuf>, tree: &mut Option<PathBuf>) -> Result<ProfileFile, ProfileError> {
     let canon = path.canonicalize().map_err(|source| ProfileError::Read { path: path.to_path_buf(), source })?;
     if chain.contains(&canon) {
         return Err(ProfileError::Cycle { path: chain[0].clone(), again: path.to_path_buf() });
@@ -422,13 +484,11 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, Prof
     let dir = canon.parent().map(Path::to_path_buf).unwrap_or_default();
     chain.push(canon);
     let mut file = parse_file(path)?;
-    file.appliance.anchor(&dir);
-    for p in file.rootfs.packages.iter_mut().flatten() {
-        p.anchor(&dir);
+    let own_tree = tree_of(&dir);
+    if tree.is_none() {
+        tree.clone_from(&own_tree);
     }
-    for f in file.rootfs.files.iter_mut().flatten() {
-        f.anchor(&dir);
-    }
+    file.anchor_paths(&dir, own_tree.as_deref());
     if let Some(ext) = file.extends.clone() {
         let base_path = path.parent().unwrap_or(Path::new(".")).join(&ext);
         if !base_path.exists() {
@@ -439,7 +499,7 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ProfileFile, Prof
                 message: format!("the base profile {} does not exist (paths are relative to this file)", base_path.display()),
             });
         }
-        let base = load_chain(&base_path, chain)?;
+        let base = load_chain(&base_path, chain, tree)?;
         file.inherit(&base);
     }
     Ok(file)
@@ -467,16 +527,19 @@ pub fn parse_str(path: &Path, src: &str) -> Result<ProfileFile, ProfileError> {
 }
 
 
-fn resolve(path: &Path, f: ProfileFile) -> Result<Profile, ProfileError> {
+fn resolve(path: &Path, f: ProfileFile, chain_tree: Option<PathBuf>) -> Result<Profile, ProfileError> {
     let missing = |key: &str| ProfileError::Semantic {
         path: path.to_path_buf(),
         message: format!("key `{key}` is not set here or in any profile this one extends"),
     };
     let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let tree = match std::env::var_os("KILN_SOURCE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("..")),
+    // The kiln checkout: named by KILN_SOURCE_DIR, else the one the profile
+    // (or the first profile it extends that is in one) lives in.
+    let tree = match (std::env::var_os("KILN_SOURCE_DIR"), chain_tree) {
+        (Some(d), _) => PathBuf::from(d),
+        (None, Some(t)) => t,
+        (None, None) => dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("..")),
     };
     let name = f.name.clone().ok_or_else(|| missing("name"))?;
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {

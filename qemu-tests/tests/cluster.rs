@@ -47,6 +47,10 @@ fn cluster_init_pair_joins() {
     }
     assert!(read(kiln::tools::cluster::CONTROLLER_FILE).contains("PRIVATE KEY"), "the controller's own config carries the CA key");
     assert!(read(&format!("bootstrap-token-{id}.yaml")).contains("expiration"), "the worker token expires by default");
+    // The admin kubeconfig names the controller's CA and the API server.
+    let admin = read(kiln::tools::cluster::ADMIN_KUBECONFIG);
+    let ca_b64 = kiln_contract::minisign::b64_encode(read("ca.crt").as_bytes());
+    assert!(admin.contains(&format!("certificate-authority-data: {ca_b64}")) && admin.contains(&format!("server: {}", r.server)), "{admin}");
 
     let out = built(PROFILE);
     let (mut ctl, mut wrk) = boot_pair("cluster_init_pair", &out, ["controller", "worker"], [&read(kiln::tools::cluster::CONTROLLER_FILE), &read("worker.toml")]);

@@ -12,7 +12,7 @@ use std::process::Command;
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Input {
-    /// A local file (relative paths are relative to the working directory).
+    /// A local file (in a profile, relative to the profile file that names it).
     pub file: Option<PathBuf>,
     /// An http(s) URL.
     pub url: Option<String>,

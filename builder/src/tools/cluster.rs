@@ -19,7 +19,7 @@
 
 use kiln_contract::minisign::b64_encode;
 use rand_core::{OsRng, RngCore};
-use rsa::pkcs1::EncodeRsaPrivateKey;
+use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
 use rsa::pkcs8::EncodePrivateKey;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -133,6 +133,68 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A client certificate and key (PEM) for `cn` in group `org`, signed by
+    /// this CA: what `k0s kubeconfig admin` gives (O=system:masters), valid
+    /// as long as the CA.
+    pub fn client(&self, cn: &str, org: &str, now: OffsetDateTime) -> Result<(String, String), ClusterError> {
+        let c = |e: &dyn std::fmt::Display| ClusterError::Crypto(e.to_string());
+        let key = rsa::RsaPrivateKey::from_pkcs1_pem(&self.key_pem).map_err(|e| c(&e))?;
+        let ca_kp = rcgen::KeyPair::try_from(key.to_pkcs8_der().map_err(|e| c(&e))?.as_bytes()).map_err(|e| c(&e))?;
+        let mut ca = rcgen::CertificateParams::default();
+        ca.distinguished_name = rcgen::DistinguishedName::new();
+        ca.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = ca.self_signed(&ca_kp).map_err(|e| c(&e))?;
+        let kp = rcgen::KeyPair::generate().map_err(|e| c(&e))?;
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.distinguished_name.push(rcgen::DnType::OrganizationName, org);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(CA_DAYS);
+        let mut serial = [0u8; 16];
+        OsRng.fill_bytes(&mut serial);
+        serial[0] &= 0x7f;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let cert = p.signed_by(&kp, &issuer, &ca_kp).map_err(|e| c(&e))?;
+        Ok((cert.pem(), kp.serialize_pem()))
+    }
+}
+
+/// The admin kubeconfig for the new cluster, as `k0s kubeconfig admin`
+/// lays it out: the cluster CA, the API server, and a client certificate.
+pub fn admin_kubeconfig(server: &str, ca_pem: &str, name: &str, cert_pem: &str, key_pem: &str) -> String {
+    format!(
+        "apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: {ca}
+    server: {server}
+  name: {name}
+contexts:
+- context:
+    cluster: {name}
+    user: admin
+  name: {name}
+current-context: {name}
+kind: Config
+preferences: {{}}
+users:
+- name: admin
+  user:
+    client-certificate-data: {cert}
+    client-key-data: {key}
+",
+        ca = b64_encode(ca_pem.as_bytes()),
+        cert = b64_encode(cert_pem.as_bytes()),
+        key = b64_encode(key_pem.as_bytes()),
+    )
+}
+
 /// `https://API:6443`, with an IPv6 address in brackets.
 pub fn server_url(api: &str) -> String {
     match api.parse::<IpAddr>() {
@@ -207,6 +269,8 @@ pub fn bootstrap_secret(token: &BootstrapToken, expires: Option<OffsetDateTime>)
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// The controller's config: for local media only, since it holds the CA key.
 pub const CONTROLLER_FILE: &str = "controller.local.toml";
+/// The admin kubeconfig `init` writes (`KUBECONFIG=DIR/admin.kubeconfig`).
+pub const ADMIN_KUBECONFIG: &str = "admin.kubeconfig";
 /// Earlier kiln wrote the controller's config under this name.
 const OLD_CONTROLLER_FILE: &str = "controller.toml";
 
@@ -265,7 +329,17 @@ pub struct InitOptions {
     pub interface: String,
     /// How long the worker token is valid; none: until the Secret is deleted.
     pub valid: Option<Duration>,
+    /// DNS servers for the static addresses (DHCP brings its own).
+    pub dns: Vec<IpAddr>,
+    /// NTP servers for the static addresses: boards without a battery start
+    /// in 1970, and TLS then refuses every certificate. Empty: none.
+    pub ntp: Vec<String>,
 }
+
+/// DNS servers static configs get unless `--dns` says otherwise.
+pub const DEFAULT_DNS: [&str; 2] = ["1.1.1.1", "9.9.9.9"];
+/// NTP servers static configs get unless `--ntp` says otherwise.
+pub const DEFAULT_NTP: [&str; 1] = ["pool.ntp.org"];
 
 impl InitOptions {
     pub fn new(dir: impl Into<PathBuf>) -> InitOptions {
@@ -279,6 +353,8 @@ impl InitOptions {
             gateway: None,
             interface: "eth0".into(),
             valid: Some(DEFAULT_VALIDITY),
+            dns: DEFAULT_DNS.iter().filter_map(|d| d.parse().ok()).collect(),
+            ntp: DEFAULT_NTP.iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -294,6 +370,9 @@ pub struct Cluster {
     pub secret_yaml: String,
     pub controller_toml: String,
     pub worker_toml: String,
+    /// For kubectl: the cluster's CA and server, and a system:masters
+    /// client certificate.
+    pub admin_kubeconfig: String,
 }
 
 /// What `init` wrote.
@@ -341,11 +420,19 @@ fn toml_literal(s: &str) -> String {
 }
 
 fn network_toml(o: &InitOptions, address: &Option<String>) -> String {
-    let Some(a) = address else { return "# No static address: DHCPv4 on every link with carrier.\n".into() };
-    let mut t = format!("[[network.interfaces]]\nname = \"{}\"\naddresses = [\"{a}\"]\n", o.interface);
+    let Some(a) = address else { return "# No static address: DHCPv4 on every link with carrier (DNS and NTP from the lease).\n".into() };
+    let list = |v: Vec<String>| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    let mut t = String::new();
+    if !o.dns.is_empty() {
+        let _ = writeln!(t, "[network]\ndns = [{}]\n", list(o.dns.iter().map(|d| d.to_string()).collect()));
+    }
+    let _ = write!(t, "[[network.interfaces]]\nname = \"{}\"\naddresses = [\"{a}\"]\n", o.interface);
     if let Some(g) = o.gateway {
         let _ = writeln!(t, "gateway = \"{g}\"");
     }
+    // A static address gets no NTP servers from DHCP: name them, or the
+    // clock of a board without a battery stays in 1970.
+    let _ = writeln!(t, "\n[time]\nntp = [{}]", list(o.ntp.clone()));
     t
 }
 
@@ -428,7 +515,9 @@ token = \"{join}\"
     for (what, text) in [("controller", &controller_toml), ("worker", &worker_toml)] {
         kiln_contract::config::parse(text).map_err(|e| ClusterError::Usage(format!("the generated {what} config does not validate ({e}); this is a bug in kiln")))?;
     }
-    Ok(Cluster { api, server, ca, token, join_token: join, secret_yaml, controller_toml, worker_toml })
+    let (cert, key) = ca.client("kiln-admin", "system:masters", now)?;
+    let admin_kubeconfig = admin_kubeconfig(&server, &ca.cert_pem, &o.name, &cert, &key);
+    Ok(Cluster { api, server, ca, token, join_token: join, secret_yaml, controller_toml, worker_toml, admin_kubeconfig })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
@@ -452,6 +541,7 @@ pub fn init(o: &InitOptions) -> Result<InitReport, ClusterError> {
         ("worker.token".into(), c.join_token.as_str(), 0o600),
         (CONTROLLER_FILE.into(), c.controller_toml.as_str(), 0o600),
         ("worker.toml".into(), c.worker_toml.as_str(), 0o600),
+        (ADMIN_KUBECONFIG.into(), c.admin_kubeconfig.as_str(), 0o600),
     ];
     let mut stale: Vec<String> = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
@@ -623,10 +713,23 @@ mod tests {
         // The token expires by default, 24 hours after it was made.
         assert!(m.content.contains("expiration:"), "{}", m.content);
         assert_eq!(m.content, read(&m.name));
+        // The admin kubeconfig: the controller's CA and the workers' server,
+        // and a client certificate the CA signed.
+        let admin = read(ADMIN_KUBECONFIG);
+        let field = |k: &str| admin.lines().find_map(|l| l.trim().strip_prefix(k)).map(|v| v.trim().to_string()).unwrap();
+        let b64 = |v: String| String::from_utf8(kiln_contract::minisign::b64_decode(&v).unwrap()).unwrap();
+        assert_eq!(b64(field("certificate-authority-data:")), ca.cert);
+        assert_eq!(field("server:"), r.server);
+        assert!(b64(field("client-certificate-data:")).contains("BEGIN CERTIFICATE") && b64(field("client-key-data:")).contains("PRIVATE KEY"));
+        // Static addresses come with DNS and NTP servers.
+        for c in [&ctl, &wrk] {
+            assert_eq!(c.network.dns, ["1.1.1.1".parse::<IpAddr>().unwrap(), "9.9.9.9".parse().unwrap()]);
+            assert_eq!(c.time.ntp.as_deref(), Some(&["pool.ntp.org".to_string()][..]));
+        }
         // Only the controller's local-media config holds the CA key.
         assert!(!read("worker.toml").contains("PRIVATE KEY") && read(CONTROLLER_FILE).contains("PRIVATE KEY"));
         use std::os::unix::fs::MetadataExt;
-        for (n, mode) in [("ca.key", 0o600), ("ca.crt", 0o644), (CONTROLLER_FILE, 0o600), ("worker.toml", 0o600), ("worker.token", 0o600)] {
+        for (n, mode) in [("ca.key", 0o600), ("ca.crt", 0o644), (CONTROLLER_FILE, 0o600), ("worker.toml", 0o600), ("worker.token", 0o600), (ADMIN_KUBECONFIG, 0o600)] {
             assert_eq!(std::fs::metadata(d.path().join(n)).unwrap().mode() & 0o777, mode, "{n}");
         }
         // Not again without --force; with it, a new cluster and no stale Secret.

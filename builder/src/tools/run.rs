@@ -115,7 +115,7 @@ impl std::str::FromStr for Net {
 pub enum BootFrom {
     /// The disk image when the output has one, else direct kernel boot.
     Auto,
-    /// disk.raw (or `--disk`) under OVMF.
+    /// disk.raw under OVMF (through an overlay: the image is not changed).
     Disk,
     /// Direct kernel boot of pxe/vmlinuz and pxe/initramfs.cpio.zst.
     Pxe,
