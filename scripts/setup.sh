@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
 # Installs what building and testing kiln needs on a Debian 12 machine:
 # host packages (apt) and Rust targets (rustup). Safe to run again.
+#
+# `./scripts/setup.sh fuzz` also installs what fuzzing kiln-init's parsers
+# needs (init/fuzz/README.md): a nightly toolchain and cargo-fuzz. The
+# README's commands never ask for it; CI replays the fuzz corpora on stable.
 set -euo pipefail
+
+fuzz=""
+case "${1:-}" in
+  "") ;;
+  fuzz) fuzz=1 ;;
+  *) echo "usage: $0 [fuzz]" >&2; exit 2 ;;
+esac
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
@@ -86,3 +97,8 @@ installed=$(rustup target list --installed)
 for t in "${targets[@]}"; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
+
+if [ -n "$fuzz" ]; then
+  rustup toolchain list | grep -q '^nightly-' || rustup toolchain install nightly --profile minimal
+  command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+fi

@@ -13,6 +13,10 @@
 #[cfg(target_os = "linux")]
 pub mod cmdline;
 pub mod dm;
+/// The fuzz harnesses (init/fuzz) and their corpora's replay test.
+#[cfg(target_os = "linux")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k0s;
 pub mod net;
 #[cfg(target_os = "linux")]

@@ -130,6 +130,13 @@ impl Run {
     fn decode(i: usize, b: &[u8]) -> Result<Run, FormatError> {
         let offset = le64(&b[24..32]);
         let source = match b[16] {
+            // The format says 0: anything else would not encode back the
+            // same (and the digest would no longer describe the header).
+            0 if offset != 0 => {
+                return Err(FormatError::Invalid(format!(
+                    "zero run {i} has source offset {offset}, not 0"
+                )))
+            }
             0 => Source::Zero,
             1 => Source::Packed { offset },
             2 => Source::Root { offset },
@@ -425,6 +432,20 @@ mod tests {
         b.extend_from_slice(&d);
         b.resize(b.len().div_ceil(4096) * 4096, 0);
         b
+    }
+
+    /// Found by fuzzing (init/fuzz, target bundle): a zero run with a
+    /// source offset decoded, but encoded back without it.
+    #[test]
+    fn a_zero_run_with_a_source_offset_is_refused() {
+        let mut run = Vec::new();
+        Run { disk_offset: 0, len: 4096, source: Source::Zero, sha256: [0; 32] }.encode(&mut run);
+        let img = with_digest(1 << 20, &run);
+        assert!(Header::decode(&mut Cursor::new(&img)).is_ok());
+        run[24..32].copy_from_slice(&77u64.to_le_bytes());
+        let img = with_digest(1 << 20, &run);
+        let e = Header::decode(&mut Cursor::new(&img)).unwrap_err().to_string();
+        assert!(e.contains("zero run 0 has source offset 77"), "{e}");
     }
 
     proptest! {

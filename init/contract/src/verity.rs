@@ -216,6 +216,11 @@ impl VeritySuperblock {
         if data_blocks == 0 {
             return Err("0 data blocks".into());
         }
+        // The superblock is not covered by the root hash: its size must not
+        // overflow `data_bytes` (nor `hash_bytes`, which is smaller).
+        if data_blocks.checked_mul(u64::from(dbs)).is_none() {
+            return Err(format!("{data_blocks} data blocks of {dbs} bytes is more than any device holds"));
+        }
         let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
         if salt_len > MAX_SALT {
             return Err(format!("salt of {salt_len} bytes; at most {MAX_SALT} fit"));
@@ -317,6 +322,21 @@ mod tests {
     #[should_panic(expected = "not whole 4096-byte blocks")]
     fn partial_blocks_are_refused() {
         TreeBuilder::new(&[], 1).push(&[0; 100]);
+    }
+
+    /// A data block count whose size in bytes overflows made `data_bytes`
+    /// and `hash_bytes` panic (seen reviewing what the gpt_mbr fuzz target
+    /// reaches, init/fuzz).
+    #[test]
+    fn a_superblock_larger_than_a_u64_is_refused() {
+        let mut b = superblock(300, b"salt", [7; 16]).to_vec();
+        assert_eq!(VeritySuperblock::parse(&b).unwrap().data_bytes(), 300 * 4096);
+        b[72..80].copy_from_slice(&(u64::MAX / 4096).to_le_bytes());
+        let sb = VeritySuperblock::parse(&b).unwrap();
+        assert!(sb.hash_bytes() > sb.data_bytes() / 128);
+        b[72..80].copy_from_slice(&(u64::MAX / 4096 + 1).to_le_bytes());
+        let e = VeritySuperblock::parse(&b).unwrap_err();
+        assert!(e.contains("more than any device holds"), "{e}");
     }
 
     #[test]

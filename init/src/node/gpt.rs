@@ -164,6 +164,10 @@ impl Gpt {
         if crc32(&entries[..n]) != header.entries_crc {
             return Err(GptError::NotGpt("entry array CRC mismatch".into()));
         }
+        // Growing rewrites the entries at this LBA: it must be a byte offset.
+        if header.entries_lba.checked_mul(lba_size).is_none() {
+            return Err(GptError::NotGpt(format!("entry array LBA {} is past any disk", header.entries_lba)));
+        }
         Ok(Gpt { lba_size, header, entries: entries[..n].to_vec(), from_backup: false })
     }
 
@@ -191,7 +195,8 @@ impl Gpt {
         dev.read_exact_at(&mut sector, lba * lba_size)?;
         let h = Header::parse(&sector)?;
         let mut entries = vec![0u8; h.entries_bytes() as usize];
-        dev.read_exact_at(&mut entries, h.entries_lba * lba_size)?;
+        let at = h.entries_lba.checked_mul(lba_size).ok_or_else(|| GptError::NotGpt(format!("entry array LBA {} is past any disk", h.entries_lba)))?;
+        dev.read_exact_at(&mut entries, at)?;
         Self::parse(lba_size, &sector, &entries)
     }
 
@@ -325,6 +330,29 @@ pub(crate) mod tests {
         s[..8].copy_from_slice(SIGNATURE);
         s[12..16].copy_from_slice(&92u32.to_le_bytes());
         assert!(matches!(Header::parse(&s), Err(GptError::NotGpt(m)) if m.contains("CRC")));
+    }
+
+    /// Found by fuzzing (gpt_mbr): a table whose entry array LBA times the
+    /// block size overflows made growing it panic (init/fuzz).
+    #[test]
+    fn an_entry_array_past_any_disk_is_refused() {
+        let mut s = vec![0u8; 512];
+        s[..8].copy_from_slice(SIGNATURE);
+        s[12..16].copy_from_slice(&92u32.to_le_bytes());
+        s[72..80].copy_from_slice(&(u64::MAX / 3).to_le_bytes());
+        s[80..84].copy_from_slice(&4u32.to_le_bytes());
+        s[84..88].copy_from_slice(&128u32.to_le_bytes());
+        s[88..92].copy_from_slice(&crc32(&[0u8; 512]).to_le_bytes());
+        let crc = crc32(&s[..92]);
+        s[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert!(Header::parse(&s).is_ok());
+        let e = Gpt::parse(512, &s, &[0u8; 512]).unwrap_err().to_string();
+        assert!(e.contains("past any disk"), "{e}");
+        s[72..80].copy_from_slice(&2u64.to_le_bytes());
+        s[16..20].fill(0);
+        let crc = crc32(&s[..92]);
+        s[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert!(Gpt::parse(512, &s, &[0u8; 512]).is_ok());
     }
 
     proptest::proptest! {

@@ -21,6 +21,8 @@ pub enum GrowError {
     NotLast { name: String, last: u64, other: u32, other_name: String },
     #[error("the disk ({blocks} blocks) is too small for its own GPT")]
     TooSmall { blocks: u64 },
+    #[error("partition {name:?} starts at block {first}, past its end at block {last}; the GPT is damaged")]
+    Backwards { name: String, first: u64, last: u64 },
     #[error("{op}: {source}")]
     Io { op: String, source: std::io::Error },
 }
@@ -52,6 +54,11 @@ impl Plan {
         }
         if p.last_lba >= last_usable {
             return Ok(None);
+        }
+        // Then first <= old_last < new_last < disk_lbas: the sizes and byte
+        // offsets below cannot overflow.
+        if p.first_lba > p.last_lba {
+            return Err(GrowError::Backwards { name: p.name.clone(), first: p.first_lba, last: p.last_lba });
         }
         Ok(Some(Plan { number: p.number, first_lba: p.first_lba, old_last: p.last_lba, new_last: last_usable, disk_lbas, lba_size: gpt.lba_size }))
     }
@@ -258,7 +265,10 @@ impl Ext4Super {
         let incompat = u32_at(0x60);
         let hi = if incompat & 0x80 != 0 { u32_at(0x150) as u64 } else { 0 };
         let label: Vec<u8> = sb[0x78..0x88].iter().copied().take_while(|b| *b != 0).collect();
-        Some(Ext4Super { block_size: 1024 << log, blocks: (hi << 32) | u32_at(0x04) as u64, label: String::from_utf8_lossy(&label).into_owned() })
+        let (block_size, blocks) = (1024 << log, (hi << 32) | u32_at(0x04) as u64);
+        // More bytes than a u64 holds is no filesystem: `bytes` stays exact.
+        blocks.checked_mul(block_size)?;
+        Some(Ext4Super { block_size, blocks, label: String::from_utf8_lossy(&label).into_owned() })
     }
 
     pub fn read(dev: &File) -> Option<Ext4Super> {
@@ -367,6 +377,38 @@ mod tests {
         assert_eq!(sb, Ext4Super { block_size: 4096, blocks: 4096, label: "kiln-data".into() });
         assert!(Ext4Super::parse(&[0u8; 1024]).is_none());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Found by fuzzing (init/fuzz, target gpt_mbr): a 64-bit block count
+    /// whose size in bytes overflows made `bytes` panic.
+    #[test]
+    fn an_ext4_larger_than_a_u64_is_no_ext4() {
+        let mut sb = vec![0u8; 1024];
+        sb[0x38..0x3a].copy_from_slice(&[0x53, 0xEF]);
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes()); // 4 KiB blocks
+        sb[0x04..0x08].copy_from_slice(&1000u32.to_le_bytes());
+        sb[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes()); // 64bit
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(Ext4Super::parse(&sb).unwrap().bytes(), ((1 << 32) + 1000) * 4096);
+        sb[0x150..0x154].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Ext4Super::parse(&sb), None);
+    }
+
+    /// A partition that starts after its end made the plan's sizes
+    /// underflow (seen reviewing what the gpt_mbr fuzz target reaches).
+    #[test]
+    fn a_partition_ending_before_it_starts_is_not_grown() {
+        let mut entries = vec![0u8; 128 * 4];
+        entries[..16].copy_from_slice(&[1u8; 16]);
+        entries[32..40].copy_from_slice(&5000u64.to_le_bytes());
+        entries[40..48].copy_from_slice(&100u64.to_le_bytes());
+        for (i, u) in "data".encode_utf16().enumerate() {
+            entries[56 + 2 * i..58 + 2 * i].copy_from_slice(&u.to_le_bytes());
+        }
+        let header = gpt::Header { header_size: 92, my_lba: 1, alternate_lba: 9999, first_usable: 34, last_usable: 9966, entries_lba: 2, entry_count: 4, entry_size: 128, entries_crc: 0, raw: vec![0; 512] };
+        let g = Gpt { lba_size: 512, header, entries, from_backup: false };
+        let e = Plan::new(&g, "data", 1 << 20).unwrap_err();
+        assert!(matches!(e, GrowError::Backwards { first: 5000, last: 100, .. }), "{e}");
     }
 
     #[test]
