@@ -29,15 +29,19 @@ prebuild=$!
 # niced) in the background, and the QEMU tests in the foreground, whose
 # guests often wait on timers. The QEMU tests for the other arches and the
 # real boards run last, so that their kernels compile in the background
-# while the amd64 guests run.
-late=(arm64 armv7 boards containers real_size)
+# while the amd64 guests run. Then the second core is free: the armv7 tests
+# (one-CPU guests, the longest binary) run beside the other late ones.
+late_side=(armv7)
+late=(arm64 boards containers real_size)
 early=()
 for f in qemu-tests/tests/*.rs; do
   n=$(basename "$f" .rs)
-  [[ " ${late[*]} " == *" $n "* ]] || early+=(--test "$n")
+  [[ " ${late[*]} ${late_side[*]} " == *" $n "* ]] || early+=(--test "$n")
 done
 late_args=()
 for n in "${late[@]}"; do late_args+=(--test "$n"); done
+side_args=()
+for n in "${late_side[@]}"; do side_args+=(--test "$n"); done
 cargo test --workspace --locked --no-run -q
 status=0
 lane_log=target/test-workspace.log
@@ -49,7 +53,15 @@ wait "$lane" || lane_status=$?
 echo "=== the workspace's own tests (ran beside the QEMU tests; $lane_log) ==="
 cat "$lane_log"
 [ "$lane_status" -eq 0 ] || status=$lane_status
+side_log=target/test-qemu-side.log
+( cargo test -p kiln-qemu-tests --locked --no-fail-fast "${side_args[@]}" ) >"$side_log" 2>&1 &
+side=$!
 cargo test -p kiln-qemu-tests --locked --no-fail-fast "${late_args[@]}" || status=$?
+side_status=0
+wait "$side" || side_status=$?
+echo "=== ${late_side[*]} (ran beside the late QEMU tests; $side_log) ==="
+cat "$side_log"
+[ "$side_status" -eq 0 ] || status=$side_status
 if [ "$status" -ne 0 ]; then
   pkill -P "$prebuild" 2>/dev/null || true
 fi

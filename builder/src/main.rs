@@ -71,8 +71,15 @@ enum Cmd {
         /// Size of the virtual disk in GiB; the image itself is not changed.
         #[arg(long, default_value_t = 8)]
         disk_size: u64,
+        /// Keep the node between runs in this directory (made on the first
+        /// run): the disk's writes (/var, applied updates, boot counters)
+        /// and the UEFI variables. Without it every run starts from the
+        /// image as built. Remove the directory to start afresh.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
         /// Attach this raw file as a second disk (/dev/vda when booting the
-        /// ISO), written in place: an install target, or a /var disk.
+        /// ISO), written in place: an install target, a /var disk, or a
+        /// KILNUPD stick with update bundles (docs/use-cases/qemu.md).
         #[arg(long)]
         extra_disk: Option<PathBuf>,
         /// Boot with Secure Boot enforcing: OVMF's Secure Boot firmware with
@@ -379,7 +386,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, extra_disk, ipxe_url, net, mac, secure_boot, disk_bus, nic } => {
+        Cmd::Run { out_dir, config, until, until_text, timeout, mem, cpus, accel, api_port, boot, disk_size, state, extra_disk, ipxe_url, net, mac, secure_boot, disk_bus, nic } => {
             let mut spec = VmSpec::for_output(out_dir);
             spec.disk_bus = disk_bus;
             spec.nic = nic;
@@ -387,6 +394,7 @@ fn run(cli: Cli) -> Result<i32> {
             spec.mac = mac;
             spec.secure_boot = secure_boot;
             spec.extra_disk = extra_disk;
+            spec.state = state;
             spec.ipxe_url = ipxe_url;
             spec.config = config;
             spec.memory_mib = mem.unwrap_or(spec.memory_mib);

@@ -95,6 +95,9 @@ pub fn advice(c: &Checked) -> Vec<String> {
     if matches!(p.payload, profile::Payload::StandIn) {
         w.push("the payload is the stand-in, a test fixture that is not k0s: nodes from this image never run Kubernetes; give [payload] k0s = { url = \"…\", sha256 = \"…\" } (docs/profiles.md, Real k0s)".to_string());
     }
+    if p.debug_shell {
+        w.push("node.debug_shell = true: every node of this image has a root shell on its console (serial and screen), in maintenance too, so anyone at the console owns the node; keep it to lab and test images".into());
+    }
     let updatable = p.outputs.iter().any(|o| matches!(o, Output::Disk | Output::Qcow2 | Output::Zst | Output::Bmap | Output::Iso | Output::Sdcard));
     if !updatable {
         return w;
@@ -237,6 +240,9 @@ pub fn build_with(profile_path: &Path, out_root: &Path, cache: &Cache, steps: &S
     if profile.insecure_http_secrets {
         tree.file(kiln_contract::layout::INSECURE_HTTP_SECRETS, "node.insecure_http_secrets = true: this image uses node configs holding secrets even when they came over plain http://\n", 0o644)?;
     }
+    if profile.debug_shell {
+        tree.file(kiln_contract::layout::DEBUG_SHELL, "node.debug_shell = true: a root shell on the console of every node of this image, in maintenance too\n", 0o644)?;
+    }
     // Debian packages last, so that one colliding with kiln's own files is
     // caught; then every ELF file in the root must be loadable.
     packages::add_and_check(&mut tree, &packages, profile.arch, cache)?;
@@ -261,7 +267,7 @@ pub fn build_with(profile_path: &Path, out_root: &Path, cache: &Cache, steps: &S
     let mut initramfs_bytes = None;
     if profile.outputs.contains(&Output::Pxe) {
         let _step = steps.start("pxe", Unit::Bytes);
-        initramfs_bytes = Some(pxe::write(staging.path(), &kernel.image, &root, profile.source_date_epoch, name).context("writing the PXE bundle")?);
+        initramfs_bytes = Some(pxe::write(staging.path(), &kernel.image, &root, profile.source_date_epoch, name, &profile.pxe).context("writing the PXE bundle")?);
         let vmlinuz = staging.path().join("pxe/vmlinuz");
         if let Some(s) = secureboot.as_ref().filter(|_| crate::image::secureboot::is_pe(&vmlinuz).unwrap_or(false)) {
             s.sign_in_place(&vmlinuz)?;
@@ -426,6 +432,9 @@ fn rootfs_tree(profile: &Profile, kernel: &Kernel, init_bin: &Path, busybox: &Re
             bail!("{}: busybox applet `{applet}` is not a plain name (key `rootfs.busybox_applets`)", profile.path.display());
         }
         t.symlink(&format!("/bin/{applet}"), "busybox")?;
+    }
+    if profile.debug_shell && !profile.busybox_applets.iter().any(|a| a == "sh") {
+        bail!("{}: node.debug_shell = true needs a shell in the root, but `sh` is not in rootfs.busybox_applets; add \"sh\" to it", profile.path.display());
     }
     t.host_file("/usr/bin/k0s", payload.path.clone(), 0o755)?;
     t.file("/etc/kiln/node.toml", node_toml.as_bytes(), 0o644)?;

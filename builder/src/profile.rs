@@ -109,6 +109,20 @@ pub struct ProfileFile {
     pub appliance: crate::inputs::appliance::ApplianceFile,
     #[serde(default)]
     pub secureboot: SecureBootFile,
+    #[serde(default)]
+    pub pxe: PxeFile,
+}
+
+/// `[pxe]`: what boot.ipxe points at (see image/pxe.rs).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PxeFile {
+    /// The URL the pxe/ directory is served from (default
+    /// `http://${next-server}:8080`; `kiln serve` rewrites it).
+    pub server: Option<String>,
+    /// `per-mac` (configs/<mac>.toml beside the bundle), `image` (the
+    /// baked-in config), or one config URL for every node.
+    pub config: Option<String>,
 }
 
 /// `[secureboot]`: Authenticode-sign the EFI binaries (see secureboot.rs).
@@ -257,6 +271,9 @@ pub struct NodeFile {
     /// Accept node configs holding secrets (a join token, a CA key) over
     /// plain http://. Off: such configs are refused.
     pub insecure_http_secrets: Option<bool>,
+    /// A root shell on the console of every node of this image, from the
+    /// start of stage 2: in maintenance too, before any config is read.
+    pub debug_shell: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -283,9 +300,10 @@ impl ProfileFile {
             merge_opts!(self.payload, base.payload, stand_in, k0s);
         }
         merge_opts!(self.payload, base.payload, version);
-        merge_opts!(self.node, base.node, config, config_key, trust, insecure_http_secrets);
+        merge_opts!(self.node, base.node, config, config_key, trust, insecure_http_secrets, debug_shell);
         merge_opts!(self.iso, base.iso, root, isolinux, isohybrid_mbr, ldlinux);
         merge_opts!(self.qemu, base.qemu, machine, memory_mib, cpus);
+        merge_opts!(self.pxe, base.pxe, server, config);
         merge_opts!(self.boot, base.boot, systemd_boot, stub);
         // `key` and `key_command` are one choice: a child naming either
         // replaces the base's.
@@ -379,7 +397,11 @@ pub struct Profile {
     pub trust: Vec<PathBuf>,
     /// `node.insecure_http_secrets`.
     pub insecure_http_secrets: bool,
+    /// `node.debug_shell`.
+    pub debug_shell: bool,
     pub iso: IsoSpec,
+    /// `[pxe]`: where boot.ipxe points.
+    pub pxe: crate::image::pxe::PxeSpec,
     /// `[appliance]`: images, manifests and charts baked into the root.
     pub appliance: crate::inputs::appliance::Spec,
     /// `[secureboot]`, when the profile has it.
@@ -674,6 +696,8 @@ fn resolve(path: &Path, f: ProfileFile, chain_tree: Option<PathBuf>) -> Result<P
     let root_files = crate::inputs::rootfiles::spec(f.rootfs.files.as_deref().unwrap_or_default())
         .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
+    let pxe = crate::image::pxe::PxeSpec::from_keys(f.pxe.server.as_deref(), f.pxe.config.as_deref())
+        .map_err(|(key, message)| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message })?;
     let board = board_spec(path, &tree, arch, &f, &outputs)?;
     let qemu = qemu_spec(path, arch, &f, &outputs)?;
     for (key, input) in inputs {
@@ -712,7 +736,9 @@ fn resolve(path: &Path, f: ProfileFile, chain_tree: Option<PathBuf>) -> Result<P
         config_key: f.node.config_key.as_ref().map(|k| dir.join(k)),
         trust: f.node.trust.iter().flatten().map(|t| dir.join(t)).collect(),
         insecure_http_secrets: f.node.insecure_http_secrets.unwrap_or(false),
+        debug_shell: f.node.debug_shell.unwrap_or(false),
         iso: IsoSpec { root_in_ram, bios },
+        pxe,
         appliance,
         secureboot,
         board,

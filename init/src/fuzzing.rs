@@ -12,17 +12,21 @@
 use std::io::{self, Cursor, Read, Write};
 use std::sync::{Arc, OnceLock};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
 use kiln_contract::config;
 use kiln_contract::digest::{crc32, sha256};
 use kiln_contract::install_image;
 use kiln_contract::minisign::{self, vectors, PublicKey};
+use kiln_contract::update::bundle::testing::ustar_entry;
 use kiln_contract::update::{self, BundleReader, Policy};
 use kiln_contract::verity::VeritySuperblock;
 
 use crate::net::{dhcp, sntp};
 use crate::node::fetch::{self, Parsed, Url};
 use crate::node::update::channel;
-use crate::node::{gpt, grow, vardisk, volume};
+use crate::node::{gpt, grow, tls, vardisk, volume};
 
 /// A harness: arbitrary bytes in, a panic when the parser misbehaves.
 pub type Harness = fn(&[u8]);
@@ -179,26 +183,20 @@ impl rustls::crypto::SecureRandom for FixedRandom {
     }
 }
 
-/// The client config of the TLS target: ring's default provider (with
-/// [`FixedRandom`]), the safe default versions (TLS 1.3 and 1.2), and only
+/// The client config of the TLS target: the node's own
+/// ([`tls::client_config_with`], as [`tls::client_config`] makes it for the
+/// image's anchors), with [`FixedRandom`] in ring's provider and only
 /// [`TLS_CA_PEM`] as a root.
 pub fn tls_client_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     static RANDOM: FixedRandom = FixedRandom;
     CONFIG
         .get_or_init(|| {
-            let body: String = TLS_CA_PEM.lines().filter(|l| !l.starts_with("-----")).collect();
-            let der = minisign::b64_decode(&body).expect("the fuzz CA is base64");
+            let ca = CertificateDer::from_pem_slice(TLS_CA_PEM.as_bytes()).expect("the fuzz CA is a PEM certificate");
             let mut roots = rustls::RootCertStore::empty();
-            roots.add(rustls::pki_types::CertificateDer::from(der)).expect("the fuzz CA is a certificate");
+            roots.add(ca).expect("the fuzz CA is a certificate");
             let provider = rustls::crypto::CryptoProvider { secure_random: &RANDOM, ..rustls::crypto::ring::default_provider() };
-            Arc::new(
-                rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default versions")
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            )
+            tls::client_config_with(provider, roots)
         })
         .clone()
 }
@@ -311,31 +309,6 @@ RUTzN78AtHelyn92rZtm7nEb4L59cGns82XDBhdjKH94zKumnctj2DX6ZiOPp+GUn3otrN93crvirCHB
 trusted comment: kiln fuzz bundle
 4zELzo0U2bJ1dAThhmu2x65pDccoFQNJwlv/ZP7LHItbubIkRB0xlUcwpreAlq6TwZdY/fnfLDrZU7WCl+DODw==
 ";
-
-/// A ustar header for a regular file, as the builder writes them.
-pub fn ustar_header(name: &str, size: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    h[136..148].copy_from_slice(b"00000000000\0");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].fill(b' ');
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
-}
-
-/// A tar entry: header, data, padding to the block.
-pub fn ustar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
-    out.extend_from_slice(&ustar_header(name, data.len() as u64));
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-}
 
 /// The start of a bundle whose manifest's signature is valid: the
 /// manifest and signature entries of [`BUNDLE_MANIFEST`].

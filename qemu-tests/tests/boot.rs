@@ -98,9 +98,12 @@ fn acpi_powerdown_stops_payload_then_powers_off() {
     assert!(status.success(), "QEMU exit: {status}");
 }
 
+/// A malformed config: maintenance, not a crash loop. The image is built
+/// with `node.debug_shell = true`, so a root shell is on the console in
+/// maintenance, before any config was read: a command typed there runs.
 #[test]
 fn malformed_node_config_gives_maintenance_not_a_crash_loop() {
-    let out = built(PROFILE);
+    let out = built(&common::derived(PROFILE, "qemu-amd64-debug-shell", "debug_shell = true\n"));
     let cfg = "role = \"single\"\n[k0s]\nlables = { a = \"b\" }\n";
     let mut n = boot("malformed_config", &out, Some(cfg));
     let m = n.event("maintenance", BOOT_TIMEOUT);
@@ -114,4 +117,10 @@ fn malformed_node_config_gives_maintenance_not_a_crash_loop() {
     let log = n.vm.log();
     assert!(!log.iter().any(|l| l.contains("Kernel panic")), "no kernel panic");
     assert!(log.iter().any(|l| l.contains("kiln-init: error node config from fw_cfg is invalid")), "a clear console error");
+    assert!(log.iter().any(|l| l.contains("kiln-init: warning debug shell on the console (node.debug_shell in the image)")), "the shell is announced");
+    // The maintenance shell: the arithmetic shows the shell ran it (the
+    // echoed command line holds `$((6*7))`, not 42).
+    n.vm.send("\necho kiln-shell-$((6*7)) $(cat /proc/1/comm)\n").unwrap();
+    let out = n.line("the shell's answer", Duration::from_secs(60), |l| l.contains("kiln-shell-42"));
+    assert!(out.contains("kiln-shell-42 init"), "PID 1 is kiln-init, started as /sbin/init: {out}");
 }

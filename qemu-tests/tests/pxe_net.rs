@@ -36,7 +36,7 @@ impl Server {
     }
 
     fn start_on(bundle: &Path, configs: &Path, listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(kiln_bin())
+        let mut child = Command::new(common::kiln_bin())
             .arg("serve")
             .arg(bundle)
             .arg("--configs")
@@ -77,17 +77,6 @@ impl Drop for Server {
     }
 }
 
-/// The `kiln` binary of this workspace (built by `cargo test --workspace`).
-fn kiln_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/pxe_net-… → target/<profile>/kiln
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("kiln");
-    if !bin.exists() {
-        sh(&format!("cd {} && cargo build --quiet -p kiln --bin kiln", common::workspace().display()));
-    }
-    bin
-}
 
 /// qemu-amd64 trusting the test CA, built once for every test here.
 fn out() -> PathBuf {

@@ -21,8 +21,7 @@ fn an_unprivileged_user_builds_the_same_image() {
         return;
     }
     let ws = common::workspace();
-    let kiln = ws.join("target/debug/kiln");
-    assert!(kiln.exists(), "{} is built by `cargo test --workspace`", kiln.display());
+    let kiln = common::kiln_bin();
     let tmp = tempfile::Builder::new().prefix("kiln-nobody").tempdir_in("/tmp").unwrap();
     let t = tmp.path();
     // What the build reads from the cache (inputs and the kernel), and the

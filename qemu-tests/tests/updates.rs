@@ -293,3 +293,57 @@ fn power_loss_during_an_update_leaves_a_node_that_boots() {
         eprintln!("cut at `{step}` +{delay_ms} ms: {}", if next.name == "update-applied" { "1.0.0 booted and applied the bundle again" } else { "2.0.0 booted on trial" });
     }
 }
+
+/// The update recipe of docs/use-cases/qemu.md, through the `kiln` command
+/// as a CI job would run it: a KILNUPD stick made with mkfs.vfat and mcopy
+/// carries the v2 bundle; `kiln run --state` applies it in one run and
+/// boots v2 in the next, from the disk the first run left.
+#[test]
+fn kiln_run_state_keeps_an_applied_update_for_the_next_run() {
+    let Builds { v1, v2, .. } = builds();
+    let d = dir();
+    let state = d.join("recipe-state");
+    let _ = std::fs::remove_dir_all(&state);
+    let stick = d.join("recipe-stick.img");
+    let bundle = v2.join("update.kiln");
+    // The recipe's lines (the stick: the bundle's size plus 8 MiB, in KiB).
+    common::sh(&format!(
+        "set -e; rm -f {s}; mkfs.vfat -C -n KILNUPD {s} $(( $(stat -c %s {b}) / 1024 + 8192 )) >/dev/null; MTOOLS_SKIP_CHECK=1 mcopy -i {s} {b} ::",
+        s = stick.display(),
+        b = bundle.display()
+    ));
+    let config = d.join("recipe-node.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let _vms = common::exclusive();
+    let run = |name: &str, args: &[&str]| -> String {
+        let out = std::process::Command::new(common::kiln_bin())
+            .arg("run")
+            .arg(v1)
+            .arg("--state")
+            .arg(&state)
+            .arg("--config")
+            .arg(&config)
+            .args(["--accel", "tcg", "--api-port", "0", "--timeout", "600"])
+            .args(args)
+            .output()
+            .expect("running kiln");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        std::fs::write(scratch().join("logs").join(format!("{name}.log")), &stdout).unwrap();
+        assert!(out.status.success(), "kiln run {args:?}: {}\n{}\n…{}", out.status, String::from_utf8_lossy(&out.stderr), &stdout[stdout.len().saturating_sub(3000)..]);
+        stdout
+    };
+    let event = |log: &str, name: &str| log.lines().filter_map(kiln_contract::event::parse).find(|e| e.name == name).unwrap_or_else(|| panic!("no {name} event in:\n{log}"));
+    // Run 1: v1 finds the bundle on the stick and applies it.
+    let first = run("updates_recipe_run1", &["--extra-disk", stick.to_str().unwrap(), "--until", "update-applied"]);
+    expect(&event(&first, "started"), "stage", "1");
+    expect(&event(&first, "update-applied"), "version", "2.0.0");
+    for f in [kiln::tools::run::State::DISK, kiln::tools::run::State::VARS, kiln::tools::run::State::IMAGE] {
+        assert!(state.join(f).is_file(), "--state keeps {f}");
+    }
+    // Run 2, without the stick: the kept disk boots v2 on trial, which
+    // becomes good.
+    let second = run("updates_recipe_run2", &["--until", "boot-good"]);
+    expect(&event(&second, "boot-trial"), "version", "2.0.0");
+    expect(&event(&second, "boot-good"), "version", "2.0.0");
+    assert!(!second.contains("data-grown"), "the second run's /var is the first run's, already grown");
+}

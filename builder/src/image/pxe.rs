@@ -11,13 +11,16 @@
 //! the sizes before the root, so that a node with too little RAM for the
 //! root still runs stage 1, which says how much RAM the root needs.
 //!
-//! The node fetches its config from `kiln.config=${kiln-config-server}/
-//! configs/${mac}.toml`. `${kiln-server}` is the HTTP server holding this
-//! directory; `${kiln-config-server}` is where configs come from, the same
-//! server unless it has TLS: `kiln serve` rewrites both lines with its own
-//! address, the second as https:// when it serves TLS (iPXE fetches the
-//! kernel and initramfs over plain HTTP; the config, which may hold secrets,
-//! over HTTPS by kiln-init).
+//! By default (`pxe.config = "per-mac"`) the node fetches its config from
+//! `kiln.config=${kiln-config-server}/configs/${mac}.toml`. `${kiln-server}`
+//! is the HTTP server holding this directory (`pxe.server`, by default
+//! `http://${next-server}:8080`); `${kiln-config-server}` is where configs
+//! come from, the same server unless it has TLS: `kiln serve` rewrites both
+//! lines with its own address, the second as https:// when it serves TLS
+//! (iPXE fetches the kernel and initramfs over plain HTTP; the config, which
+//! may hold secrets, over HTTPS by kiln-init). `pxe.config = "image"` boots
+//! without `kiln.config=`, so the node uses the config baked into the image
+//! (or a KILNCFG stick); a URL gives every node that one config.
 
 use crate::image::disk::RootImage;
 use kiln_formats::cpio;
@@ -32,32 +35,101 @@ use std::path::Path;
 /// `kiln run` and for operators: the RAM a node needs follows from them.
 pub const SIZES_FILE: &str = "pxe/root.sizes";
 
-/// The line `kiln serve` rewrites; behind another server, edit it.
-pub const SERVER_LINE: &str = "set kiln-server http://${next-server}:8080";
+/// Where boot.ipxe finds the bundle when `pxe.server` is not set.
+pub const DEFAULT_SERVER: &str = "http://${next-server}:8080";
 /// Where node configs come from; `kiln serve` with TLS sets its https://
 /// address here.
 pub const CONFIG_SERVER_LINE: &str = "set kiln-config-server ${kiln-server}";
 
-pub fn ipxe_script(profile: &str, cmdline: &str) -> String {
+/// `[pxe]`: where boot.ipxe sends iPXE and the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PxeSpec {
+    /// The URL `pxe/` is served from (`pxe.server`), no trailing slash.
+    pub server: String,
+    pub config: PxeConfig,
+}
+
+/// Where a PXE-booted node's config comes from (`pxe.config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PxeConfig {
+    /// `per-mac`: `configs/<mac>.toml` beside the bundle (the default).
+    PerMac,
+    /// `image`: no `kiln.config=`; the image's own node.toml (or a KILNCFG
+    /// stick, fw_cfg) as on a disk boot.
+    Image,
+    /// One URL for every node.
+    Url(String),
+}
+
+impl Default for PxeSpec {
+    fn default() -> PxeSpec {
+        PxeSpec { server: DEFAULT_SERVER.into(), config: PxeConfig::PerMac }
+    }
+}
+
+/// A URL iPXE and the kernel command line can carry: http:// or https://,
+/// no spaces or quotes (`${…}` iPXE settings allowed).
+fn check_url(u: &str) -> Result<String, String> {
+    let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://")).ok_or_else(|| format!("`{u}` is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("`{u}` has no host"));
+    }
+    if let Some(c) = u.chars().find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\')) {
+        return Err(format!("`{u}` holds {c:?}, which a kernel command line cannot carry"));
+    }
+    Ok(u.trim_end_matches('/').to_string())
+}
+
+impl PxeSpec {
+    /// From the profile's `pxe.server` and `pxe.config`; an error names
+    /// the key.
+    pub fn from_keys(server: Option<&str>, config: Option<&str>) -> Result<PxeSpec, (&'static str, String)> {
+        let server = match server {
+            Some(s) => check_url(s).map_err(|m| ("pxe.server", format!("{m}; give the URL the pxe/ directory is served from, e.g. \"http://10.0.0.1:8080\" or \"http://${{next-server}}/kiln/pxe\"")))?,
+            None => DEFAULT_SERVER.into(),
+        };
+        let config = match config {
+            None | Some("per-mac") => PxeConfig::PerMac,
+            Some("image") => PxeConfig::Image,
+            Some(u) => PxeConfig::Url(check_url(u).map_err(|m| ("pxe.config", format!("{m}; give \"per-mac\", \"image\" or the config's URL")))?),
+        };
+        Ok(PxeSpec { server, config })
+    }
+}
+
+pub fn ipxe_script(profile: &str, cmdline: &str, spec: &PxeSpec) -> String {
+    let server = &spec.server;
+    let (config_lines, echo, arg) = match &spec.config {
+        PxeConfig::PerMac => (
+            format!(
+                "# kiln-config-server serves configs/<mac>.toml: `kiln serve` with TLS\n\
+                 # sets its https:// address; configs holding secrets need https://.\n\
+                 {CONFIG_SERVER_LINE}\n"
+            ),
+            "node config ${kiln-config-server}/configs/${mac}.toml".to_string(),
+            " kiln.config=${kiln-config-server}/configs/${mac}.toml".to_string(),
+        ),
+        PxeConfig::Url(u) => (String::new(), format!("node config {u}"), format!(" kiln.config={u}")),
+        PxeConfig::Image => ("# pxe.config = \"image\": the node uses the config baked into the image.\n".to_string(), "the image's node config".to_string(), String::new()),
+    };
     format!(
         "#!ipxe\n\
          # kiln PXE bundle for profile {profile}.\n\
          # kiln-server is the HTTP server holding this directory and configs/.\n\
          # `kiln serve` rewrites the next line with its own address; behind any\n\
-         # other HTTP server, set it to the URL this directory is served from.\n\
-         {SERVER_LINE}\n\
-         # kiln-config-server serves configs/<mac>.toml: `kiln serve` with TLS\n\
-         # sets its https:// address; configs holding secrets need https://.\n\
-         {CONFIG_SERVER_LINE}\n\
-         echo kiln: booting {profile} from ${{kiln-server}} (node config ${{kiln-config-server}}/configs/${{mac}}.toml)\n\
-         kernel ${{kiln-server}}/vmlinuz initrd=initramfs.cpio.zst {cmdline} kiln.config=${{kiln-config-server}}/configs/${{mac}}.toml\n\
+         # other HTTP server, set it to the URL this directory is served from\n\
+         # (or build with pxe.server in the profile).\n\
+         set kiln-server {server}\n\
+         {config_lines}\
+         echo kiln: booting {profile} from ${{kiln-server}} ({echo})\n\
+         kernel ${{kiln-server}}/vmlinuz initrd=initramfs.cpio.zst {cmdline}{arg}\n\
          initrd ${{kiln-server}}/initramfs.cpio.zst\n\
          boot\n"
     )
 }
 
 /// Writes the bundle into `dir/pxe/`; returns the initramfs size.
-pub fn write(dir: &Path, kernel: &Path, root: &RootImage, epoch: u64, profile: &str) -> Result<u64> {
+pub fn write(dir: &Path, kernel: &Path, root: &RootImage, epoch: u64, profile: &str, spec: &PxeSpec) -> Result<u64> {
     let pxe = dir.join("pxe");
     std::fs::create_dir_all(&pxe)?;
     let mut ram = Tree::new();
@@ -88,7 +160,44 @@ pub fn write(dir: &Path, kernel: &Path, root: &RootImage, epoch: u64, profile: &
     }
     std::fs::write(dir.join(SIZES_FILE), sizes.to_file())?;
     std::fs::copy(kernel, pxe.join("vmlinuz"))?;
-    std::fs::write(pxe.join("boot.ipxe"), ipxe_script(profile, &root.cmdline))?;
+    std::fs::write(pxe.join("boot.ipxe"), ipxe_script(profile, &root.cmdline, spec))?;
     std::fs::write(pxe.join("cmdline"), format!("{}\n", root.cmdline))?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pxe_keys_are_checked_and_shape_boot_ipxe() {
+        let d = PxeSpec::from_keys(None, None).unwrap();
+        assert_eq!(d, PxeSpec::default());
+        let s = ipxe_script("p", "console=ttyS0", &d);
+        assert!(s.contains("set kiln-server http://${next-server}:8080\n"), "{s}");
+        assert!(s.contains(CONFIG_SERVER_LINE), "{s}");
+        assert!(s.contains("console=ttyS0 kiln.config=${kiln-config-server}/configs/${mac}.toml\n"), "{s}");
+
+        let img = PxeSpec::from_keys(Some("http://boot.lan/kiln/pxe/"), Some("image")).unwrap();
+        assert_eq!(img.server, "http://boot.lan/kiln/pxe");
+        let s = ipxe_script("p", "console=ttyS0", &img);
+        assert!(s.contains("set kiln-server http://boot.lan/kiln/pxe\n"), "{s}");
+        assert!(!s.contains("kiln.config=") && !s.contains(CONFIG_SERVER_LINE), "{s}");
+        assert!(s.contains("initrd=initramfs.cpio.zst console=ttyS0\n"), "{s}");
+
+        let one = PxeSpec::from_keys(None, Some("https://cfg.lan/worker.toml")).unwrap();
+        let s = ipxe_script("p", "x", &one);
+        assert!(s.contains(" kiln.config=https://cfg.lan/worker.toml\n"), "{s}");
+
+        for (server, config, key) in [
+            (Some("ftp://x"), None, "pxe.server"),
+            (Some("http://"), None, "pxe.server"),
+            (Some("http://a b"), None, "pxe.server"),
+            (None, Some("per_mac"), "pxe.config"),
+            (None, Some("https://x/\"y"), "pxe.config"),
+        ] {
+            let e = PxeSpec::from_keys(server, config).unwrap_err();
+            assert_eq!(e.0, key, "{server:?} {config:?}: {e:?}");
+        }
+    }
 }

@@ -64,9 +64,10 @@ impl Store for PackedStore {
         // The data is read twice (checked, then copied): from the page
         // cache, that is far cheaper than compressing it.
         let mut f = std::fs::File::open(dir.join("data")).ok()?;
-        let mut h = Sha256::new();
-        let data_len = io::copy(&mut f, &mut HashWriter(&mut h)).ok()?;
-        if h.finalize().as_slice() != sum {
+        let mut h = HashWriter::new(io::sink());
+        io::copy(&mut f, &mut h).ok()?;
+        let data_len = h.size;
+        if h.hash.finalize().as_slice() != sum {
             tracing::warn!("squashfs-blocks/{key}: the stored data does not match its checksum; compressing again");
             let _ = std::fs::remove_dir_all(&dir);
             return None;
@@ -80,34 +81,53 @@ impl Store for PackedStore {
     fn create(&self) -> io::Result<Box<dyn Pending>> {
         let tmp = self.cache.temp_dir()?;
         let data = io::BufWriter::new(std::fs::File::create(tmp.path().join("data"))?);
-        Ok(Box::new(Entry { store: PackedStore::new(&self.cache), tmp, data, hash: Sha256::new() }))
+        Ok(Box::new(Entry { store: PackedStore::new(&self.cache), tmp, data: HashWriter::new(data) }))
     }
 }
 
-struct HashWriter<'a>(&'a mut Sha256);
+/// Passes writes through to `inner`, counting and hashing (sha256) what it
+/// takes. The builder's one such writer: here, and for the test fixture's
+/// files (`tools::fixture`).
+pub struct HashWriter<W: Write> {
+    pub inner: W,
+    pub hash: Sha256,
+    pub size: u64,
+}
 
-impl Write for HashWriter<'_> {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.update(b);
-        Ok(b.len())
+impl<W: Write> HashWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashWriter { inner, hash: Sha256::new(), size: 0 }
     }
+
+    /// Flushes; returns the sha256 (hex) and the size.
+    pub fn finish(mut self) -> io::Result<(String, u64)> {
+        self.inner.flush()?;
+        Ok((hex::encode(self.hash.finalize()), self.size))
+    }
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.inner.flush()
     }
 }
 
 struct Entry {
     store: PackedStore,
     tmp: tempfile::TempDir,
-    data: io::BufWriter<std::fs::File>,
-    hash: Sha256,
+    data: HashWriter<io::BufWriter<std::fs::File>>,
 }
 
 impl Write for Entry {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        let n = self.data.write(b)?;
-        self.hash.update(&b[..n]);
-        Ok(n)
+        self.data.write(b)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.data.flush()
@@ -118,7 +138,7 @@ impl Pending for Entry {
     fn commit(mut self: Box<Self>, key: &str, blocks: &[u32]) -> io::Result<()> {
         self.data.flush()?;
         let mut index: Vec<u8> = blocks.iter().flat_map(|w| w.to_le_bytes()).collect();
-        index.extend_from_slice(&self.hash.clone().finalize());
+        index.extend_from_slice(&self.data.hash.clone().finalize());
         std::fs::write(self.tmp.path().join("blocks"), index)?;
         let Entry { store, tmp, .. } = *self;
         let dst = store.dir().join(key);

@@ -17,6 +17,7 @@
 //! key. `worker.toml` holds only the join token, which expires (24 h by
 //! default, as kubeadm's) and is served only over HTTPS.
 
+use crate::tools::tls::validity_and_serial;
 use kiln_contract::minisign::b64_encode;
 use rand_core::{OsRng, RngCore};
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
@@ -116,24 +117,13 @@ impl Ca {
         let pkcs8 = key.to_pkcs8_der().map_err(|e| c(&e))?;
         let key_pem = key.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).map_err(|e| c(&e))?.to_string();
         let kp = rcgen::KeyPair::try_from(pkcs8.as_bytes()).map_err(|e| c(&e))?;
-        let mut p = rcgen::CertificateParams::default();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let mut p = ca_params();
         p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let now = now.replace_nanosecond(0).unwrap_or(now);
-        p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(CA_DAYS);
-        let mut serial = [0u8; 16];
-        OsRng.fill_bytes(&mut serial);
-        serial[0] &= 0x7f;
-        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        validity_and_serial(&mut p, now, time::Duration::hours(1), CA_DAYS);
         let cert = p.self_signed(&kp).map_err(|e| c(&e))?;
         Ok(Ca { cert_pem: cert.pem(), key_pem })
     }
-}
 
-impl Ca {
     /// A client certificate and key (PEM) for `cn` in group `org`, signed by
     /// this CA: what `k0s kubeconfig admin` gives (O=system:masters), valid
     /// as long as the CA.
@@ -141,11 +131,9 @@ impl Ca {
         let c = |e: &dyn std::fmt::Display| ClusterError::Crypto(e.to_string());
         let key = rsa::RsaPrivateKey::from_pkcs1_pem(&self.key_pem).map_err(|e| c(&e))?;
         let ca_kp = rcgen::KeyPair::try_from(key.to_pkcs8_der().map_err(|e| c(&e))?.as_bytes()).map_err(|e| c(&e))?;
-        let mut ca = rcgen::CertificateParams::default();
-        ca.distinguished_name = rcgen::DistinguishedName::new();
-        ca.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let issuer = ca.self_signed(&ca_kp).map_err(|e| c(&e))?;
+        // The issuer as the client certificate names it: the CA's subject
+        // with its key.
+        let issuer = ca_params().self_signed(&ca_kp).map_err(|e| c(&e))?;
         let kp = rcgen::KeyPair::generate().map_err(|e| c(&e))?;
         let mut p = rcgen::CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
@@ -153,16 +141,19 @@ impl Ca {
         p.distinguished_name.push(rcgen::DnType::OrganizationName, org);
         p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let now = now.replace_nanosecond(0).unwrap_or(now);
-        p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(CA_DAYS);
-        let mut serial = [0u8; 16];
-        OsRng.fill_bytes(&mut serial);
-        serial[0] &= 0x7f;
-        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        validity_and_serial(&mut p, now, time::Duration::hours(1), CA_DAYS);
         let cert = p.signed_by(&kp, &issuer, &ca_kp).map_err(|e| c(&e))?;
         Ok((cert.pem(), kp.serialize_pem()))
     }
+}
+
+/// The cluster CA's subject and constraints, as k0s's own CA has them.
+fn ca_params() -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p
 }
 
 /// The admin kubeconfig for the new cluster, as `k0s kubeconfig admin`
@@ -782,5 +773,12 @@ mod tests {
         let end = run(&["x509", "-in", c, "-noout", "-enddate"]);
         let year = OffsetDateTime::now_utc().year() + 10;
         assert!(end.contains(&year.to_string()) || end.contains(&(year - 1).to_string()), "ten years: {end}");
+        // The admin client certificate chains to it, with its own serial.
+        let (client_pem, _) = ca.client("kiln-admin", "system:masters", OffsetDateTime::now_utc()).unwrap();
+        let client = d.path().join("admin.crt");
+        std::fs::write(&client, client_pem).unwrap();
+        let cl = client.to_str().unwrap();
+        run(&["verify", "-CAfile", c, cl]);
+        assert_ne!(run(&["x509", "-in", c, "-noout", "-serial"]), run(&["x509", "-in", cl, "-noout", "-serial"]));
     }
 }

@@ -19,6 +19,7 @@
 use crate::arch::Arch;
 use crate::inputs::cache::Cache;
 use crate::inputs::input::{resolve, Input};
+use crate::inputs::packed::HashWriter;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -588,38 +589,6 @@ enum Blob {
 
 fn file_name(p: &Path) -> String {
     p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default()
-}
-
-/// Passes writes through, counting and hashing them.
-struct HashWriter<W: Write> {
-    inner: W,
-    hash: Sha256,
-    size: u64,
-}
-
-impl<W: Write> HashWriter<W> {
-    fn new(inner: W) -> Self {
-        HashWriter { inner, hash: Sha256::new(), size: 0 }
-    }
-
-    /// Flushes; returns the sha256 and the size.
-    fn finish(mut self) -> std::io::Result<(String, u64)> {
-        self.inner.flush()?;
-        Ok((hex::encode(self.hash.finalize()), self.size))
-    }
-}
-
-impl<W: Write> Write for HashWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub struct VmSpec {
     pub disk_size: u64,
     /// Keep guest writes across `Vm::start` calls by using this overlay.
     pub overlay: Option<PathBuf>,
+    /// Keep the node across runs (`kiln run --state DIR`): the disk overlay
+    /// and the UEFI variables live in DIR, made on the first run and reused
+    /// by later ones (see [`State`]).
+    pub state: Option<PathBuf>,
     /// A second disk (a raw file, written in place), e.g. an install target.
     pub extra_disk: Option<PathBuf>,
     /// For `BootFrom::Ipxe`: the URL QEMU's DHCP hands out as the boot file
@@ -155,6 +159,7 @@ impl VmSpec {
             disk: None,
             disk_size: 0,
             overlay: None,
+            state: None,
             extra_disk: None,
             ipxe_url: None,
             net: Net::User,
@@ -371,13 +376,67 @@ fn find_iso(out: &Path) -> Result<PathBuf, VmError> {
     isos.into_iter().next().ok_or_else(|| VmError::Setup(format!("{}: no .iso; build a profile with `outputs = [\"iso\"]`", out.display())))
 }
 
+/// What `kiln run --state DIR` keeps between runs, so a node reboots into
+/// what it wrote (its /var, an applied update, its boot counters):
+/// `DIR/disk.qcow2`, the disk overlay over the image, and `DIR/efivars.fd`,
+/// the UEFI variables. `DIR/image` records the image the overlay sits on:
+/// a rebuilt image (other size or time) or another firmware does not match
+/// the kept disk, and is refused rather than booted over it.
+pub struct State;
+
+impl State {
+    pub const DISK: &'static str = "disk.qcow2";
+    pub const VARS: &'static str = "efivars.fd";
+    pub const IMAGE: &'static str = "image";
+
+    /// What identifies the image (and firmware) a state belongs to.
+    fn identity(disk: &Path, firmware: &str) -> Result<String, VmError> {
+        use std::os::unix::fs::MetadataExt;
+        let abs = disk.canonicalize().map_err(|e| VmError::Setup(format!("{}: {e}", disk.display())))?;
+        let m = std::fs::metadata(&abs).map_err(|e| VmError::Setup(format!("{}: {e}", abs.display())))?;
+        Ok(format!("image = {}\nbytes = {}\nmodified = {}.{:09}\nfirmware = {firmware}\n", abs.display(), m.len(), m.mtime(), m.mtime_nsec()))
+    }
+
+    /// Makes DIR (first run) or checks that it belongs to this image and
+    /// firmware (later runs).
+    fn open(dir: &Path, disk: &Path, firmware: &str) -> Result<(), VmError> {
+        let want = State::identity(disk, firmware)?;
+        let record = dir.join(State::IMAGE);
+        match std::fs::read_to_string(&record) {
+            Ok(have) if have == want => Ok(()),
+            Ok(have) => {
+                let field = |t: &str, k: &str| t.lines().find_map(|l| l.strip_prefix(&format!("{k} = ")).map(str::to_string)).unwrap_or_default();
+                let why = if field(&have, "image") != field(&want, "image") {
+                    format!("it keeps a node of {}, not of {}", field(&have, "image"), field(&want, "image"))
+                } else if field(&have, "firmware") != field(&want, "firmware") {
+                    format!("it was made with the {} firmware, not {} (--secure-boot must be the same on every run)", field(&have, "firmware"), field(&want, "firmware"))
+                } else {
+                    format!("{} was rebuilt since the state was made, so the kept disk no longer matches it", disk.display())
+                };
+                Err(VmError::Setup(format!("--state {}: {why}; remove {} to start the node afresh, or give another --state directory", dir.display(), dir.display())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if dir.join(State::DISK).exists() {
+                    return Err(VmError::Setup(format!("--state {}: it holds {} but no {} record, so which image it belongs to is unknown; remove it to start afresh", dir.display(), State::DISK, State::IMAGE)));
+                }
+                std::fs::create_dir_all(dir).map_err(|e| VmError::Setup(format!("--state {}: {e}", dir.display())))?;
+                let tmp = dir.join(format!(".{}.tmp", State::IMAGE));
+                std::fs::write(&tmp, &want).and_then(|_| std::fs::rename(&tmp, &record)).map_err(|e| VmError::Setup(format!("--state {}: {e}", dir.display())))
+            }
+            Err(e) => Err(VmError::Setup(format!("--state {}: {e}", record.display()))),
+        }
+    }
+}
+
 /// A qcow2 overlay over the disk image, so the image itself is never
-/// written; reused when the spec names an existing one.
+/// written; reused when the spec names an existing one (or `--state` has
+/// one).
 fn overlay_for(spec: &VmSpec, disk: &Path, scratch: &Path) -> Result<PathBuf, VmError> {
-    if let Some(o) = spec.overlay.as_ref().filter(|o| o.exists()) {
+    let kept = spec.overlay.clone().or_else(|| spec.state.as_ref().map(|s| s.join(State::DISK)));
+    if let Some(o) = kept.as_ref().filter(|o| o.exists()) {
         return Ok(o.clone());
     }
-    let path = spec.overlay.clone().unwrap_or_else(|| scratch.join("disk.qcow2"));
+    let path = kept.unwrap_or_else(|| scratch.join("disk.qcow2"));
     let abs = disk.canonicalize().map_err(|e| VmError::Setup(format!("{}: {e}", disk.display())))?;
     let mut q = Command::new("qemu-img");
     q.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&abs).arg(&path);
@@ -433,6 +492,22 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         b => b,
     };
     let m = machine_of(out, arch)?;
+    if let Some(st) = &spec.state {
+        if boot != BootFrom::Disk {
+            return Err(VmError::Setup(format!("--state keeps a disk between runs, for a disk boot (--boot disk), not {boot:?}; a PXE or ISO node keeps its /var on --extra-disk (storage.var_disk in its node config)")));
+        }
+        if !disk.is_file() {
+            return Err(VmError::Setup(format!("{}: no disk image to keep a state of; build a profile with `outputs = [\"disk\"]` (or \"sdcard\")", disk.display())));
+        }
+        let firmware = match arch {
+            _ if m.is_board() => m.as_str(),
+            Arch::Amd64 if spec.secure_boot => "ovmf-secure-boot",
+            Arch::Amd64 => "ovmf",
+            Arch::Arm64 => "aavmf",
+            Arch::Armv7 => "u-boot",
+        };
+        State::open(st, &disk, firmware)?;
+    }
     if m.is_board() {
         return board_command(spec, m, boot, &disk, accel, qmp, scratch);
     }
@@ -483,8 +558,14 @@ pub fn command(spec: &VmSpec, accel: Accel, qmp: &Path, scratch: &Path) -> Resul
         if spec.secure_boot {
             c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
         }
-        let vars = scratch.join("OVMF_VARS.fd");
-        std::fs::copy(vars_template, &vars).map_err(|e| VmError::Setup(format!("copying {vars_template}: {e}")))?;
+        let vars = match &spec.state {
+            Some(s) => s.join(State::VARS),
+            None => scratch.join("OVMF_VARS.fd"),
+        };
+        if spec.state.is_none() || !vars.exists() {
+            let tmp = vars.with_extension("tmp");
+            std::fs::copy(vars_template, &tmp).and_then(|_| std::fs::rename(&tmp, &vars)).map_err(|e| VmError::Setup(format!("copying {vars_template} to {}: {e}", vars.display())))?;
+        }
         c.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"));
         c.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
     }
@@ -892,6 +973,36 @@ fn kvm_usable(spec: &VmSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_belongs_to_one_image_and_firmware() {
+        let t = tempfile::tempdir().unwrap();
+        let disk = t.path().join("disk.raw");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let st = t.path().join("node1");
+        State::open(&st, &disk, "ovmf").unwrap();
+        assert!(st.join(State::IMAGE).is_file());
+        // The same image and firmware: reused.
+        State::open(&st, &disk, "ovmf").unwrap();
+        let err = |fw: &str, d: &Path| match State::open(&st, d, fw) {
+            Err(VmError::Setup(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let m = err("ovmf-secure-boot", &disk);
+        assert!(m.contains("--secure-boot") && m.contains("remove"), "{m}");
+        let other = t.path().join("other.raw");
+        std::fs::write(&other, vec![0u8; 4096]).unwrap();
+        assert!(err("ovmf", &other).contains("keeps a node of"));
+        // A rebuilt image: same path, other size.
+        std::fs::write(&disk, vec![0u8; 8192]).unwrap();
+        let m = err("ovmf", &disk);
+        assert!(m.contains("rebuilt") && m.contains(&st.display().to_string()), "{m}");
+        // A disk without its record is not guessed at.
+        let bare = t.path().join("bare");
+        std::fs::create_dir(&bare).unwrap();
+        std::fs::write(bare.join(State::DISK), b"x").unwrap();
+        assert!(matches!(State::open(&bare, &disk, "ovmf"), Err(VmError::Setup(m)) if m.contains("unknown")));
+    }
 
     #[test]
     fn net_from_str() {

@@ -117,7 +117,13 @@ fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), String> {
     Ok(())
 }
 
-fn serial(p: &mut rcgen::CertificateParams) {
+/// Stamps a certificate kiln makes (here and in `kiln cluster init`) with its
+/// validity, from `early` before `now` (clocks drift; whole seconds) to
+/// `days` after it, and a random positive 128-bit serial.
+pub fn validity_and_serial(p: &mut rcgen::CertificateParams, now: OffsetDateTime, early: time::Duration, days: i64) {
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    p.not_before = now - early;
+    p.not_after = now + time::Duration::days(days);
     let mut s = [0u8; 16];
     OsRng.fill_bytes(&mut s);
     s[0] &= 0x7f;
@@ -132,7 +138,6 @@ pub fn init_lab(dir: &Path, names: &[String], now: OffsetDateTime) -> Result<Lab
     let ca_key_path = dir.join("ca.key");
     // The server certificate's names and expiry, to know when to reissue.
     let names_path = dir.join("server.info");
-    let now = now.replace_nanosecond(0).unwrap_or(now);
     let mut made = Vec::new();
     // The CA: reused when both halves are there.
     let (ca_params, ca_key) = if lab.ca.is_file() && ca_key_path.is_file() {
@@ -145,8 +150,7 @@ pub fn init_lab(dir: &Path, names: &[String], now: OffsetDateTime) -> Result<Lab
         return Err(format!("{}: has only one of ca.pem and ca.key; restore the other, or use an empty directory for a new CA (images built with the old ca.pem will not trust it)", dir.display()));
     } else {
         let key = rcgen::KeyPair::generate().map_err(|x| e(&x))?;
-        let mut p = ca_params(now);
-        serial(&mut p);
+        let p = ca_params(now);
         let cert = p.clone().self_signed(&key).map_err(|x| e(&x))?;
         write_private(&ca_key_path, &key.serialize_pem(), 0o600)?;
         write_private(&lab.ca, &cert.pem(), 0o644)?;
@@ -168,9 +172,7 @@ pub fn init_lab(dir: &Path, names: &[String], now: OffsetDateTime) -> Result<Lab
         p.is_ca = rcgen::IsCa::ExplicitNoCa;
         p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        p.not_before = now - time::Duration::days(1);
-        p.not_after = now + time::Duration::days(SERVER_DAYS);
-        serial(&mut p);
+        validity_and_serial(&mut p, now, time::Duration::days(1), SERVER_DAYS);
         let not_after = p.not_after.unix_timestamp();
         let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(|x| e(&x))?;
         write_private(&lab.key, &key.serialize_pem(), 0o600)?;
@@ -181,15 +183,15 @@ pub fn init_lab(dir: &Path, names: &[String], now: OffsetDateTime) -> Result<Lab
     Ok(Lab { made: made.join(" and "), ..lab })
 }
 
-/// A lab CA's certificate fields (its serial is set when it is made).
+/// A lab CA's certificate fields. For a reused CA they only name the issuer
+/// of a new server certificate (its subject and key are what count).
 fn ca_params(now: OffsetDateTime) -> rcgen::CertificateParams {
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    p.not_before = now - time::Duration::days(1);
-    p.not_after = now + time::Duration::days(CA_DAYS);
+    validity_and_serial(&mut p, now, time::Duration::days(1), CA_DAYS);
     p
 }
 

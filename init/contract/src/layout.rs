@@ -38,6 +38,9 @@ pub const TRUST_DIR_ABS: &str = "/etc/kiln/trust";
 /// Present when the profile opted out of refusing secret-bearing node
 /// configs fetched over plain http:// (`node.insecure_http_secrets = true`).
 pub const INSECURE_HTTP_SECRETS: &str = "/etc/kiln/insecure-http-secrets";
+/// Present when the profile asked for a root shell on the console from the
+/// start of stage 2, in maintenance too (`node.debug_shell = true`).
+pub const DEBUG_SHELL: &str = "/etc/kiln/debug-shell";
 
 /// The empty ext4 the node copies onto a fresh data partition (/var).
 pub const VAR_TEMPLATE: &str = "/usr/lib/kiln/var.ext4";

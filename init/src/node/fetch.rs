@@ -151,24 +151,40 @@ impl Url {
             let port = match after {
                 "" => None,
                 p => Some(p.strip_prefix(':').ok_or_else(|| {
-                    FetchError::BadUrl(format!("{s:?}: junk after the IPv6 address"))
+                    FetchError::BadUrl(format!("{s:?}: {p:?} after the IPv6 address; only :PORT may follow the ]"))
                 })?),
             };
+            if h.is_empty() {
+                return Err(FetchError::BadUrl(format!("{s:?} has no host")));
+            }
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(FetchError::BadUrl(format!(
+                    "{s:?}: [{h}] is not an IPv6 address; only IPv6 addresses go in brackets, as http://[fd00::1]:8080/"
+                )));
+            }
             (h, port)
         } else {
-            match authority.rsplit_once(':') {
+            let (h, port) = match authority.rsplit_once(':') {
                 Some((h, p)) => (h, Some(p)),
                 None => (authority, None),
+            };
+            if h.is_empty() {
+                return Err(FetchError::BadUrl(format!("{s:?} has no host")));
             }
+            if let Some(c) = h.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))) {
+                let why = match c {
+                    ':' | '[' | ']' => "an IPv6 address goes in brackets, as http://[fd00::1]:8080/",
+                    _ => "a host is a name (letters, digits, - and .) or an IPv4 address",
+                };
+                return Err(FetchError::BadUrl(format!("{s:?}: the host {h:?} contains {c:?}; {why}")));
+            }
+            (h, port)
         };
-        if host.is_empty() {
-            return Err(FetchError::BadUrl(format!("{s:?} has no host")));
-        }
         let port =
             match port {
                 None | Some("") => if https { 443 } else { 80 },
-                Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-                    FetchError::BadUrl(format!("{s:?}: {p:?} is not a port number"))
+                Some(p) => p.parse::<u16>().ok().filter(|n| *n != 0 && p.bytes().all(|b| b.is_ascii_digit())).ok_or_else(|| {
+                    FetchError::BadUrl(format!("{s:?}: {p:?} is not a port number (1 to 65535)"))
                 })?,
             };
         Ok(Url {
@@ -794,6 +810,49 @@ mod tests {
         assert_eq!(secure.join("//o/y").unwrap().to_string(), "https://o/y");
         assert_eq!(secure.join("c").unwrap().to_string(), "https://h/a/c");
         assert!(matches!(secure.join("http://h/a/c"), Err(FetchError::Downgrade(_))));
+    }
+
+    #[test]
+    fn hosts_are_names_ipv4_or_bracketed_ipv6() {
+        for (good, host, port) in [
+            ("http://[::1]:8080/x", "::1", 8080),
+            ("http://10.0.2.2/x", "10.0.2.2", 80),
+            ("https://host.example:443/", "host.example", 443),
+            ("https://[fd00::1]/", "fd00::1", 443),
+            ("http://under_score-1.lab:/", "under_score-1.lab", 80),
+        ] {
+            let u = Url::parse(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!((u.host.as_str(), u.port), (host, port), "{good}");
+            // What it prints parses back to the same URL.
+            assert_eq!(Url::parse(&u.to_string()).as_ref(), Ok(&u), "{good}");
+        }
+        for (bad, says) in [
+            ("http://a]:b:80/x", "the host \"a]:b\" contains ']'"),
+            ("http://a]/x", "contains ']'"),
+            ("http://a[b/x", "contains '['"),
+            ("http://fd00::1/x", "an IPv6 address goes in brackets"),
+            ("http://[::1/x", "unclosed ["),
+            ("http://[::1]x/", "\"x\" after the IPv6 address"),
+            ("http://[::1]]:80/", "after the IPv6 address"),
+            ("http://[10.0.2.2]/", "is not an IPv6 address"),
+            ("http://[a]:b:80/x", "is not an IPv6 address"),
+            ("http://[]/x", "has no host"),
+            ("http:///x", "has no host"),
+            ("http://:80/x", "has no host"),
+            ("https://", "has no host"),
+            ("http://h:65536/", "is not a port number"),
+            ("http://h:99999/", "is not a port number"),
+            ("http://[::1]:70000/", "is not a port number"),
+            ("http://h:+80/", "is not a port number"),
+            ("http://h:8o/", "is not a port number"),
+            ("http://h%41/", "contains '%'"),
+            ("http://b\u{fc}cher.example/", "contains '\u{fc}'"),
+        ] {
+            match Url::parse(bad) {
+                Err(e @ FetchError::BadUrl(_)) => assert!(e.to_string().contains(says), "{bad}: {e}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod maintenance;
 pub mod netup;
 pub mod preflight;
 pub mod secureboot;
+pub mod shell;
 pub mod sources;
 pub mod supervisor;
 pub mod sys;
@@ -203,6 +204,7 @@ pub fn run() -> ! {
     // copied to /dev/kmsg are not printed twice.
     let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
     console::open_kmsg();
+    console::open_mirrors();
     console::event("started", &[("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime())), ("secureboot", &secureboot::state())]);
     // Drivers for what is present, before anything looks for disks or NICs.
     let uevents = coldplug_at_boot();
@@ -233,6 +235,11 @@ pub fn run() -> ! {
         console::warn(&format!("kernel modules not found (neither built in nor in /lib/modules): {}", missing.join(" ")));
     }
     host::set_sysctls();
+    // The image's debug shell comes first, so that it is there however far
+    // the node gets.
+    if shell::in_image() {
+        shell::enable("node.debug_shell in the image");
+    }
     // The installer, when the cmdline asks for it: before the config, which
     // an installer medium need not carry.
     if let Some(t) = install::requested_on_cmdline() {
@@ -322,8 +329,9 @@ pub fn run() -> ! {
         console::event("shutdown", &[("action", &"reboot"), ("reason", &"config-changed")]);
         final_shutdown(Action::Reboot, "config-changed");
     }
-    let mut shell = Shell::new(cfg.debug.shell);
-    shell.spawn();
+    if cfg.debug.shell {
+        shell::enable("debug.shell = true in the node config");
+    }
     let mut upd = update::Updates::start(&cfg.update);
 
     loop {
@@ -349,11 +357,9 @@ pub fn run() -> ! {
                     for (pid, status) in sys::reap() {
                         if sup.running.as_ref().is_some_and(|r| r.pid == pid) {
                             sup.exited(status, true);
-                        } else if shell.pid == Some(pid) {
-                            shell.pid = None;
-                            shell.spawn();
                         }
                     }
+                    shell::tick();
                 }
                 Wake::Signal(s) => {
                     if let Some(action) = action_for(s) {
@@ -446,6 +452,7 @@ fn idle(events: &Events, d: Duration) {
         match wake {
             Wake::Signal(libc::SIGCHLD) => {
                 sys::reap();
+                shell::tick();
             }
             Wake::Signal(s) => {
                 if let Some(a) = action_for(s) {
@@ -595,39 +602,3 @@ fn unmount_all() {
     }
 }
 
-/// The optional root shell on the console (debug.shell).
-struct Shell {
-    enabled: bool,
-    pid: Option<i32>,
-}
-
-impl Shell {
-    fn new(enabled: bool) -> Shell {
-        Shell { enabled, pid: None }
-    }
-
-    fn spawn(&mut self) {
-        if !self.enabled || !std::path::Path::new("/bin/sh").exists() {
-            return;
-        }
-        let mut cmd = std::process::Command::new("/bin/sh");
-        cmd.env_clear().env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").env("HOME", "/root").env("TERM", "vt100").current_dir("/root");
-        use std::os::unix::process::CommandExt;
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                libc::ioctl(0, libc::TIOCSCTTY as _, 1);
-                Ok(())
-            });
-        }
-        match cmd.spawn() {
-            Ok(c) => {
-                self.pid = Some(c.id() as i32);
-                std::mem::forget(c);
-                console::warn("debug shell is enabled on the console (debug.shell = true)");
-            }
-            Err(e) => console::error(&format!("debug shell: {e}")),
-        }
-    }
-}

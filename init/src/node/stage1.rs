@@ -429,6 +429,7 @@ pub fn run() -> ! {
     sys::attach_console();
     let _ = sys::write("/proc/sys/kernel/printk", "4 4 1 7");
     console::open_kmsg();
+    console::open_mirrors();
     console::event("started", &[("stage", &1), ("version", &env!("CARGO_PKG_VERSION")), ("uptime", &format!("{:.2}", sys::uptime()))]);
     let mut devices = coldplug::State::default();
     load_modules(&mut devices);

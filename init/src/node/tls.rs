@@ -61,8 +61,14 @@ pub fn load_anchors(dir: &Path) -> Anchors {
 
 /// A client configuration trusting `store`.
 pub fn client_config(store: RootCertStore) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = ClientConfig::builder_with_provider(provider)
+    client_config_with(rustls::crypto::ring::default_provider(), store)
+}
+
+/// [`client_config`] with another crypto provider: the fuzz harness's
+/// (`crate::fuzzing`) is ring's with fixed randomness, so the config it
+/// fuzzes is the node's in everything else.
+pub(crate) fn client_config_with(provider: rustls::crypto::CryptoProvider, store: RootCertStore) -> Arc<ClientConfig> {
+    let cfg = ClientConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(store).with_no_client_auth());
     match cfg {

@@ -258,47 +258,64 @@ pub fn test_tls(file: &str) -> PathBuf {
     workspace().join("init/tests/data/tls").join(file)
 }
 
-/// A profile extending `base` whose images trust the test CA
-/// (`node.trust`), written under the scratch directory; pass it to
-/// [`built`].
-pub fn trusting_test_ca(base: &str) -> String {
+/// A profile's text: `extends` profiles/<base>.toml, then `head` (top-level
+/// keys), then a `[node]` table with the single-node config and the test CA
+/// as `node.trust` plus `node` (more `[node]` keys), then `tail` (other
+/// tables).
+fn extending(base: &str, head: &str, node: &str, tail: &str) -> String {
     let ws = workspace();
+    // Outside profiles/: kernel-configs/ is found through this.
     std::env::set_var("KILN_SOURCE_DIR", &ws);
+    format!(
+        "extends = \"{}\"\n{head}\n[node]\nconfig = \"{}\"\ntrust = [\"{}\"]\n{node}\n{tail}",
+        ws.join(format!("profiles/{base}.toml")).display(),
+        ws.join("profiles/nodes/single.toml").display(),
+        test_tls("ca.pem").display()
+    )
+}
+
+/// A profile extending `base` whose images trust the test CA
+/// (`node.trust`), plus the `[node]` keys in `node`, written under the
+/// scratch directory as `<name>.toml`; pass it to [`built`].
+pub fn derived(base: &str, name: &str, node: &str) -> String {
     let dir = scratch().join("profiles");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{base}-tls.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "extends = \"{}\"\nname = \"{base}-tls\"\n\n[node]\nconfig = \"{}\"\ntrust = [\"{}\"]\n",
-            ws.join(format!("profiles/{base}.toml")).display(),
-            ws.join("profiles/nodes/single.toml").display(),
-            test_tls("ca.pem").display()
-        ),
-    )
-    .unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, extending(base, &format!("name = \"{name}\""), node, "")).unwrap();
     path.display().to_string()
+}
+
+/// A profile extending `base` whose images trust the test CA.
+pub fn trusting_test_ca(base: &str) -> String {
+    derived(base, &format!("{base}-tls"), "")
 }
 
 /// A versioned, signed build of `base` (trusting the test CA, for channels
 /// over HTTPS).
 pub fn build_versioned(dir: &Path, base: &str, name: &str, tag: &str, version: &str, outputs: &str, extra: &str) -> PathBuf {
-    let ws = workspace();
-    // Outside profiles/: kernel-configs/ is found through this.
-    std::env::set_var("KILN_SOURCE_DIR", &ws);
     let path = dir.join(format!("{tag}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "extends = \"{}\"\nname = \"{name}\"\nversion = \"{version}\"\noutputs = {outputs}\n\n[node]\nconfig = \"{}\"\ntrust = [\"{}\"]\n\n[sign]\nkey = \"kiln.key\"\n{extra}",
-            ws.join(format!("profiles/{base}.toml")).display(),
-            ws.join("profiles/nodes/single.toml").display(),
-            test_tls("ca.pem").display()
-        ),
-    )
-    .unwrap();
+    let head = format!("name = \"{name}\"\nversion = \"{version}\"\noutputs = {outputs}\n");
+    std::fs::write(&path, extending(base, &head, "", &format!("[sign]\nkey = \"kiln.key\"\n{extra}"))).unwrap();
     let out = kiln::pipeline::build(&path, &dir.join(format!("out-{tag}")), &kiln::inputs::cache::Cache::default_location()).unwrap_or_else(|e| panic!("building {tag}: {e:#}"));
     out.out
+}
+
+/// The `kiln` binary of this workspace (built by `cargo test --workspace`).
+pub fn kiln_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-… → target/<profile>/kiln
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("kiln");
+    if !bin.exists() {
+        sh(&format!("cd {} && cargo build --quiet -p kiln --bin kiln", workspace().display()));
+    }
+    bin
+}
+
+/// Holds off this binary's other VMs, for a VM started another way (the
+/// `kiln run` command).
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    vm_lock()
 }
 
 /// A FAT volume labelled KILNUPD holding `files` (name on the stick,

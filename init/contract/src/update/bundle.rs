@@ -675,20 +675,19 @@ fn octal(f: &[u8]) -> Option<u64> {
 
 pub use crate::digest::hex;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::minisign::vectors::{VEC_PUB, VEC_SIG};
-    use proptest::prelude::*;
+/// Writing bundles' tar framing by hand, independently of the builder's tar
+/// crate: for the tests here and kiln-init's fuzz harnesses
+/// (`kiln_init::fuzzing`), which build bundles to feed the reader.
+#[doc(hidden)]
+pub mod testing {
+    use super::{padding, split_ustar, BLOCK};
 
-    fn sha(d: &[u8]) -> String {
-        hex(&Sha256::digest(d))
-    }
-
-    /// A ustar header, written independently of the builder's tar crate.
-    fn header(name: &str, size: u64) -> [u8; BLOCK] {
+    /// A ustar header for a regular file (mode 0644, owner root, mtime 0),
+    /// as the builder writes them; a long name is split into ustar's prefix
+    /// and name. Panics on a name ustar cannot hold ([`super::check_name`]).
+    pub fn ustar_header(name: &str, size: u64) -> [u8; BLOCK] {
         let mut h = [0u8; BLOCK];
-        let (prefix, short) = split_ustar(name).unwrap();
+        let (prefix, short) = split_ustar(name).expect("a name ustar can hold");
         h[..short.len()].copy_from_slice(short.as_bytes());
         h[345..345 + prefix.len()].copy_from_slice(prefix.as_bytes());
         h[100..108].copy_from_slice(b"0000644\0");
@@ -705,10 +704,23 @@ mod tests {
         h
     }
 
-    fn entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
-        out.extend_from_slice(&header(name, data.len() as u64));
+    /// A tar entry appended to `out`: header, data, zero padding to the block.
+    pub fn ustar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+        out.extend_from_slice(&ustar_header(name, data.len() as u64));
         out.extend_from_slice(data);
         out.resize(out.len() + padding(data.len() as u64) as usize, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{ustar_entry as entry, ustar_header as header};
+    use super::*;
+    use crate::minisign::vectors::{VEC_PUB, VEC_SIG};
+    use proptest::prelude::*;
+
+    fn sha(d: &[u8]) -> String {
+        hex(&Sha256::digest(d))
     }
 
     fn manifest(parts: &[(&str, PartKind, &[u8])]) -> Manifest {
