@@ -696,6 +696,9 @@ fn resolve(path: &Path, f: ProfileFile, chain_tree: Option<PathBuf>) -> Result<P
     let root_files = crate::inputs::rootfiles::spec(f.rootfs.files.as_deref().unwrap_or_default())
         .map_err(|e| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, &e.key), key: e.key, message: e.message })?;
     let secureboot = secureboot_spec(path, &dir, &f.secureboot)?;
+    if f.node.debug_shell == Some(true) && !f.rootfs.busybox_applets.iter().flatten().any(|a| a == "sh") {
+        return Err(ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, "node.debug_shell"), key: "node.debug_shell".into(), message: "needs a shell in the root, but `sh` is not in rootfs.busybox_applets; add \"sh\" to it".into() });
+    }
     let pxe = crate::image::pxe::PxeSpec::from_keys(f.pxe.server.as_deref(), f.pxe.config.as_deref())
         .map_err(|(key, message)| ProfileError::Invalid { path: path.to_path_buf(), line: line_of(path, key), key: key.into(), message })?;
     let board = board_spec(path, &tree, arch, &f, &outputs)?;

@@ -147,6 +147,17 @@ fn profile_check_says_what_the_payload_is_and_what_cannot_change_later() {
         assert!(out.contains(&format!("payload: k0s v1.30.14+k0s.0 (sha256 {sha})")), "{out}");
         assert!(!out.contains("warning"), "{base} with a key and k0s: {out}");
     }
+
+    // A debug shell in the image is said, as a warning.
+    let debug = d.path().join("debug.toml");
+    std::fs::write(&debug, format!("extends = \"{}\"\n\n[node]\ndebug_shell = true\n", ws_profile("qemu-amd64").display())).unwrap();
+    let (ok, out) = kiln(&["profile", "check", debug.to_str().unwrap()], &[]);
+    assert!(ok && out.contains("warning: node.debug_shell = true: every node of this image has a root shell on its console"), "{out}");
+    // Without `sh` in the root there is no shell to give: refused, naming
+    // the line.
+    std::fs::write(&debug, format!("extends = \"{}\"\n\n[rootfs]\nbusybox_applets = [\"mount\"]\n\n[node]\ndebug_shell = true\n", ws_profile("qemu-amd64").display())).unwrap();
+    let (ok, out) = kiln(&["profile", "check", debug.to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("debug.toml:7: key `node.debug_shell`: needs a shell in the root"), "{out}");
 }
 
 fn ws_profile(name: &str) -> PathBuf {
