@@ -275,19 +275,20 @@ fn extending(base: &str, head: &str, node: &str, tail: &str) -> String {
 }
 
 /// A profile extending `base` whose images trust the test CA
-/// (`node.trust`), plus the `[node]` keys in `node`, written under the
-/// scratch directory as `<name>.toml`; pass it to [`built`].
-pub fn derived(base: &str, name: &str, node: &str) -> String {
+/// (`node.trust`), plus the top-level keys in `head` and the `[node]` keys
+/// in `node`, written under the scratch directory as `<name>.toml`; pass it
+/// to [`built`].
+pub fn derived(base: &str, name: &str, head: &str, node: &str) -> String {
     let dir = scratch().join("profiles");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, extending(base, &format!("name = \"{name}\""), node, "")).unwrap();
+    std::fs::write(&path, extending(base, &format!("name = \"{name}\"\n{head}"), node, "")).unwrap();
     path.display().to_string()
 }
 
 /// A profile extending `base` whose images trust the test CA.
 pub fn trusting_test_ca(base: &str) -> String {
-    derived(base, &format!("{base}-tls"), "")
+    derived(base, &format!("{base}-tls"), "", "")
 }
 
 /// A versioned, signed build of `base` (trusting the test CA, for channels

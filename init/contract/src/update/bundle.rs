@@ -680,11 +680,11 @@ pub use crate::digest::hex;
 /// (`kiln_init::fuzzing`), which build bundles to feed the reader.
 #[doc(hidden)]
 pub mod testing {
-    use super::{padding, split_ustar, BLOCK};
+    use crate::update::bundle::{padding, split_ustar, BLOCK};
 
     /// A ustar header for a regular file (mode 0644, owner root, mtime 0),
     /// as the builder writes them; a long name is split into ustar's prefix
-    /// and name. Panics on a name ustar cannot hold ([`super::check_name`]).
+    /// and name. Panics on a name ustar cannot hold ([`crate::update::bundle::check_name`]).
     pub fn ustar_header(name: &str, size: u64) -> [u8; BLOCK] {
         let mut h = [0u8; BLOCK];
         let (prefix, short) = split_ustar(name).expect("a name ustar can hold");
