@@ -159,30 +159,33 @@ fn ca_params() -> rcgen::CertificateParams {
 /// The admin kubeconfig for the new cluster, as `k0s kubeconfig admin`
 /// lays it out: the cluster CA, the API server, and a client certificate.
 pub fn admin_kubeconfig(server: &str, ca_pem: &str, name: &str, cert_pem: &str, key_pem: &str) -> String {
+    let user = format!("    client-certificate-data: {}\n    client-key-data: {}\n", b64_encode(cert_pem.as_bytes()), b64_encode(key_pem.as_bytes()));
+    kubeconfig_yaml(server, ca_pem, name, "admin", &user)
+}
+
+/// A kubeconfig with one cluster, one user and one context, all named as
+/// kubectl and k0s write them; `user` is the user's indented fields.
+fn kubeconfig_yaml(server: &str, ca_pem: &str, cluster: &str, user_name: &str, user: &str) -> String {
     format!(
         "apiVersion: v1
 clusters:
 - cluster:
     certificate-authority-data: {ca}
     server: {server}
-  name: {name}
+  name: {cluster}
 contexts:
 - context:
-    cluster: {name}
-    user: admin
-  name: {name}
-current-context: {name}
+    cluster: {cluster}
+    user: {user_name}
+  name: {cluster}
+current-context: {cluster}
 kind: Config
 preferences: {{}}
 users:
-- name: admin
+- name: {user_name}
   user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
-",
+{user}",
         ca = b64_encode(ca_pem.as_bytes()),
-        cert = b64_encode(cert_pem.as_bytes()),
-        key = b64_encode(key_pem.as_bytes()),
     )
 }
 
@@ -197,28 +200,7 @@ pub fn server_url(api: &str) -> String {
 /// The kubeconfig inside a join token, as client-go's `clientcmd.Write`
 /// lays out the one k0s builds (keys sorted).
 pub fn kubeconfig(server: &str, ca_pem: &str, user: &str, token: &BootstrapToken) -> String {
-    format!(
-        "apiVersion: v1
-clusters:
-- cluster:
-    certificate-authority-data: {ca}
-    server: {server}
-  name: k0s
-contexts:
-- context:
-    cluster: k0s
-    user: {user}
-  name: k0s
-current-context: k0s
-kind: Config
-preferences: {{}}
-users:
-- name: {user}
-  user:
-    token: {token}
-",
-        ca = b64_encode(ca_pem.as_bytes())
-    )
+    kubeconfig_yaml(server, ca_pem, "k0s", user, &format!("    token: {token}\n"))
 }
 
 /// A join token: base64 of the gzipped kubeconfig (best compression, as
