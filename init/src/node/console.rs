@@ -59,8 +59,11 @@ pub fn line(s: &str) {
     let _ = out.write_all(b"\n");
     let _ = out.flush();
     if let Ok(mut m) = MIRRORS.lock() {
-        for f in m.iter_mut() {
-            let _ = f.write_all(format!("{s}\n").as_bytes());
+        if !m.is_empty() {
+            let l = format!("{s}\n");
+            for f in m.iter_mut() {
+                let _ = f.write_all(l.as_bytes());
+            }
         }
     }
     if let Ok(mut k) = KMSG.lock() {
